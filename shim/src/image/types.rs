@@ -1,0 +1,421 @@
+//! The image data model, format v1: what `manifest.json`, `tree.json` and
+//! every `proc-<pid>.json` hold. These types are the contract between the
+//! dumper, the image reader/writer, `inspect`/`verify` and the restorer.
+//!
+//! Layout of an image directory:
+//!
+//! ```text
+//! DIR/
+//!   manifest.json        Manifest: format name + version, provenance, every file below
+//!                        with its size and xxh3-128 checksum
+//!   tree.json            Tree: one ProcessEntry per process (pid, ppid, creds, ...)
+//!   proc-<pid>.json      ProcessImage: VMAs with their page runs, mm fields, fds,
+//!                        signals, threads (registers, xsave, ...)
+//!   pipes.json           PipeImage list: buffered data of pipes seen in the tree
+//!   pages.index.json     PageIndex: frame offsets, sizes, checksums
+//!   pages                page store: concatenated independent zstd frames,
+//!                        each holding `pages_per_frame` whole pages (the last fewer)
+//! ```
+//!
+//! Addresses and sizes are plain JSON numbers (u64); binary blobs (xsave,
+//! siginfo, pipe data, seccomp programs) are lowercase hex strings.
+//! Rules a reader enforces: see `image::reader`.
+
+use serde::{Deserialize, Serialize};
+
+/// The `format` field of every manifest.
+pub const FORMAT_NAME: &str = "cowsnap-image";
+/// Major version: a reader refuses any other major.
+pub const FORMAT_MAJOR: u32 = 1;
+/// Minor version: a reader refuses a newer minor (it may carry data it would drop).
+pub const FORMAT_MINOR: u32 = 0;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const TREE_FILE: &str = "tree.json";
+pub const PIPES_FILE: &str = "pipes.json";
+pub const PAGE_INDEX_FILE: &str = "pages.index.json";
+pub const PAGES_FILE: &str = "pages";
+
+/// Name of the per-process metadata file.
+pub fn process_file_name(pid: i32) -> String {
+    format!("proc-{pid}.json")
+}
+
+/// Index of a unique page in the page store (0-based, dense).
+pub type PageId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormatVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    pub format_version: FormatVersion,
+    /// `CARGO_PKG_VERSION` of the cowsnap that wrote the image.
+    pub engine_version: String,
+    /// `uname -r` of the dumping machine.
+    pub kernel_release: String,
+    /// `uname -m`, e.g. `x86_64`.
+    pub arch: String,
+    pub page_size: u64,
+    /// Seconds since the epoch (UTC) when the image was completed.
+    pub created_unix: u64,
+    /// Pid of the root of the dumped tree (as seen by the dumper).
+    pub root_pid: i32,
+    /// Every other file of the image; a reader refuses a missing or extra-sized one.
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    /// xxh3-128 of the whole file, 32 lowercase hex digits.
+    pub xxh3_128: String,
+}
+
+/// `tree.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tree {
+    /// Parents before children (a pre-order walk from the root).
+    pub processes: Vec<ProcessEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    /// Pid in the dumper's pid namespace.
+    pub pid: i32,
+    /// Parent pid at dump time (a reparented process names its new parent);
+    /// 0 for the root of the dump.
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Pids of this task from the outermost to the innermost pid namespace
+    /// (`NSpid:` of /proc/PID/status). The last is the pid inside the task's own namespace.
+    pub nspid: Vec<i32>,
+    /// Thread ids (dumper's namespace), the thread-group leader first.
+    pub tids: Vec<i32>,
+    pub comm: String,
+    /// Target of /proc/PID/exe.
+    pub exe: String,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub creds: Creds,
+    pub rlimits: Vec<Rlimit>,
+    /// Namespace identities (`/proc/PID/ns/<name>` inode numbers), by name.
+    pub namespaces: Vec<NamespaceId>,
+    /// The per-process metadata file, [`process_file_name`].
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    /// real, effective, saved, filesystem
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+    pub cap_inheritable: u64,
+    pub cap_permitted: u64,
+    pub cap_effective: u64,
+    pub cap_bounding: u64,
+    pub cap_ambient: u64,
+    pub securebits: u32,
+    pub no_new_privs: bool,
+    /// Seccomp mode from /proc/PID/status: 0 off, 1 strict, 2 filter.
+    pub seccomp_mode: u32,
+    /// Filters as returned by PTRACE_SECCOMP_GET_FILTER, the most recently
+    /// installed first; each a hex string of `struct sock_filter` (8 bytes each).
+    pub seccomp_filters: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// Resource number (RLIMIT_*).
+    pub resource: u32,
+    /// Lowercase name, e.g. `nofile`, for readers.
+    pub name: String,
+    /// `u64::MAX` is RLIM_INFINITY.
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceId {
+    /// `pid`, `mnt`, `net`, ...
+    pub kind: String,
+    pub inode: u64,
+}
+
+/// `proc-<pid>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub mm: MmFields,
+    /// Sorted by `start`, non-overlapping.
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<Fd>,
+    pub signals: ProcessSignals,
+    pub itimers: Itimers,
+    /// Thread-group leader first; same order as [`ProcessEntry::tids`].
+    pub threads: Vec<ThreadImage>,
+}
+
+/// The mm fields `PR_SET_MM_MAP` restores, plus auxv.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    /// Current program break (brk(0) executed in the task).
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// /proc/PID/auxv as (type, value) pairs, without the terminating AT_NULL.
+    pub auxv: Vec<[u64; 2]>,
+    /// /proc/PID/exe, the file PR_SET_MM_EXE_FILE should name.
+    pub exe_file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_READ | PROT_WRITE | PROT_EXEC bits.
+    pub prot: u32,
+    /// MAP_SHARED (true) or MAP_PRIVATE (false), from the `p`/`s` column.
+    pub shared: bool,
+    pub kind: VmaKind,
+    /// Path as shown in /proc/PID/maps for file-backed and shmem VMAs
+    /// (with a trailing " (deleted)" stripped, see `deleted`).
+    pub path: Option<String>,
+    pub deleted: bool,
+    /// Device (major:minor as `makedev`) and inode of the backing object; 0 for anonymous.
+    pub dev: u64,
+    pub inode: u64,
+    /// Offset into the backing object in bytes.
+    pub offset: u64,
+    /// Two-letter VmFlags from smaps (`rd`, `wr`, `dc`, `gd`, `wf`, `hg`, ...).
+    pub vm_flags: Vec<String>,
+    /// Page runs covering [start, end) exactly, in address order.
+    pub pages: Vec<PageRun>,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmaKind {
+    /// MAP_PRIVATE | MAP_ANONYMOUS (not heap or stack).
+    PrivateAnon,
+    /// MAP_SHARED | MAP_ANONYMOUS (shown as "/dev/zero (deleted)").
+    SharedAnon,
+    /// MAP_PRIVATE of a regular file; only COW'ed (anonymous) pages are stored.
+    PrivateFile,
+    /// MAP_SHARED of a regular file; nothing stored, the file holds the data.
+    SharedFile,
+    /// A memfd mapping ("/memfd:NAME (deleted)"); pages stored.
+    Memfd,
+    /// A SysV shm attachment ("/SYSV<key> (deleted)", inode = shmid); pages stored.
+    SysvShm,
+    Heap,
+    Stack,
+    Vdso,
+    Vvar,
+    Vsyscall,
+    /// Anything else (e.g. a device mapping); restore refuses it by kind.
+    Other,
+}
+
+/// A run of consecutive virtual pages within one VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PageRun {
+    /// Pages with stored contents: page `i` of the run is page id `first + i`.
+    Stored { start: u64, pages: u64, first: PageId },
+    /// Present pages whose contents are all zero (or the kernel zero page): not stored.
+    Zero { start: u64, pages: u64 },
+    /// Not present and not swapped. For file mappings: comes from the file.
+    Absent { start: u64, pages: u64 },
+}
+
+impl PageRun {
+    pub fn start(&self) -> u64 {
+        match *self {
+            PageRun::Stored { start, .. } | PageRun::Zero { start, .. } | PageRun::Absent { start, .. } => start,
+        }
+    }
+    pub fn pages(&self) -> u64 {
+        match *self {
+            PageRun::Stored { pages, .. } | PageRun::Zero { pages, .. } | PageRun::Absent { pages, .. } => pages,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    /// O_* flags from /proc/PID/fdinfo (includes O_CLOEXEC as the kernel reports it).
+    pub flags: u32,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FdKind {
+    /// A regular file: restore reopens `path` with `flags` and seeks to `pos`.
+    File { path: String, pos: u64, size: u64, deleted: bool },
+    Directory { path: String },
+    /// A character or block device such as /dev/null.
+    Device { path: String, rdev: u64, pos: u64 },
+    /// One end of a pipe; `inode` identifies the pipe, so ends are matched across the tree.
+    /// Buffered data is in pipes.json under the same inode.
+    Pipe { inode: u64 },
+    /// A terminal (pty slave, console); `path` as the link reads.
+    Tty { path: String, rdev: u64 },
+    /// Anything else (socket, eventfd, epoll, ...); restore refuses it naming `link`.
+    Unsupported { link: String },
+}
+
+/// `pipes.json`: data buffered in the pipes the tree holds, read without consuming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipeImage {
+    pub inode: u64,
+    /// Hex of the buffered bytes.
+    pub data: String,
+    /// F_GETPIPE_SZ.
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSignals {
+    /// Signals 1..=64: index i is signal i+1.
+    pub actions: Vec<SigAction>,
+    /// Process-wide pending signals, each a 128-byte siginfo as hex (PTRACE_PEEKSIGINFO_SHARED).
+    pub shared_pending: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    /// sa_handler (0 = SIG_DFL, 1 = SIG_IGN).
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Itimers {
+    /// (interval, value) in microseconds for ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub real: [u64; 2],
+    pub virt: [u64; 2],
+    pub prof: [u64; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub tid: i32,
+    /// Tids from outermost to innermost pid namespace.
+    pub nstid: Vec<i32>,
+    /// Registers exactly as seen at the ptrace stop (no syscall-restart fix-up applied).
+    pub regs: UserRegs,
+    /// NT_X86_XSTATE regset as hex (its length is the task's xsave size).
+    pub xsave: String,
+    /// Blocked signal mask.
+    pub sigmask: u64,
+    /// Thread-directed pending signals, 128-byte siginfo hex each.
+    pub pending: Vec<String>,
+    pub sigaltstack: SigAltStack,
+    /// set_tid_address / CLONE_CHILD_CLEARTID pointer (PR_GET_TID_ADDRESS).
+    pub clear_child_tid: u64,
+    pub rseq: Option<Rseq>,
+    pub comm: String,
+}
+
+/// `struct user_regs_struct` of x86_64, field for field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UserRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// PTRACE_GET_RSEQ_CONFIGURATION.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    pub signature: u32,
+    pub flags: u32,
+}
+
+/// `pages.index.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageIndex {
+    pub page_size: u64,
+    /// Every frame but the last holds exactly this many pages.
+    pub pages_per_frame: u64,
+    /// Total unique pages stored.
+    pub page_count: u64,
+    pub frames: Vec<FrameEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameEntry {
+    /// Byte offset of the zstd frame in `pages`.
+    pub offset: u64,
+    /// Compressed length in bytes.
+    pub compressed_len: u64,
+    /// First page id in the frame.
+    pub first_page: PageId,
+    pub page_count: u64,
+    /// xxh3-64 of the decompressed frame contents, 16 hex digits.
+    pub xxh3_64: String,
+}

@@ -1,0 +1,2 @@
+//! Restore: rebuild a process tree from an image with its original
+//! copy-on-write sharing.

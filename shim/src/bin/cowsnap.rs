@@ -1,1 +1,86 @@
-fn main() {}
+//! `cowsnap`: dump, restore, inspect and verify process trees. Parses
+//! arguments and calls the library; nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cowsnap",
+    version,
+    about = "Checkpoint/restore of Linux process trees that keeps copy-on-write sharing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Dump a process and all its descendants (every thread) into an image directory.
+    Dump {
+        /// Root of the tree to dump.
+        #[arg(long)]
+        pid: i32,
+        /// Image directory to create (must not exist, or be empty).
+        #[arg(long)]
+        images: PathBuf,
+        /// Kill the tree once the image is complete.
+        #[arg(long)]
+        exit: bool,
+        /// Freeze this cgroup (v1 freezer directory or v2 cgroup directory) while seizing.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// No progress lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Summarise an image: the tree, per-process VMAs and pages, sharing and compression totals.
+    Inspect {
+        dir: PathBuf,
+        /// Machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image completely (files, checksums, frames, page references).
+    Verify { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<(), String> = match cli.command {
+        Command::Dump {
+            pid,
+            images,
+            exit,
+            cgroup,
+            quiet,
+        } => {
+            let options = cowsnap::dump::DumpOptions {
+                pid,
+                images,
+                exit,
+                cgroup,
+                progress: !quiet,
+            };
+            cowsnap::dump::dump(&options)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)
+            .map(|report| print!("{report}"))
+            .map_err(|e| e.to_string()),
+        Command::Verify { dir } => cowsnap::image::inspect::verify(&dir)
+            .map(|line| println!("{line}"))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("cowsnap: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

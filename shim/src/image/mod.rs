@@ -2,4 +2,13 @@
 //! This module owns reading, writing and validating images; it never touches
 //! a live process.
 
+pub mod error;
+pub mod inspect;
+pub mod pagestore;
+pub mod reader;
 pub mod types;
+pub mod writer;
+
+pub use error::ImageError;
+pub use reader::Image;
+pub use writer::ImageWriter;

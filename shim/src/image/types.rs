@@ -248,7 +248,11 @@ pub enum VmaKind {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PageRun {
     /// Pages with stored contents: page `i` of the run is page id `first + i`.
-    Stored { start: u64, pages: u64, first: PageId },
+    Stored {
+        start: u64,
+        pages: u64,
+        first: PageId,
+    },
     /// Present pages whose contents are all zero (or the kernel zero page): not stored.
     Zero { start: u64, pages: u64 },
     /// Not present and not swapped. For file mappings: comes from the file.
@@ -258,12 +262,16 @@ pub enum PageRun {
 impl PageRun {
     pub fn start(&self) -> u64 {
         match *self {
-            PageRun::Stored { start, .. } | PageRun::Zero { start, .. } | PageRun::Absent { start, .. } => start,
+            PageRun::Stored { start, .. }
+            | PageRun::Zero { start, .. }
+            | PageRun::Absent { start, .. } => start,
         }
     }
     pub fn pages(&self) -> u64 {
         match *self {
-            PageRun::Stored { pages, .. } | PageRun::Zero { pages, .. } | PageRun::Absent { pages, .. } => pages,
+            PageRun::Stored { pages, .. }
+            | PageRun::Zero { pages, .. }
+            | PageRun::Absent { pages, .. } => pages,
         }
     }
 }
@@ -280,17 +288,35 @@ pub struct Fd {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FdKind {
     /// A regular file: restore reopens `path` with `flags` and seeks to `pos`.
-    File { path: String, pos: u64, size: u64, deleted: bool },
-    Directory { path: String },
+    File {
+        path: String,
+        pos: u64,
+        size: u64,
+        deleted: bool,
+    },
+    Directory {
+        path: String,
+    },
     /// A character or block device such as /dev/null.
-    Device { path: String, rdev: u64, pos: u64 },
+    Device {
+        path: String,
+        rdev: u64,
+        pos: u64,
+    },
     /// One end of a pipe; `inode` identifies the pipe, so ends are matched across the tree.
     /// Buffered data is in pipes.json under the same inode.
-    Pipe { inode: u64 },
+    Pipe {
+        inode: u64,
+    },
     /// A terminal (pty slave, console); `path` as the link reads.
-    Tty { path: String, rdev: u64 },
+    Tty {
+        path: String,
+        rdev: u64,
+    },
     /// Anything else (socket, eventfd, epoll, ...); restore refuses it naming `link`.
-    Unsupported { link: String },
+    Unsupported {
+        link: String,
+    },
 }
 
 /// `pipes.json`: data buffered in the pipes the tree holds, read without consuming it.

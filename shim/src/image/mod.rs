@@ -6,6 +6,8 @@ pub mod error;
 pub mod inspect;
 pub mod pagestore;
 pub mod reader;
+#[cfg(test)]
+mod testutil;
 pub mod types;
 pub mod writer;
 

@@ -1,11 +1,42 @@
 //! Opens and validates an image. `Image::open` refuses, with the file and
-//! field named, anything a restore could trip over.
+//! field named, anything a restore could trip over:
+//!
+//! - `manifest.json`: absent (incomplete image), another format name, another
+//!   major version or a newer minor, a page size that is not a power of two,
+//!   file names that are not plain names of the image, a required file
+//!   (`tree.json`, `pipes.json`, `pages.index.json`, `pages`) not listed;
+//! - every listed file: missing, another size, another xxh3-128 (the `pages`
+//!   file is hashed streaming, in MiB chunks);
+//! - every JSON file: unparsable (the file is named);
+//! - `pages.index.json`: frames not contiguous, past the end of `pages`, page
+//!   ids not dense, frame page counts off, bytes after the last frame;
+//! - `tree.json`: empty, duplicate pids, root not first, a child before its
+//!   parent, a process file not in the manifest or naming another pid;
+//! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
+//!   runs unaligned, empty or not covering their VMA exactly, page ids past
+//!   the store.
+//!
+//! Frame contents are not decompressed here (`inspect::verify` does that;
+//! restore checks each frame's checksum as it decompresses it).
 
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::pagestore::PageStoreReader;
-use super::types::{Manifest, PageIndex, PipeImage, ProcessImage, Tree};
+use serde::de::DeserializeOwned;
+use xxhash_rust::xxh3::{xxh3_128, Xxh3Default};
+
+use super::pagestore::{validate_index, PageStoreReader};
+use super::types::{
+    FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree,
+    FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE,
+    PIPES_FILE, TREE_FILE,
+};
 use super::ImageError;
+
+/// Chunk size for hashing the `pages` file: large enough to run at memory speed.
+const HASH_CHUNK: usize = 4 << 20;
 
 pub struct Image {
     pub dir: PathBuf,
@@ -19,10 +50,910 @@ pub struct Image {
 
 impl Image {
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
-        let _ = dir;
-        Err(ImageError::NotSupported("image reader".into()))
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest_bytes = match std::fs::read(&manifest_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => {
+                return Err(ImageError::Incomplete { dir: dir.into() })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImageError::io(dir, e))
+            }
+            Err(e) => return Err(ImageError::io(&manifest_path, e)),
+        };
+        let manifest = parse_manifest(&manifest_bytes)?;
+        check_file_list(&manifest)?;
+
+        // Sizes first (cheap, catches truncation), then contents.
+        for entry in &manifest.files {
+            let path = dir.join(&entry.name);
+            let actual = match std::fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ImageError::MissingFile {
+                        dir: dir.into(),
+                        name: entry.name.clone(),
+                    })
+                }
+                Err(e) => return Err(ImageError::io(&path, e)),
+            };
+            if actual != entry.size {
+                return Err(ImageError::SizeMismatch {
+                    name: entry.name.clone(),
+                    expected: entry.size,
+                    actual,
+                });
+            }
+        }
+        let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
+        for (i, entry) in manifest.files.iter().enumerate() {
+            let expected = parse_hex_u128(&entry.xxh3_128, &format!("files[{i}].xxh3_128"))?;
+            let path = dir.join(&entry.name);
+            let actual = if entry.name == PAGES_FILE {
+                hash_file(&path)?
+            } else {
+                let bytes = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
+                let hash = xxh3_128(&bytes);
+                contents.insert(entry.name.as_str(), bytes);
+                hash
+            };
+            if actual != expected {
+                return Err(ImageError::ChecksumMismatch {
+                    name: entry.name.clone(),
+                    expected: format!("{expected:032x}"),
+                    actual: format!("{actual:032x}"),
+                });
+            }
+        }
+        let mut take = |name: &str| contents.remove(name).unwrap_or_default();
+
+        let index: PageIndex = parse_json(PAGE_INDEX_FILE, &take(PAGE_INDEX_FILE))?;
+        let pages_size = manifest
+            .files
+            .iter()
+            .find(|f| f.name == PAGES_FILE)
+            .map_or(0, |f| f.size);
+        validate_index(&index, manifest.page_size, pages_size)?;
+
+        let tree: Tree = parse_json(TREE_FILE, &take(TREE_FILE))?;
+        check_tree(&tree, &manifest)?;
+        let mut processes = Vec::with_capacity(tree.processes.len());
+        for entry in &tree.processes {
+            let process: ProcessImage = parse_json(&entry.file, &take(&entry.file))?;
+            if process.pid != entry.pid {
+                return Err(ImageError::ProcessPidMismatch {
+                    file: entry.file.clone(),
+                    expected: entry.pid,
+                    found: process.pid,
+                });
+            }
+            check_process(&entry.file, &process, manifest.page_size, index.page_count)?;
+            processes.push(process);
+        }
+        let pipes: Vec<PipeImage> = parse_json(PIPES_FILE, &take(PIPES_FILE))?;
+
+        Ok(Image {
+            dir: dir.into(),
+            manifest,
+            tree,
+            processes,
+            pipes,
+            index,
+        })
     }
+
     pub fn page_reader(&self) -> Result<PageStoreReader, ImageError> {
         PageStoreReader::open(&self.dir, &self.index)
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.manifest.page_size
+    }
+
+    /// The tree entry and memory image of `pid`.
+    pub fn process(&self, pid: i32) -> Option<(&ProcessEntry, &ProcessImage)> {
+        let i = self.tree.processes.iter().position(|p| p.pid == pid)?;
+        Some((&self.tree.processes[i], &self.processes[i]))
+    }
+}
+
+/// Checks format name and version on the raw JSON first, so that an image of
+/// another major version is refused as such even if its fields differ.
+fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
+    let json_error = |source| ImageError::Json {
+        file: MANIFEST_FILE.into(),
+        source,
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
+    let format = value.get("format").and_then(|f| f.as_str());
+    if format != Some(FORMAT_NAME) {
+        return Err(ImageError::BadFormatName {
+            file: MANIFEST_FILE.into(),
+            found: format.unwrap_or("(missing)").into(),
+            expected: FORMAT_NAME.into(),
+        });
+    }
+    let major = value
+        .pointer("/format_version/major")
+        .and_then(|v| v.as_u64());
+    let minor = value
+        .pointer("/format_version/minor")
+        .and_then(|v| v.as_u64());
+    if let Some(major) = major {
+        if major != u64::from(FORMAT_MAJOR) {
+            return Err(ImageError::UnknownMajor {
+                file: MANIFEST_FILE.into(),
+                found: major,
+                supported: FORMAT_MAJOR,
+            });
+        }
+    }
+    if let Some(minor) = minor {
+        if minor > u64::from(FORMAT_MINOR) {
+            return Err(ImageError::NewerMinor {
+                file: MANIFEST_FILE.into(),
+                found: minor,
+                supported: FORMAT_MINOR,
+            });
+        }
+    }
+    let manifest: Manifest = serde_json::from_value(value).map_err(json_error)?;
+    if manifest.page_size == 0 || !manifest.page_size.is_power_of_two() {
+        return Err(ImageError::BadPageSize {
+            file: MANIFEST_FILE.into(),
+            page_size: manifest.page_size,
+        });
+    }
+    Ok(manifest)
+}
+
+/// Every listed name is a plain file of the image, listed once, and the
+/// files every image has are there.
+fn check_file_list(manifest: &Manifest) -> Result<(), ImageError> {
+    let mut seen = HashSet::new();
+    for FileEntry { name, .. } in &manifest.files {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && name != MANIFEST_FILE
+            && !name.contains('/')
+            && !name.contains('\0');
+        if !plain {
+            return Err(ImageError::UnsafeFileName { name: name.clone() });
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(ImageError::DuplicateFileEntry { name: name.clone() });
+        }
+    }
+    for required in [TREE_FILE, PIPES_FILE, PAGE_INDEX_FILE, PAGES_FILE] {
+        if !seen.contains(required) {
+            return Err(ImageError::NotInManifest {
+                name: required.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_tree(tree: &Tree, manifest: &Manifest) -> Result<(), ImageError> {
+    let first = tree.processes.first().ok_or(ImageError::EmptyTree)?;
+    if first.pid != manifest.root_pid {
+        return Err(ImageError::RootPidMismatch {
+            root_pid: manifest.root_pid,
+            first: first.pid,
+        });
+    }
+    let all: HashSet<i32> = tree.processes.iter().map(|p| p.pid).collect();
+    let listed: HashSet<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    for entry in &tree.processes {
+        if !seen.insert(entry.pid) {
+            return Err(ImageError::DuplicatePid { pid: entry.pid });
+        }
+        // A parent outside the dump (the root's, or a reaper outside the
+        // tree) is fine; a parent inside it must come first.
+        if all.contains(&entry.ppid) && !seen.contains(&entry.ppid) {
+            return Err(ImageError::ParentAfterChild {
+                pid: entry.pid,
+                ppid: entry.ppid,
+            });
+        }
+        if !listed.contains(entry.file.as_str()) {
+            return Err(ImageError::ProcessFileMissing {
+                pid: entry.pid,
+                file: entry.file.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// VMAs sorted and disjoint, page runs page aligned and covering each VMA
+/// exactly, stored page ids inside the store.
+pub(crate) fn check_process(
+    file: &str,
+    process: &ProcessImage,
+    page_size: u64,
+    page_count: u64,
+) -> Result<(), ImageError> {
+    let pid = process.pid;
+    let mut prev: Option<(u64, u64)> = None;
+    for vma in &process.vmas {
+        if vma.start >= vma.end || vma.start % page_size != 0 || vma.end % page_size != 0 {
+            return Err(ImageError::BadVma {
+                file: file.into(),
+                pid,
+                start: vma.start,
+                end: vma.end,
+            });
+        }
+        if let Some((p_start, p_end)) = prev {
+            if vma.start < p_start {
+                return Err(ImageError::VmasUnsorted {
+                    file: file.into(),
+                    pid,
+                    a_start: p_start,
+                    b_start: vma.start,
+                });
+            }
+            if vma.start < p_end {
+                return Err(ImageError::OverlappingVmas {
+                    file: file.into(),
+                    pid,
+                    a: (p_start, p_end),
+                    b: (vma.start, vma.end),
+                });
+            }
+        }
+        let not_covered = |expected: u64, found: u64| ImageError::RunsDoNotCoverVma {
+            file: file.into(),
+            pid,
+            vma_start: vma.start,
+            vma_end: vma.end,
+            expected,
+            found,
+        };
+        let mut addr = vma.start;
+        for run in &vma.pages {
+            if run.start() % page_size != 0 {
+                return Err(ImageError::UnalignedRun {
+                    file: file.into(),
+                    pid,
+                    vma_start: vma.start,
+                    run_start: run.start(),
+                });
+            }
+            if run.pages() == 0 {
+                return Err(ImageError::EmptyRun {
+                    file: file.into(),
+                    pid,
+                    vma_start: vma.start,
+                    run_start: run.start(),
+                });
+            }
+            if run.start() != addr {
+                return Err(not_covered(addr, run.start()));
+            }
+            let end = run
+                .pages()
+                .checked_mul(page_size)
+                .and_then(|len| addr.checked_add(len))
+                .unwrap_or(u64::MAX);
+            if end > vma.end {
+                return Err(not_covered(vma.end, end));
+            }
+            if let PageRun::Stored { first, pages, .. } = *run {
+                if first
+                    .checked_add(pages)
+                    .is_none_or(|last| last > page_count)
+                {
+                    return Err(ImageError::PageOutOfRange {
+                        file: file.into(),
+                        pid,
+                        vma_start: vma.start,
+                        page_id: first.max(page_count),
+                        page_count,
+                    });
+                }
+            }
+            addr = end;
+        }
+        if addr != vma.end {
+            return Err(not_covered(vma.end, addr));
+        }
+        prev = Some((vma.start, vma.end));
+    }
+    Ok(())
+}
+
+fn parse_json<T: DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|source| ImageError::Json {
+        file: file.into(),
+        source,
+    })
+}
+
+fn parse_hex_u128(value: &str, field: &str) -> Result<u128, ImageError> {
+    let bad = || ImageError::BadChecksumField {
+        file: MANIFEST_FILE.into(),
+        field: field.into(),
+        value: value.into(),
+        digits: 32,
+    };
+    if value.len() != 32 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    u128::from_str_radix(value, 16).map_err(|_| bad())
+}
+
+/// Streaming xxh3-128 of a file, in large chunks.
+fn hash_file(path: &Path) -> Result<u128, ImageError> {
+    let mut file = File::open(path).map_err(|e| ImageError::io(path, e))?;
+    let mut hasher = Xxh3Default::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ImageError::io(path, e)),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::testutil::{self, build, edit_json, edit_manifest, rewrite};
+    use serde_json::json;
+
+    fn open_err(dir: &Path) -> ImageError {
+        match Image::open(dir) {
+            Ok(_) => panic!("image at {} opened, expected a refusal", dir.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let image = Image::open(&dir).unwrap();
+        assert_eq!(image.tree, testutil::tree());
+        assert_eq!(image.processes[0], testutil::process(testutil::ROOT));
+        assert_eq!(image.processes[1], testutil::process(testutil::CHILD));
+        assert_eq!(image.pipes, testutil::pipes());
+        assert_eq!(image.index.page_count, testutil::PAGES);
+        assert_eq!(image.index.frames.len(), 3);
+        assert_eq!(image.manifest.root_pid, testutil::ROOT);
+        let reader = image.page_reader().unwrap();
+        for id in 0..testutil::PAGES {
+            assert_eq!(reader.read_page(id).unwrap(), testutil::page(id));
+        }
+        let (entry, process) = image.process(testutil::CHILD).unwrap();
+        assert_eq!(entry.ppid, testutil::ROOT);
+        assert_eq!(process.pid, testutil::CHILD);
+    }
+
+    #[test]
+    fn refuses_incomplete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
+        assert!(matches!(open_err(&dir), ImageError::Incomplete { .. }));
+    }
+
+    #[test]
+    fn refuses_bad_format_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| m["format"] = json!("criu"));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadFormatName { found, .. } if found == "criu"
+        ));
+    }
+
+    #[test]
+    fn refuses_unknown_major() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        // A future major may change anything, even drop fields: still named as such.
+        edit_manifest(&dir, |m| {
+            m["format_version"]["major"] = json!(2);
+            m.as_object_mut().unwrap().remove("files");
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::UnknownMajor {
+                found: 2,
+                supported: FORMAT_MAJOR,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_newer_minor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| {
+            m["format_version"]["minor"] = json!(FORMAT_MINOR + 1)
+        });
+        assert!(
+            matches!(open_err(&dir), ImageError::NewerMinor { found, .. } if found == u64::from(FORMAT_MINOR) + 1)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_page_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| m["page_size"] = json!(3000));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadPageSize {
+                page_size: 3000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_index_page_size_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| v["page_size"] = json!(8192));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::PageSizeMismatch {
+                found: 8192,
+                expected: 4096,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_unsafe_file_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| m["files"][0]["name"] = json!("../etc/passwd"));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::UnsafeFileName { name } if name == "../etc/passwd"
+        ));
+    }
+
+    #[test]
+    fn refuses_duplicate_file_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| {
+            let first = m["files"][0].clone();
+            m["files"].as_array_mut().unwrap().push(first);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::DuplicateFileEntry { .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_required_file_not_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| {
+            m["files"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|f| f["name"] != json!(PIPES_FILE));
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::NotInManifest { name } if name == PIPES_FILE
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_checksum_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| m["files"][0]["xxh3_128"] = json!("xyz"));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadChecksumField { field, .. } if field == "files[0].xxh3_128"
+        ));
+    }
+
+    #[test]
+    fn refuses_missing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        std::fs::remove_file(dir.join(PIPES_FILE)).unwrap();
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::MissingFile { name, .. } if name == PIPES_FILE
+        ));
+    }
+
+    #[test]
+    fn refuses_size_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let mut tree = std::fs::read(dir.join(TREE_FILE)).unwrap();
+        tree.push(b'\n');
+        std::fs::write(dir.join(TREE_FILE), &tree).unwrap();
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::SizeMismatch { name, expected, actual }
+                if name == TREE_FILE && actual == expected + 1
+        ));
+    }
+
+    #[test]
+    fn refuses_checksum_mismatch_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let path = dir.join("proc-101.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Same length, other content: only the checksum can tell.
+        let altered = text.replacen("\"pid\":101", "\"pid\":109", 1);
+        assert_ne!(text, altered);
+        std::fs::write(&path, altered).unwrap();
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ChecksumMismatch { name, .. } if name == "proc-101.json"
+        ));
+    }
+
+    #[test]
+    fn refuses_checksum_mismatch_pages() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let path = dir.join(PAGES_FILE);
+        let mut pages = std::fs::read(&path).unwrap();
+        let last = pages.len() - 1;
+        pages[last] ^= 0x55;
+        std::fs::write(&path, pages).unwrap();
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ChecksumMismatch { name, .. } if name == PAGES_FILE
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        rewrite(&dir, "proc-101.json", b"{\"pid\": 101, \"vmas\": [");
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::Json { file, .. } if file == "proc-101.json"
+        ));
+    }
+
+    #[test]
+    fn refuses_frames_not_contiguous() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| {
+            let off = v["frames"][1]["offset"].as_u64().unwrap();
+            v["frames"][1]["offset"] = json!(off + 1);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::FrameNotContiguous { frame: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_truncated_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let mut pages = std::fs::read(dir.join(PAGES_FILE)).unwrap();
+        pages.pop();
+        rewrite(&dir, PAGES_FILE, &pages);
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::TruncatedFrame { frame: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_trailing_bytes_in_pages() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let mut pages = std::fs::read(dir.join(PAGES_FILE)).unwrap();
+        pages.extend_from_slice(&[0; 7]);
+        rewrite(&dir, PAGES_FILE, &pages);
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::PagesTrailingBytes { trailing: 7, .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_frame_first_page_gap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| {
+            v["frames"][1]["first_page"] = json!(3)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::FramePagesNotContiguous {
+                frame: 1,
+                first_page: 3,
+                expected: 2
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_short_middle_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| {
+            v["frames"][0]["page_count"] = json!(1)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::FramePageCount {
+                frame: 0,
+                page_count: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_page_count_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| v["page_count"] = json!(9));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::PageCountMismatch {
+                page_count: 9,
+                frames_total: 5
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_zero_pages_per_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| v["pages_per_frame"] = json!(0));
+        assert!(matches!(open_err(&dir), ImageError::ZeroPagesPerFrame));
+    }
+
+    #[test]
+    fn refuses_bad_frame_checksum_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, PAGE_INDEX_FILE, |v| {
+            v["frames"][2]["xxh3_64"] = json!("12")
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadChecksumField { field, digits: 16, .. } if field == "frames[2].xxh3_64"
+        ));
+    }
+
+    #[test]
+    fn refuses_page_out_of_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-101.json", |v| {
+            v["vmas"][1]["pages"][0]["first"] = json!(testutil::PAGES);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::PageOutOfRange { pid: 101, vma_start: 0x30000, page_id, page_count, .. }
+                if page_id == testutil::PAGES && page_count == testutil::PAGES
+        ));
+    }
+
+    #[test]
+    fn refuses_unsorted_vmas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"].as_array_mut().unwrap().swap(0, 1);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::VmasUnsorted {
+                pid: 100,
+                a_start: 0x20000,
+                b_start: 0x10000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_overlapping_vmas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        // Move the second VMA (and its run) to start inside the first.
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][1]["start"] = json!(0x13000);
+            v["vmas"][1]["end"] = json!(0x15000);
+            v["vmas"][1]["pages"][0]["start"] = json!(0x13000);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::OverlappingVmas {
+                pid: 100,
+                a: (0x10000, 0x14000),
+                b: (0x13000, 0x15000),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_unaligned_vma() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][1]["end"] = json!(0x22010)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadVma {
+                pid: 100,
+                start: 0x20000,
+                end: 0x22010,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_runs_not_covering_vma() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        // Drop the last (absent) run: the VMA's last page is described by nothing.
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][0]["pages"].as_array_mut().unwrap().pop();
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::RunsDoNotCoverVma {
+                pid: 100,
+                vma_start: 0x10000,
+                expected: 0x14000,
+                found: 0x13000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_unaligned_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][0]["pages"][1]["start"] = json!(0x12008);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::UnalignedRun {
+                pid: 100,
+                run_start: 0x12008,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_empty_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            let runs = v["vmas"][0]["pages"].as_array_mut().unwrap();
+            runs.insert(1, json!({"kind": "zero", "start": 0x12000, "pages": 0}));
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::EmptyRun {
+                pid: 100,
+                run_start: 0x12000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_process_file_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, TREE_FILE, |v| {
+            let mut extra = v["processes"][1].clone();
+            extra["pid"] = json!(102);
+            extra["file"] = json!("proc-102.json");
+            v["processes"].as_array_mut().unwrap().push(extra);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ProcessFileMissing { pid: 102, file } if file == "proc-102.json"
+        ));
+    }
+
+    #[test]
+    fn refuses_duplicate_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, TREE_FILE, |v| {
+            let dup = v["processes"][1].clone();
+            v["processes"].as_array_mut().unwrap().push(dup);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::DuplicatePid { pid: 101 }
+        ));
+    }
+
+    #[test]
+    fn refuses_empty_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, TREE_FILE, |v| v["processes"] = json!([]));
+        assert!(matches!(open_err(&dir), ImageError::EmptyTree));
+    }
+
+    #[test]
+    fn refuses_root_pid_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_manifest(&dir, |m| m["root_pid"] = json!(101));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::RootPidMismatch {
+                root_pid: 101,
+                first: 100
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_parent_after_child() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        // A third process (reusing 101's file name is irrelevant: the order check comes first).
+        edit_json(&dir, TREE_FILE, |v| {
+            let mut grandchild = v["processes"][1].clone();
+            grandchild["pid"] = json!(102);
+            grandchild["ppid"] = json!(103);
+            let mut parent = v["processes"][1].clone();
+            parent["pid"] = json!(103);
+            let list = v["processes"].as_array_mut().unwrap();
+            list.push(grandchild);
+            list.push(parent);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ParentAfterChild {
+                pid: 102,
+                ppid: 103
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_process_pid_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-101.json", |v| v["pid"] = json!(109));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ProcessPidMismatch { expected: 101, found: 109, file } if file == "proc-101.json"
+        ));
     }
 }

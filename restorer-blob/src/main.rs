@@ -285,6 +285,12 @@ extern "C" fn blob_main(h: *mut ArgHeader) -> ! {
             )
         };
         b.check_ok(res, STEP_MM_MAP, 0, 0, hd.mm.start_brk);
+        if hd.mm.exe_fd != u32::MAX {
+            // SAFETY: the loader opened this fd only for PR_SET_MM_EXE_FILE;
+            // the target never had it.
+            let res = unsafe { syscall(SYS_CLOSE, hd.mm.exe_fd as u64, 0, 0, 0) };
+            b.check_ok(res, STEP_CLOSE, 0, 0, hd.mm.start_brk);
+        }
     }
 
     b.step(STEP_CLONE, 0);

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
                 progress: !quiet,
             };
             cowsnap::dump::dump(&options)
-                .map(|_| ())
+                .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }
         Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)

@@ -2,10 +2,28 @@
 //! state and memory with each physical page stored once, write an image.
 //! A failed dump must leave every task running untouched and no image behind.
 
+pub mod fds;
+pub mod memory;
 pub mod seize;
 pub mod task_state;
+pub mod tree;
+pub mod watchdog;
 
+use std::fmt;
 use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::image::types::{PipeImage, ProcessEntry, ProcessImage, Tree};
+use crate::image::ImageWriter;
+use crate::sys::cgroup::{CgroupError, Freezer, FREEZE_TIMEOUT};
+use crate::sys::interrupt::{interrupted, InterruptGuard};
+use crate::sys::pagemap::{page_size, zero_page_pfn, PagemapError};
+use crate::sys::procfs::{read_smaps, read_stat, ProcfsError};
+
+use fds::{collect_fds, FdError, PipeCollector};
+use memory::{MemoryError, MemoryScanner};
+use seize::SeizedTree;
+use tree::TreeError;
 
 /// What `cowsnap dump` was asked to do.
 #[derive(Debug, Clone)]
@@ -33,6 +51,40 @@ pub struct DumpSummary {
     pub seconds_total: f64,
     /// How long the tree was stopped (frozen or in ptrace stops).
     pub seconds_frozen: f64,
+    /// Image directory written.
+    pub dir: PathBuf,
+    pub page_size: u64,
+    /// Page references resolved to an already stored (or zero) page by PFN.
+    pub dedup_hits: u64,
+    /// Size of the `pages` file.
+    pub bytes_pages: u64,
+}
+
+impl fmt::Display for DumpSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unique = self.pages_stored * self.page_size;
+        let ratio = if self.bytes_pages > 0 {
+            unique as f64 / self.bytes_pages as f64
+        } else {
+            0.0
+        };
+        write!(
+            f,
+            "dumped {} processes, {} threads into {}: {} pages scanned, {} stored, {} zero, \
+             {} deduplicated; {:.1} MiB written (pages compressed {:.2}x); {:.3} s total, {:.3} s frozen",
+            self.processes,
+            self.threads,
+            self.dir.display(),
+            self.pages_scanned,
+            self.pages_stored,
+            self.zero_pages,
+            self.dedup_hits,
+            self.bytes_written as f64 / (1 << 20) as f64,
+            ratio,
+            self.seconds_total,
+            self.seconds_frozen
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +97,524 @@ pub enum DumpError {
     Image(#[from] crate::image::ImageError),
     #[error("not supported yet: {0}")]
     NotSupported(String),
+    #[error("pid {pid}: no such process")]
+    NoSuchProcess { pid: i32 },
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Fds(#[from] FdError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    #[error("pid {pid} is not a member of cgroup {cgroup}")]
+    RootNotInCgroup { pid: i32, cgroup: PathBuf },
+    #[error("starting the dump watchdog: {0}")]
+    Watchdog(std::io::Error),
+    #[error("installing SIGINT/SIGTERM handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("interrupted by a signal; every task was resumed and no image was written")]
+    Interrupted,
+}
+
+/// The freezer of a `--cgroup` dump and whether this dump froze it.
+struct CgroupHold {
+    freezer: Freezer,
+    /// The cgroup was frozen before the dump (e.g. a paused container): leave it frozen.
+    was_frozen: bool,
+    /// Currently frozen by us.
+    frozen_by_us: bool,
+}
+
+impl CgroupHold {
+    /// Thaws if this dump froze it; errors are reported, not propagated,
+    /// because this runs on paths that are already failing.
+    fn release(&mut self, watchdog: &watchdog::DumpWatchdog) {
+        if self.frozen_by_us {
+            if let Err(e) = self.freezer.thaw() {
+                eprintln!("cowsnap: thawing {}: {e}", self.freezer.dir().display());
+            }
+            self.frozen_by_us = false;
+        }
+        watchdog.thawed();
+    }
 }
 
 /// Dumps the tree described by `options` into an image.
 pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
-    let _ = options;
-    Err(DumpError::NotSupported("dump".into()))
+    let t0 = Instant::now();
+    let _signals = InterruptGuard::install().map_err(DumpError::Signals)?;
+    if !std::path::Path::new(&format!("/proc/{}", options.pid)).exists() || options.pid <= 0 {
+        return Err(DumpError::NoSuchProcess { pid: options.pid });
+    }
+    let freezer = options.cgroup.as_deref().map(Freezer::detect).transpose()?;
+    let ps = page_size();
+    let zero_pfn = zero_page_pfn()?;
+    let mut writer = ImageWriter::create(&options.images, ps)?;
+    let watchdog = watchdog::start(freezer.as_ref(), writer.work_dir(), &options.images)
+        .map_err(DumpError::Watchdog)?;
+
+    // Freeze and seize. From here on every exit path resumes the tasks.
+    let t_stop = Instant::now();
+    let mut hold = None;
+    let seized = match freezer {
+        Some(freezer) => {
+            let was_frozen = freezer.is_frozen();
+            let h = hold.insert(CgroupHold {
+                freezer,
+                was_frozen: false,
+                frozen_by_us: false,
+            });
+            was_frozen.map_err(DumpError::from).and_then(|was| {
+                h.was_frozen = was;
+                seize_cgroup(options, h, &watchdog)
+            })
+        }
+        None => SeizedTree::seize_tree(options.pid).map_err(DumpError::from),
+    };
+    let tree = match seized {
+        Ok(tree) => tree,
+        Err(e) => {
+            if let Some(h) = hold.as_mut() {
+                h.release(&watchdog);
+            }
+            drop(writer);
+            watchdog.finish();
+            return Err(e);
+        }
+    };
+    if options.progress {
+        let threads: usize = tree.processes().iter().map(|p| p.tids.len()).sum();
+        eprintln!(
+            "cowsnap: seized {} processes ({threads} threads) in {:.3} s",
+            tree.processes().len(),
+            t_stop.elapsed().as_secs_f64()
+        );
+    }
+
+    let collected = collect(options, &tree, &mut writer, zero_pfn);
+    let committed = collected.and_then(|c| {
+        let commit = writer.commit(options.pid)?;
+        Ok((c, commit))
+    });
+    let (collected, commit) = match committed {
+        Ok(v) => v,
+        Err(e) => {
+            // The writer (dropped inside commit or here) has removed its files.
+            if let Err(de) = tree.detach() {
+                eprintln!("cowsnap: detaching after failure: {de}");
+            }
+            if let Some(h) = hold.as_mut() {
+                h.release(&watchdog);
+            }
+            watchdog.finish();
+            return Err(e);
+        }
+    };
+    watchdog.committed();
+    let resumed = if options.exit {
+        tree.kill()
+    } else {
+        tree.detach()
+    };
+    let seconds_frozen = t_stop.elapsed().as_secs_f64();
+    if let Some(h) = hold.as_mut() {
+        h.release(&watchdog);
+        if h.was_frozen && !options.exit {
+            // It was paused before the dump: put it back the way it was.
+            if let Err(e) = h.freezer.freeze(FREEZE_TIMEOUT) {
+                eprintln!("cowsnap: re-freezing {}: {e}", h.freezer.dir().display());
+            }
+        }
+    }
+    watchdog.finish();
+    resumed?;
+    let stats = collected.stats;
+    Ok(DumpSummary {
+        processes: collected.processes,
+        threads: collected.threads,
+        pages_scanned: stats.pages_scanned,
+        pages_stored: commit.pages_stored,
+        zero_pages: stats.zero_pages,
+        bytes_written: commit.bytes_total,
+        seconds_total: t0.elapsed().as_secs_f64(),
+        seconds_frozen,
+        dir: commit.dir,
+        page_size: ps,
+        dedup_hits: stats.dedup_hits,
+        bytes_pages: commit.bytes_pages,
+    })
+}
+
+/// Freezes the cgroup, checks and seizes its members, thaws, and waits until
+/// every task sits in its ptrace stop. On error the caller thaws.
+fn seize_cgroup(
+    options: &DumpOptions,
+    hold: &mut CgroupHold,
+    watchdog: &watchdog::DumpWatchdog,
+) -> Result<SeizedTree, DumpError> {
+    if !hold.was_frozen {
+        // Tell the watchdog first: if we die right after freezing, it thaws.
+        watchdog.frozen();
+        hold.frozen_by_us = true;
+        hold.freezer.freeze(FREEZE_TIMEOUT)?;
+    }
+    let members = hold.freezer.members()?;
+    if !members.contains(&options.pid) {
+        return Err(DumpError::RootNotInCgroup {
+            pid: options.pid,
+            cgroup: hold.freezer.dir().to_path_buf(),
+        });
+    }
+    let mut pairs = Vec::with_capacity(members.len());
+    for &pid in &members {
+        pairs.push((pid, read_stat(pid)?.ppid));
+    }
+    if let Err(TreeError::OutsideParent { pid, ppid }) = tree::preorder(options.pid, &pairs) {
+        return Err(DumpError::NotSupported(format!(
+            "cgroup member {pid} has parent {ppid} outside the dumped tree (e.g. an exec'd process)"
+        )));
+    }
+    let pending = SeizedTree::seize_frozen(&members)?;
+    // The tasks reach their ptrace stops only once thawed; ptrace holds them then.
+    hold.freezer.thaw()?;
+    hold.frozen_by_us = false;
+    watchdog.thawed();
+    Ok(pending.wait_stopped()?)
+}
+
+struct Collected {
+    processes: usize,
+    threads: usize,
+    stats: memory::ScanStats,
+}
+
+/// Collects every seized process into the writer (tree, processes, pipes);
+/// does not commit.
+fn collect(
+    options: &DumpOptions,
+    seized: &SeizedTree,
+    writer: &mut ImageWriter,
+    zero_pfn: Option<u64>,
+) -> Result<Collected, DumpError> {
+    let ps = writer.page_size();
+    let mut scanner = MemoryScanner::new(ps, zero_pfn);
+    scanner.set_interrupt_check(interrupted);
+    if options.progress {
+        scanner.enable_progress();
+    }
+    let mut pipes = PipeCollector::default();
+    let mut entries: Vec<ProcessEntry> = Vec::new();
+    let mut threads = 0;
+    for p in seized.processes() {
+        if interrupted() {
+            return Err(DumpError::Interrupted);
+        }
+        let pid = p.pid;
+        let facts = tree::read_facts(pid)?;
+        // Before the memory scan: collect maps and unmaps a scratch page.
+        let state = task_state::collect(seized, pid)?;
+        let maps = read_smaps(pid)?;
+        let vmas = scanner
+            .scan_process(pid, &maps, writer.pages())
+            .map_err(|e| match e {
+                MemoryError::Interrupted => DumpError::Interrupted,
+                other => other.into(),
+            })?;
+        let fds = collect_fds(pid, &mut pipes)?;
+        threads += p.tids.len();
+        let ppid = if pid == options.pid { 0 } else { p.ppid };
+        entries.push(tree::process_entry(pid, ppid, &p.tids, &facts, &state));
+        let image = ProcessImage {
+            pid,
+            mm: tree::mm_fields(&facts, state.brk),
+            vmas,
+            fds,
+            signals: state.signals,
+            itimers: state.itimers,
+            threads: state.threads,
+        };
+        writer.write_process(&image)?;
+    }
+    let order = tree::preorder(
+        options.pid,
+        &entries.iter().map(|e| (e.pid, e.ppid)).collect::<Vec<_>>(),
+    )?;
+    let mut processes = Vec::with_capacity(entries.len());
+    for pid in order {
+        if let Some(i) = entries.iter().position(|e| e.pid == pid) {
+            processes.push(entries.swap_remove(i));
+        }
+    }
+    let count = processes.len();
+    writer.write_tree(&Tree { processes })?;
+    let pipe_images: Vec<PipeImage> = pipes.into_images();
+    writer.write_pipes(&pipe_images)?;
+    if interrupted() {
+        return Err(DumpError::Interrupted);
+    }
+    Ok(Collected {
+        processes: count,
+        threads,
+        stats: scanner.stats(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    use crate::image::types::PageRun;
+    use crate::image::Image;
+    use crate::sys::cgroup::tests::TestCgroup;
+    use crate::sys::interrupt::TEST_LOCK;
+    use crate::sys::pagemap::page_size;
+    use crate::sys::testing::{map_anon, poke, TestChild};
+
+    const PAGES: usize = 2048;
+
+    fn checksum(addr: usize, len: usize) -> u64 {
+        let mut h = 0u64;
+        for off in (0..len).step_by(512) {
+            h = h.rotate_left(5) ^ crate::sys::testing::touch(addr + off) as u64;
+        }
+        h
+    }
+
+    /// A parent with 8 MiB of patterned memory and a child that dirtied 10
+    /// pages. The parent answers every byte on `cmd` with its memory checksum.
+    struct Fixture {
+        parent: TestChild,
+        child: TestChild,
+        region: usize,
+        cmd: std::io::PipeWriter,
+        answer: std::io::PipeReader,
+        expected: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let ps = page_size() as usize;
+            let region = map_anon(PAGES * ps, false);
+            let (cmd_rd, cmd) = std::io::pipe().expect("pipe");
+            let (answer, ans_wr) = std::io::pipe().expect("pipe");
+            let parent = TestChild::fork(move || {
+                for p in 0..PAGES {
+                    poke(region + p * ps, &[(p % 251) as u8 + 1; 64]);
+                }
+                let child = TestChild::fork(move || {
+                    for p in 0..10 {
+                        poke(region + p * ps, &[0xee; 64]);
+                    }
+                    0
+                });
+                let grandchild = child.leak();
+                let (mut cmd_rd, mut ans_wr) = (cmd_rd, ans_wr);
+                // Report the child's pid first, then serve checksums forever.
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 1];
+                    while cmd_rd.read_exact(&mut b).is_ok() {
+                        let sum = checksum(region, PAGES * ps);
+                        if ans_wr.write_all(&sum.to_ne_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+                grandchild as i64
+            });
+            let child = TestChild::adopt(parent.value as i32);
+            let mut f = Fixture {
+                parent,
+                child,
+                region,
+                cmd,
+                answer,
+                expected: 0,
+            };
+            f.expected = f.ask();
+            f
+        }
+
+        fn ask(&mut self) -> u64 {
+            self.cmd.write_all(b"?").expect("ask");
+            let mut buf = [0u8; 8];
+            self.answer.read_exact(&mut buf).expect("answer");
+            u64::from_ne_bytes(buf)
+        }
+    }
+
+    fn tracer_of(pid: i32) -> i32 {
+        crate::sys::procfs::read_status(pid)
+            .map(|s| s.tracer_pid)
+            .unwrap_or(-1)
+    }
+
+    fn options(pid: i32, images: &Path) -> DumpOptions {
+        DumpOptions {
+            pid,
+            images: images.to_path_buf(),
+            exit: false,
+            cgroup: None,
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn dump_tree_end_to_end() {
+        let _lock = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fx = Fixture::new();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("img");
+        let summary = dump(&options(fx.parent.pid, &dir)).expect("dump");
+        assert_eq!(summary.processes, 2);
+        assert!(summary.pages_stored >= PAGES as u64 + 10);
+        let image = Image::open(&dir).expect("image opens");
+        let pids: Vec<(i32, i32)> = image
+            .tree
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.ppid))
+            .collect();
+        assert_eq!(
+            pids,
+            vec![(fx.parent.pid, 0), (fx.child.pid, fx.parent.pid)]
+        );
+        // Undirtied pages of the child are the parent's page ids.
+        let ids = |pid: i32| -> Vec<Option<u64>> {
+            let (_, proc_image) = image.process(pid).expect("process");
+            let ps = page_size();
+            let vma = proc_image
+                .vmas
+                .iter()
+                .find(|v| v.start <= fx.region as u64 && v.end > fx.region as u64)
+                .expect("region vma");
+            let mut out = Vec::new();
+            for r in &vma.pages {
+                for i in 0..r.pages() {
+                    let a = r.start() + i * ps;
+                    if a >= fx.region as u64 && a < (fx.region + PAGES * ps as usize) as u64 {
+                        out.push(match *r {
+                            PageRun::Stored { first, .. } => Some(first + i),
+                            _ => None,
+                        });
+                    }
+                }
+            }
+            out
+        };
+        let (p, c) = (ids(fx.parent.pid), ids(fx.child.pid));
+        assert_eq!(p.len(), PAGES);
+        assert!(p.iter().all(|i| i.is_some()));
+        assert!((0..10).all(|i| c[i].is_some() && c[i] != p[i]));
+        assert_eq!(&c[10..], &p[10..]);
+        // The tree runs on, untraced, with its memory intact.
+        assert_eq!(tracer_of(fx.parent.pid), 0);
+        assert_eq!(tracer_of(fx.child.pid), 0);
+        let expected = fx.expected;
+        assert_eq!(fx.ask(), expected);
+    }
+
+    #[test]
+    fn dump_exit_kills_tree() {
+        let _lock = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let fx = Fixture::new();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("img");
+        let mut opts = options(fx.parent.pid, &dir);
+        opts.exit = true;
+        dump(&opts).expect("dump");
+        assert!(dir.join("manifest.json").exists());
+        let ws = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(fx.parent.pid), None)
+            .expect("waitpid");
+        assert!(
+            matches!(
+                ws,
+                nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+            ),
+            "{ws:?}"
+        );
+    }
+
+    #[test]
+    fn nonexistent_pid_and_unwritable_dir_leave_nothing() {
+        let _lock = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("img");
+        let err = dump(&options(i32::MAX - 1, &dir)).expect_err("no such pid");
+        assert!(matches!(err, DumpError::NoSuchProcess { .. }), "{err}");
+        assert!(!dir.exists());
+
+        let mut fx = Fixture::new();
+        let err =
+            dump(&options(fx.parent.pid, Path::new("/proc/cowsnap-img"))).expect_err("unwritable");
+        assert!(matches!(err, DumpError::Image(_)), "{err}");
+        assert!(err.to_string().contains("/proc/cowsnap-img"), "{err}");
+        assert_eq!(tracer_of(fx.parent.pid), 0);
+        let expected = fx.expected;
+        assert_eq!(fx.ask(), expected);
+    }
+
+    #[test]
+    fn cgroup_member_with_outside_parent_is_refused_and_thawed() {
+        let _lock = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cg) = TestCgroup::new("/sys/fs/cgroup/unified", "refuse") else {
+            return;
+        };
+        let fx = Fixture::new();
+        // Root = the fixture's parent; the `sleep` member's parent is this test.
+        std::fs::write(cg.dir.join("cgroup.procs"), fx.parent.pid.to_string()).expect("join");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("img");
+        let mut opts = options(fx.parent.pid, &dir);
+        opts.cgroup = Some(cg.dir.clone());
+        let err = dump(&opts).expect_err("refused");
+        assert!(
+            matches!(err, DumpError::NotSupported(ref m) if m.contains(&cg.child.id().to_string())),
+            "{err}"
+        );
+        assert!(!Freezer::detect(&cg.dir)
+            .expect("freezer")
+            .is_frozen()
+            .expect("state"));
+        assert!(!dir.exists());
+        assert!(
+            std::fs::read_dir(tmp.path()).expect("ls").next().is_none(),
+            "no partial dir"
+        );
+    }
+
+    fn dump_cgroup(root: &str, tag: &str) {
+        let _lock = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cg) = TestCgroup::new(root, tag) else {
+            return;
+        };
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("img");
+        let mut opts = options(cg.child.id() as i32, &dir);
+        opts.cgroup = Some(cg.dir.clone());
+        let summary = dump(&opts).expect("dump");
+        assert_eq!(summary.processes, 1);
+        assert!(Image::open(&dir).is_ok());
+        assert!(!Freezer::detect(&cg.dir)
+            .expect("freezer")
+            .is_frozen()
+            .expect("state"));
+        assert_eq!(tracer_of(cg.child.id() as i32), 0);
+    }
+
+    #[test]
+    fn dump_cgroup_v2() {
+        dump_cgroup("/sys/fs/cgroup/unified", "dump2");
+    }
+
+    #[test]
+    fn dump_cgroup_v1() {
+        dump_cgroup("/sys/fs/cgroup/freezer", "dump1");
+    }
 }

@@ -3,3 +3,7 @@
 pub mod plan;
 
 pub mod blob;
+pub mod attrs;
+pub mod checks;
+pub mod fds;
+pub mod signals;

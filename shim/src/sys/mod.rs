@@ -1,2 +1,17 @@
 //! Thin, safe wrappers over kernel interfaces. Every raw syscall cowsnap makes
 //! outside the restorer blob is wrapped here once, typed, with a `// SAFETY:` line.
+
+pub mod cgroup;
+pub mod clone;
+pub mod interrupt;
+pub mod mem;
+pub mod pagemap;
+pub mod pipe;
+pub mod process;
+pub mod procfs;
+pub mod ptrace;
+pub mod restore_sys;
+pub mod inject;
+#[cfg(test)]
+pub mod testing;
+pub mod watchdog;

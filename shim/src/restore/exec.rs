@@ -1,0 +1,706 @@
+//! Executing a restore: the restore command (the *controller*) checks the
+//! image and plan, forks the tree's root, and waits; every restored process
+//! is a forked copy of the runtime that builds its staging memory from the
+//! plan, forks its own children with their original pids (`clone3` with
+//! `set_tid`), takes back its process state, and jumps into the restorer
+//! blob, which parks every thread at a shared barrier.
+//!
+//! The controller holds the barrier one short of its count: only when every
+//! thread of every process is parked does it add the last unit and release
+//! the tree, so no restored code runs unless the whole tree is in place. If
+//! any process reports a failure (in the runtime, or a blob step with its
+//! errno) or dies, the controller kills everything it created and names the
+//! process and step.
+//!
+//! Control region (MAP_SHARED, created before the first fork):
+//!
+//! ```text
+//! 0                barrier word (u32) counted by the blob
+//! 4096 + 512*i     slot of process i: outer pid (u32), state (u32),
+//!                  message length (u32) + bytes, blob Status at +384
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::image::types::{PageId, ProcessEntry, ProcessImage, ThreadImage, UserRegs, VmaKind};
+use crate::image::{Image, ImageError};
+use crate::sys::clone::{self, CloneError, Forked};
+use crate::sys::mem::{self, Backing, MemError, SharedRegion, Staging};
+
+use super::blob::{self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec};
+use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
+use super::{attrs, checks, fds, signals};
+
+/// Which pid namespace the tree comes back in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidNs {
+    /// A fresh pid namespace (pids as they were inside the dumped tree's own namespace).
+    New,
+    /// The restore command's namespace; every pid must be free.
+    Current,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub images: PathBuf,
+    pub pidfile: Option<PathBuf>,
+    /// None: new when the dumped root was a namespace init, else current.
+    pub pid_ns: Option<PidNs>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreSummary {
+    /// The restored root's pid in the caller's namespace.
+    pub root_pid: i32,
+    pub pid_ns: PidNs,
+    pub processes: usize,
+    pub threads: usize,
+    pub plan: plan::PlanStats,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for RestoreSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "restored {} processes, {} threads, root pid {} ({} pid namespace): {} pages inherited, {} private, {} copied, {} moves in {:.3}s",
+            self.processes,
+            self.threads,
+            self.root_pid,
+            match self.pid_ns {
+                PidNs::New => "new",
+                PidNs::Current => "current",
+            },
+            self.plan.pages_inherited,
+            self.plan.pages_private,
+            self.plan.pages_copied,
+            self.plan.moves,
+            self.seconds
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Check(#[from] checks::CheckError),
+    #[error(transparent)]
+    Clone(#[from] CloneError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error("not supported: {0}")]
+    NotSupported(String),
+    #[error("pid {pid}: {message}")]
+    Process { pid: i32, message: String },
+    #[error("pid {pid}: {failure}")]
+    Blob { pid: i32, failure: BlobFailure },
+    #[error("pid {pid} died during restore ({how})")]
+    Died { pid: i32, how: String },
+    #[error("writing pid file {path}: {source}")]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const SLOT_BASE: u64 = 4096;
+const SLOT_SIZE: u64 = 512;
+const SLOT_MSG_MAX: usize = 360;
+const SLOT_STATUS: u64 = 384;
+const STATE_STARTED: u32 = 1;
+const STATE_JUMPING: u32 = 2;
+const STATE_FAILED: u32 = 3;
+const PAGE: u64 = 4096;
+
+/// Everything a restored process needs, copied into it by fork.
+struct Ctx {
+    image: Image,
+    plan: RestorePlan,
+    control: SharedRegion,
+    mode: PidNs,
+    /// Pid (and tids) each process gets, per tree index.
+    target_pid: Vec<i32>,
+    total_threads: u32,
+    fd_base: i32,
+    stdio: fds::Stdio,
+}
+
+/// Restores the image described by `options`; returns once every process
+/// of the tree runs.
+pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
+    let started = Instant::now();
+    let image = Image::open(&options.images)?;
+    refuse_unsupported(&image)?;
+    checks::check_files(&image)?;
+    let plan = plan::plan(&image.tree.processes, &image.processes)?;
+    let root = &image.tree.processes[0];
+    let root_is_ns_init = root.nspid.last() == Some(&1);
+    let mode = options.pid_ns.unwrap_or(if root_is_ns_init { PidNs::New } else { PidNs::Current });
+    let pick = |nspid: &[i32], pid: i32| -> i32 {
+        match mode {
+            PidNs::New => nspid.last().copied().unwrap_or(pid),
+            PidNs::Current => nspid.first().copied().unwrap_or(pid),
+        }
+    };
+    let target_pid: Vec<i32> = image.tree.processes.iter().map(|e| pick(&e.nspid, e.pid)).collect();
+    if mode == PidNs::Current {
+        let mut all: Vec<i32> = Vec::new();
+        for p in &image.processes {
+            all.extend(p.threads.iter().map(|t| pick(&t.nstid, t.tid)));
+        }
+        checks::check_pids_free(&all)?;
+    }
+    let total_threads: u32 = image.processes.iter().map(|p| p.threads.len().max(1) as u32).sum();
+    let processes = image.processes.len();
+    let control = SharedRegion::new(SLOT_BASE + SLOT_SIZE * processes as u64)?;
+    let fd_base = (fds::max_fd(&image.processes) + 1).max(64);
+    let stdio = inherit_stdio(fd_base).map_err(|message| RestoreError::Process { pid: root.pid, message })?;
+    let ctx = Ctx { image, plan, control, mode, target_pid, total_threads, fd_base, stdio };
+    if options.progress {
+        eprintln!(
+            "cowsnap: restoring {} processes ({} threads) into the {} pid namespace",
+            processes,
+            total_threads,
+            if mode == PidNs::New { "new" } else { "current" }
+        );
+    }
+
+    let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
+    let first = if needs_init { 1 } else { ctx.target_pid[0] };
+    let child = match clone::clone3(&[first], mode == PidNs::New)? {
+        Forked::Child if needs_init => init_helper(&ctx),
+        Forked::Child => run_process(&ctx, 0, None),
+        Forked::Parent(pid) => pid,
+    };
+
+    if let Err(e) = wait_in_place(&ctx, child) {
+        kill_all(&ctx, child);
+        return Err(e);
+    }
+    mem::futex_add_and_wake(ctx.control.word(0));
+    let root_pid = slot_pid(&ctx, 0);
+    if let Some(path) = &options.pidfile {
+        std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile { path: path.clone(), source })?;
+    }
+    Ok(RestoreSummary {
+        root_pid,
+        pid_ns: mode,
+        processes,
+        threads: total_threads as usize,
+        plan: ctx.plan.stats,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Refuses, before anything is created, what this version cannot restore.
+fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
+    for p in &image.processes {
+        for v in &p.vmas {
+            let why = match v.kind {
+                VmaKind::SharedAnon => "shared anonymous memory",
+                VmaKind::Memfd => "memfd mappings",
+                VmaKind::SysvShm => "SysV shared memory",
+                VmaKind::Other => "mappings of this kind",
+                _ => continue,
+            };
+            return Err(RestoreError::NotSupported(format!(
+                "pid {} VMA {:#x}-{:#x} ({}): {why} are not restored yet",
+                p.pid,
+                v.start,
+                v.end,
+                v.path.as_deref().unwrap_or("anonymous")
+            )));
+        }
+        if p.threads.is_empty() {
+            return Err(RestoreError::NotSupported(format!("pid {}: image has no thread state", p.pid)));
+        }
+    }
+    Ok(())
+}
+
+/// Pid 1 of a new namespace whose dumped root was not an init: forks the
+/// root with its own pid, then reaps orphans for as long as the namespace lives.
+fn init_helper(ctx: &Ctx) -> ! {
+    let _ = std::fs::write("/proc/self/comm", "cowsnap-init");
+    match clone::clone3(&[ctx.target_pid[0]], false) {
+        Ok(Forked::Child) => run_process(ctx, 0, None),
+        Ok(Forked::Parent(root)) => loop {
+            let mut status = 0;
+            // SAFETY: plain waitpid on our own children.
+            let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if r == root && !slot_jumped(ctx, 0) {
+                clone::exit_now(1);
+            }
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                clone::exit_now(0);
+            }
+        },
+        Err(e) => fail_slot(ctx, 0, &e.to_string()),
+    }
+}
+
+fn slot(i: usize) -> u64 {
+    SLOT_BASE + SLOT_SIZE * i as u64
+}
+
+fn slot_pid(ctx: &Ctx, i: usize) -> i32 {
+    ctx.control.word(slot(i)).load(Ordering::Acquire) as i32
+}
+
+fn slot_jumped(ctx: &Ctx, i: usize) -> bool {
+    ctx.control.word(slot(i) + 4).load(Ordering::Acquire) == STATE_JUMPING
+}
+
+/// Records a runtime failure of process `i` and exits.
+fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
+    let bytes = message.as_bytes();
+    let len = bytes.len().min(SLOT_MSG_MAX);
+    ctx.control.write_bytes(slot(i) + 12, &bytes[..len]);
+    ctx.control.word(slot(i) + 8).store(len as u32, Ordering::Release);
+    ctx.control.word(slot(i) + 4).store(STATE_FAILED, Ordering::Release);
+    clone::exit_now(1)
+}
+
+/// The life of restored process `i` until it jumps into the blob. The
+/// root creates the pipe set; descendants get the one they inherited.
+fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>) -> ! {
+    if let Ok(pid) = clone::outer_pid() {
+        ctx.control.word(slot(i)).store(pid as u32, Ordering::Release);
+    }
+    ctx.control.word(slot(i) + 4).store(STATE_STARTED, Ordering::Release);
+    match build_process(ctx, i, pipes) {
+        Ok(prepared) => {
+            ctx.control.word(slot(i) + 4).store(STATE_JUMPING, Ordering::Release);
+            prepared.jump()
+        }
+        Err(message) => fail_slot(ctx, i, &message),
+    }
+}
+
+fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Result<blob::Prepared, String> {
+    let entry = &ctx.image.tree.processes[i];
+    let image = &ctx.image.processes[i];
+    let me = &ctx.plan.processes[i];
+    block_all_signals();
+    session(ctx, i).map_err(|e| format!("session/process group: {e}"))?;
+
+    // Pipes are created once, by the root, so every process inherits them.
+    let created;
+    let pipes = match inherited {
+        Some(p) => p,
+        None => {
+            created = fds::PipeSet::create(&ctx.image.pipes, &ctx.image.processes, ctx.fd_base)
+                .map_err(|e| e.to_string())?;
+            &created
+        }
+    };
+
+    // Staging held for descendants, then the children themselves.
+    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
+    let mut staging = Staging::default();
+    let mut fills: Vec<PageFill> = Vec::new();
+    for &s in &me.creates {
+        let segment = &ctx.plan.segments[s];
+        if segment.before_fork {
+            map_segment(&mut staging, segment).map_err(|e| e.to_string())?;
+            fills.extend(segment.populate.iter().map(|f| PageFill { offset: segment.staging + f.offset, ..*f }));
+        }
+    }
+    populate(&reader, &staging, &fills).map_err(|e| format!("populating shared pages: {e}"))?;
+    drop(reader);
+    for &child in &me.children {
+        match clone::clone3(&[ctx.target_pid[child]], false) {
+            Ok(Forked::Child) => run_process(ctx, child, Some(pipes)),
+            Ok(Forked::Parent(_)) => {}
+            Err(e) => return Err(format!("forking child pid {}: {e}", ctx.image.tree.processes[child].pid)),
+        }
+    }
+
+    // Own memory: segments only this process uses, its private pages, zaps.
+    for &s in &me.creates {
+        let segment = &ctx.plan.segments[s];
+        if !segment.before_fork {
+            map_segment(&mut staging, segment).map_err(|e| e.to_string())?;
+        }
+    }
+    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
+    populate(&reader, &staging, &me.writes).map_err(|e| format!("writing private pages: {e}"))?;
+    drop(reader);
+    for z in &me.zero_writes {
+        staging.zero(z.staging, z.len).map_err(|e| e.to_string())?;
+    }
+    for z in &me.zaps {
+        staging.zap(z.staging, z.len).map_err(|e| e.to_string())?;
+    }
+
+    // Process state, then the blob's arguments.
+    attrs::apply(entry).map_err(|e| e.to_string())?;
+    let mut args = BlobArgs::new();
+    let mut keep_fds: Vec<i32> = Vec::new();
+    blob_memory(ctx, image, &mut args, &mut keep_fds)?;
+    fds::install(entry.pid, image, pipes, &ctx.stdio, i == 0, ctx.fd_base, &keep_fds).map_err(|e| e.to_string())?;
+    signals::restore_sigactions(entry.pid, image).map_err(|e| e.to_string())?;
+    signals::queue_pending(entry.pid, image).map_err(|e| e.to_string())?;
+    blob_threads(ctx, entry, image, &mut args)?;
+    let barrier = ctx.control.addr();
+    args.set_barrier(barrier, ctx.total_threads + 1);
+    args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);
+    args.push_post_barrier_unmap(barrier, PAGE);
+    args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);
+    signals::set_itimers(entry.pid, image).map_err(|e| e.to_string())?;
+    blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))
+}
+
+fn block_all_signals() {
+    let all = nix::sys::signal::SigSet::all();
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&all), None);
+}
+
+/// setsid / setpgid as the image says, for ids inside the tree; ids that
+/// name processes outside the tree are left as inherited.
+fn session(ctx: &Ctx, i: usize) -> Result<(), String> {
+    let entry = &ctx.image.tree.processes[i];
+    let to_target = |pid: i32| -> Option<i32> {
+        ctx.image.tree.processes.iter().position(|e| e.pid == pid).map(|k| ctx.target_pid[k])
+    };
+    let me = ctx.target_pid[i];
+    if to_target(entry.sid) == Some(me) {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    } else if let Some(pgid) = to_target(entry.pgid) {
+        let pgid = nix::unistd::Pid::from_raw(pgid);
+        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), pgid).map_err(|e| format!("setpgid({pgid}): {e}"))?;
+    }
+    if to_target(entry.pgid) == Some(me) && to_target(entry.sid) != Some(me) {
+        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+            .map_err(|e| format!("setpgid(0): {e}"))?;
+    }
+    Ok(())
+}
+
+fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), RestoreError> {
+    let mapping = match &segment.backing {
+        SegmentBacking::Anon => mem::Mapping::create(segment.staging, segment.len, Backing::Anon)?,
+        SegmentBacking::PrivateFile { path, offset } => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| RestoreError::NotSupported(format!("opening mapped file {path}: {e}")))?;
+            let fd: std::os::fd::OwnedFd = file.into();
+            mem::Mapping::create(segment.staging, segment.len, Backing::PrivateFile { fd: &fd, offset: *offset })?
+        }
+        SegmentBacking::SharedAnon => {
+            return Err(RestoreError::NotSupported("shared anonymous segments".into()));
+        }
+    };
+    staging.add(mapping);
+    Ok(())
+}
+
+/// Writes `fills` (pages at absolute staging addresses) from the page
+/// store, decompressing each needed frame once, on every core.
+fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging, fills: &[PageFill]) -> Result<(), String> {
+    if fills.is_empty() {
+        return Ok(());
+    }
+    let ppf = reader.pages_per_frame();
+    let page = reader.page_size();
+    // frame -> (page index in frame, destination, pages)
+    let mut by_frame: std::collections::BTreeMap<usize, Vec<(u64, u64, u64)>> = Default::default();
+    for f in fills {
+        let mut done = 0;
+        while done < f.pages {
+            let id: PageId = f.first + done;
+            let frame = (id / ppf) as usize;
+            let in_frame = id % ppf;
+            let n = (ppf - in_frame).min(f.pages - done);
+            by_frame.entry(frame).or_default().push((in_frame, f.offset + done * page, n));
+            done += n;
+        }
+    }
+    let work: Vec<(usize, Vec<(u64, u64, u64)>)> = by_frame.into_iter().collect();
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(work.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), String> {
+                    let mut buf: Vec<u8> = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((frame, parts)) = work.get(k) else { return Ok(()) };
+                        let len = reader.frame_len(*frame).map_err(|e| e.to_string())?;
+                        buf.resize(len, 0);
+                        reader.read_frame_into(*frame, &mut buf).map_err(|e| e.to_string())?;
+                        for &(in_frame, dest, n) in parts {
+                            let from = (in_frame * page) as usize;
+                            let to = from + (n * page) as usize;
+                            staging.write(dest, &buf[from..to]).map_err(|e| e.to_string())?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err("page writer panicked".into())))
+    })
+}
+
+/// Moves, non-staged mappings, protections, advice and mm fields of one process.
+fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &mut Vec<i32>) -> Result<(), String> {
+    let me = ctx.plan.processes.iter().find(|p| p.pid == image.pid).ok_or("process missing from plan")?;
+    for m in &me.moves {
+        args.push_move(m.source(&ctx.plan), m.target, m.len);
+    }
+    let runtime_vdso = runtime_vdso_len();
+    for v in &image.vmas {
+        let prot = v.prot as i32;
+        match v.kind {
+            VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack | VmaKind::PrivateFile => {
+                args.push_mprotect(v.start, v.len(), prot);
+            }
+            VmaKind::SharedFile => {
+                let path = v.path.as_deref().ok_or_else(|| format!("shared file VMA {:#x} has no path", v.start))?;
+                let write = prot & libc::PROT_WRITE != 0;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(path)
+                    .map_err(|e| format!("opening shared mapped file {path}: {e}"))?;
+                let fd = high_fd(file.into(), ctx.fd_base)?;
+                keep_fds.push(fd);
+                args.push_map_file(v.start, v.len(), prot, libc::MAP_SHARED, MapFd { fd, offset: v.offset, close: true });
+            }
+            VmaKind::Vdso => {
+                if runtime_vdso != Some(v.len()) {
+                    return Err(format!(
+                        "vdso of the image is {:#x} bytes, this kernel's is {:?}: restore on the dumping kernel",
+                        v.len(),
+                        runtime_vdso
+                    ));
+                }
+                args.set_vdso(v.start);
+            }
+            VmaKind::Vvar | VmaKind::Vsyscall => {}
+            other => return Err(format!("VMA {:#x} of kind {other:?} is not supported", v.start)),
+        }
+        for flag in &v.vm_flags {
+            let advice = match flag.as_str() {
+                "dd" => libc::MADV_DONTDUMP,
+                "wf" => libc::MADV_WIPEONFORK,
+                "dc" => libc::MADV_DONTFORK,
+                "hg" => libc::MADV_HUGEPAGE,
+                "nh" => libc::MADV_NOHUGEPAGE,
+                _ => continue,
+            };
+            args.push_madvise(v.start, v.len(), advice);
+        }
+    }
+    let mm = &image.mm;
+    let exe = std::fs::File::open(&mm.exe_file).map_err(|e| format!("opening exe {}: {e}", mm.exe_file))?;
+    let exe_fd = high_fd(exe.into(), ctx.fd_base)?;
+    keep_fds.push(exe_fd);
+    args.set_mm(
+        PrctlMmMap {
+            start_code: mm.start_code,
+            end_code: mm.end_code,
+            start_data: mm.start_data,
+            end_data: mm.end_data,
+            start_brk: mm.start_brk,
+            brk: mm.brk,
+            start_stack: mm.start_stack,
+            arg_start: mm.arg_start,
+            arg_end: mm.arg_end,
+            env_start: mm.env_start,
+            env_end: mm.env_end,
+            auxv: 0,
+            auxv_size: 0,
+            exe_fd: exe_fd as u32,
+        },
+        &mm.auxv,
+    );
+    Ok(())
+}
+
+/// Moves an fd to a number >= `base` (above every target fd) and returns it.
+fn high_fd(fd: std::os::fd::OwnedFd, base: i32) -> Result<i32, String> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    let moved = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD(base)).map_err(|e| format!("F_DUPFD: {e}"))?;
+    let _ = nix::unistd::close(raw);
+    Ok(moved)
+}
+
+fn runtime_vdso_len() -> Option<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find(|l| l.ends_with("[vdso]")).and_then(|l| {
+        let range = l.split_whitespace().next()?;
+        let (a, b) = range.split_once('-')?;
+        Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+    })
+}
+
+/// Undoes the kernel's syscall-restart bookkeeping seen at the ptrace stop,
+/// so that after rt_sigreturn an interrupted syscall runs again (or, when
+/// its restart state lived in the kernel, returns EINTR).
+pub fn restart_fixup(regs: &mut UserRegs) {
+    const ERESTARTSYS: i64 = 512;
+    const ERESTARTNOINTR: i64 = 513;
+    const ERESTARTNOHAND: i64 = 514;
+    const ERESTART_RESTARTBLOCK: i64 = 516;
+    if (regs.orig_rax as i64) < 0 {
+        return;
+    }
+    match -(regs.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            regs.rax = regs.orig_rax;
+            regs.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK => regs.rax = (-(libc::EINTR as i64)) as u64,
+        _ => {}
+    }
+}
+
+fn blob_threads(ctx: &Ctx, entry: &ProcessEntry, image: &ProcessImage, args: &mut BlobArgs) -> Result<(), String> {
+    for t in &image.threads {
+        args.push_thread(thread_spec(ctx, t)?);
+    }
+    let c = &entry.creds;
+    args.set_creds(CredsSpec {
+        uids: c.uids,
+        gids: c.gids,
+        groups: c.groups.clone(),
+        cap_effective: c.cap_effective,
+        cap_permitted: c.cap_permitted,
+        cap_inheritable: c.cap_inheritable,
+        cap_bounding: c.cap_bounding,
+        cap_ambient: c.cap_ambient,
+        securebits: c.securebits,
+    });
+    // The dump lists filters newest first; they are installed oldest first.
+    let filters = c
+        .seccomp_filters
+        .iter()
+        .rev()
+        .map(|h| hex::decode(h).map_err(|e| format!("seccomp filter hex: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    args.set_seccomp(c.no_new_privs, filters);
+    Ok(())
+}
+
+fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
+    let mut regs = t.regs;
+    restart_fixup(&mut regs);
+    let mut spec = ThreadSpec::new(regs);
+    if !t.xsave.is_empty() {
+        spec.fpu = FpuState::Xsave(hex::decode(&t.xsave).map_err(|e| format!("tid {} xsave hex: {e}", t.tid))?);
+    }
+    spec.sigmask = t.sigmask;
+    spec.altstack = t.sigaltstack;
+    let tid = match ctx.mode {
+        PidNs::New => t.nstid.last().copied().unwrap_or(t.tid),
+        PidNs::Current => t.nstid.first().copied().unwrap_or(t.tid),
+    };
+    spec.set_tid = vec![tid];
+    spec.clear_child_tid = t.clear_child_tid;
+    spec.rseq = t.rseq;
+    Ok(spec)
+}
+
+/// Waits until every thread of every process is parked at the barrier, or
+/// a process fails or dies.
+fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
+    let barrier = ctx.control.word(0);
+    loop {
+        for i in 0..ctx.image.processes.len() {
+            let pid = ctx.image.tree.processes[i].pid;
+            let state = ctx.control.word(slot(i) + 4).load(Ordering::Acquire);
+            if state == STATE_FAILED {
+                let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
+                let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
+                return Err(RestoreError::Process { pid, message });
+            }
+            let status = read_status(ctx, i);
+            if let Some(failure) = BlobFailure::from_status(&status) {
+                return Err(RestoreError::Blob { pid, failure });
+            }
+            let outer = slot_pid(ctx, i);
+            if state != 0 && outer > 0 && !alive(outer) {
+                return Err(RestoreError::Died { pid, how: format!("outer pid {outer} is gone") });
+            }
+        }
+        if barrier.load(Ordering::Acquire) >= ctx.total_threads {
+            return Ok(());
+        }
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => {}
+            Ok(status) => {
+                // Give a failing process's report a moment to be read.
+                std::thread::sleep(Duration::from_millis(20));
+                for i in 0..ctx.image.processes.len() {
+                    if ctx.control.word(slot(i) + 4).load(Ordering::Acquire) == STATE_FAILED {
+                        let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
+                        let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
+                        return Err(RestoreError::Process { pid: ctx.image.tree.processes[i].pid, message });
+                    }
+                }
+                return Err(RestoreError::Died { pid: ctx.image.tree.processes[0].pid, how: format!("{status:?}") });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The blob's Status of process `i`, field by field from the control region.
+fn read_status(ctx: &Ctx, i: usize) -> blob::Status {
+    let at = slot(i) + SLOT_STATUS;
+    let word = |k: u64| ctx.control.word(at + 4 * k).load(Ordering::Acquire);
+    let wide = |k: u64| word(k) as u64 | (word(k + 1) as u64) << 32;
+    blob::Status { state: word(0), step: word(1), errno: word(2), thread: word(3), index: wide(4), addr: wide(6) }
+}
+
+/// The restore command's stdin, stdout and stderr, duplicated above every
+/// target fd number so the root can take them as its stdio.
+fn inherit_stdio(fd_base: i32) -> Result<fds::Stdio, String> {
+    let mut fds = [0; 3];
+    for (k, slot) in fds.iter_mut().enumerate() {
+        *slot = nix::fcntl::fcntl(k as i32, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(fd_base))
+            .map_err(|e| format!("duplicating stdio fd {k}: {e}"))?;
+    }
+    Ok(fds::Stdio::Inherit { fds })
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z' | 'X')),
+        Err(_) => false,
+    }
+}
+
+/// Kills everything this restore created: the namespace's init (which
+/// takes the whole namespace with it) or every registered process.
+fn kill_all(ctx: &Ctx, child: i32) {
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    };
+    kill(child);
+    for _ in 0..50 {
+        let mut any = false;
+        for i in 0..ctx.image.processes.len() {
+            let pid = slot_pid(ctx, i);
+            if pid > 0 && alive(pid) {
+                kill(pid);
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+}

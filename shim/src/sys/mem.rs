@@ -1,0 +1,192 @@
+//! Memory the restore runtime creates and writes: staging segments at fixed
+//! addresses, and the shared control region through which restored
+//! processes report to the restore command.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("mmap {addr:#x}+{len:#x}: {source}")]
+    Map {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("write of {len:#x} bytes at {addr:#x} outside every staging mapping")]
+    OutOfBounds { addr: u64, len: u64 },
+    #[error("madvise {addr:#x}+{len:#x}: {source}")]
+    Advise {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A mapping this process created at a fixed address; writable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// How a staging mapping is backed.
+pub enum Backing<'a> {
+    Anon,
+    /// MAP_PRIVATE of this fd at this offset.
+    PrivateFile { fd: &'a std::os::fd::OwnedFd, offset: u64 },
+}
+
+impl Mapping {
+    /// Maps `len` bytes read-write at exactly `addr`, failing (EEXIST) rather
+    /// than replacing anything already there.
+    pub fn create(addr: u64, len: u64, backing: Backing<'_>) -> Result<Mapping, MemError> {
+        use std::os::fd::AsRawFd;
+        let (flags, fd, offset) = match backing {
+            Backing::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+            Backing::PrivateFile { fd, offset } => (libc::MAP_PRIVATE, fd.as_raw_fd(), offset as i64),
+        };
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
+        // no memory this process uses can be affected.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED_NOREPLACE,
+                fd,
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Map { addr, len, source: io::Error::last_os_error() });
+        }
+        if p as u64 != addr {
+            // Old kernels ignore NOREPLACE and return another address.
+            // SAFETY: unmaps only what this call just mapped.
+            unsafe { libc::munmap(p, len as usize) };
+            return Err(MemError::Map { addr, len, source: io::Error::from_raw_os_error(libc::EEXIST) });
+        }
+        Ok(Mapping { addr, len })
+    }
+
+    fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr && addr.checked_add(len).is_some_and(|end| end <= self.addr + self.len)
+    }
+}
+
+/// The staging mappings of this process (inherited ones included).
+#[derive(Debug, Clone, Default)]
+pub struct Staging {
+    mappings: Vec<Mapping>,
+}
+
+impl Staging {
+    pub fn add(&mut self, m: Mapping) {
+        self.mappings.push(m);
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        if self.mappings.iter().any(|m| m.contains(addr, len)) {
+            Ok(())
+        } else {
+            Err(MemError::OutOfBounds { addr, len })
+        }
+    }
+
+    /// Copies `bytes` to staging address `addr`.
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), MemError> {
+        self.check(addr, bytes.len() as u64)?;
+        // SAFETY: the range lies inside a read-write mapping this process
+        // created (or inherited) for staging, which no Rust object aliases.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `addr` with zeros (creating anonymous pages).
+    pub fn zero(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        self.check(addr, len)?;
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len as usize) };
+        Ok(())
+    }
+
+    /// Drops pages back to their backing (MADV_DONTNEED).
+    pub fn zap(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        self.check(addr, len)?;
+        // SAFETY: the range is a staging mapping; dropping its pages affects
+        // no Rust object.
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(MemError::Advise { addr, len, source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+}
+
+/// A MAP_SHARED anonymous region created before forking, so every restored
+/// process and the restore command see the same bytes.
+#[derive(Debug)]
+pub struct SharedRegion {
+    addr: u64,
+    len: u64,
+}
+
+impl SharedRegion {
+    pub fn new(len: u64) -> Result<SharedRegion, MemError> {
+        let len = len.next_multiple_of(PAGE);
+        // SAFETY: a fresh shared anonymous mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Map { addr: 0, len, source: io::Error::last_os_error() });
+        }
+        Ok(SharedRegion { addr: p as u64, len })
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The u32 at byte `offset`, as an atomic.
+    pub fn word(&self, offset: u64) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len, "control word {offset:#x} outside region");
+        // SAFETY: aligned, inside the mapping, which lives as long as `self`;
+        // other processes only access it atomically.
+        unsafe { &*((self.addr + offset) as *const AtomicU32) }
+    }
+
+    /// Copies `bytes` into the region at `offset`.
+    pub fn write_bytes(&self, offset: u64, bytes: &[u8]) {
+        assert!(offset + bytes.len() as u64 <= self.len, "control bytes outside region");
+        // SAFETY: inside the mapping; readers only look after a state word says it is written.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.addr + offset) as *mut u8, bytes.len()) };
+    }
+
+    pub fn read_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
+        assert!(offset + len <= self.len, "control bytes outside region");
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: inside the mapping; plain bytes.
+        unsafe { std::ptr::copy_nonoverlapping((self.addr + offset) as *const u8, out.as_mut_ptr(), len as usize) };
+        out
+    }
+}
+
+/// Adds one to a shared futex word and wakes every waiter.
+pub fn futex_add_and_wake(word: &AtomicU32) {
+    word.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: FUTEX_WAKE on a valid, shared (not FUTEX_PRIVATE) word.
+    unsafe { libc::syscall(libc::SYS_futex, word as *const AtomicU32, libc::FUTEX_WAKE, i32::MAX, 0, 0, 0) };
+}

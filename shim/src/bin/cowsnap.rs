@@ -37,6 +37,24 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Restore an image: the tree comes back with its pids, memory (and its
+    /// copy-on-write sharing), fds and signal state, and keeps running after
+    /// this command exits.
+    Restore {
+        /// Image directory written by `cowsnap dump`.
+        #[arg(long)]
+        images: PathBuf,
+        /// Write the restored root's pid (as seen from here) to this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// `new`: a fresh pid namespace (default when the dumped root was a
+        /// namespace init); `current`: this namespace, every pid must be free.
+        #[arg(long, value_parser = ["new", "current"])]
+        pid_ns: Option<String>,
+        /// No progress lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Summarise an image: the tree, per-process VMAs and pages, sharing and compression totals.
     Inspect {
         dir: PathBuf,
@@ -68,6 +86,11 @@ fn main() -> ExitCode {
             cowsnap::dump::dump(&options)
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
+        }
+        Command::Restore { images, pidfile, pid_ns, quiet } => {
+            let pid_ns = pid_ns.map(|n| if n == "new" { cowsnap::restore::PidNs::New } else { cowsnap::restore::PidNs::Current });
+            let options = cowsnap::restore::RestoreOptions { images, pidfile, pid_ns, progress: !quiet };
+            cowsnap::restore::restore(&options).map(|summary| println!("{summary}")).map_err(|e| e.to_string())
         }
         Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)
             .map(|report| print!("{report}"))

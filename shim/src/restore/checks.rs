@@ -1,1 +1,280 @@
-//! (being written)
+//! Pre-flight checks of a restore, run before any process is created, so
+//! that a restore that would fail on the filesystem or on a pid fails with
+//! nothing to undo: every file the image reopens or maps is there and looks
+//! like what was dumped, no fd is of an unsupported kind, and the pids to
+//! recreate are free.
+//!
+//! Files are compared by kind and size, not by (dev, inode): a container's
+//! rootfs restored on another node holds the same files under other inodes.
+//! Paths are resolved in the restorer's view (see `restore::attrs` for how
+//! the dumper's paths relate to it). This module only reads.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::os::unix::fs::FileTypeExt;
+
+use crate::image::types::{FdKind, ProcessEntry, ProcessImage, VmaKind};
+use crate::image::Image;
+
+const DELETED_SUFFIX: &str = " (deleted)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("pid {pid}: {what} {path} is missing")]
+    Missing {
+        pid: i32,
+        what: String,
+        path: String,
+    },
+    #[error("pid {pid}: {what} {path}: {source}")]
+    Stat {
+        pid: i32,
+        what: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pid {pid}: {what} {path} is not a {expected}")]
+    WrongType {
+        pid: i32,
+        what: String,
+        path: String,
+        expected: &'static str,
+    },
+    #[error("pid {pid}: {what} {path} size changed: image {image}, now {now}")]
+    SizeChanged {
+        pid: i32,
+        what: String,
+        path: String,
+        image: u64,
+        now: u64,
+    },
+    #[error(
+        "pid {pid}: mapped file {path} is too short: {size} bytes, mapped from offset {offset}"
+    )]
+    MappingPastEnd {
+        pid: i32,
+        path: String,
+        size: u64,
+        offset: u64,
+    },
+    #[error("not supported: pid {pid} maps deleted file {path}")]
+    DeletedMapping { pid: i32, path: String },
+    #[error("not supported: pid {pid} {what} {path} is deleted")]
+    Deleted {
+        pid: i32,
+        what: String,
+        path: String,
+    },
+    #[error("not supported: pid {pid} fd {fd}: {link}")]
+    UnsupportedFd { pid: i32, fd: i32, link: String },
+    #[error("pid {pid} is taken (by {comm})")]
+    PidTaken { pid: i32, comm: String },
+    #[error("checking whether pid {pid} is free: {source}")]
+    PidProbe {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a path must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Regular,
+    Directory,
+    Device,
+}
+
+impl Expect {
+    fn name(self) -> &'static str {
+        match self {
+            Expect::Regular => "regular file",
+            Expect::Directory => "directory",
+            Expect::Device => "device",
+        }
+    }
+    fn matches(self, meta: &Metadata) -> bool {
+        let ft = meta.file_type();
+        match self {
+            Expect::Regular => ft.is_file(),
+            Expect::Directory => ft.is_dir(),
+            Expect::Device => ft.is_char_device() || ft.is_block_device(),
+        }
+    }
+}
+
+/// stat() results by path, so a library mapped by every process is looked up once.
+#[derive(Default)]
+struct StatCache {
+    seen: HashMap<String, Result<Metadata, std::io::ErrorKind>>,
+}
+
+impl StatCache {
+    /// Metadata of `path` (following symlinks), which must be an `expect`.
+    fn check(
+        &mut self,
+        pid: i32,
+        what: &str,
+        path: &str,
+        expect: Expect,
+    ) -> Result<Metadata, CheckError> {
+        let got = self
+            .seen
+            .entry(path.to_string())
+            .or_insert_with(|| std::fs::metadata(path).map_err(|e| e.kind()))
+            .clone();
+        let meta = match got {
+            Ok(meta) => meta,
+            Err(std::io::ErrorKind::NotFound) => {
+                return Err(CheckError::Missing {
+                    pid,
+                    what: what.to_string(),
+                    path: path.to_string(),
+                })
+            }
+            Err(kind) => {
+                return Err(CheckError::Stat {
+                    pid,
+                    what: what.to_string(),
+                    path: path.to_string(),
+                    source: kind.into(),
+                })
+            }
+        };
+        if !expect.matches(&meta) {
+            return Err(CheckError::WrongType {
+                pid,
+                what: what.to_string(),
+                path: path.to_string(),
+                expected: expect.name(),
+            });
+        }
+        Ok(meta)
+    }
+}
+
+/// Checks every file the image needs, in tree order, and returns the first problem:
+/// - the executable (`exe` and `mm.exe_file`) of every process: a regular file;
+/// - cwd and root: directories;
+/// - every private or shared file mapping: a regular file longer than the
+///   mapping's offset (a deleted one is not supported);
+/// - every fd: regular files exist with the dumped size (deleted: not
+///   supported), directories and devices exist with their kind, and no fd is
+///   of an unsupported kind (socket, eventfd, ...). Ttys are not checked:
+///   the stdio policy may replace them.
+pub fn check_files(image: &Image) -> Result<(), CheckError> {
+    let mut cache = StatCache::default();
+    for (entry, process) in image.tree.processes.iter().zip(&image.processes) {
+        check_process(&mut cache, entry, process)?;
+    }
+    Ok(())
+}
+
+fn check_process(
+    cache: &mut StatCache,
+    entry: &ProcessEntry,
+    process: &ProcessImage,
+) -> Result<(), CheckError> {
+    let pid = entry.pid;
+    let deleted = |what: &str, path: &str| CheckError::Deleted {
+        pid,
+        what: what.to_string(),
+        path: path.trim_end_matches(DELETED_SUFFIX).to_string(),
+    };
+    for exe in [entry.exe.as_str(), process.mm.exe_file.as_str()] {
+        if exe.ends_with(DELETED_SUFFIX) {
+            return Err(deleted("executable", exe));
+        }
+        cache.check(pid, "executable", exe, Expect::Regular)?;
+    }
+    for (what, dir) in [("cwd", &entry.cwd), ("root", &entry.root)] {
+        if dir.ends_with(DELETED_SUFFIX) {
+            return Err(deleted(what, dir));
+        }
+        cache.check(pid, what, dir, Expect::Directory)?;
+    }
+    for vma in &process.vmas {
+        if !matches!(vma.kind, VmaKind::PrivateFile | VmaKind::SharedFile) {
+            continue;
+        }
+        let Some(path) = vma.path.as_deref() else {
+            continue;
+        };
+        if vma.deleted {
+            return Err(CheckError::DeletedMapping {
+                pid,
+                path: path.to_string(),
+            });
+        }
+        let meta = cache.check(pid, "mapped file", path, Expect::Regular)?;
+        if meta.len() <= vma.offset {
+            return Err(CheckError::MappingPastEnd {
+                pid,
+                path: path.to_string(),
+                size: meta.len(),
+                offset: vma.offset,
+            });
+        }
+    }
+    for fd in &process.fds {
+        let what = |kind: &str| format!("fd {} {kind}", fd.fd);
+        match &fd.kind {
+            FdKind::File {
+                path,
+                deleted: true,
+                ..
+            } => return Err(deleted(&what("file"), path)),
+            FdKind::File { path, size, .. } => {
+                let meta = cache.check(pid, &what("file"), path, Expect::Regular)?;
+                if meta.len() != *size {
+                    return Err(CheckError::SizeChanged {
+                        pid,
+                        what: what("file"),
+                        path: path.clone(),
+                        image: *size,
+                        now: meta.len(),
+                    });
+                }
+            }
+            FdKind::Directory { path } => {
+                cache.check(pid, &what("directory"), path, Expect::Directory)?;
+            }
+            FdKind::Device { path, .. } => {
+                cache.check(pid, &what("device"), path, Expect::Device)?;
+            }
+            FdKind::Pipe { .. } | FdKind::Tty { .. } => {}
+            FdKind::Unsupported { link } => {
+                return Err(CheckError::UnsupportedFd {
+                    pid,
+                    fd: fd.fd,
+                    link: link.clone(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// For a restore into the current pid namespace: every pid (and tid) to be
+/// recreated with `clone3(set_tid)` must be unused. /proc/N exists for
+/// thread ids too (unlisted), so tids are caught as well.
+pub fn check_pids_free(pids: &[i32]) -> Result<(), CheckError> {
+    for &pid in pids {
+        let dir = format!("/proc/{pid}");
+        match std::fs::symlink_metadata(&dir) {
+            Ok(_) => {
+                let comm = crate::sys::procfs::read_comm(pid)
+                    .unwrap_or_else(|_| "a process that just exited".to_string());
+                return Err(CheckError::PidTaken { pid, comm });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CheckError::PidProbe { pid, source }),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "checks_tests.rs"]
+mod tests;

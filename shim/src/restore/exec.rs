@@ -161,7 +161,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     let total_threads: u32 = image.processes.iter().map(|p| p.threads.len().max(1) as u32).sum();
     let processes = image.processes.len();
     let control = SharedRegion::new(SLOT_BASE + SLOT_SIZE * processes as u64)?;
-    let fd_base = (fds::max_fd(&image.processes) + 1).max(64);
+    let fd_base = fds::fd_base(&image.processes);
     let stdio = inherit_stdio(fd_base).map_err(|message| RestoreError::Process { pid: root.pid, message })?;
     let ctx = Ctx { image, plan, control, mode, target_pid, total_threads, fd_base, stdio };
     if options.progress {
@@ -341,22 +341,26 @@ fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Resul
         staging.zap(z.staging, z.len).map_err(|e| e.to_string())?;
     }
 
-    // Process state, then the blob's arguments.
-    attrs::apply(entry).map_err(|e| e.to_string())?;
+    // The blob's arguments and the fd table (both open files by path),
+    // then the blob is placed (it reads /proc/self/maps); only then chroot
+    // and rlimits, which could hide those paths or forbid those fds.
     let mut args = BlobArgs::new();
     let mut keep_fds: Vec<i32> = Vec::new();
     blob_memory(ctx, image, &mut args, &mut keep_fds)?;
     fds::install(entry.pid, image, pipes, &ctx.stdio, i == 0, ctx.fd_base, &keep_fds).map_err(|e| e.to_string())?;
-    signals::restore_sigactions(entry.pid, image).map_err(|e| e.to_string())?;
-    signals::queue_pending(entry.pid, image).map_err(|e| e.to_string())?;
     blob_threads(ctx, entry, image, &mut args)?;
     let barrier = ctx.control.addr();
     args.set_barrier(barrier, ctx.total_threads + 1);
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);
     args.push_post_barrier_unmap(barrier, PAGE);
     args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);
+    let prepared = blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))?;
+    attrs::apply(entry).map_err(|e| e.to_string())?;
+    // Dispositions before pending signals: installing SIG_IGN would discard them.
+    signals::restore_sigactions(entry.pid, image).map_err(|e| e.to_string())?;
+    signals::queue_pending(entry.pid, image).map_err(|e| e.to_string())?;
     signals::set_itimers(entry.pid, image).map_err(|e| e.to_string())?;
-    blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))
+    Ok(prepared)
 }
 
 fn block_all_signals() {
@@ -402,6 +406,9 @@ fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), Res
     Ok(())
 }
 
+/// Part of a frame to copy: (page index in the frame, destination address, pages).
+type FramePart = (u64, u64, u64);
+
 /// Writes `fills` (pages at absolute staging addresses) from the page
 /// store, decompressing each needed frame once, on every core.
 fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging, fills: &[PageFill]) -> Result<(), String> {
@@ -410,8 +417,7 @@ fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging
     }
     let ppf = reader.pages_per_frame();
     let page = reader.page_size();
-    // frame -> (page index in frame, destination, pages)
-    let mut by_frame: std::collections::BTreeMap<usize, Vec<(u64, u64, u64)>> = Default::default();
+    let mut by_frame: std::collections::BTreeMap<usize, Vec<FramePart>> = Default::default();
     for f in fills {
         let mut done = 0;
         while done < f.pages {
@@ -423,7 +429,7 @@ fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging
             done += n;
         }
     }
-    let work: Vec<(usize, Vec<(u64, u64, u64)>)> = by_frame.into_iter().collect();
+    let work: Vec<(usize, Vec<FramePart>)> = by_frame.into_iter().collect();
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(work.len());
     std::thread::scope(|scope| {

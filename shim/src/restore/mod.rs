@@ -1,9 +1,14 @@
 //! Restore: rebuild a process tree from an image with its original
-//! copy-on-write sharing.
-pub mod plan;
+//! copy-on-write sharing. [`plan`] decides who holds which shared page and
+//! what every process moves, writes and drops; [`exec`] carries it out;
+//! [`blob`] is the last step of every process.
 
-pub mod blob;
 pub mod attrs;
+pub mod blob;
 pub mod checks;
+pub mod exec;
 pub mod fds;
+pub mod plan;
 pub mod signals;
+
+pub use exec::{restore, PidNs, RestoreError, RestoreOptions, RestoreSummary};

@@ -162,7 +162,7 @@ impl SharedRegion {
 
     /// The u32 at byte `offset`, as an atomic.
     pub fn word(&self, offset: u64) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len, "control word {offset:#x} outside region");
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.len, "control word {offset:#x} outside region");
         // SAFETY: aligned, inside the mapping, which lives as long as `self`;
         // other processes only access it atomically.
         unsafe { &*((self.addr + offset) as *const AtomicU32) }

@@ -119,6 +119,12 @@ pub fn pipe_pair() -> io::Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
+/// `fcntl(fd, F_GETPIPE_SZ)`: the pipe's capacity in bytes.
+pub fn get_pipe_size(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: fcntl with integer arguments only.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }).map(|n| n as u64)
+}
+
 /// `fcntl(fd, F_SETPIPE_SZ, bytes)`; returns the capacity the kernel chose (>= bytes).
 pub fn set_pipe_size(fd: RawFd, bytes: u64) -> io::Result<u64> {
     let bytes = libc::c_int::try_from(bytes)
@@ -433,8 +439,24 @@ pub fn set_thread_name(name: &str) -> io::Result<()> {
     let c = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))?;
     // SAFETY: `c` is a valid NUL-terminated string; the kernel copies at most 16 bytes.
-    cvt(unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) })
-        .map(|_| ())
+    cvt(unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) }).map(|_| ())
+}
+
+/// `prctl(PR_GET_NAME)` of the calling thread.
+pub fn thread_name() -> io::Result<String> {
+    let mut buf = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes, the size of `buf`.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_GET_NAME,
+            buf.as_mut_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
 /// `chdir(path)`.
@@ -493,7 +515,11 @@ pub fn in_child(f: impl FnOnce(RawFd) -> Result<Vec<u8>, String>) -> Result<Vec<
         let mut msg = vec![tag];
         msg.extend_from_slice(&(body.len() as u64).to_le_bytes());
         msg.extend_from_slice(&body);
-        let code = if write_all(report, &msg).is_ok() { 0 } else { 3 };
+        let code = if write_all(report, &msg).is_ok() {
+            0
+        } else {
+            3
+        };
         // SAFETY: _exit never returns and skips the harness's atexit handlers.
         unsafe { libc::_exit(code) };
     }
@@ -511,6 +537,8 @@ pub fn in_child(f: impl FnOnce(RawFd) -> Result<Vec<u8>, String>) -> Result<Vec<
     match got {
         Ok(body) if head[0] == 0 => Ok(body),
         Ok(body) => Err(String::from_utf8_lossy(&body).into_owned()),
-        Err(e) => Err(format!("child sent no report ({e}), wait status {status:#x}")),
+        Err(e) => Err(format!(
+            "child sent no report ({e}), wait status {status:#x}"
+        )),
     }
 }

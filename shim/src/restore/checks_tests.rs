@@ -1,0 +1,280 @@
+//! Pre-flight checks on a small image written with the real writer, whose
+//! files live in a temporary directory the tests then change.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::image::types::{Creds, Fd, PageRun, Tree, Vma};
+use crate::image::ImageWriter;
+use crate::restore::fds::tests::process;
+
+const PID: i32 = 4100;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    image_dir: PathBuf,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> String {
+        self.root.join(name).to_string_lossy().into_owned()
+    }
+    fn open(&self) -> Image {
+        Image::open(&self.image_dir).expect("open image")
+    }
+}
+
+/// exe (regular), lib.so (8 KiB, mapped from offset 4096), data (10 bytes,
+/// open at fd 7), directory d (open at fd 9), /dev/null at fd 3.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("files");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("exe"), b"\x7fELF").expect("exe");
+    std::fs::write(root.join("lib.so"), vec![0u8; 8192]).expect("lib");
+    std::fs::write(root.join("data"), b"0123456789").expect("data");
+    std::fs::create_dir(root.join("d")).expect("d");
+    let p = |n: &str| root.join(n).to_string_lossy().into_owned();
+
+    let entry = ProcessEntry {
+        pid: PID,
+        ppid: 0,
+        pgid: PID,
+        sid: PID,
+        nspid: vec![PID],
+        tids: vec![PID],
+        comm: "fixture".into(),
+        exe: p("exe"),
+        cwd: p("d"),
+        root: "/".into(),
+        umask: 0o022,
+        creds: Creds {
+            uids: [0; 4],
+            gids: [0; 4],
+            groups: vec![],
+            cap_inheritable: 0,
+            cap_permitted: 0,
+            cap_effective: 0,
+            cap_bounding: 0,
+            cap_ambient: 0,
+            securebits: 0,
+            no_new_privs: false,
+            seccomp_mode: 0,
+            seccomp_filters: vec![],
+        },
+        rlimits: vec![],
+        namespaces: vec![],
+        file: crate::image::types::process_file_name(PID),
+    };
+    let mut proc_image = process(
+        PID,
+        vec![
+            Fd {
+                fd: 3,
+                flags: libc::O_WRONLY as u32,
+                kind: FdKind::Device {
+                    path: "/dev/null".into(),
+                    rdev: libc::makedev(1, 3),
+                    pos: 0,
+                },
+            },
+            Fd {
+                fd: 7,
+                flags: libc::O_RDWR as u32,
+                kind: FdKind::File {
+                    path: p("data"),
+                    pos: 4,
+                    size: 10,
+                    deleted: false,
+                },
+            },
+            Fd {
+                fd: 9,
+                flags: libc::O_RDONLY as u32,
+                kind: FdKind::Directory { path: p("d") },
+            },
+        ],
+    );
+    proc_image.mm.exe_file = p("exe");
+    proc_image.vmas = vec![Vma {
+        start: 0x40_0000,
+        end: 0x40_2000,
+        prot: libc::PROT_READ as u32,
+        shared: false,
+        kind: VmaKind::PrivateFile,
+        path: Some(p("lib.so")),
+        deleted: false,
+        dev: 0,
+        inode: 0,
+        offset: 4096,
+        vm_flags: vec!["rd".into()],
+        pages: vec![PageRun::Absent {
+            start: 0x40_0000,
+            pages: 2,
+        }],
+    }];
+    let image_dir = dir.path().join("img");
+    let mut w = ImageWriter::create(&image_dir, 4096).expect("writer");
+    w.write_tree(&Tree {
+        processes: vec![entry],
+    })
+    .expect("tree");
+    w.write_process(&proc_image).expect("process");
+    w.write_pipes(&[]).expect("pipes");
+    w.commit(PID).expect("commit");
+    Fixture {
+        _dir: dir,
+        root,
+        image_dir,
+    }
+}
+
+#[test]
+fn intact_image_passes() {
+    let f = fixture();
+    check_files(&f.open()).expect("all files there");
+}
+
+#[test]
+fn missing_mapped_file_is_named() {
+    let f = fixture();
+    std::fs::remove_file(f.path("lib.so")).expect("rm");
+    let e = check_files(&f.open()).expect_err("missing");
+    assert_eq!(
+        e.to_string(),
+        format!("pid {PID}: mapped file {} is missing", f.path("lib.so"))
+    );
+}
+
+#[test]
+fn mapped_file_shorter_than_its_offset_is_refused() {
+    let f = fixture();
+    std::fs::write(f.path("lib.so"), vec![0u8; 4096]).expect("truncate");
+    let e = check_files(&f.open()).expect_err("too short");
+    assert!(
+        matches!(
+            &e,
+            CheckError::MappingPastEnd {
+                pid: PID,
+                size: 4096,
+                offset: 4096,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn open_file_with_another_size_is_refused() {
+    let f = fixture();
+    std::fs::write(f.path("data"), b"0123456789ab").expect("grow");
+    let e = check_files(&f.open()).expect_err("size");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: fd 7 file {} size changed: image 10, now 12",
+            f.path("data")
+        )
+    );
+}
+
+#[test]
+fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
+    let f = fixture();
+    let mut image = f.open();
+    image.processes[0].vmas[0].deleted = true;
+    let e = check_files(&image).expect_err("deleted mapping");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "not supported: pid {PID} maps deleted file {}",
+            f.path("lib.so")
+        )
+    );
+
+    let mut image = f.open();
+    if let FdKind::File { deleted, .. } = &mut image.processes[0].fds[1].kind {
+        *deleted = true;
+    }
+    let e = check_files(&image).expect_err("deleted fd file");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "not supported: pid {PID} fd 7 file {} is deleted",
+            f.path("data")
+        )
+    );
+}
+
+#[test]
+fn wrong_kinds_and_unsupported_fds_are_refused() {
+    let f = fixture();
+    std::fs::remove_file(f.path("exe")).expect("rm exe");
+    std::fs::create_dir(f.path("exe")).expect("exe as dir");
+    let e = check_files(&f.open()).expect_err("exe is a dir");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: executable {} is not a regular file",
+            f.path("exe")
+        )
+    );
+
+    let f = fixture();
+    std::fs::remove_dir(f.path("d")).expect("rm d");
+    std::fs::write(f.path("d"), b"").expect("d as file");
+    let e = check_files(&f.open()).expect_err("cwd is a file");
+    assert!(
+        matches!(
+            &e,
+            CheckError::WrongType {
+                expected: "directory",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let f = fixture();
+    let mut image = f.open();
+    image.processes[0].fds.push(Fd {
+        fd: 11,
+        flags: 2,
+        kind: FdKind::Unsupported {
+            link: "anon_inode:[eventfd]".into(),
+        },
+    });
+    let e = check_files(&image).expect_err("eventfd");
+    assert_eq!(
+        e.to_string(),
+        format!("not supported: pid {PID} fd 11: anon_inode:[eventfd]")
+    );
+}
+
+fn pid_max() -> i32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max number")
+}
+
+#[test]
+fn taken_pid_names_its_owner_and_free_pids_pass() {
+    let me = std::process::id() as i32;
+    let comm = crate::sys::procfs::read_comm(me).expect("own comm");
+    let e = check_pids_free(&[me]).expect_err("own pid");
+    assert_eq!(e.to_string(), format!("pid {me} is taken (by {comm})"));
+
+    let free = (2..pid_max())
+        .rev()
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .expect("some free pid");
+    check_pids_free(&[free]).expect("free pid");
+    assert!(
+        check_pids_free(&[free, me]).is_err(),
+        "every pid is checked"
+    );
+}

@@ -128,8 +128,9 @@ pub struct Creds {
     pub no_new_privs: bool,
     /// Seccomp mode from /proc/PID/status: 0 off, 1 strict, 2 filter.
     pub seccomp_mode: u32,
-    /// Filters as returned by PTRACE_SECCOMP_GET_FILTER, the most recently
-    /// installed first; each a hex string of `struct sock_filter` (8 bytes each).
+    /// Filters as returned by PTRACE_SECCOMP_GET_FILTER (index 0 is the
+    /// oldest), so in the order they were installed; each a hex string of
+    /// `struct sock_filter` (8 bytes each).
     pub seccomp_filters: Vec<String>,
 }
 

@@ -31,7 +31,7 @@ use crate::sys::mem::{self, Backing, MemError, SharedRegion, Staging};
 
 use super::blob::{self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec};
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
-use super::{attrs, checks, fds, signals};
+use super::{attrs, checks, cleanup, fds, signals};
 
 /// Which pid namespace the tree comes back in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,8 @@ const SLOT_BASE: u64 = 4096;
 const SLOT_SIZE: u64 = 512;
 const SLOT_MSG_MAX: usize = 360;
 const SLOT_STATUS: u64 = 384;
+/// Start and length (u64 each) of the process's restorer region.
+const SLOT_BLOB: u64 = 448;
 const STATE_STARTED: u32 = 1;
 const STATE_JUMPING: u32 = 2;
 const STATE_FAILED: u32 = 3;
@@ -187,6 +189,14 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     }
     mem::futex_add_and_wake(ctx.control.word(0));
     let root_pid = slot_pid(&ctx, 0);
+    // The tree runs; take the restorer's region out of every process.
+    for i in 0..processes {
+        let raw = ctx.control.read_bytes(slot(i) + SLOT_BLOB, 16);
+        let start = u64::from_ne_bytes(raw[..8].try_into().unwrap_or_default());
+        let len = u64::from_ne_bytes(raw[8..].try_into().unwrap_or_default());
+        cleanup::unmap_restorer(slot_pid(&ctx, i), start, len)
+            .map_err(|e| RestoreError::Process { pid: ctx.image.tree.processes[i].pid, message: e.to_string() })?;
+    }
     if let Some(path) = &options.pidfile {
         std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile { path: path.clone(), source })?;
     }
@@ -355,6 +365,10 @@ fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Resul
     args.push_post_barrier_unmap(barrier, PAGE);
     args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);
     let prepared = blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))?;
+    let region = prepared.blob_range();
+    let mut bytes = region.start.to_ne_bytes().to_vec();
+    bytes.extend_from_slice(&region.len.to_ne_bytes());
+    ctx.control.write_bytes(slot(i) + SLOT_BLOB, &bytes);
     attrs::apply(entry).map_err(|e| e.to_string())?;
     // Dispositions before pending signals: installing SIG_IGN would discard them.
     signals::restore_sigactions(entry.pid, image).map_err(|e| e.to_string())?;
@@ -587,11 +601,10 @@ fn blob_threads(ctx: &Ctx, entry: &ProcessEntry, image: &ProcessImage, args: &mu
         cap_ambient: c.cap_ambient,
         securebits: c.securebits,
     });
-    // The dump lists filters newest first; they are installed oldest first.
+    // The dump lists filters oldest first, the order they are installed in.
     let filters = c
         .seccomp_filters
         .iter()
-        .rev()
         .map(|h| hex::decode(h).map_err(|e| format!("seccomp filter hex: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     args.set_seccomp(c.no_new_privs, filters);

@@ -6,6 +6,7 @@
 pub mod attrs;
 pub mod blob;
 pub mod checks;
+pub mod cleanup;
 pub mod exec;
 pub mod fds;
 pub mod plan;

@@ -75,7 +75,9 @@ pub enum InjectError {
         what: &'static str,
         status: WaitStatus,
     },
-    #[error("tid {tid}: stopped at rip {rip:#x} during injected syscall {nr}, expected {expected:#x}")]
+    #[error(
+        "tid {tid}: stopped at rip {rip:#x} during injected syscall {nr}, expected {expected:#x}"
+    )]
     WrongIp {
         tid: i32,
         nr: i64,
@@ -90,9 +92,9 @@ pub enum InjectError {
         name: &'static str,
         errno: Errno,
     },
-    #[error("tid {tid}: scratch access at offset {offset} + {len} beyond its {size} bytes")]
+    #[error("pid {pid}: scratch access at offset {offset} + {len} beyond its {size} bytes")]
     ScratchBounds {
-        tid: i32,
+        pid: i32,
         offset: u64,
         len: usize,
         size: u64,
@@ -113,10 +115,8 @@ pub fn find_syscall_instruction(pid: i32) -> Result<u64, InjectError> {
         let Some((start, end)) = range.split_once('-') else {
             continue;
         };
-        let (Ok(start), Ok(end)) = (
-            u64::from_str_radix(start, 16),
-            u64::from_str_radix(end, 16),
-        ) else {
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
             continue;
         };
         let perms = perms.as_bytes();
@@ -173,15 +173,15 @@ pub struct Scratch {
 
 impl Scratch {
     fn check(&self, offset: u64, len: usize) -> Result<u64, InjectError> {
-        if offset.checked_add(len as u64).map_or(true, |e| e > self.len) {
-            return Err(InjectError::ScratchBounds {
-                tid: self.pid,
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(self.addr + offset),
+            _ => Err(InjectError::ScratchBounds {
+                pid: self.pid,
                 offset,
                 len,
                 size: self.len,
-            });
+            }),
         }
-        Ok(self.addr + offset)
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), InjectError> {
@@ -275,6 +275,20 @@ impl Injector {
                         });
                     }
                     self.deliver_and_restop(nr, sig)?;
+                    continue;
+                }
+                // A trap that was still pending (a second PTRACE_INTERRUPT, a
+                // group-stop): nothing ran yet, so simply go again.
+                WaitStatus::EventStop { .. } => {
+                    let rip = ptrace::get_regs(self.tid)?.rip;
+                    if rip != self.syscall_ip {
+                        return Err(InjectError::WrongIp {
+                            tid: self.tid,
+                            nr,
+                            rip,
+                            expected: self.syscall_ip,
+                        });
+                    }
                     continue;
                 }
                 other => return Err(self.unexpected(nr, "no syscall-entry stop", other)),
@@ -434,8 +448,14 @@ mod tests {
         let before = ptrace::get_regs(child.pid).expect("regs");
         let ip = find_syscall_instruction(child.pid).expect("find");
         let mut inj = Injector::new(child.pid, child.pid, ip).expect("injector");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid as i64);
-        assert_eq!(inj.syscall(libc::SYS_gettid, &[]).expect("gettid"), child.pid as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid as i64
+        );
+        assert_eq!(
+            inj.syscall(libc::SYS_gettid, &[]).expect("gettid"),
+            child.pid as i64
+        );
         // The parent's pid, as the child sees it: ours.
         assert_eq!(
             inj.syscall(libc::SYS_getppid, &[]).expect("getppid"),
@@ -456,7 +476,8 @@ mod tests {
         assert!(scratch.write(4090, b"too long").is_err());
         // uname() in the task writes into the scratch page.
         assert_eq!(
-            inj.syscall(libc::SYS_uname, &[scratch.addr]).expect("uname"),
+            inj.syscall(libc::SYS_uname, &[scratch.addr])
+                .expect("uname"),
             0
         );
         let mut sysname = [0u8; 5];
@@ -498,7 +519,10 @@ mod tests {
             // The next report must be a completed sleep, never an EINTR.
             assert_eq!(child.recv_skipping(b""), b'S');
         }
-        assert!(restart_blocks_seen > 0, "never caught the child inside nanosleep");
+        assert!(
+            restart_blocks_seen > 0,
+            "never caught the child inside nanosleep"
+        );
     }
 
     #[test]
@@ -522,9 +546,13 @@ mod tests {
         inj.syscall(libc::SYS_getpid, &[]).expect("getpid");
         inj.finish().expect("finish");
         let trap_bit = 1u64 << (libc::SIGTRAP - 1);
-        assert_eq!(ptrace::get_sigmask(child.pid).expect("mask") & trap_bit, trap_bit);
+        assert_eq!(
+            ptrace::get_sigmask(child.pid).expect("mask") & trap_bit,
+            trap_bit
+        );
         ptrace::detach(child.pid, 0).expect("detach");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).expect("status");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.pid)).expect("status");
         let ign = status
             .lines()
             .find_map(|l| l.strip_prefix("SigIgn:"))
@@ -548,7 +576,10 @@ mod tests {
         ptrace::tgkill(child.pid, child.pid, libc::SIGUSR1).expect("tgkill");
         let ip = find_syscall_instruction(child.pid).expect("find");
         let mut inj = Injector::new(child.pid, child.pid, ip).expect("injector");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid as i64
+        );
         assert_eq!(inj.signals_delivered(), 1);
         inj.finish().expect("finish");
         ptrace::detach(child.pid, 0).expect("detach");

@@ -146,7 +146,14 @@ pub fn resume_to_syscall(tid: i32, sig: i32) -> Result<(), PtraceError> {
 /// the step with a *forced* SIGTRAP, which resets a blocked or ignored SIGTRAP
 /// disposition to SIG_DFL: syscall injection uses [`resume_to_syscall`] instead.
 pub fn singlestep(tid: i32, sig: i32) -> Result<(), PtraceError> {
-    raw(libc::PTRACE_SINGLESTEP, "PTRACE_SINGLESTEP", tid, 0, sig as usize).map(drop)
+    raw(
+        libc::PTRACE_SINGLESTEP,
+        "PTRACE_SINGLESTEP",
+        tid,
+        0,
+        sig as usize,
+    )
+    .map(drop)
 }
 
 /// Detaches from a stopped tracee, delivering `sig` (0 = none). The task
@@ -212,6 +219,33 @@ pub fn wait(tid: i32) -> Result<WaitStatus, PtraceError> {
             return Err(PtraceError::Wait { tid, errno });
         }
         return Ok(WaitStatus::from_raw(status));
+    }
+}
+
+/// Blocks until `tid` has exited, without reaping it (`waitid` with
+/// WNOWAIT): for a tracee that is also our own child, whose exit status
+/// belongs to whoever in our process waits for it as its parent.
+pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid out-pointer for the duration of the call.
+        let ret = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                tid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+            )
+        };
+        if ret == -1 {
+            let errno = Errno::last();
+            if errno == Errno::EINTR {
+                continue;
+            }
+            return Err(PtraceError::Wait { tid, errno });
+        }
+        return Ok(());
     }
 }
 
@@ -505,7 +539,8 @@ pub fn get_rseq_configuration(tid: i32) -> Result<Option<RseqConfiguration>, Ptr
     }))
 }
 
-/// PTRACE_SECCOMP_GET_FILTER for filter `index` (0 = most recently installed):
+/// PTRACE_SECCOMP_GET_FILTER for filter `index` (0 = the oldest, first installed;
+/// the kernel counts from the bottom of the filter chain):
 /// the classic BPF program as raw `struct sock_filter` bytes. `Ok(None)` when
 /// there is no filter at that index (ENOENT) or the task is not in filter
 /// mode at all (EINVAL).
@@ -696,7 +731,11 @@ mod tests {
         assert_eq!(regs.rax, (-ERESTARTSYS) as u64);
         let xstate = get_xstate(child.pid).expect("xstate");
         // Legacy area (512) + XSAVE header (64) at least, and not our guess.
-        assert!(xstate.len() >= 576 && xstate.len() < XSTATE_GUESS, "{}", xstate.len());
+        assert!(
+            xstate.len() >= 576 && xstate.len() < XSTATE_GUESS,
+            "{}",
+            xstate.len()
+        );
         assert_eq!(get_sigmask(child.pid).expect("mask"), 0);
         assert!(peek_siginfo(child.pid, SigQueue::Thread)
             .expect("peek")
@@ -728,7 +767,10 @@ mod tests {
         let addr = (rsp - 1024) & !7;
         let orig = peek_data(child.pid, addr).expect("peek");
         poke_data(child.pid, addr, 0xdead_beef_0bad_f00d).expect("poke");
-        assert_eq!(peek_data(child.pid, addr).expect("peek"), 0xdead_beef_0bad_f00d);
+        assert_eq!(
+            peek_data(child.pid, addr).expect("peek"),
+            0xdead_beef_0bad_f00d
+        );
         let mut buf = [0u8; 8];
         read_memory(child.pid, addr, &mut buf).expect("vm read");
         assert_eq!(u64::from_ne_bytes(buf), 0xdead_beef_0bad_f00d);
@@ -736,7 +778,10 @@ mod tests {
         assert_eq!(peek_data(child.pid, addr).expect("peek"), orig);
         // Unmapped address: the error names the pid and the address.
         let err = read_memory(child.pid, 8, &mut buf).expect_err("address 8 is unmapped");
-        assert!(err.to_string().contains(&format!("pid {}", child.pid)), "{err}");
+        assert!(
+            err.to_string().contains(&format!("pid {}", child.pid)),
+            "{err}"
+        );
         let err = peek_data(child.pid, 8).expect_err("address 8 is unmapped");
         assert!(err.to_string().contains("PTRACE_PEEKDATA"), "{err}");
         detach(child.pid, 0).expect("detach");

@@ -56,6 +56,8 @@ impl Child {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
+            // SAFETY: prctl with integer arguments; the child dies with the test thread.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
             let io = Io {
                 report: report_w.as_raw_fd(),
                 command: command_r.as_raw_fd(),
@@ -86,7 +88,11 @@ impl Child {
             };
             // SAFETY: `pfd` is one valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, RECV_TIMEOUT_MS) };
-            assert!(r > 0, "child {} sent nothing for {RECV_TIMEOUT_MS} ms", self.pid);
+            assert!(
+                r > 0,
+                "child {} sent nothing for {RECV_TIMEOUT_MS} ms",
+                self.pid
+            );
             // SAFETY: the destination is the unfilled tail of `out`.
             let got = unsafe {
                 libc::read(
@@ -120,7 +126,8 @@ impl Child {
 
     pub fn send(&self, bytes: &[u8]) {
         // SAFETY: `bytes` is a live buffer of the given length.
-        let r = unsafe { libc::write(self.command.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        let r =
+            unsafe { libc::write(self.command.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
         assert_eq!(r, bytes.len() as isize, "write to child {}", self.pid);
     }
 
@@ -163,20 +170,26 @@ pub(crate) fn tracer_pid(tid: i32) -> i32 {
         .expect("TracerPid line")
 }
 
+/// The single-letter state of a task (`/proc/TID/stat`), '?' if it is gone.
+pub(crate) fn task_state(tid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next())
+        .unwrap_or('?')
+}
+
 /// Waits until the single-letter state of `pid` is `state` (e.g. 'Z' or 'S').
 pub(crate) fn wait_state(pid: i32, state: char) {
     for _ in 0..20_000 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].trim_start().chars().next())
-            == Some(state)
-        {
+        if task_state(pid) == state {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    panic!("pid {pid} never reached state {state}");
+    panic!(
+        "pid {pid} never reached state {state} (now {})",
+        task_state(pid)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -211,15 +224,15 @@ pub(crate) fn nanosleep_body(io: &Io) -> i32 {
 }
 
 /// Tree child: forks two children; the second forks a grandchild; all three
-/// block in read(). Reports b'T' and the three pids as u64s.
+/// sleep in pause(). Reports b'T' and the three pids as u64s.
 pub(crate) fn tree_body(io: &Io) -> i32 {
-    fn leaf(io: &Io) -> ! {
+    // Leaves must not read the command pipe: the commands are for the root.
+    fn leaf(_io: &Io) -> ! {
+        // SAFETY: prctl with integer arguments (die with our parent), then pause().
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
         loop {
-            let (r, _) = io.recv();
-            if r <= 0 {
-                // SAFETY: _exit never returns.
-                unsafe { libc::_exit(0) };
-            }
+            // SAFETY: pause() only sleeps until a signal.
+            unsafe { libc::pause() };
         }
     }
     // SAFETY: the children only block in read() on inherited fds.
@@ -251,18 +264,17 @@ pub(crate) fn tree_body(io: &Io) -> i32 {
     echo_body(io)
 }
 
-/// Zombie-parent child: forks a live child (blocked in read) and then a child
+/// Zombie-parent child: forks a live child (in pause()) and then a child
 /// that exits at once and is never reaped. Reports b'Z', live pid, zombie pid.
 pub(crate) fn zombie_parent_body(io: &Io) -> i32 {
     // SAFETY: the children only read/exit.
     let live = unsafe { libc::fork() };
     if live == 0 {
+        // SAFETY: prctl with integer arguments (die with our parent), then pause().
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
         loop {
-            let (r, _) = io.recv();
-            if r <= 0 {
-                // SAFETY: _exit never returns.
-                unsafe { libc::_exit(0) };
-            }
+            // SAFETY: pause() only sleeps until a signal.
+            unsafe { libc::pause() };
         }
     }
     // SAFETY: the child exits at once.
@@ -398,7 +410,7 @@ pub(crate) fn rich_body(io: &Io) -> i32 {
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"rich-main".as_ptr());
         let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = rich_usr1 as usize;
+        act.sa_sigaction = rich_usr1 as *const () as usize;
         act.sa_flags = libc::SA_RESTART | libc::SA_ONSTACK;
         libc::sigemptyset(&mut act.sa_mask);
         libc::sigaddset(&mut act.sa_mask, libc::SIGWINCH);
@@ -474,7 +486,7 @@ pub(crate) fn rich_body(io: &Io) -> i32 {
                 sival_ptr: RICH_RT_VALUE as usize as *mut libc::c_void,
             },
         );
-        let (stack_addr, handler) = (stack as u64, rich_usr1 as usize as u64);
+        let (stack_addr, handler) = (stack as u64, rich_usr1 as *const () as usize as u64);
         let brk = libc::syscall(libc::SYS_brk, 0usize) as u64;
         let securebits = libc::prctl(libc::PR_GET_SECUREBITS) as u64;
         let fields: [u64; RICH_FIELDS] = [
@@ -496,5 +508,68 @@ pub(crate) fn rich_body(io: &Io) -> i32 {
         io.send(&msg);
         THREAD_GO.store(2, Ordering::SeqCst);
     }
+    echo_body(io)
+}
+
+/// One classic BPF instruction as (code, jt, jf, k).
+type Insn = (u16, u8, u8, u32);
+
+/// The two seccomp programs [`seccomp_body`] installs, in install order:
+/// allow everything; then fail getitimer with EPERM.
+pub(crate) fn seccomp_programs() -> [Vec<Insn>; 2] {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    [
+        vec![(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW)],
+        vec![
+            (LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+            (JEQ_K, 0, 1, libc::SYS_getitimer as u32),
+            (RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+            (RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        ],
+    ]
+}
+
+/// `struct sock_filter` bytes of a program, as PTRACE_SECCOMP_GET_FILTER returns them.
+pub(crate) fn seccomp_bytes(prog: &[Insn]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(code, jt, jf, k) in prog {
+        out.extend_from_slice(&code.to_ne_bytes());
+        out.push(jt);
+        out.push(jf);
+        out.extend_from_slice(&k.to_ne_bytes());
+    }
+    out
+}
+
+/// Seccomp child: installs [`seccomp_programs`], reports b'F' and whether its
+/// own getitimer now fails with EPERM (1), then serves [`echo_body`].
+pub(crate) fn seccomp_body(io: &Io) -> i32 {
+    let programs = seccomp_programs();
+    // SAFETY: raw prctl/seccomp/getitimer calls with valid, live arguments.
+    let denied = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        for prog in &programs {
+            let mut filters: Vec<libc::sock_filter> = prog
+                .iter()
+                .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+                .collect();
+            let fprog = libc::sock_fprog {
+                len: filters.len() as u16,
+                filter: filters.as_mut_ptr(),
+            };
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &fprog as *const libc::sock_fprog,
+            );
+        }
+        let mut v: libc::itimerval = std::mem::zeroed();
+        libc::getitimer(libc::ITIMER_REAL, &mut v) == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    };
+    io.send(&[b'F', denied as u8]);
     echo_body(io)
 }

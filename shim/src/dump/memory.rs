@@ -2,7 +2,7 @@
 //! physical page stored once. **Identity of a page = its PFN (or swap
 //! entry)**: a page seen before in this dump, in any process at any address,
 //! gets the same `PageId`. This scanner thread only walks pagemap, reads
-//! contents with `process_vm_readv` in large batches, checks for zero pages
+//! contents through `/proc/PID/mem` in large runs (never process_vm_readv, see `read_batch`), checks for zero pages
 //! and looks up the dedup map; compression happens on the page store's threads.
 //! It never writes to the dumped processes.
 
@@ -13,7 +13,7 @@ use crate::image::pagestore::PageStoreWriter;
 use crate::image::types::{PageId, PageRun, Vma, VmaKind};
 use crate::image::ImageError;
 use crate::sys::pagemap::{Pagemap, PagemapEntry, PagemapError};
-use crate::sys::process::{vm_readv, ProcMem, ProcessError};
+use crate::sys::process::{ProcMem, ProcessError};
 use crate::sys::procfs::MapsEntry;
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +175,7 @@ const SWAP_KEY_TAG: u64 = 1 << 62;
 
 /// Pagemap entries per pagemap read (64 MiB of address space, 128 KiB of entries).
 const CHUNK_PAGES: usize = 16 * 1024;
-/// Pages per process_vm_readv batch.
+/// Pages per read batch.
 const READ_BATCH_PAGES: usize = 1024;
 
 /// Scans processes one after another, sharing one dedup map.
@@ -406,26 +406,24 @@ impl MemoryScanner {
             let n = (space.len() / ps).min(to - k);
             let batch = &ctx.reads[k..k + n];
             let buf = &mut space[..n * ps];
-            let mut got = 0usize;
-            if readable {
-                // Merge neighbouring pages into one remote iovec.
-                let mut remote: Vec<(u64, usize)> = Vec::with_capacity(n);
-                for &(addr, _) in batch {
-                    match remote.last_mut() {
-                        Some(last) if last.0 + last.1 as u64 == addr => last.1 += ps,
-                        _ => remote.push((addr, ps)),
-                    }
+            // Read through /proc/PID/mem, never process_vm_readv: the latter
+            // pins pages (FOLL_PIN), and since Linux 5.19 a read-only pin of
+            // a copy-on-write shared anonymous page makes the kernel unshare
+            // it, giving the dumped process a private copy and destroying the
+            // very sharing we record. /proc/PID/mem takes plain references
+            // (FOLL_GET) and leaves the page tables alone; it also reads
+            // PROT_NONE ranges of a seized task.
+            let _ = readable;
+            let mut j = 0usize;
+            while j < n {
+                let start = j;
+                while j + 1 < n && batch[j + 1].0 == batch[j].0 + ps as u64 {
+                    j += 1;
                 }
-                got = vm_readv(pid, buf, &remote).map_err(|source| MemoryError::Read {
-                    pid,
-                    addr: batch[0].0,
-                    source,
-                })? / ps;
-            }
-            // What process_vm_readv could not read (PROT_NONE, a fault): /proc/PID/mem.
-            for (j, &(addr, _)) in batch.iter().enumerate().skip(got) {
+                j += 1;
+                let addr = batch[start].0;
                 ctx.mem
-                    .read_exact_at(&mut buf[j * ps..(j + 1) * ps], addr)
+                    .read_exact_at(&mut buf[start * ps..j * ps], addr)
                     .map_err(|source| MemoryError::Read { pid, addr, source })?;
             }
             self.stats.bytes_read += (n * ps) as u64;

@@ -179,7 +179,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     let first = if needs_init { 1 } else { ctx.target_pid[0] };
     let child = match clone::clone3(&[first], mode == PidNs::New)? {
         Forked::Child if needs_init => init_helper(&ctx),
-        Forked::Child => run_process(&ctx, 0, None),
+        Forked::Child => run_process(&ctx, 0, None, Staging::default()),
         Forked::Parent(pid) => pid,
     };
 
@@ -241,7 +241,7 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
 fn init_helper(ctx: &Ctx) -> ! {
     let _ = std::fs::write("/proc/self/comm", "cowsnap-init");
     match clone::clone3(&[ctx.target_pid[0]], false) {
-        Ok(Forked::Child) => run_process(ctx, 0, None),
+        Ok(Forked::Child) => run_process(ctx, 0, None, Staging::default()),
         Ok(Forked::Parent(root)) => loop {
             let mut status = 0;
             // SAFETY: plain waitpid on our own children.
@@ -280,13 +280,14 @@ fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
 }
 
 /// The life of restored process `i` until it jumps into the blob. The
-/// root creates the pipe set; descendants get the one they inherited.
-fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>) -> ! {
+/// root creates the pipe set; descendants get the one they inherited, and
+/// the staging mappings their ancestors made.
+fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Staging) -> ! {
     if let Ok(pid) = clone::outer_pid() {
         ctx.control.word(slot(i)).store(pid as u32, Ordering::Release);
     }
     ctx.control.word(slot(i) + 4).store(STATE_STARTED, Ordering::Release);
-    match build_process(ctx, i, pipes) {
+    match build_process(ctx, i, pipes, staging) {
         Ok(prepared) => {
             ctx.control.word(slot(i) + 4).store(STATE_JUMPING, Ordering::Release);
             prepared.jump()
@@ -295,7 +296,12 @@ fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>) -> ! {
     }
 }
 
-fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Result<blob::Prepared, String> {
+fn build_process(
+    ctx: &Ctx,
+    i: usize,
+    inherited: Option<&fds::PipeSet>,
+    mut staging: Staging,
+) -> Result<blob::Prepared, String> {
     let entry = &ctx.image.tree.processes[i];
     let image = &ctx.image.processes[i];
     let me = &ctx.plan.processes[i];
@@ -315,7 +321,6 @@ fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Resul
 
     // Staging held for descendants, then the children themselves.
     let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
-    let mut staging = Staging::default();
     let mut fills: Vec<PageFill> = Vec::new();
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
@@ -328,7 +333,7 @@ fn build_process(ctx: &Ctx, i: usize, inherited: Option<&fds::PipeSet>) -> Resul
     drop(reader);
     for &child in &me.children {
         match clone::clone3(&[ctx.target_pid[child]], false) {
-            Ok(Forked::Child) => run_process(ctx, child, Some(pipes)),
+            Ok(Forked::Child) => run_process(ctx, child, Some(pipes), staging.clone()),
             Ok(Forked::Parent(_)) => {}
             Err(e) => return Err(format!("forking child pid {}: {e}", ctx.image.tree.processes[child].pid)),
         }

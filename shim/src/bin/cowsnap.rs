@@ -87,10 +87,28 @@ fn main() -> ExitCode {
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }
-        Command::Restore { images, pidfile, pid_ns, quiet } => {
-            let pid_ns = pid_ns.map(|n| if n == "new" { cowsnap::restore::PidNs::New } else { cowsnap::restore::PidNs::Current });
-            let options = cowsnap::restore::RestoreOptions { images, pidfile, pid_ns, progress: !quiet };
-            cowsnap::restore::restore(&options).map(|summary| println!("{summary}")).map_err(|e| e.to_string())
+        Command::Restore {
+            images,
+            pidfile,
+            pid_ns,
+            quiet,
+        } => {
+            let pid_ns = pid_ns.map(|n| {
+                if n == "new" {
+                    cowsnap::restore::PidNs::New
+                } else {
+                    cowsnap::restore::PidNs::Current
+                }
+            });
+            let options = cowsnap::restore::RestoreOptions {
+                images,
+                pidfile,
+                pid_ns,
+                progress: !quiet,
+            };
+            cowsnap::restore::restore(&options)
+                .map(|summary| println!("{summary}"))
+                .map_err(|e| e.to_string())
         }
         Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)
             .map(|report| print!("{report}"))

@@ -30,7 +30,12 @@ pub enum CleanupError {
         source: InjectError,
     },
     #[error("pid {pid}: munmap({start:#x}, {len:#x}) of the restorer failed: errno {errno}")]
-    Munmap { pid: i32, start: u64, len: u64, errno: i64 },
+    Munmap {
+        pid: i32,
+        start: u64,
+        len: u64,
+        errno: i64,
+    },
     #[error("pid {pid}: a thread stayed inside the restorer at {start:#x}+{len:#x}")]
     StillInside { pid: i32, start: u64, len: u64 },
 }
@@ -42,10 +47,15 @@ pub fn unmap_restorer(pid: i32, start: u64, len: u64) -> Result<(), CleanupError
         let tree = SeizedTree::seize_frozen(&[pid])
             .and_then(|pending| pending.wait_stopped())
             .map_err(|source| CleanupError::Seize { pid, source })?;
-        let tids: Vec<i32> = tree.processes().iter().flat_map(|p| p.tids.iter().copied()).collect();
+        let tids: Vec<i32> = tree
+            .processes()
+            .iter()
+            .flat_map(|p| p.tids.iter().copied())
+            .collect();
         let mut inside = false;
         for &tid in &tids {
-            let regs = ptrace::get_regs(tid).map_err(|source| CleanupError::Ptrace { pid, source })?;
+            let regs =
+                ptrace::get_regs(tid).map_err(|source| CleanupError::Ptrace { pid, source })?;
             inside |= regs.rip >= start && regs.rip < start + len;
         }
         if inside {
@@ -54,21 +64,31 @@ pub fn unmap_restorer(pid: i32, start: u64, len: u64) -> Result<(), CleanupError
             continue;
         }
         let result = inject_munmap(pid, tids[0], start, len);
-        tree.detach().map_err(|source| CleanupError::Seize { pid, source })?;
+        tree.detach()
+            .map_err(|source| CleanupError::Seize { pid, source })?;
         return result;
     }
     Err(CleanupError::StillInside { pid, start, len })
 }
 
 fn inject_munmap(pid: i32, tid: i32, start: u64, len: u64) -> Result<(), CleanupError> {
-    let ip = inject::find_syscall_instruction(pid).map_err(|source| CleanupError::Inject { pid, source })?;
-    let mut injector = Injector::new(pid, tid, ip).map_err(|source| CleanupError::Inject { pid, source })?;
+    let ip = inject::find_syscall_instruction(pid)
+        .map_err(|source| CleanupError::Inject { pid, source })?;
+    let mut injector =
+        Injector::new(pid, tid, ip).map_err(|source| CleanupError::Inject { pid, source })?;
     let r = injector
         .syscall(libc::SYS_munmap, &[start, len])
         .map_err(|source| CleanupError::Inject { pid, source })?;
-    injector.finish().map_err(|source| CleanupError::Inject { pid, source })?;
+    injector
+        .finish()
+        .map_err(|source| CleanupError::Inject { pid, source })?;
     if r < 0 {
-        return Err(CleanupError::Munmap { pid, start, len, errno: -r });
+        return Err(CleanupError::Munmap {
+            pid,
+            start,
+            len,
+            errno: -r,
+        });
     }
     Ok(())
 }

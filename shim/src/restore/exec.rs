@@ -29,7 +29,9 @@ use crate::image::{Image, ImageError};
 use crate::sys::clone::{self, CloneError, Forked};
 use crate::sys::mem::{self, Backing, MemError, SharedRegion, Staging};
 
-use super::blob::{self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec};
+use super::blob::{
+    self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
+};
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
 use super::{attrs, checks, cleanup, fds, signals};
 
@@ -145,14 +147,23 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
     let root = &image.tree.processes[0];
     let root_is_ns_init = root.nspid.last() == Some(&1);
-    let mode = options.pid_ns.unwrap_or(if root_is_ns_init { PidNs::New } else { PidNs::Current });
+    let mode = options.pid_ns.unwrap_or(if root_is_ns_init {
+        PidNs::New
+    } else {
+        PidNs::Current
+    });
     let pick = |nspid: &[i32], pid: i32| -> i32 {
         match mode {
             PidNs::New => nspid.last().copied().unwrap_or(pid),
             PidNs::Current => nspid.first().copied().unwrap_or(pid),
         }
     };
-    let target_pid: Vec<i32> = image.tree.processes.iter().map(|e| pick(&e.nspid, e.pid)).collect();
+    let target_pid: Vec<i32> = image
+        .tree
+        .processes
+        .iter()
+        .map(|e| pick(&e.nspid, e.pid))
+        .collect();
     if mode == PidNs::Current {
         let mut all: Vec<i32> = Vec::new();
         for p in &image.processes {
@@ -160,12 +171,28 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         }
         checks::check_pids_free(&all)?;
     }
-    let total_threads: u32 = image.processes.iter().map(|p| p.threads.len().max(1) as u32).sum();
+    let total_threads: u32 = image
+        .processes
+        .iter()
+        .map(|p| p.threads.len().max(1) as u32)
+        .sum();
     let processes = image.processes.len();
     let control = SharedRegion::new(SLOT_BASE + SLOT_SIZE * processes as u64)?;
     let fd_base = fds::fd_base(&image.processes);
-    let stdio = inherit_stdio(fd_base).map_err(|message| RestoreError::Process { pid: root.pid, message })?;
-    let ctx = Ctx { image, plan, control, mode, target_pid, total_threads, fd_base, stdio };
+    let stdio = inherit_stdio(fd_base).map_err(|message| RestoreError::Process {
+        pid: root.pid,
+        message,
+    })?;
+    let ctx = Ctx {
+        image,
+        plan,
+        control,
+        mode,
+        target_pid,
+        total_threads,
+        fd_base,
+        stdio,
+    };
     if options.progress {
         eprintln!(
             "cowsnap: restoring {} processes ({} threads) into the {} pid namespace",
@@ -194,11 +221,18 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         let raw = ctx.control.read_bytes(slot(i) + SLOT_BLOB, 16);
         let start = u64::from_ne_bytes(raw[..8].try_into().unwrap_or_default());
         let len = u64::from_ne_bytes(raw[8..].try_into().unwrap_or_default());
-        cleanup::unmap_restorer(slot_pid(&ctx, i), start, len)
-            .map_err(|e| RestoreError::Process { pid: ctx.image.tree.processes[i].pid, message: e.to_string() })?;
+        cleanup::unmap_restorer(slot_pid(&ctx, i), start, len).map_err(|e| {
+            RestoreError::Process {
+                pid: ctx.image.tree.processes[i].pid,
+                message: e.to_string(),
+            }
+        })?;
     }
     if let Some(path) = &options.pidfile {
-        std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile { path: path.clone(), source })?;
+        std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(RestoreSummary {
         root_pid,
@@ -230,7 +264,10 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
             )));
         }
         if p.threads.is_empty() {
-            return Err(RestoreError::NotSupported(format!("pid {}: image has no thread state", p.pid)));
+            return Err(RestoreError::NotSupported(format!(
+                "pid {}: image has no thread state",
+                p.pid
+            )));
         }
     }
     Ok(())
@@ -274,8 +311,12 @@ fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
     let bytes = message.as_bytes();
     let len = bytes.len().min(SLOT_MSG_MAX);
     ctx.control.write_bytes(slot(i) + 12, &bytes[..len]);
-    ctx.control.word(slot(i) + 8).store(len as u32, Ordering::Release);
-    ctx.control.word(slot(i) + 4).store(STATE_FAILED, Ordering::Release);
+    ctx.control
+        .word(slot(i) + 8)
+        .store(len as u32, Ordering::Release);
+    ctx.control
+        .word(slot(i) + 4)
+        .store(STATE_FAILED, Ordering::Release);
     clone::exit_now(1)
 }
 
@@ -284,12 +325,18 @@ fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
 /// the staging mappings their ancestors made.
 fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Staging) -> ! {
     if let Ok(pid) = clone::outer_pid() {
-        ctx.control.word(slot(i)).store(pid as u32, Ordering::Release);
+        ctx.control
+            .word(slot(i))
+            .store(pid as u32, Ordering::Release);
     }
-    ctx.control.word(slot(i) + 4).store(STATE_STARTED, Ordering::Release);
+    ctx.control
+        .word(slot(i) + 4)
+        .store(STATE_STARTED, Ordering::Release);
     match build_process(ctx, i, pipes, staging) {
         Ok(prepared) => {
-            ctx.control.word(slot(i) + 4).store(STATE_JUMPING, Ordering::Release);
+            ctx.control
+                .word(slot(i) + 4)
+                .store(STATE_JUMPING, Ordering::Release);
             prepared.jump()
         }
         Err(message) => fail_slot(ctx, i, &message),
@@ -326,7 +373,10 @@ fn build_process(
         let segment = &ctx.plan.segments[s];
         if segment.before_fork {
             map_segment(&mut staging, segment).map_err(|e| e.to_string())?;
-            fills.extend(segment.populate.iter().map(|f| PageFill { offset: segment.staging + f.offset, ..*f }));
+            fills.extend(segment.populate.iter().map(|f| PageFill {
+                offset: segment.staging + f.offset,
+                ..*f
+            }));
         }
     }
     populate(&reader, &staging, &fills).map_err(|e| format!("populating shared pages: {e}"))?;
@@ -335,7 +385,12 @@ fn build_process(
         match clone::clone3(&[ctx.target_pid[child]], false) {
             Ok(Forked::Child) => run_process(ctx, child, Some(pipes), staging.clone()),
             Ok(Forked::Parent(_)) => {}
-            Err(e) => return Err(format!("forking child pid {}: {e}", ctx.image.tree.processes[child].pid)),
+            Err(e) => {
+                return Err(format!(
+                    "forking child pid {}: {e}",
+                    ctx.image.tree.processes[child].pid
+                ))
+            }
         }
     }
 
@@ -362,14 +417,24 @@ fn build_process(
     let mut args = BlobArgs::new();
     let mut keep_fds: Vec<i32> = Vec::new();
     blob_memory(ctx, image, &mut args, &mut keep_fds)?;
-    fds::install(entry.pid, image, pipes, &ctx.stdio, i == 0, ctx.fd_base, &keep_fds).map_err(|e| e.to_string())?;
+    fds::install(
+        entry.pid,
+        image,
+        pipes,
+        &ctx.stdio,
+        i == 0,
+        ctx.fd_base,
+        &keep_fds,
+    )
+    .map_err(|e| e.to_string())?;
     blob_threads(ctx, entry, image, &mut args)?;
     let barrier = ctx.control.addr();
     args.set_barrier(barrier, ctx.total_threads + 1);
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);
     args.push_post_barrier_unmap(barrier, PAGE);
     args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);
-    let prepared = blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))?;
+    let prepared =
+        blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))?;
     let region = prepared.blob_range();
     let mut bytes = region.start.to_ne_bytes().to_vec();
     bytes.extend_from_slice(&region.len.to_ne_bytes());
@@ -384,7 +449,8 @@ fn build_process(
 
 fn block_all_signals() {
     let all = nix::sys::signal::SigSet::all();
-    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&all), None);
+    let _ =
+        nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&all), None);
 }
 
 /// setsid / setpgid as the image says, for ids inside the tree; ids that
@@ -392,14 +458,20 @@ fn block_all_signals() {
 fn session(ctx: &Ctx, i: usize) -> Result<(), String> {
     let entry = &ctx.image.tree.processes[i];
     let to_target = |pid: i32| -> Option<i32> {
-        ctx.image.tree.processes.iter().position(|e| e.pid == pid).map(|k| ctx.target_pid[k])
+        ctx.image
+            .tree
+            .processes
+            .iter()
+            .position(|e| e.pid == pid)
+            .map(|k| ctx.target_pid[k])
     };
     let me = ctx.target_pid[i];
     if to_target(entry.sid) == Some(me) {
         nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     } else if let Some(pgid) = to_target(entry.pgid) {
         let pgid = nix::unistd::Pid::from_raw(pgid);
-        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), pgid).map_err(|e| format!("setpgid({pgid}): {e}"))?;
+        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), pgid)
+            .map_err(|e| format!("setpgid({pgid}): {e}"))?;
     }
     if to_target(entry.pgid) == Some(me) && to_target(entry.sid) != Some(me) {
         nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
@@ -412,13 +484,23 @@ fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), Res
     let mapping = match &segment.backing {
         SegmentBacking::Anon => mem::Mapping::create(segment.staging, segment.len, Backing::Anon)?,
         SegmentBacking::PrivateFile { path, offset } => {
-            let file = std::fs::File::open(path)
-                .map_err(|e| RestoreError::NotSupported(format!("opening mapped file {path}: {e}")))?;
+            let file = std::fs::File::open(path).map_err(|e| {
+                RestoreError::NotSupported(format!("opening mapped file {path}: {e}"))
+            })?;
             let fd: std::os::fd::OwnedFd = file.into();
-            mem::Mapping::create(segment.staging, segment.len, Backing::PrivateFile { fd: &fd, offset: *offset })?
+            mem::Mapping::create(
+                segment.staging,
+                segment.len,
+                Backing::PrivateFile {
+                    fd: &fd,
+                    offset: *offset,
+                },
+            )?
         }
         SegmentBacking::SharedAnon => {
-            return Err(RestoreError::NotSupported("shared anonymous segments".into()));
+            return Err(RestoreError::NotSupported(
+                "shared anonymous segments".into(),
+            ));
         }
     };
     staging.add(mapping);
@@ -430,7 +512,11 @@ type FramePart = (u64, u64, u64);
 
 /// Writes `fills` (pages at absolute staging addresses) from the page
 /// store, decompressing each needed frame once, on every core.
-fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging, fills: &[PageFill]) -> Result<(), String> {
+fn populate(
+    reader: &crate::image::pagestore::PageStoreReader,
+    staging: &Staging,
+    fills: &[PageFill],
+) -> Result<(), String> {
     if fills.is_empty() {
         return Ok(());
     }
@@ -444,13 +530,19 @@ fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging
             let frame = (id / ppf) as usize;
             let in_frame = id % ppf;
             let n = (ppf - in_frame).min(f.pages - done);
-            by_frame.entry(frame).or_default().push((in_frame, f.offset + done * page, n));
+            by_frame
+                .entry(frame)
+                .or_default()
+                .push((in_frame, f.offset + done * page, n));
             done += n;
         }
     }
     let work: Vec<(usize, Vec<FramePart>)> = by_frame.into_iter().collect();
     let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(work.len());
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(work.len());
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -458,26 +550,45 @@ fn populate(reader: &crate::image::pagestore::PageStoreReader, staging: &Staging
                     let mut buf: Vec<u8> = Vec::new();
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((frame, parts)) = work.get(k) else { return Ok(()) };
+                        let Some((frame, parts)) = work.get(k) else {
+                            return Ok(());
+                        };
                         let len = reader.frame_len(*frame).map_err(|e| e.to_string())?;
                         buf.resize(len, 0);
-                        reader.read_frame_into(*frame, &mut buf).map_err(|e| e.to_string())?;
+                        reader
+                            .read_frame_into(*frame, &mut buf)
+                            .map_err(|e| e.to_string())?;
                         for &(in_frame, dest, n) in parts {
                             let from = (in_frame * page) as usize;
                             let to = from + (n * page) as usize;
-                            staging.write(dest, &buf[from..to]).map_err(|e| e.to_string())?;
+                            staging
+                                .write(dest, &buf[from..to])
+                                .map_err(|e| e.to_string())?;
                         }
                     }
                 })
             })
             .collect();
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err("page writer panicked".into())))
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("page writer panicked".into()))
+        })
     })
 }
 
 /// Moves, non-staged mappings, protections, advice and mm fields of one process.
-fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &mut Vec<i32>) -> Result<(), String> {
-    let me = ctx.plan.processes.iter().find(|p| p.pid == image.pid).ok_or("process missing from plan")?;
+fn blob_memory(
+    ctx: &Ctx,
+    image: &ProcessImage,
+    args: &mut BlobArgs,
+    keep_fds: &mut Vec<i32>,
+) -> Result<(), String> {
+    let me = ctx
+        .plan
+        .processes
+        .iter()
+        .find(|p| p.pid == image.pid)
+        .ok_or("process missing from plan")?;
     for m in &me.moves {
         args.push_move(m.source(&ctx.plan), m.target, m.len);
     }
@@ -489,7 +600,10 @@ fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &
                 args.push_mprotect(v.start, v.len(), prot);
             }
             VmaKind::SharedFile => {
-                let path = v.path.as_deref().ok_or_else(|| format!("shared file VMA {:#x} has no path", v.start))?;
+                let path = v
+                    .path
+                    .as_deref()
+                    .ok_or_else(|| format!("shared file VMA {:#x} has no path", v.start))?;
                 let write = prot & libc::PROT_WRITE != 0;
                 let file = std::fs::OpenOptions::new()
                     .read(true)
@@ -498,7 +612,17 @@ fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &
                     .map_err(|e| format!("opening shared mapped file {path}: {e}"))?;
                 let fd = high_fd(file.into(), ctx.fd_base)?;
                 keep_fds.push(fd);
-                args.push_map_file(v.start, v.len(), prot, libc::MAP_SHARED, MapFd { fd, offset: v.offset, close: true });
+                args.push_map_file(
+                    v.start,
+                    v.len(),
+                    prot,
+                    libc::MAP_SHARED,
+                    MapFd {
+                        fd,
+                        offset: v.offset,
+                        close: true,
+                    },
+                );
             }
             VmaKind::Vdso => {
                 if runtime_vdso != Some(v.len()) {
@@ -511,7 +635,12 @@ fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &
                 args.set_vdso(v.start);
             }
             VmaKind::Vvar | VmaKind::Vsyscall => {}
-            other => return Err(format!("VMA {:#x} of kind {other:?} is not supported", v.start)),
+            other => {
+                return Err(format!(
+                    "VMA {:#x} of kind {other:?} is not supported",
+                    v.start
+                ))
+            }
         }
         for flag in &v.vm_flags {
             let advice = match flag.as_str() {
@@ -526,7 +655,8 @@ fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &
         }
     }
     let mm = &image.mm;
-    let exe = std::fs::File::open(&mm.exe_file).map_err(|e| format!("opening exe {}: {e}", mm.exe_file))?;
+    let exe = std::fs::File::open(&mm.exe_file)
+        .map_err(|e| format!("opening exe {}: {e}", mm.exe_file))?;
     let exe_fd = high_fd(exe.into(), ctx.fd_base)?;
     keep_fds.push(exe_fd);
     args.set_mm(
@@ -555,7 +685,8 @@ fn blob_memory(ctx: &Ctx, image: &ProcessImage, args: &mut BlobArgs, keep_fds: &
 fn high_fd(fd: std::os::fd::OwnedFd, base: i32) -> Result<i32, String> {
     use std::os::fd::IntoRawFd;
     let raw = fd.into_raw_fd();
-    let moved = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD(base)).map_err(|e| format!("F_DUPFD: {e}"))?;
+    let moved = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD(base))
+        .map_err(|e| format!("F_DUPFD: {e}"))?;
     let _ = nix::unistd::close(raw);
     Ok(moved)
 }
@@ -590,7 +721,12 @@ pub fn restart_fixup(regs: &mut UserRegs) {
     }
 }
 
-fn blob_threads(ctx: &Ctx, entry: &ProcessEntry, image: &ProcessImage, args: &mut BlobArgs) -> Result<(), String> {
+fn blob_threads(
+    ctx: &Ctx,
+    entry: &ProcessEntry,
+    image: &ProcessImage,
+    args: &mut BlobArgs,
+) -> Result<(), String> {
     for t in &image.threads {
         args.push_thread(thread_spec(ctx, t)?);
     }
@@ -621,7 +757,9 @@ fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
     restart_fixup(&mut regs);
     let mut spec = ThreadSpec::new(regs);
     if !t.xsave.is_empty() {
-        spec.fpu = FpuState::Xsave(hex::decode(&t.xsave).map_err(|e| format!("tid {} xsave hex: {e}", t.tid))?);
+        spec.fpu = FpuState::Xsave(
+            hex::decode(&t.xsave).map_err(|e| format!("tid {} xsave hex: {e}", t.tid))?,
+        );
     }
     spec.sigmask = t.sigmask;
     spec.altstack = t.sigaltstack;
@@ -645,7 +783,8 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
             let state = ctx.control.word(slot(i) + 4).load(Ordering::Acquire);
             if state == STATE_FAILED {
                 let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-                let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
+                let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len))
+                    .into_owned();
                 return Err(RestoreError::Process { pid, message });
             }
             let status = read_status(ctx, i);
@@ -654,13 +793,19 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
             }
             let outer = slot_pid(ctx, i);
             if state != 0 && outer > 0 && !alive(outer) {
-                return Err(RestoreError::Died { pid, how: format!("outer pid {outer} is gone") });
+                return Err(RestoreError::Died {
+                    pid,
+                    how: format!("outer pid {outer} is gone"),
+                });
             }
         }
         if barrier.load(Ordering::Acquire) >= ctx.total_threads {
             return Ok(());
         }
-        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+        match nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(child),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => {}
             Ok(status) => {
                 // Give a failing process's report a moment to be read.
@@ -668,11 +813,19 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
                 for i in 0..ctx.image.processes.len() {
                     if ctx.control.word(slot(i) + 4).load(Ordering::Acquire) == STATE_FAILED {
                         let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-                        let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
-                        return Err(RestoreError::Process { pid: ctx.image.tree.processes[i].pid, message });
+                        let message =
+                            String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len))
+                                .into_owned();
+                        return Err(RestoreError::Process {
+                            pid: ctx.image.tree.processes[i].pid,
+                            message,
+                        });
                     }
                 }
-                return Err(RestoreError::Died { pid: ctx.image.tree.processes[0].pid, how: format!("{status:?}") });
+                return Err(RestoreError::Died {
+                    pid: ctx.image.tree.processes[0].pid,
+                    how: format!("{status:?}"),
+                });
             }
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -684,7 +837,14 @@ fn read_status(ctx: &Ctx, i: usize) -> blob::Status {
     let at = slot(i) + SLOT_STATUS;
     let word = |k: u64| ctx.control.word(at + 4 * k).load(Ordering::Acquire);
     let wide = |k: u64| word(k) as u64 | (word(k + 1) as u64) << 32;
-    blob::Status { state: word(0), step: word(1), errno: word(2), thread: word(3), index: wide(4), addr: wide(6) }
+    blob::Status {
+        state: word(0),
+        step: word(1),
+        errno: word(2),
+        thread: word(3),
+        index: wide(4),
+        addr: wide(6),
+    }
 }
 
 /// The restore command's stdin, stdout and stderr, duplicated above every
@@ -700,7 +860,11 @@ fn inherit_stdio(fd_base: i32) -> Result<fds::Stdio, String> {
 
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z' | 'X')),
+        Ok(s) => !matches!(
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
         Err(_) => false,
     }
 }
@@ -709,7 +873,10 @@ fn alive(pid: i32) -> bool {
 /// takes the whole namespace with it) or every registered process.
 fn kill_all(ctx: &Ctx, child: i32) {
     let kill = |pid: i32| {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     };
     kill(child);
     for _ in 0..50 {

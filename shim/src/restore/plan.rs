@@ -37,7 +37,9 @@ pub type SegmentId = usize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("tree.json: pid {pid} has parent {ppid}, which is not in the image and is not the root")]
+    #[error(
+        "tree.json: pid {pid} has parent {ppid}, which is not in the image and is not the root"
+    )]
     MissingParent { pid: i32, ppid: i32 },
     #[error("tree.json: no root process (every process names a parent in the image)")]
     NoRoot,
@@ -45,12 +47,20 @@ pub enum PlanError {
     SeveralRoots(Vec<i32>),
     #[error("tree.json: process {pid} listed before its parent {ppid}")]
     ParentAfterChild { pid: i32, ppid: i32 },
-    #[error("proc-{pid}.json: processes and tree disagree (tree has pid {tree_pid} at this position)")]
+    #[error(
+        "proc-{pid}.json: processes and tree disagree (tree has pid {tree_pid} at this position)"
+    )]
     ProcessOrder { pid: i32, tree_pid: i32 },
     #[error("no staging hole of {bytes} bytes free in every target layout")]
     NoStagingSpace { bytes: u64 },
     #[error("not supported: pid {pid} VMA {start:#x}-{end:#x} of kind {kind:?}: {why}")]
-    NotSupported { pid: i32, start: u64, end: u64, kind: VmaKind, why: &'static str },
+    NotSupported {
+        pid: i32,
+        start: u64,
+        end: u64,
+        kind: VmaKind,
+        why: &'static str,
+    },
 }
 
 /// What backs a segment.
@@ -162,7 +172,10 @@ const USER_TOP: u64 = 0x7fff_ffff_f000;
 
 /// Whether VMAs of this kind are rebuilt from staging segments by fork sharing.
 fn is_private_memory(kind: VmaKind) -> bool {
-    matches!(kind, VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack | VmaKind::PrivateFile)
+    matches!(
+        kind,
+        VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack | VmaKind::PrivateFile
+    )
 }
 
 /// Content a process wants at one page of a VMA.
@@ -255,31 +268,38 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     let mut slot_of: HashMap<PageId, Slot> = HashMap::new();
     let mut populated: HashMap<Slot, PageId> = HashMap::new();
     let mut deferred: Vec<(PageId, ProcIdx, (ProcIdx, usize, u64))> = Vec::new();
-    let mut segment_for = |segments: &mut Vec<Segment>, holder: ProcIdx, tp: ProcIdx, tv: usize| -> SegmentId {
-        *segment_of.entry((holder, tp, tv)).or_insert_with(|| {
-            let vma = &processes[tp].vmas[tv];
-            segments.push(Segment {
-                holder,
-                before_fork: true,
-                backing: backing_of(vma),
-                staging: 0,
-                len: vma.len(),
-                populate: Vec::new(),
-            });
-            segments.len() - 1
-        })
-    };
+    let mut segment_for =
+        |segments: &mut Vec<Segment>, holder: ProcIdx, tp: ProcIdx, tv: usize| -> SegmentId {
+            *segment_of.entry((holder, tp, tv)).or_insert_with(|| {
+                let vma = &processes[tp].vmas[tv];
+                segments.push(Segment {
+                    holder,
+                    before_fork: true,
+                    backing: backing_of(vma),
+                    staging: 0,
+                    len: vma.len(),
+                    populate: Vec::new(),
+                });
+                segments.len() - 1
+            })
+        };
     for group in refs.chunk_by(|a, b| a.0 == b.0) {
         let id = group[0].0;
         let first_proc = group[0].1;
         if group.iter().all(|r| r.1 == first_proc) {
             continue; // one user: written by that user after its forks
         }
-        let holder = group.iter().skip(1).fold(first_proc, |l, r| forest.lca(l, r.1));
+        let holder = group
+            .iter()
+            .skip(1)
+            .fold(first_proc, |l, r| forest.lca(l, r.1));
         match group.iter().find(|r| r.1 == holder) {
             Some(&(_, hp, hv, haddr)) => {
                 let segment = segment_for(&mut segments, holder, hp, hv);
-                let slot = Slot { segment, offset: haddr - processes[hp].vmas[hv].start };
+                let slot = Slot {
+                    segment,
+                    offset: haddr - processes[hp].vmas[hv].start,
+                };
                 slot_of.insert(id, slot);
                 populated.insert(slot, id);
             }
@@ -289,17 +309,26 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     for (id, holder, (up, uv, uaddr)) in deferred {
         let user_vma = &processes[up].vmas[uv];
         let in_holder = processes[holder].vmas.iter().position(|v| {
-            v.start <= uaddr && uaddr < v.end && is_private_memory(v.kind) && same_backing_at(v, user_vma, uaddr)
+            v.start <= uaddr
+                && uaddr < v.end
+                && is_private_memory(v.kind)
+                && same_backing_at(v, user_vma, uaddr)
         });
         let slot = in_holder
             .map(|hv| {
                 let segment = segment_for(&mut segments, holder, holder, hv);
-                Slot { segment, offset: uaddr - processes[holder].vmas[hv].start }
+                Slot {
+                    segment,
+                    offset: uaddr - processes[holder].vmas[hv].start,
+                }
             })
             .filter(|slot| !populated.contains_key(slot))
             .unwrap_or_else(|| {
                 let segment = segment_for(&mut segments, holder, up, uv);
-                Slot { segment, offset: uaddr - user_vma.start }
+                Slot {
+                    segment,
+                    offset: uaddr - user_vma.start,
+                }
             });
         slot_of.insert(id, slot);
         populated.insert(slot, id);
@@ -353,7 +382,16 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
             if !is_private_memory(vma.kind) {
                 continue;
             }
-            plan_vma(p, vma, &slot_of, &populated, &mut segments, &mut plans[p], &mut taken[p], &mut stats);
+            plan_vma(
+                p,
+                vma,
+                &slot_of,
+                &populated,
+                &mut segments,
+                &mut plans[p],
+                &mut taken[p],
+                &mut stats,
+            );
         }
     }
 
@@ -373,12 +411,20 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     }
     stats.segments = segments.len() as u64;
     stats.moves = plans.iter().map(|p| p.moves.len() as u64).sum();
-    Ok(RestorePlan { processes: plans, segments, staging, stats })
+    Ok(RestorePlan {
+        processes: plans,
+        segments,
+        staging,
+        stats,
+    })
 }
 
 fn backing_of(vma: &Vma) -> SegmentBacking {
     match (vma.kind, &vma.path) {
-        (VmaKind::PrivateFile, Some(path)) => SegmentBacking::PrivateFile { path: path.clone(), offset: vma.offset },
+        (VmaKind::PrivateFile, Some(path)) => SegmentBacking::PrivateFile {
+            path: path.clone(),
+            offset: vma.offset,
+        },
         (VmaKind::SharedAnon, _) => SegmentBacking::SharedAnon,
         _ => SegmentBacking::Anon,
     }
@@ -392,7 +438,10 @@ fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<For
     for (i, entry) in tree.iter().enumerate() {
         let image_pid = processes.get(i).map(|p| p.pid).unwrap_or(-1);
         if image_pid != entry.pid {
-            return Err(PlanError::ProcessOrder { pid: image_pid, tree_pid: entry.pid });
+            return Err(PlanError::ProcessOrder {
+                pid: image_pid,
+                tree_pid: entry.pid,
+            });
         }
         let in_image = tree.iter().any(|e| e.pid == entry.ppid);
         match index.get(&entry.ppid) {
@@ -400,10 +449,18 @@ fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<For
                 parent.push(Some(pi));
                 depth.push(depth[pi] + 1);
             }
-            None if in_image => return Err(PlanError::ParentAfterChild { pid: entry.pid, ppid: entry.ppid }),
+            None if in_image => {
+                return Err(PlanError::ParentAfterChild {
+                    pid: entry.pid,
+                    ppid: entry.ppid,
+                })
+            }
             None => {
                 if i != 0 {
-                    return Err(PlanError::MissingParent { pid: entry.pid, ppid: entry.ppid });
+                    return Err(PlanError::MissingParent {
+                        pid: entry.pid,
+                        ppid: entry.ppid,
+                    });
                 }
                 roots.push(entry.pid);
                 parent.push(None);
@@ -429,7 +486,11 @@ fn fill_runs(pairs: impl Iterator<Item = (u64, PageId)>) -> Vec<PageFill> {
                 continue;
             }
         }
-        runs.push(PageFill { offset, pages: 1, first: id });
+        runs.push(PageFill {
+            offset,
+            pages: 1,
+            first: id,
+        });
     }
     runs
 }
@@ -450,7 +511,10 @@ fn merge_fills(fills: &mut Vec<PageFill>) {
     let mut out: Vec<PageFill> = Vec::with_capacity(fills.len());
     for f in fills.drain(..) {
         match out.last_mut() {
-            Some(last) if last.offset + last.pages * PAGE == f.offset && last.first + last.pages == f.first => {
+            Some(last)
+                if last.offset + last.pages * PAGE == f.offset
+                    && last.first + last.pages == f.first =>
+            {
                 last.pages += f.pages
             }
             _ => out.push(f),
@@ -477,9 +541,16 @@ fn merge_zaps(zaps: &mut Vec<Zap>) {
 fn same_backing_at(vma: &Vma, other: &Vma, addr: u64) -> bool {
     match (backing_of(vma), backing_of(other)) {
         (SegmentBacking::Anon, SegmentBacking::Anon) => true,
-        (SegmentBacking::PrivateFile { path: a, offset: oa }, SegmentBacking::PrivateFile { path: b, offset: ob }) => {
-            a == b && oa + (addr - vma.start) == ob + (addr - other.start)
-        }
+        (
+            SegmentBacking::PrivateFile {
+                path: a,
+                offset: oa,
+            },
+            SegmentBacking::PrivateFile {
+                path: b,
+                offset: ob,
+            },
+        ) => a == b && oa + (addr - vma.start) == ob + (addr - other.start),
         _ => false,
     }
 }
@@ -489,9 +560,16 @@ fn same_backing_at(vma: &Vma, other: &Vma, addr: u64) -> bool {
 fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool {
     match (&segment.backing, backing_of(vma)) {
         (SegmentBacking::Anon, SegmentBacking::Anon) => true,
-        (SegmentBacking::PrivateFile { path: a, offset: oa }, SegmentBacking::PrivateFile { path: b, offset: ob }) => {
-            *a == b && oa + offset == ob + (addr - vma.start)
-        }
+        (
+            SegmentBacking::PrivateFile {
+                path: a,
+                offset: oa,
+            },
+            SegmentBacking::PrivateFile {
+                path: b,
+                offset: ob,
+            },
+        ) => *a == b && oa + offset == ob + (addr - vma.start),
         _ => false,
     }
 }
@@ -523,7 +601,9 @@ fn plan_vma(
     for &(addr, want) in &wants {
         if let Want::Page(id) = want {
             if let Some(slot) = slot_of.get(&id) {
-                *votes.entry((slot.segment, addr.wrapping_sub(slot.offset))).or_default() += 1;
+                *votes
+                    .entry((slot.segment, addr.wrapping_sub(slot.offset)))
+                    .or_default() += 1;
             }
         }
     }
@@ -573,7 +653,10 @@ fn plan_vma(
         let segment = segments.len() - 1;
         plan.creates.push(segment);
         for (k, s) in source.iter_mut().enumerate().take(i).skip(start) {
-            let slot = Slot { segment, offset: (k - start) as u64 * PAGE };
+            let slot = Slot {
+                segment,
+                offset: (k - start) as u64 * PAGE,
+            };
             *s = Some(slot);
             taken.insert(slot);
         }
@@ -588,7 +671,12 @@ fn plan_vma(
         let Some(base) = source[i] else { continue };
         let holds = populated.get(&base).copied();
         let here = relative(base.segment, base.offset);
-        let base_move = Move { segment: base.segment, offset: base.offset, target: addr, len: PAGE };
+        let base_move = Move {
+            segment: base.segment,
+            offset: base.offset,
+            target: addr,
+            len: PAGE,
+        };
         match want {
             Want::Page(id) if holds == Some(id) => {
                 stats.pages_inherited += 1;
@@ -598,7 +686,12 @@ fn plan_vma(
                 match slot_of.get(&id) {
                     Some(&slot) if !taken.contains(&slot) => {
                         taken.insert(slot);
-                        let overlay = Move { segment: slot.segment, offset: slot.offset, target: addr, len: PAGE };
+                        let overlay = Move {
+                            segment: slot.segment,
+                            offset: slot.offset,
+                            target: addr,
+                            len: PAGE,
+                        };
                         push_move(&mut overlays, overlay);
                         stats.pages_inherited += 1;
                         continue; // the base page stays in staging
@@ -606,20 +699,33 @@ fn plan_vma(
                     Some(_) => stats.pages_copied += 1,
                     None => stats.pages_private += 1,
                 }
-                plan.writes.push(PageFill { offset: here, pages: 1, first: id });
+                plan.writes.push(PageFill {
+                    offset: here,
+                    pages: 1,
+                    first: id,
+                });
                 push_move(&mut moves, base_move);
             }
             Want::Zero => {
                 if is_file {
-                    plan.zero_writes.push(Zap { staging: here, len: PAGE });
+                    plan.zero_writes.push(Zap {
+                        staging: here,
+                        len: PAGE,
+                    });
                 } else if holds.is_some() {
-                    plan.zaps.push(Zap { staging: here, len: PAGE });
+                    plan.zaps.push(Zap {
+                        staging: here,
+                        len: PAGE,
+                    });
                 }
                 push_move(&mut moves, base_move);
             }
             Want::Absent => {
                 if holds.is_some() {
-                    plan.zaps.push(Zap { staging: here, len: PAGE });
+                    plan.zaps.push(Zap {
+                        staging: here,
+                        len: PAGE,
+                    });
                 }
                 push_move(&mut moves, base_move);
             }
@@ -631,7 +737,10 @@ fn plan_vma(
 
 fn push_move(moves: &mut Vec<Move>, m: Move) {
     if let Some(last) = moves.last_mut() {
-        if last.segment == m.segment && last.offset + last.len == m.offset && last.target + last.len == m.target {
+        if last.segment == m.segment
+            && last.offset + last.len == m.offset
+            && last.target + last.len == m.target
+        {
             last.len += m.len;
             return;
         }
@@ -641,9 +750,15 @@ fn push_move(moves: &mut Vec<Move>, m: Move) {
 
 /// Gives every segment a staging address inside a hole that no target
 /// layout of any process uses.
-fn assign_staging(segments: &mut [Segment], processes: &[ProcessImage]) -> Result<(u64, u64), PlanError> {
+fn assign_staging(
+    segments: &mut [Segment],
+    processes: &[ProcessImage],
+) -> Result<(u64, u64), PlanError> {
     let total: u64 = segments.iter().map(|s| s.len + STAGING_GAP).sum::<u64>() + STAGING_GAP;
-    let mut used: Vec<(u64, u64)> = processes.iter().flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end))).collect();
+    let mut used: Vec<(u64, u64)> = processes
+        .iter()
+        .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
     used.sort_unstable();
     let mut candidate = STAGING_FLOOR;
     for &(start, end) in &used {

@@ -43,17 +43,30 @@ impl Machine {
     fn map_segment(&mut self, space: &mut Space, seg: &Segment) {
         for k in 0..seg.len / PAGE {
             let backing = match &seg.backing {
-                SegmentBacking::PrivateFile { path, offset } => Content::File(path.clone(), offset + k * PAGE),
+                SegmentBacking::PrivateFile { path, offset } => {
+                    Content::File(path.clone(), offset + k * PAGE)
+                }
                 _ => Content::Zero,
             };
             let addr = seg.staging + k * PAGE;
-            assert!(!space.contains_key(&addr), "segment maps over an existing page at {addr:#x}");
-            space.insert(addr, VPage { phys: None, backing });
+            assert!(
+                !space.contains_key(&addr),
+                "segment maps over an existing page at {addr:#x}"
+            );
+            space.insert(
+                addr,
+                VPage {
+                    phys: None,
+                    backing,
+                },
+            );
         }
         for fill in &seg.populate {
             for k in 0..fill.pages {
                 let phys = self.new_phys(Content::Page(fill.first + k));
-                let page = space.get_mut(&(seg.staging + fill.offset + k * PAGE)).expect("populate outside segment");
+                let page = space
+                    .get_mut(&(seg.staging + fill.offset + k * PAGE))
+                    .expect("populate outside segment");
                 page.phys = Some(phys);
             }
         }
@@ -77,18 +90,27 @@ impl Machine {
         for w in &me.writes {
             for k in 0..w.pages {
                 let phys = self.new_phys(Content::Page(w.first + k));
-                space.get_mut(&(w.offset + k * PAGE)).expect("write to unmapped staging").phys = Some(phys);
+                space
+                    .get_mut(&(w.offset + k * PAGE))
+                    .expect("write to unmapped staging")
+                    .phys = Some(phys);
             }
         }
         for z in &me.zero_writes {
             for k in 0..z.len / PAGE {
                 let phys = self.new_phys(Content::Zero);
-                space.get_mut(&(z.staging + k * PAGE)).expect("zero write to unmapped staging").phys = Some(phys);
+                space
+                    .get_mut(&(z.staging + k * PAGE))
+                    .expect("zero write to unmapped staging")
+                    .phys = Some(phys);
             }
         }
         for z in &me.zaps {
             for k in 0..z.len / PAGE {
-                space.get_mut(&(z.staging + k * PAGE)).expect("zap of unmapped staging").phys = None;
+                space
+                    .get_mut(&(z.staging + k * PAGE))
+                    .expect("zap of unmapped staging")
+                    .phys = None;
             }
         }
         let mut target: BTreeMap<u64, (Content, Option<usize>)> = BTreeMap::new();
@@ -96,14 +118,23 @@ impl Machine {
             let src = m.source(plan);
             for k in 0..m.len / PAGE {
                 let page = space.remove(&(src + k * PAGE)).unwrap_or_else(|| {
-                    panic!("pid {}: move source {:#x} not mapped (moved twice?)", me.pid, src + k * PAGE)
+                    panic!(
+                        "pid {}: move source {:#x} not mapped (moved twice?)",
+                        me.pid,
+                        src + k * PAGE
+                    )
                 });
                 let content = match page.phys {
                     Some(ph) => self.phys[ph].clone(),
                     None => page.backing.clone(),
                 };
                 let old = target.insert(m.target + k * PAGE, (content, page.phys));
-                assert!(old.is_none(), "pid {}: two moves onto {:#x}", me.pid, m.target + k * PAGE);
+                assert!(
+                    old.is_none(),
+                    "pid {}: two moves onto {:#x}",
+                    me.pid,
+                    m.target + k * PAGE
+                );
             }
         }
         self.finals.insert(me.pid, target);
@@ -127,14 +158,16 @@ fn check(tree: &[ProcessEntry], images: &[ProcessImage], plan: &RestorePlan) -> 
         for vma in image.vmas.iter().filter(|v| is_private_memory(v.kind)) {
             for (addr, want) in page_wants(vma) {
                 expected_pages += 1;
-                let (content, phys) = finals
-                    .get(&addr)
-                    .unwrap_or_else(|| panic!("pid {}: nothing at {addr:#x} after restore", entry.pid));
+                let (content, phys) = finals.get(&addr).unwrap_or_else(|| {
+                    panic!("pid {}: nothing at {addr:#x} after restore", entry.pid)
+                });
                 let expected = match want {
                     Want::Page(id) => Content::Page(id),
                     Want::Zero => Content::Zero,
                     Want::Absent => match backing_of(vma) {
-                        SegmentBacking::PrivateFile { path, offset } => Content::File(path, offset + addr - vma.start),
+                        SegmentBacking::PrivateFile { path, offset } => {
+                            Content::File(path, offset + addr - vma.start)
+                        }
                         _ => Content::Zero,
                     },
                 };
@@ -144,10 +177,20 @@ fn check(tree: &[ProcessEntry], images: &[ProcessImage], plan: &RestorePlan) -> 
                 }
             }
         }
-        assert_eq!(finals.len(), expected_pages, "pid {}: extra pages moved into place", entry.pid);
+        assert_eq!(
+            finals.len(),
+            expected_pages,
+            "pid {}: extra pages moved into place",
+            entry.pid
+        );
     }
     for (id, phys) in &phys_of_page {
-        assert_eq!(phys.len(), 1, "page id {id} is {} physical pages after restore", phys.len());
+        assert_eq!(
+            phys.len(),
+            1,
+            "page id {id} is {} physical pages after restore",
+            phys.len()
+        );
     }
     phys_of_page.len()
 }
@@ -191,15 +234,25 @@ fn vma(kind: VmaKind, start: u64, pages: &[Option<PageId>]) -> Vma {
     for (i, p) in pages.iter().enumerate() {
         let addr = start + i as u64 * PAGE;
         let run = match p {
-            Some(id) => PageRun::Stored { start: addr, pages: 1, first: *id },
-            None => PageRun::Zero { start: addr, pages: 1 },
+            Some(id) => PageRun::Stored {
+                start: addr,
+                pages: 1,
+                first: *id,
+            },
+            None => PageRun::Zero {
+                start: addr,
+                pages: 1,
+            },
         };
         match (runs.last_mut(), run) {
-            (Some(PageRun::Stored { pages, first, start: s }), PageRun::Stored { first: f, .. })
-                if *first + *pages == f && *s + *pages * PAGE == addr =>
-            {
-                *pages += 1
-            }
+            (
+                Some(PageRun::Stored {
+                    pages,
+                    first,
+                    start: s,
+                }),
+                PageRun::Stored { first: f, .. },
+            ) if *first + *pages == f && *s + *pages * PAGE == addr => *pages += 1,
             (Some(PageRun::Zero { pages, .. }), PageRun::Zero { .. }) => *pages += 1,
             _ => runs.push(run),
         }
@@ -210,7 +263,11 @@ fn vma(kind: VmaKind, start: u64, pages: &[Option<PageId>]) -> Vma {
         prot: 3,
         shared: false,
         kind,
-        path: if kind == VmaKind::PrivateFile { Some("/lib/data".into()) } else { None },
+        path: if kind == VmaKind::PrivateFile {
+            Some("/lib/data".into())
+        } else {
+            None
+        },
         deleted: false,
         dev: 0,
         inode: 0,
@@ -240,7 +297,10 @@ fn image(pid: i32, vmas: Vec<Vma>) -> ProcessImage {
         },
         vmas,
         fds: vec![],
-        signals: ProcessSignals { actions: vec![], shared_pending: vec![] },
+        signals: ProcessSignals {
+            actions: vec![],
+            shared_pending: vec![],
+        },
         itimers: Itimers::default(),
         threads: vec![],
     }
@@ -250,7 +310,9 @@ const R: u64 = 0x7f00_0000_0000;
 const N: u64 = 64;
 
 fn parent_pages() -> Vec<Option<PageId>> {
-    (0..N).map(|i| if i % 4 == 3 { None } else { Some(i) }).collect()
+    (0..N)
+        .map(|i| if i % 4 == 3 { None } else { Some(i) })
+        .collect()
 }
 
 /// A child's view of the parent's region with pages `dirty` replaced by fresh ids from `next`.
@@ -280,7 +342,10 @@ fn vma_count_per_process(plan: &RestorePlan) -> Vec<usize> {
             let mut last: Option<Move> = None;
             for m in moves {
                 match last {
-                    Some(l) if l.segment == m.segment && l.offset + l.len == m.offset && l.target + l.len == m.target => {}
+                    Some(l)
+                        if l.segment == m.segment
+                            && l.offset + l.len == m.offset
+                            && l.target + l.len == m.target => {}
                     _ => count += 1,
                 }
                 last = Some(m);
@@ -302,7 +367,10 @@ fn plain_parent_and_children_share_everything_not_dirtied() {
             pages[30] = None; // this child zeroed a page it shared (MADV_DONTNEED)
         }
         tree.push(entry(11 + c as i32, 10));
-        images.push(image(11 + c as i32, vec![vma(VmaKind::PrivateAnon, R, &pages)]));
+        images.push(image(
+            11 + c as i32,
+            vec![vma(VmaKind::PrivateAnon, R, &pages)],
+        ));
     }
     let (plan, unique) = run_case(tree, images);
     assert_eq!(unique, 48 + 12);
@@ -322,7 +390,10 @@ fn split_vma_in_child_keeps_sharing() {
     a.prot = 1;
     b.prot = 3;
     let tree = vec![entry(10, 1), entry(11, 10)];
-    let images = vec![image(10, vec![vma(VmaKind::PrivateAnon, R, &base)]), image(11, vec![a, b])];
+    let images = vec![
+        image(10, vec![vma(VmaKind::PrivateAnon, R, &base)]),
+        image(11, vec![a, b]),
+    ];
     let (plan, _) = run_case(tree, images);
     assert_eq!(plan.stats.pages_copied, 0);
 }
@@ -335,7 +406,10 @@ fn moved_vma_in_child_keeps_sharing() {
     let tree = vec![entry(10, 1), entry(11, 10)];
     let images = vec![
         image(10, vec![vma(VmaKind::PrivateAnon, R, &base)]),
-        image(11, vec![vma(VmaKind::PrivateAnon, R + 0x10_0000_0000, &child)]),
+        image(
+            11,
+            vec![vma(VmaKind::PrivateAnon, R + 0x10_0000_0000, &child)],
+        ),
     ];
     let (plan, unique) = run_case(tree, images);
     assert_eq!(unique, 48 + 2);
@@ -353,11 +427,18 @@ fn parent_dirtied_after_fork_pages_shared_by_siblings_only() {
     for c in 0..3 {
         let pages = dirtied(&original, &[40 + c], &mut next);
         tree.push(entry(11 + c as i32, 10));
-        images.push(image(11 + c as i32, vec![vma(VmaKind::PrivateAnon, R, &pages)]));
+        images.push(image(
+            11 + c as i32,
+            vec![vma(VmaKind::PrivateAnon, R, &pages)],
+        ));
     }
     let (plan, _) = run_case(tree, images);
     assert_eq!(plan.stats.pages_copied, 0);
-    assert_eq!(vma_count_per_process(&plan), vec![1; 4], "no fragmentation: sibling pages share the parent's segment");
+    assert_eq!(
+        vma_count_per_process(&plan),
+        vec![1; 4],
+        "no fragmentation: sibling pages share the parent's segment"
+    );
 }
 
 #[test]
@@ -369,12 +450,18 @@ fn sibling_only_sharing_when_parent_has_no_such_region() {
     for c in 0..3 {
         let pages = dirtied(&original, &[c], &mut next);
         tree.push(entry(11 + c as i32, 10));
-        images.push(image(11 + c as i32, vec![vma(VmaKind::PrivateAnon, R, &pages)]));
+        images.push(image(
+            11 + c as i32,
+            vec![vma(VmaKind::PrivateAnon, R, &pages)],
+        ));
     }
     let (plan, unique) = run_case(tree, images);
     assert_eq!(unique, 48 + 3);
     assert_eq!(plan.stats.pages_copied, 0);
-    assert_eq!(plan.segments[0].holder, 0, "the parent holds pages it does not use");
+    assert_eq!(
+        plan.segments[0].holder, 0,
+        "the parent holds pages it does not use"
+    );
 }
 
 #[test]
@@ -387,7 +474,10 @@ fn deep_chain_and_reparented_grandchildren() {
     for d in 1..20 {
         pages = dirtied(&pages, &[d % N], &mut next);
         tree.push(entry(100 + d as i32, 100 + d as i32 - 1));
-        images.push(image(100 + d as i32, vec![vma(VmaKind::PrivateAnon, R, &pages)]));
+        images.push(image(
+            100 + d as i32,
+            vec![vma(VmaKind::PrivateAnon, R, &pages)],
+        ));
     }
     // Two reparented grandchildren hang directly off the root and share
     // pages the vanished middle process had dirtied.
@@ -409,36 +499,66 @@ fn private_file_mapping_with_cow_pages_and_absent_pages() {
         // Pages other than 3 are not present: they read the file.
         v.pages = vec![
             PageRun::Absent { start: R, pages: 3 },
-            PageRun::Stored { start: R + 3 * PAGE, pages: 1, first: 7 },
-            PageRun::Zero { start: R + 4 * PAGE, pages: 1 },
-            PageRun::Absent { start: R + 5 * PAGE, pages: 11 },
+            PageRun::Stored {
+                start: R + 3 * PAGE,
+                pages: 1,
+                first: 7,
+            },
+            PageRun::Zero {
+                start: R + 4 * PAGE,
+                pages: 1,
+            },
+            PageRun::Absent {
+                start: R + 5 * PAGE,
+                pages: 11,
+            },
         ];
         v
     };
     let mut child = parent.clone();
     child.pages = vec![
         PageRun::Absent { start: R, pages: 3 },
-        PageRun::Stored { start: R + 3 * PAGE, pages: 2, first: 7 },
-        PageRun::Absent { start: R + 5 * PAGE, pages: 11 },
+        PageRun::Stored {
+            start: R + 3 * PAGE,
+            pages: 2,
+            first: 7,
+        },
+        PageRun::Absent {
+            start: R + 5 * PAGE,
+            pages: 11,
+        },
     ];
     let tree = vec![entry(10, 1), entry(11, 10)];
     let images = vec![image(10, vec![parent]), image(11, vec![child])];
     let (plan, unique) = run_case(tree, images);
     assert_eq!(unique, 2);
-    assert_eq!(plan.processes[0].zero_writes.len(), 1, "a zero anonymous page in a file mapping is written");
+    assert_eq!(
+        plan.processes[0].zero_writes.len(),
+        1,
+        "a zero anonymous page in a file mapping is written"
+    );
 }
 
 #[test]
 fn tree_errors_are_precise() {
     let images = vec![image(10, vec![]), image(11, vec![])];
     let tree = vec![entry(10, 1), entry(11, 99)];
-    assert_eq!(plan(&tree, &images), Err(PlanError::MissingParent { pid: 11, ppid: 99 }));
+    assert_eq!(
+        plan(&tree, &images),
+        Err(PlanError::MissingParent { pid: 11, ppid: 99 })
+    );
     let tree = vec![entry(11, 10), entry(10, 1)];
     let images2 = vec![image(11, vec![]), image(10, vec![])];
-    assert_eq!(plan(&tree, &images2), Err(PlanError::ParentAfterChild { pid: 11, ppid: 10 }));
+    assert_eq!(
+        plan(&tree, &images2),
+        Err(PlanError::ParentAfterChild { pid: 11, ppid: 10 })
+    );
     let tree = vec![entry(10, 1), entry(12, 1)];
     let images3 = vec![image(10, vec![]), image(12, vec![])];
-    assert!(matches!(plan(&tree, &images3), Err(PlanError::MissingParent { pid: 12, ppid: 1 })));
+    assert!(matches!(
+        plan(&tree, &images3),
+        Err(PlanError::MissingParent { pid: 12, ppid: 1 })
+    ));
 }
 
 #[test]
@@ -446,9 +566,16 @@ fn staging_avoids_every_target_vma() {
     let base = parent_pages();
     let tree = vec![entry(10, 1)];
     // A target VMA sitting where staging would start by default.
-    let images = vec![image(10, vec![vma(VmaKind::PrivateAnon, STAGING_FLOOR, &base)])];
+    let images = vec![image(
+        10,
+        vec![vma(VmaKind::PrivateAnon, STAGING_FLOOR, &base)],
+    )];
     let (plan, _) = run_case(tree, images);
     for s in &plan.segments {
-        assert!(s.staging >= STAGING_FLOOR + N * PAGE, "segment at {:#x} overlaps the target", s.staging);
+        assert!(
+            s.staging >= STAGING_FLOOR + N * PAGE,
+            "segment at {:#x} overlaps the target",
+            s.staging
+        );
     }
 }

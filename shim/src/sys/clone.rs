@@ -47,7 +47,11 @@ pub enum CloneError {
 /// pid namespace (then `set_tid[0]` must be 1).
 pub fn clone3(set_tid: &[i32], new_pid_ns: bool) -> Result<Forked, CloneError> {
     let mut args = CloneArgs {
-        flags: if new_pid_ns { libc::CLONE_NEWPID as u64 } else { 0 },
+        flags: if new_pid_ns {
+            libc::CLONE_NEWPID as u64
+        } else {
+            0
+        },
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
@@ -58,16 +62,28 @@ pub fn clone3(set_tid: &[i32], new_pid_ns: bool) -> Result<Forked, CloneError> {
     // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a copy
     // of the address space and continues from here with return value 0;
     // `args` and `set_tid` outlive the call.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     match r {
         0 => Ok(Forked::Child),
         pid if pid > 0 => Ok(Forked::Parent(pid as i32)),
         _ => {
             let source = io::Error::last_os_error();
             if source.raw_os_error() == Some(libc::EEXIST) {
-                Err(CloneError::PidTaken { pid: set_tid.to_vec() })
+                Err(CloneError::PidTaken {
+                    pid: set_tid.to_vec(),
+                })
             } else {
-                Err(CloneError::Failed { pid: set_tid.to_vec(), new_ns: new_pid_ns, source })
+                Err(CloneError::Failed {
+                    pid: set_tid.to_vec(),
+                    new_ns: new_pid_ns,
+                    source,
+                })
             }
         }
     }
@@ -82,7 +98,12 @@ pub fn outer_pid() -> io::Result<i32> {
         .find_map(|l| l.strip_prefix("NSpid:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|p| p.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/self/status: no NSpid line"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "/proc/self/status: no NSpid line",
+            )
+        })
 }
 
 /// Exits immediately without running destructors or atexit handlers (a

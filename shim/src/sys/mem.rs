@@ -38,7 +38,10 @@ pub struct Mapping {
 pub enum Backing<'a> {
     Anon,
     /// MAP_PRIVATE of this fd at this offset.
-    PrivateFile { fd: &'a std::os::fd::OwnedFd, offset: u64 },
+    PrivateFile {
+        fd: &'a std::os::fd::OwnedFd,
+        offset: u64,
+    },
 }
 
 impl Mapping {
@@ -48,7 +51,9 @@ impl Mapping {
         use std::os::fd::AsRawFd;
         let (flags, fd, offset) = match backing {
             Backing::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
-            Backing::PrivateFile { fd, offset } => (libc::MAP_PRIVATE, fd.as_raw_fd(), offset as i64),
+            Backing::PrivateFile { fd, offset } => {
+                (libc::MAP_PRIVATE, fd.as_raw_fd(), offset as i64)
+            }
         };
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
         // no memory this process uses can be affected.
@@ -63,19 +68,30 @@ impl Mapping {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(MemError::Map { addr, len, source: io::Error::last_os_error() });
+            return Err(MemError::Map {
+                addr,
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
         if p as u64 != addr {
             // Old kernels ignore NOREPLACE and return another address.
             // SAFETY: unmaps only what this call just mapped.
             unsafe { libc::munmap(p, len as usize) };
-            return Err(MemError::Map { addr, len, source: io::Error::from_raw_os_error(libc::EEXIST) });
+            return Err(MemError::Map {
+                addr,
+                len,
+                source: io::Error::from_raw_os_error(libc::EEXIST),
+            });
         }
         Ok(Mapping { addr, len })
     }
 
     fn contains(&self, addr: u64, len: u64) -> bool {
-        addr >= self.addr && addr.checked_add(len).is_some_and(|end| end <= self.addr + self.len)
+        addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.addr + self.len)
     }
 }
 
@@ -120,9 +136,14 @@ impl Staging {
         self.check(addr, len)?;
         // SAFETY: the range is a staging mapping; dropping its pages affects
         // no Rust object.
-        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        let r =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
         if r != 0 {
-            return Err(MemError::Advise { addr, len, source: io::Error::last_os_error() });
+            return Err(MemError::Advise {
+                addr,
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -151,9 +172,16 @@ impl SharedRegion {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(MemError::Map { addr: 0, len, source: io::Error::last_os_error() });
+            return Err(MemError::Map {
+                addr: 0,
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
-        Ok(SharedRegion { addr: p as u64, len })
+        Ok(SharedRegion {
+            addr: p as u64,
+            len,
+        })
     }
 
     pub fn addr(&self) -> u64 {
@@ -162,7 +190,10 @@ impl SharedRegion {
 
     /// The u32 at byte `offset`, as an atomic.
     pub fn word(&self, offset: u64) -> &AtomicU32 {
-        assert!(offset.is_multiple_of(4) && offset + 4 <= self.len, "control word {offset:#x} outside region");
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.len,
+            "control word {offset:#x} outside region"
+        );
         // SAFETY: aligned, inside the mapping, which lives as long as `self`;
         // other processes only access it atomically.
         unsafe { &*((self.addr + offset) as *const AtomicU32) }
@@ -170,16 +201,31 @@ impl SharedRegion {
 
     /// Copies `bytes` into the region at `offset`.
     pub fn write_bytes(&self, offset: u64, bytes: &[u8]) {
-        assert!(offset + bytes.len() as u64 <= self.len, "control bytes outside region");
+        assert!(
+            offset + bytes.len() as u64 <= self.len,
+            "control bytes outside region"
+        );
         // SAFETY: inside the mapping; readers only look after a state word says it is written.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.addr + offset) as *mut u8, bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.addr + offset) as *mut u8,
+                bytes.len(),
+            )
+        };
     }
 
     pub fn read_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
         assert!(offset + len <= self.len, "control bytes outside region");
         let mut out = vec![0u8; len as usize];
         // SAFETY: inside the mapping; plain bytes.
-        unsafe { std::ptr::copy_nonoverlapping((self.addr + offset) as *const u8, out.as_mut_ptr(), len as usize) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (self.addr + offset) as *const u8,
+                out.as_mut_ptr(),
+                len as usize,
+            )
+        };
         out
     }
 }
@@ -188,5 +234,15 @@ impl SharedRegion {
 pub fn futex_add_and_wake(word: &AtomicU32) {
     word.fetch_add(1, Ordering::AcqRel);
     // SAFETY: FUTEX_WAKE on a valid, shared (not FUTEX_PRIVATE) word.
-    unsafe { libc::syscall(libc::SYS_futex, word as *const AtomicU32, libc::FUTEX_WAKE, i32::MAX, 0, 0, 0) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word as *const AtomicU32,
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0,
+            0,
+            0,
+        )
+    };
 }

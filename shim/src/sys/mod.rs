@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod clone;
+pub mod inject;
 pub mod interrupt;
 pub mod mem;
 pub mod pagemap;
@@ -11,7 +12,6 @@ pub mod process;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore_sys;
-pub mod inject;
 #[cfg(test)]
 pub mod testing;
 pub mod watchdog;

@@ -141,10 +141,24 @@ struct Ctx {
 /// of the tree runs.
 pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
+    let progress = |what: std::fmt::Arguments| {
+        if options.progress {
+            eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
+        }
+    };
     let image = Image::open(&options.images)?;
     refuse_unsupported(&image)?;
     checks::check_files(&image)?;
+    progress(format_args!("image {} checked", options.images.display()));
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
+    progress(format_args!(
+        "planned: {} segments, {} moves, {} pages inherited, {} private, {} copied",
+        plan.stats.segments,
+        plan.stats.moves,
+        plan.stats.pages_inherited,
+        plan.stats.pages_private,
+        plan.stats.pages_copied
+    ));
     let root = &image.tree.processes[0];
     let root_is_ns_init = root.nspid.last() == Some(&1);
     let mode = options.pid_ns.unwrap_or(if root_is_ns_init {
@@ -193,14 +207,12 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         fd_base,
         stdio,
     };
-    if options.progress {
-        eprintln!(
-            "cowsnap: restoring {} processes ({} threads) into the {} pid namespace",
-            processes,
-            total_threads,
-            if mode == PidNs::New { "new" } else { "current" }
-        );
-    }
+    progress(format_args!(
+        "restoring {} processes ({} threads) into the {} pid namespace",
+        processes,
+        total_threads,
+        if mode == PidNs::New { "new" } else { "current" }
+    ));
 
     let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
     let first = if needs_init { 1 } else { ctx.target_pid[0] };
@@ -214,6 +226,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         kill_all(&ctx, child);
         return Err(e);
     }
+    progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
     let root_pid = slot_pid(&ctx, 0);
     // The tree runs; take the restorer's region out of every process.
@@ -228,6 +241,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             }
         })?;
     }
+    progress(format_args!("restorer unmapped from every process"));
     if let Some(path) = &options.pidfile {
         std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile {
             path: path.clone(),
@@ -554,6 +568,19 @@ fn populate(
                             return Ok(());
                         };
                         let len = reader.frame_len(*frame).map_err(|e| e.to_string())?;
+                        // A whole frame going to one contiguous destination
+                        // (the holder's big regions): decompress in place.
+                        if let [(0, dest, n)] = parts[..] {
+                            if n * page == len as u64 {
+                                staging
+                                    .fill_with(dest, len as u64, |out| {
+                                        reader.read_frame_into(*frame, out)
+                                    })
+                                    .map_err(|e| e.to_string())?
+                                    .map_err(|e| e.to_string())?;
+                                continue;
+                            }
+                        }
                         buf.resize(len, 0);
                         reader
                             .read_frame_into(*frame, &mut buf)

@@ -26,7 +26,7 @@
 //! Modifications always happen after a process has forked its children, so
 //! children see exactly what the holder populated.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::image::types::{PageId, PageRun, ProcessEntry, ProcessImage, Vma, VmaKind};
 
@@ -236,27 +236,148 @@ struct Slot {
     offset: u64,
 }
 
+/// Marks "no page" in [`Populated`].
+const NO_PAGE: PageId = PageId::MAX;
+
+/// References to stored pages from private memory, grouped by page id:
+/// `entries[start[id]..start[id + 1]]` are (process, VMA index, address) in
+/// tree order. Built by counting sort: page ids are dense.
+struct References {
+    start: Vec<usize>,
+    entries: Vec<(ProcIdx, usize, u64)>,
+}
+
+impl References {
+    fn collect(processes: &[ProcessImage]) -> References {
+        let each = || {
+            processes.iter().enumerate().flat_map(|(p, image)| {
+                image
+                    .vmas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, vma)| is_private_memory(vma.kind))
+                    .flat_map(move |(v, vma)| {
+                        page_wants(vma).filter_map(move |(addr, want)| match want {
+                            Want::Page(id) => Some((id, (p, v, addr))),
+                            _ => None,
+                        })
+                    })
+            })
+        };
+        let mut count: Vec<usize> = Vec::new();
+        for (id, _) in each() {
+            let id = id as usize;
+            if id >= count.len() {
+                count.resize(id + 1, 0);
+            }
+            count[id] += 1;
+        }
+        let mut start = Vec::with_capacity(count.len() + 1);
+        let mut total = 0;
+        for c in &count {
+            start.push(total);
+            total += c;
+        }
+        start.push(total);
+        let mut next = start.clone();
+        let mut entries = vec![(0, 0, 0); total];
+        for (id, entry) in each() {
+            entries[next[id as usize]] = entry;
+            next[id as usize] += 1;
+        }
+        References { start, entries }
+    }
+
+    fn page_count(&self) -> PageId {
+        (self.start.len() - 1) as PageId
+    }
+
+    fn of(&self, id: PageId) -> &[(ProcIdx, usize, u64)] {
+        &self.entries[self.start[id as usize]..self.start[id as usize + 1]]
+    }
+}
+
+/// The slot of every shared page, indexed by page id.
+struct Slots {
+    of: Vec<Option<Slot>>,
+}
+
+impl Slots {
+    fn new(page_count: PageId) -> Slots {
+        Slots {
+            of: vec![None; page_count as usize],
+        }
+    }
+    fn insert(&mut self, id: PageId, slot: Slot) {
+        self.of[id as usize] = Some(slot);
+    }
+    fn get(&self, id: PageId) -> Option<Slot> {
+        self.of.get(id as usize).copied().flatten()
+    }
+}
+
+/// Which page each before-fork segment holds at each page offset.
+#[derive(Default)]
+struct Populated {
+    by_segment: Vec<Vec<PageId>>,
+}
+
+impl Populated {
+    fn insert(&mut self, slot: Slot, id: PageId, segments: &[Segment]) {
+        if self.by_segment.len() < segments.len() {
+            self.by_segment.resize(segments.len(), Vec::new());
+        }
+        let held = &mut self.by_segment[slot.segment];
+        if held.is_empty() {
+            *held = vec![NO_PAGE; (segments[slot.segment].len / PAGE) as usize];
+        }
+        held[(slot.offset / PAGE) as usize] = id;
+    }
+    fn get(&self, slot: Slot) -> Option<PageId> {
+        let id = *self
+            .by_segment
+            .get(slot.segment)?
+            .get((slot.offset / PAGE) as usize)?;
+        (id != NO_PAGE).then_some(id)
+    }
+}
+
+/// Staging pages one process already moves: a bitmap per segment.
+#[derive(Default, Clone)]
+struct Taken {
+    bits: Vec<Vec<u64>>,
+}
+
+impl Taken {
+    fn contains(&self, slot: Slot) -> bool {
+        let k = (slot.offset / PAGE) as usize;
+        self.bits
+            .get(slot.segment)
+            .and_then(|b| b.get(k / 64))
+            .is_some_and(|w| w & (1 << (k % 64)) != 0)
+    }
+    fn insert(&mut self, slot: Slot, segments: &[Segment]) {
+        if self.bits.len() <= slot.segment {
+            self.bits.resize(slot.segment + 1, Vec::new());
+        }
+        let bits = &mut self.bits[slot.segment];
+        if bits.is_empty() {
+            *bits = vec![0; (segments[slot.segment].len / PAGE).div_ceil(64) as usize];
+        }
+        let k = (slot.offset / PAGE) as usize;
+        bits[k / 64] |= 1 << (k % 64);
+    }
+}
+
 /// Builds the plan. `processes[i]` must describe `tree[i]`.
 pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<RestorePlan, PlanError> {
     let forest = build_forest(tree, processes)?;
     let mut segments: Vec<Segment> = Vec::new();
     let mut stats = PlanStats::default();
 
-    // 1. Every reference to a stored page from private memory: (page, process, vma, address).
-    let mut refs: Vec<(PageId, ProcIdx, usize, u64)> = Vec::new();
-    for (p, image) in processes.iter().enumerate() {
-        for (v, vma) in image.vmas.iter().enumerate() {
-            if !is_private_memory(vma.kind) {
-                continue;
-            }
-            for (addr, want) in page_wants(vma) {
-                if let Want::Page(id) = want {
-                    refs.push((id, p, v, addr));
-                }
-            }
-        }
-    }
-    refs.sort_unstable();
+    // 1. Every reference to a stored page from private memory, grouped by
+    //    page id (ids are dense: a counting sort, in tree order per page).
+    let refs = References::collect(processes);
 
     // 2. Shared pages. Holder = LCA of the users. Slot: the holder's own
     //    segment at the holder's own address when it uses the page; else the
@@ -265,8 +386,8 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     //    own private page over it after forking); else a segment templated on
     //    the first user's VMA. One segment per (holder, template process, VMA).
     let mut segment_of: HashMap<(ProcIdx, ProcIdx, usize), SegmentId> = HashMap::new();
-    let mut slot_of: HashMap<PageId, Slot> = HashMap::new();
-    let mut populated: HashMap<Slot, PageId> = HashMap::new();
+    let mut slot_of = Slots::new(refs.page_count());
+    let mut populated = Populated::default();
     let mut deferred: Vec<(PageId, ProcIdx, (ProcIdx, usize, u64))> = Vec::new();
     let mut segment_for =
         |segments: &mut Vec<Segment>, holder: ProcIdx, tp: ProcIdx, tv: usize| -> SegmentId {
@@ -283,27 +404,29 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                 segments.len() - 1
             })
         };
-    for group in refs.chunk_by(|a, b| a.0 == b.0) {
-        let id = group[0].0;
-        let first_proc = group[0].1;
-        if group.iter().all(|r| r.1 == first_proc) {
+    for id in 0..refs.page_count() {
+        let group = refs.of(id);
+        let Some(&(first_proc, _, _)) = group.first() else {
+            continue;
+        };
+        if group.iter().all(|r| r.0 == first_proc) {
             continue; // one user: written by that user after its forks
         }
         let holder = group
             .iter()
             .skip(1)
-            .fold(first_proc, |l, r| forest.lca(l, r.1));
-        match group.iter().find(|r| r.1 == holder) {
-            Some(&(_, hp, hv, haddr)) => {
+            .fold(first_proc, |l, r| forest.lca(l, r.0));
+        match group.iter().find(|r| r.0 == holder) {
+            Some(&(hp, hv, haddr)) => {
                 let segment = segment_for(&mut segments, holder, hp, hv);
                 let slot = Slot {
                     segment,
                     offset: haddr - processes[hp].vmas[hv].start,
                 };
                 slot_of.insert(id, slot);
-                populated.insert(slot, id);
+                populated.insert(slot, id, &segments);
             }
-            None => deferred.push((id, holder, (group[0].1, group[0].2, group[0].3))),
+            None => deferred.push((id, holder, group[0])),
         }
     }
     for (id, holder, (up, uv, uaddr)) in deferred {
@@ -322,7 +445,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                     offset: uaddr - processes[holder].vmas[hv].start,
                 }
             })
-            .filter(|slot| !populated.contains_key(slot))
+            .filter(|slot| populated.get(*slot).is_none())
             .unwrap_or_else(|| {
                 let segment = segment_for(&mut segments, holder, up, uv);
                 Slot {
@@ -331,15 +454,15 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                 }
             });
         slot_of.insert(id, slot);
-        populated.insert(slot, id);
+        populated.insert(slot, id, &segments);
     }
-    let mut fills: Vec<Vec<(u64, PageId)>> = vec![Vec::new(); segments.len()];
-    for (slot, &id) in &populated {
-        fills[slot.segment].push((slot.offset, id));
-    }
-    for (segment, mut pairs) in fills.into_iter().enumerate() {
-        pairs.sort_unstable();
-        segments[segment].populate = fill_runs(pairs.into_iter());
+    for (segment, held) in populated.by_segment.iter().enumerate() {
+        let pairs = held
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id != NO_PAGE)
+            .map(|(k, &id)| (k as u64 * PAGE, id));
+        segments[segment].populate = fill_runs(pairs);
     }
 
     // 3. Per process: pieces for every private VMA.
@@ -367,7 +490,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
         plans[segment.holder].creates.push(s);
     }
 
-    let mut taken: Vec<HashSet<Slot>> = vec![HashSet::new(); processes.len()];
+    let mut taken: Vec<Taken> = vec![Taken::default(); processes.len()];
     for (p, image) in processes.iter().enumerate() {
         for vma in &image.vmas {
             if vma.kind == VmaKind::SharedAnon {
@@ -586,28 +709,31 @@ const MAX_BASES: usize = 8;
 fn plan_vma(
     p: ProcIdx,
     vma: &Vma,
-    slot_of: &HashMap<PageId, Slot>,
-    populated: &HashMap<Slot, PageId>,
+    slot_of: &Slots,
+    populated: &Populated,
     segments: &mut Vec<Segment>,
     plan: &mut ProcessPlan,
-    taken: &mut HashSet<Slot>,
+    taken: &mut Taken,
     stats: &mut PlanStats,
 ) {
     let wants: Vec<(u64, Want)> = page_wants(vma).collect();
     let n = wants.len();
 
     // Candidate bases: (segment, displacement = target address - segment offset).
-    let mut votes: HashMap<(SegmentId, u64), u64> = HashMap::new();
+    // Few distinct candidates per VMA: a short vector beats a hash map.
+    let mut votes: Vec<((SegmentId, u64), u64)> = Vec::new();
     for &(addr, want) in &wants {
         if let Want::Page(id) = want {
-            if let Some(slot) = slot_of.get(&id) {
-                *votes
-                    .entry((slot.segment, addr.wrapping_sub(slot.offset)))
-                    .or_default() += 1;
+            if let Some(slot) = slot_of.get(id) {
+                let key = (slot.segment, addr.wrapping_sub(slot.offset));
+                match votes.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, n)) => *n += 1,
+                    None => votes.push((key, 1)),
+                }
             }
         }
     }
-    let mut candidates: Vec<((SegmentId, u64), u64)> = votes.into_iter().collect();
+    let mut candidates = votes;
     candidates.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     candidates.truncate(MAX_BASES);
 
@@ -620,9 +746,9 @@ fn plan_vma(
                 continue;
             }
             let slot = Slot { segment, offset };
-            if !taken.contains(&slot) && segment_matches(&segments[segment], offset, vma, addr) {
+            if !taken.contains(slot) && segment_matches(&segments[segment], offset, vma, addr) {
                 source[i] = Some(slot);
-                taken.insert(slot);
+                taken.insert(slot, segments);
             }
         }
     }
@@ -658,7 +784,7 @@ fn plan_vma(
                 offset: (k - start) as u64 * PAGE,
             };
             *s = Some(slot);
-            taken.insert(slot);
+            taken.insert(slot, segments);
         }
     }
 
@@ -669,7 +795,7 @@ fn plan_vma(
     let mut overlays: Vec<Move> = Vec::new();
     for (i, &(addr, want)) in wants.iter().enumerate() {
         let Some(base) = source[i] else { continue };
-        let holds = populated.get(&base).copied();
+        let holds = populated.get(base);
         let here = relative(base.segment, base.offset);
         let base_move = Move {
             segment: base.segment,
@@ -683,9 +809,9 @@ fn plan_vma(
                 push_move(&mut moves, base_move);
             }
             Want::Page(id) => {
-                match slot_of.get(&id) {
-                    Some(&slot) if !taken.contains(&slot) => {
-                        taken.insert(slot);
+                match slot_of.get(id) {
+                    Some(slot) if !taken.contains(slot) => {
+                        taken.insert(slot, segments);
                         let overlay = Move {
                             segment: slot.segment,
                             offset: slot.offset,

@@ -123,6 +123,23 @@ impl Staging {
         Ok(())
     }
 
+    /// Runs `fill` on the `len` bytes of staging memory at `addr` (e.g. to
+    /// decompress straight into place). Callers running on several threads
+    /// must pass disjoint ranges.
+    pub fn fill_with<R>(
+        &self,
+        addr: u64,
+        len: u64,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, MemError> {
+        self.check(addr, len)?;
+        // SAFETY: the range lies inside a read-write staging mapping that no
+        // Rust object aliases; concurrent callers write disjoint ranges (the
+        // restore plan gives every page one destination).
+        let slice = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len as usize) };
+        Ok(fill(slice))
+    }
+
     /// Fills `len` bytes at `addr` with zeros (creating anonymous pages).
     pub fn zero(&self, addr: u64, len: u64) -> Result<(), MemError> {
         self.check(addr, len)?;

@@ -263,8 +263,6 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
     for p in &image.processes {
         for v in &p.vmas {
             let why = match v.kind {
-                VmaKind::SharedAnon => "shared anonymous memory",
-                VmaKind::Memfd => "memfd mappings",
                 VmaKind::SysvShm => "SysV shared memory",
                 VmaKind::Other => "mappings of this kind",
                 _ => continue,
@@ -512,9 +510,12 @@ fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), Res
             )?
         }
         SegmentBacking::SharedAnon => {
-            return Err(RestoreError::NotSupported(
-                "shared anonymous segments".into(),
-            ));
+            mem::Mapping::create(segment.staging, segment.len, Backing::SharedAnon)?
+        }
+        SegmentBacking::Memfd { name } => {
+            // The mapping keeps the object alive once the fd is closed.
+            let fd = mem::memfd(name, segment.len)?;
+            mem::Mapping::create(segment.staging, segment.len, Backing::Shared { fd: &fd })?
         }
     };
     staging.add(mapping);
@@ -623,7 +624,12 @@ fn blob_memory(
     for v in &image.vmas {
         let prot = v.prot as i32;
         match v.kind {
-            VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack | VmaKind::PrivateFile => {
+            VmaKind::PrivateAnon
+            | VmaKind::Heap
+            | VmaKind::Stack
+            | VmaKind::PrivateFile
+            | VmaKind::SharedAnon
+            | VmaKind::Memfd => {
                 args.push_mprotect(v.start, v.len(), prot);
             }
             VmaKind::SharedFile => {

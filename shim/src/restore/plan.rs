@@ -72,6 +72,8 @@ pub enum SegmentBacking {
     PrivateFile { path: String, offset: u64 },
     /// MAP_SHARED | MAP_ANONYMOUS: one shmem object for all its mappers.
     SharedAnon,
+    /// A memfd named `name` (as `memfd_create` takes it), mapped MAP_SHARED.
+    Memfd { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -491,17 +493,16 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     }
 
     let mut taken: Vec<Taken> = vec![Taken::default(); processes.len()];
+    plan_shared_objects(
+        processes,
+        &forest,
+        &mut segments,
+        &mut plans,
+        &mut taken,
+        &mut stats,
+    )?;
     for (p, image) in processes.iter().enumerate() {
         for vma in &image.vmas {
-            if vma.kind == VmaKind::SharedAnon {
-                return Err(PlanError::NotSupported {
-                    pid: image.pid,
-                    start: vma.start,
-                    end: vma.end,
-                    kind: vma.kind,
-                    why: "shared anonymous memory is not restored yet",
-                });
-            }
             if !is_private_memory(vma.kind) {
                 continue;
             }
@@ -540,6 +541,103 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
         staging,
         stats,
     })
+}
+
+/// Shared memory objects (MAP_SHARED anonymous memory, memfds): sharing
+/// needs no fork here, every mapper of the object sees the same pages. One
+/// segment per object (kind, dev, inode), created and populated at object
+/// offsets by the LCA of its mappers before it forks them; each mapper moves
+/// its window of the object into place.
+fn plan_shared_objects(
+    processes: &[ProcessImage],
+    forest: &Forest,
+    segments: &mut Vec<Segment>,
+    plans: &mut [ProcessPlan],
+    taken: &mut [Taken],
+    stats: &mut PlanStats,
+) -> Result<(), PlanError> {
+    let mut objects: Vec<((VmaKind, u64, u64), Vec<(ProcIdx, usize)>)> = Vec::new();
+    for (p, image) in processes.iter().enumerate() {
+        for (v, vma) in image.vmas.iter().enumerate() {
+            if !matches!(vma.kind, VmaKind::SharedAnon | VmaKind::Memfd) {
+                continue;
+            }
+            let key = (vma.kind, vma.dev, vma.inode);
+            match objects.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, mappers)) => mappers.push((p, v)),
+                None => objects.push((key, vec![(p, v)])),
+            }
+        }
+    }
+    for ((kind, _, _), mappers) in objects {
+        let holder = mappers
+            .iter()
+            .skip(1)
+            .fold(mappers[0].0, |l, &(p, _)| forest.lca(l, p));
+        let len = mappers
+            .iter()
+            .map(|&(p, v)| processes[p].vmas[v].offset + processes[p].vmas[v].len())
+            .max()
+            .unwrap_or(0);
+        let first = &processes[mappers[0].0].vmas[mappers[0].1];
+        let backing = match kind {
+            VmaKind::Memfd => SegmentBacking::Memfd {
+                name: memfd_name(first.path.as_deref().unwrap_or("")),
+            },
+            _ => SegmentBacking::SharedAnon,
+        };
+        let mut pages: std::collections::BTreeMap<u64, PageId> = Default::default();
+        for &(p, v) in &mappers {
+            let vma = &processes[p].vmas[v];
+            for (addr, want) in page_wants(vma) {
+                if let Want::Page(id) = want {
+                    pages.entry(vma.offset + (addr - vma.start)).or_insert(id);
+                    stats.pages_inherited += 1;
+                }
+            }
+        }
+        segments.push(Segment {
+            holder,
+            before_fork: true,
+            backing,
+            staging: 0,
+            len,
+            populate: fill_runs(pages.into_iter()),
+        });
+        let segment = segments.len() - 1;
+        plans[holder].creates.push(segment);
+        for &(p, v) in &mappers {
+            let vma = &processes[p].vmas[v];
+            for k in 0..vma.len() / PAGE {
+                let slot = Slot {
+                    segment,
+                    offset: vma.offset + k * PAGE,
+                };
+                if taken[p].contains(slot) {
+                    return Err(PlanError::NotSupported {
+                        pid: processes[p].pid,
+                        start: vma.start,
+                        end: vma.end,
+                        kind: vma.kind,
+                        why: "the same shared memory is mapped twice in one process",
+                    });
+                }
+                taken[p].insert(slot, segments);
+            }
+            plans[p].moves.push(Move {
+                segment,
+                offset: vma.offset,
+                target: vma.start,
+                len: vma.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// "/memfd:NAME" as /proc/PID/maps shows it → NAME.
+fn memfd_name(path: &str) -> String {
+    path.strip_prefix("/memfd:").unwrap_or(path).to_string()
 }
 
 fn backing_of(vma: &Vma) -> SegmentBacking {

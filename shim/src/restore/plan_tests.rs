@@ -155,7 +155,11 @@ fn check(tree: &[ProcessEntry], images: &[ProcessImage], plan: &RestorePlan) -> 
     for (entry, image) in tree.iter().zip(images) {
         let finals = &machine.finals[&entry.pid];
         let mut expected_pages = 0;
-        for vma in image.vmas.iter().filter(|v| is_private_memory(v.kind)) {
+        for vma in image
+            .vmas
+            .iter()
+            .filter(|v| is_private_memory(v.kind) || v.kind == VmaKind::SharedAnon)
+        {
             for (addr, want) in page_wants(vma) {
                 expected_pages += 1;
                 let (content, phys) = finals.get(&addr).unwrap_or_else(|| {
@@ -578,4 +582,53 @@ fn staging_avoids_every_target_vma() {
             s.staging
         );
     }
+}
+
+#[test]
+fn shared_anonymous_object_is_one_segment_mapped_by_all() {
+    // One 16-page object: the parent maps all of it, a child maps pages
+    // 4..12 elsewhere, a grandchild maps it all at the parent's address.
+    let pages: Vec<Option<PageId>> = (0..16)
+        .map(|i| if i % 5 == 0 { None } else { Some(i) })
+        .collect();
+    let mut whole = vma(VmaKind::SharedAnon, R, &pages);
+    whole.shared = true;
+    whole.inode = 77;
+    let mut window = vma(VmaKind::SharedAnon, R + 0x100_0000, &pages[4..12]);
+    window.shared = true;
+    window.inode = 77;
+    window.offset = 4 * PAGE;
+    let tree = vec![entry(10, 1), entry(11, 10), entry(12, 11)];
+    let images = vec![
+        image(10, vec![whole.clone()]),
+        image(11, vec![window]),
+        image(12, vec![whole]),
+    ];
+    let (plan, unique) = run_case(tree, images);
+    assert_eq!(
+        unique, 12,
+        "every stored page of the object is one physical page"
+    );
+    let shared: Vec<&Segment> = plan
+        .segments
+        .iter()
+        .filter(|s| s.backing == SegmentBacking::SharedAnon)
+        .collect();
+    assert_eq!(shared.len(), 1);
+    assert_eq!(shared[0].holder, 0);
+    assert_eq!(shared[0].len, 16 * PAGE);
+}
+
+#[test]
+fn the_same_shared_object_mapped_twice_in_one_process_is_refused() {
+    let pages: Vec<Option<PageId>> = (0..4).map(Some).collect();
+    let mut a = vma(VmaKind::SharedAnon, R, &pages);
+    a.inode = 5;
+    let mut b = vma(VmaKind::SharedAnon, R + 0x10_0000, &pages);
+    b.inode = 5;
+    let result = plan(&[entry(10, 1)], &[image(10, vec![a, b])]);
+    assert!(
+        matches!(result, Err(PlanError::NotSupported { pid: 10, .. })),
+        "{result:?}"
+    );
 }

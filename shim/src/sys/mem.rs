@@ -42,6 +42,34 @@ pub enum Backing<'a> {
         fd: &'a std::os::fd::OwnedFd,
         offset: u64,
     },
+    /// MAP_SHARED | MAP_ANONYMOUS: a new shmem object.
+    SharedAnon,
+    /// MAP_SHARED of this fd (e.g. a memfd) from offset 0.
+    Shared {
+        fd: &'a std::os::fd::OwnedFd,
+    },
+}
+
+/// A new memfd named `name`, `len` bytes long.
+pub fn memfd(name: &str, len: u64) -> Result<std::os::fd::OwnedFd, MemError> {
+    use std::os::fd::FromRawFd;
+    let map_err = |source| MemError::Map {
+        addr: 0,
+        len,
+        source,
+    };
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| map_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: memfd_create with a valid C string; returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(map_err(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let file = std::fs::File::from(fd);
+    file.set_len(len).map_err(map_err)?;
+    Ok(file.into())
 }
 
 impl Mapping {
@@ -54,6 +82,8 @@ impl Mapping {
             Backing::PrivateFile { fd, offset } => {
                 (libc::MAP_PRIVATE, fd.as_raw_fd(), offset as i64)
             }
+            Backing::SharedAnon => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0),
+            Backing::Shared { fd } => (libc::MAP_SHARED, fd.as_raw_fd(), 0),
         };
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
         // no memory this process uses can be affected.

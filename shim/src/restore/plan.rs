@@ -556,7 +556,9 @@ fn plan_shared_objects(
     taken: &mut [Taken],
     stats: &mut PlanStats,
 ) -> Result<(), PlanError> {
-    let mut objects: Vec<((VmaKind, u64, u64), Vec<(ProcIdx, usize)>)> = Vec::new();
+    // (kind, dev, inode) of each object, and its mappers (process, VMA index).
+    type Object = ((VmaKind, u64, u64), Vec<(ProcIdx, usize)>);
+    let mut objects: Vec<Object> = Vec::new();
     for (p, image) in processes.iter().enumerate() {
         for (v, vma) in image.vmas.iter().enumerate() {
             if !matches!(vma.kind, VmaKind::SharedAnon | VmaKind::Memfd) {

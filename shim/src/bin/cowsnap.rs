@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                 cgroup,
                 progress: !quiet,
             };
-            cowsnap::dump::dump(&options)
+            cowsnap::dump::supervise::dump_supervised(&options)
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }

@@ -5,6 +5,7 @@
 pub mod fds;
 pub mod memory;
 pub mod seize;
+pub mod supervise;
 pub mod task_state;
 pub mod tree;
 pub mod watchdog;
@@ -40,7 +41,7 @@ pub struct DumpOptions {
 }
 
 /// Figures of a finished dump.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DumpSummary {
     pub processes: usize,
     pub threads: usize,
@@ -119,6 +120,11 @@ pub enum DumpError {
     Signals(std::io::Error),
     #[error("interrupted by a signal; every task was resumed and no image was written")]
     Interrupted,
+    #[error("dump supervisor: {0}")]
+    Supervisor(#[source] std::io::Error),
+    /// The engine child's error, as it described it.
+    #[error("{0}")]
+    Engine(String),
 }
 
 /// The freezer of a `--cgroup` dump and whether this dump froze it.
@@ -196,15 +202,10 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
         );
     }
 
-    let collected = collect(options, &tree, &mut writer, zero_pfn);
-    let committed = collected.and_then(|c| {
-        let commit = writer.commit(options.pid)?;
-        Ok((c, commit))
-    });
-    let (collected, commit) = match committed {
-        Ok(v) => v,
+    let collected = match collect(options, &tree, &mut writer, zero_pfn) {
+        Ok(c) => c,
         Err(e) => {
-            // The writer (dropped inside commit or here) has removed its files.
+            drop(writer); // removes what it wrote
             if let Err(de) = tree.detach() {
                 eprintln!("cowsnap: detaching after failure: {de}");
             }
@@ -215,20 +216,44 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
             return Err(e);
         }
     };
-    watchdog.committed();
-    let resumed = if options.exit {
-        tree.kill()
-    } else {
-        tree.detach()
-    };
-    let seconds_frozen = t_stop.elapsed().as_secs_f64();
-    if let Some(h) = hold.as_mut() {
-        h.release(&watchdog);
-        if h.was_frozen && !options.exit {
-            // It was paused before the dump: put it back the way it was.
-            if let Err(e) = h.freezer.freeze(FREEZE_TIMEOUT) {
-                eprintln!("cowsnap: re-freezing {}: {e}", h.freezer.dir().display());
+    // Every page and all state are captured (pages sit in the page store's
+    // buffers). Without --exit the tree resumes now, while the last frames
+    // are compressed and the image is committed; with --exit it stays
+    // stopped until the image is complete, and only then is killed.
+    let mut stopped = Some(tree);
+    let mut resumed: Result<(), seize::SeizeError> = Ok(());
+    let mut seconds_frozen = 0.0;
+    if !options.exit {
+        if let Some(tree) = stopped.take() {
+            resumed = tree.detach();
+        }
+        seconds_frozen = t_stop.elapsed().as_secs_f64();
+        if let Some(h) = hold.as_mut() {
+            resume_cgroup(h, &watchdog, false);
+        }
+    }
+    let commit = match writer.commit(options.pid) {
+        Ok(commit) => commit,
+        Err(e) => {
+            // The writer has removed its files.
+            if let Some(tree) = stopped.take() {
+                if let Err(de) = tree.detach() {
+                    eprintln!("cowsnap: detaching after failure: {de}");
+                }
             }
+            if let Some(h) = hold.as_mut() {
+                h.release(&watchdog);
+            }
+            watchdog.finish();
+            return Err(e.into());
+        }
+    };
+    watchdog.committed();
+    if let Some(tree) = stopped.take() {
+        resumed = tree.kill();
+        seconds_frozen = t_stop.elapsed().as_secs_f64();
+        if let Some(h) = hold.as_mut() {
+            resume_cgroup(h, &watchdog, true);
         }
     }
     watchdog.finish();
@@ -248,6 +273,17 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
         dedup_hits: stats.dedup_hits,
         bytes_pages: commit.bytes_pages,
     })
+}
+
+/// Lets the cgroup go after the dump; a cgroup that was paused before the
+/// dump is paused again (unless its tasks were killed).
+fn resume_cgroup(h: &mut CgroupHold, watchdog: &watchdog::DumpWatchdog, killed: bool) {
+    h.release(watchdog);
+    if h.was_frozen && !killed {
+        if let Err(e) = h.freezer.freeze(FREEZE_TIMEOUT) {
+            eprintln!("cowsnap: re-freezing {}: {e}", h.freezer.dir().display());
+        }
+    }
 }
 
 /// Freezes the cgroup, checks and seizes its members, thaws, and waits until

@@ -103,7 +103,9 @@ pub fn cowsnap(args: &[&str]) -> Output {
     wait_output(child, &format!("cowsnap {}", args.join(" ")))
 }
 
-fn wait_output(mut child: Child, what: &str) -> Output {
+/// Waits for a spawned command with piped stdout/stderr, failing the test
+/// if it does not end within [`PATIENCE`].
+pub fn wait_output(mut child: Child, what: &str) -> Output {
     fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
         thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -184,6 +186,9 @@ pub struct RefTree {
     pub report: PathBuf,
     /// Every pid ever seen in the tree, for the final SIGKILL.
     seen: Mutex<Vec<i32>>,
+    /// Set by [`RefTree::wait_exited`]: the tree is gone and its pids may
+    /// belong to someone else (a restored tree), so drop signals nothing.
+    exited: bool,
 }
 
 impl RefTree {
@@ -218,6 +223,7 @@ impl RefTree {
             dir,
             report,
             seen: Mutex::new(Vec::new()),
+            exited: false,
         };
         let deadline = Instant::now() + PATIENCE;
         while !ready.exists() {
@@ -293,43 +299,50 @@ impl RefTree {
     /// Sends SIGUSR1 to every process and asserts each one reports that its
     /// memory is exactly what it should be.
     pub fn assert_verifies(&self, context: &str) {
-        let pids = self.pids();
-        let offset = fs::metadata(&self.report).map(|m| m.len()).unwrap_or(0) as usize;
-        for &pid in &pids {
-            kill(Pid::from_raw(pid), Signal::SIGUSR1)
-                .unwrap_or_else(|e| panic!("{context}: SIGUSR1 to pid {pid}: {e}"));
-        }
+        let targets: Vec<(i32, i32)> = self.pids().into_iter().map(|p| (p, p)).collect();
+        assert_processes_verify(&self.report, &targets, context);
+    }
+
+    /// Waits until the tree is gone after something killed it (`cowsnap dump
+    /// --exit`): reaps the root (this test process is its parent) and waits
+    /// until no pid ever seen in the tree is left in /proc (the others are
+    /// reaped by init). From then on dropping the tree signals nothing, since
+    /// its pids may be reused (e.g. by a restore in this pid namespace).
+    pub fn wait_exited(&mut self, context: &str) -> std::process::ExitStatus {
+        self.pids();
         let deadline = Instant::now() + PATIENCE;
-        loop {
-            let text = self.report_text();
-            let fresh = text.get(offset..).unwrap_or("");
-            let mut answers: BTreeMap<i32, String> = BTreeMap::new();
-            for line in fresh.lines() {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                if let [kind @ ("OK" | "BAD"), pid, ..] = fields.as_slice() {
-                    if *kind == "BAD" || !answers.contains_key(&pid.parse().unwrap_or(0)) {
-                        answers.insert(pid.parse().unwrap_or(0), line.to_string());
-                    }
-                }
-            }
-            if pids.iter().all(|pid| answers.contains_key(pid)) {
-                let bad: Vec<&String> = answers.values().filter(|l| l.starts_with("BAD")).collect();
-                assert!(
-                    bad.is_empty(),
-                    "{context}: processes found their memory altered: {bad:?}"
-                );
-                return;
+        let status = loop {
+            match self.root_process.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => panic!("{context}: wait for the root {}: {e}", self.root),
             }
             assert!(
                 Instant::now() < deadline,
-                "{context}: no verification answer within {PATIENCE:?} from {:?} (states: {:?})",
-                pids.iter()
-                    .filter(|p| !answers.contains_key(p))
-                    .collect::<Vec<_>>(),
-                pids.iter().map(|&p| (p, task_state(p))).collect::<Vec<_>>()
+                "{context}: root {} still alive after {PATIENCE:?} (state {:?})",
+                self.root,
+                task_state(self.root)
             );
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(10));
+        };
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        loop {
+            let left: Vec<(i32, String)> = seen
+                .iter()
+                .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+                .map(|&p| (p, task_state(p)))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{context}: processes of the tree still exist: {left:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
         }
+        self.exited = true;
+        status
     }
 
     /// Every process and thread exists, is not stopped/traced/zombie, and has no tracer.
@@ -380,6 +393,15 @@ impl RefTree {
 
 impl Drop for RefTree {
     fn drop(&mut self) {
+        if self.exited {
+            for (id, _, _) in self.segments() {
+                let _ = Command::new("ipcrm")
+                    .args(["-m", &id.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            return;
+        }
         let mut pids = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
         pids.extend(descendants(self.root));
         let _ = kill(Pid::from_raw(self.root), Signal::SIGTERM);
@@ -409,6 +431,65 @@ impl Drop for RefTree {
     }
 }
 
+/// Sends SIGUSR1 to each `(signalled, reported_as)` pid and asserts that
+/// every one answers `OK <reported_as>` in `report` (only lines appended
+/// after the signals count). `reported_as` differs from `signalled` for a
+/// process in another pid namespace: the workload reports its own getpid().
+/// Fails at once if a process is gone or a zombie: it can never answer.
+pub fn assert_processes_verify(report: &Path, targets: &[(i32, i32)], context: &str) {
+    let offset = fs::metadata(report).map(|m| m.len()).unwrap_or(0) as usize;
+    for &(pid, _) in targets {
+        kill(Pid::from_raw(pid), Signal::SIGUSR1)
+            .unwrap_or_else(|e| panic!("{context}: SIGUSR1 to pid {pid}: {e}"));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = fs::read_to_string(report).unwrap_or_default();
+        let fresh = text.get(offset..).unwrap_or("");
+        let mut answers: BTreeMap<i32, String> = BTreeMap::new();
+        for line in fresh.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let [kind @ ("OK" | "BAD"), pid, ..] = fields.as_slice() {
+                let pid = pid.parse().unwrap_or(0);
+                if *kind == "BAD" || !answers.contains_key(&pid) {
+                    answers.insert(pid, line.to_string());
+                }
+            }
+        }
+        let missing: Vec<(i32, i32)> = targets
+            .iter()
+            .copied()
+            .filter(|(_, as_pid)| !answers.contains_key(as_pid))
+            .collect();
+        if missing.is_empty() {
+            let bad: Vec<&String> = answers.values().filter(|l| l.starts_with("BAD")).collect();
+            assert!(
+                bad.is_empty(),
+                "{context}: processes found their memory altered: {bad:?}"
+            );
+            return;
+        }
+        let dead: Vec<(i32, String)> = missing
+            .iter()
+            .map(|&(pid, _)| (pid, task_state(pid)))
+            .filter(|(_, state)| state.is_empty() || state.starts_with('Z'))
+            .collect();
+        assert!(
+            dead.is_empty(),
+            "{context}: processes died before answering SIGUSR1 (pid, state): {dead:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{context}: no verification answer within {PATIENCE:?} from (pid, reported as) {missing:?} (states: {:?})",
+            missing
+                .iter()
+                .map(|&(p, _)| (p, task_state(p)))
+                .collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ------------------------------------------------------------ procfs
 
 pub fn status_field(status: &str, key: &str) -> Option<String> {
@@ -429,6 +510,65 @@ pub fn ppid(pid: i32) -> i32 {
     status_field(&status, "PPid:")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The pid as the process's own (innermost) pid namespace sees it: the
+/// last field of `NSpid:`; 0 if the pid is gone.
+pub fn ns_pid(pid: i32) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    innermost_nspid(&status)
+}
+
+/// [`ns_pid`] for thread `tid` of `pid`.
+pub fn ns_tid(pid: i32, tid: i32) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    innermost_nspid(&status)
+}
+
+fn innermost_nspid(status: &str) -> i32 {
+    status_field(status, "NSpid:")
+        .and_then(|v| v.split_whitespace().last().and_then(|p| p.parse().ok()))
+        .unwrap_or(0)
+}
+
+pub fn comm(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// Target of /proc/PID/exe ("" if unreadable).
+pub fn exe(pid: i32) -> String {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// /proc/PID/cmdline with NULs turned into spaces ("" for zombies and kernel threads).
+pub fn cmdline(pid: i32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// (process group, session) of `pid` from /proc/PID/stat; None if it is gone.
+pub fn pgid_sid(pid: i32) -> Option<(i32, i32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // state ppid pgrp session ...
+    Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+}
+
+/// Every pid in /proc right now.
+pub fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn tids(pid: i32) -> Vec<i32> {
@@ -476,6 +616,19 @@ pub fn pss_anon_shmem(pids: &[i32]) -> u64 {
                 .filter_map(|key| status_field(&text, key))
                 .filter_map(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
                 .sum::<u64>()
+                * 1024
+        })
+        .sum()
+}
+
+/// Sum of `Pss_Anon` over `pids`, in bytes.
+pub fn pss_anon(pids: &[i32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            status_field(&text, "Pss_Anon:")
+                .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
                 * 1024
         })
         .sum()

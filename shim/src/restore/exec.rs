@@ -87,8 +87,12 @@ impl std::fmt::Display for RestoreSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error(transparent)]
-    Image(#[from] ImageError),
+    #[error("image {dir}: {source}")]
+    Image {
+        dir: PathBuf,
+        #[source]
+        source: ImageError,
+    },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -146,7 +150,10 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
         }
     };
-    let image = Image::open(&options.images)?;
+    let image = Image::open(&options.images).map_err(|source| RestoreError::Image {
+        dir: options.images.clone(),
+        source,
+    })?;
     refuse_unsupported(&image)?;
     checks::check_files(&image)?;
     progress(format_args!("image {} checked", options.images.display()));
@@ -263,12 +270,12 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
     for p in &image.processes {
         for v in &p.vmas {
             let why = match v.kind {
-                VmaKind::SysvShm => "SysV shared memory",
-                VmaKind::Other => "mappings of this kind",
+                VmaKind::SysvShm => "SysV shared memory is",
+                VmaKind::Other => "a mapping of this kind is",
                 _ => continue,
             };
             return Err(RestoreError::NotSupported(format!(
-                "pid {} VMA {:#x}-{:#x} ({}): {why} are not restored yet",
+                "pid {} VMA {:#x}-{:#x} ({}): {why} not restored yet",
                 p.pid,
                 v.start,
                 v.end,
@@ -291,18 +298,43 @@ fn init_helper(ctx: &Ctx) -> ! {
     let _ = std::fs::write("/proc/self/comm", "cowsnap-init");
     match clone::clone3(&[ctx.target_pid[0]], false) {
         Ok(Forked::Child) => run_process(ctx, 0, None, Staging::default()),
-        Ok(Forked::Parent(root)) => loop {
-            let mut status = 0;
-            // SAFETY: plain waitpid on our own children.
-            let r = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if r == root && !slot_jumped(ctx, 0) {
-                clone::exit_now(1);
-            }
-            if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-                clone::exit_now(0);
-            }
-        },
+        Ok(Forked::Parent(root)) => {
+            // The root has its stdio; init keeps none of the caller's fds
+            // open (a caller reading our output through a pipe must see EOF).
+            release_fds();
+            reap_forever(ctx, root)
+        }
         Err(e) => fail_slot(ctx, 0, &e.to_string()),
+    }
+}
+
+/// Points fds 0-2 at /dev/null and closes every other fd.
+fn release_fds() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    let _ = crate::sys::restore_sys::close_range(3, u32::MAX);
+}
+
+/// Init of a restore namespace: reaps orphans until the namespace is empty.
+fn reap_forever(ctx: &Ctx, root: i32) -> ! {
+    loop {
+        let mut status = 0;
+        // SAFETY: plain waitpid on our own children.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == root && !slot_jumped(ctx, 0) {
+            clone::exit_now(1);
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            clone::exit_now(0);
+        }
     }
 }
 

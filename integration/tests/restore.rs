@@ -1,0 +1,1071 @@
+//! End-to-end tests of `cowsnap restore` against the real kernel. Run as
+//! root, one test at a time (`--test-threads=1`).
+//!
+//! Each mode test starts the reference tree (`cowsnap-refworkload`),
+//! records what the kernel says about it (Pss_Anon, /proc/PID/maps, the
+//! parent/child relations and threads), dumps it, and restores the image
+//! into a new pid namespace while the original keeps running. The restored
+//! processes reopen the same report file by path and report their own
+//! (namespace) pid, which equals the original's: so only restored processes
+//! are signalled, and only answers appended after the signals count. Then:
+//! every restored process answers OK (its memory is byte for byte what it
+//! should be), runs, has the original's layout and place in the tree, and
+//! the restored tree uses no more anonymous memory than the original (the
+//! sharing came back), and not noticeably less.
+//!
+//! Other tests: a restore in the current pid namespace after `dump --exit`
+//! (same pids, process groups, sessions, executables), one image restored
+//! twice at once, that the restore command leaves its caller's stdout and
+//! stderr alone, and failures that must leave nothing running (a corrupted
+//! page store, a missing file, pids taken, SysV shared memory, which is not
+//! restored yet).
+//!
+//! Processes of other engineers' tests may run on the same machine at the
+//! same time: "nothing left" is judged by command lines that mention this
+//! test's own temporary directories.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The kernel's special mappings, placed by the kernel, not by the image.
+const VDSO_LIKE: [&str; 3] = ["[vdso]", "[vvar]", "[vvar_vclock]"];
+/// What `comm` the workload's processes have (TASK_COMM_LEN truncates it).
+const WORKLOAD_COMM: &str = "cowsnap-refwork";
+const INIT_COMM: &str = "cowsnap-init";
+
+// ------------------------------------------------------------ helpers
+
+/// A fresh directory for an image (`<dir>/img`, not created yet) and pid files.
+fn work_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-restore-")
+        .tempdir()
+        .expect("tempdir");
+    let images = dir.path().join("img");
+    (dir, images)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+fn dump_ok(tree: &RefTree, images: &Path, extra: &[&str]) {
+    let root = tree.root.to_string();
+    let mut args = vec!["dump", "-q", "--pid", &root, "--images", path_str(images)];
+    args.extend_from_slice(extra);
+    let output = cowsnap(&args);
+    assert!(
+        output.status.success(),
+        "cowsnap dump failed:\n{}",
+        describe(&output)
+    );
+}
+
+/// `totals.pages_zero` of `cowsnap inspect --json`: present all-zero pages,
+/// which the image does not store and a restore does not allocate.
+fn zero_pages(images: &Path) -> u64 {
+    let output = cowsnap(&["inspect", path_str(images), "--json"]);
+    assert!(
+        output.status.success(),
+        "cowsnap inspect --json failed:\n{}",
+        describe(&output)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", describe(&output)));
+    json["totals"]["pages_zero"].as_u64().unwrap_or_else(|| {
+        panic!(
+            "inspect --json has no totals.pages_zero:\n{}",
+            describe(&output)
+        )
+    })
+}
+
+/// Starts `cowsnap restore -q --images IMAGES --pidfile PIDFILE EXTRA`.
+/// Its stdout and stderr go to files beside the pid file, not to pipes: a
+/// pipe only reaches end-of-file when every process holding it is gone,
+/// and the restored tree outlives the command (see
+/// `restore_leaves_callers_stdio_alone` for that property on its own).
+fn spawn_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Child {
+    let out = fs::File::create(pidfile.with_extension("stdout")).expect("restore stdout file");
+    let err = fs::File::create(pidfile.with_extension("stderr")).expect("restore stderr file");
+    Command::new(cowsnap_bin())
+        .args([
+            "restore",
+            "-q",
+            "--images",
+            path_str(images),
+            "--pidfile",
+            path_str(pidfile),
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn cowsnap restore")
+}
+
+/// Waits for a restore started by [`spawn_restore`] (at most [`PATIENCE`]).
+fn wait_restore(mut child: Child, pidfile: &Path) -> Output {
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("cowsnap restore did not finish within {PATIENCE:?}");
+            }
+            Err(e) => panic!("wait for cowsnap restore: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: fs::read(pidfile.with_extension("stdout")).unwrap_or_default(),
+        stderr: fs::read(pidfile.with_extension("stderr")).unwrap_or_default(),
+    }
+}
+
+fn run_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Output {
+    let child = spawn_restore(images, pidfile, extra);
+    wait_restore(child, pidfile)
+}
+
+/// `root pid N` of the restore's summary line.
+fn summary_root(output: &Output) -> Option<i32> {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let at = text.find("root pid ")? + "root pid ".len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The number before `copied` in the restore's summary line.
+fn summary_copied(output: &Output) -> Option<u64> {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| w.starts_with("copied"))?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
+}
+
+/// Takes charge of the tree a successful restore created (so a failing
+/// assertion still kills it), or returns the restore's failure.
+fn restored_tree(output: &Output, pidfile: &Path) -> Result<Restored, String> {
+    if !output.status.success() {
+        return Err(describe(output));
+    }
+    let from_file = fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let from_summary = summary_root(output);
+    let Some(root) = from_file.or(from_summary) else {
+        return Err(format!(
+            "no root pid in {} nor in the summary:\n{}",
+            pidfile.display(),
+            describe(output)
+        ));
+    };
+    let restored = Restored::new(root);
+    assert_eq!(
+        from_file,
+        Some(root),
+        "pid file {} (summary says {from_summary:?})",
+        pidfile.display()
+    );
+    // A caller may not have read stdout (see restore_leaves_callers_stdio_alone).
+    if from_summary.is_some() {
+        assert_eq!(
+            from_summary,
+            Some(root),
+            "root pid of the summary line vs the pid file:\n{}",
+            describe(output)
+        );
+    }
+    Ok(restored)
+}
+
+fn restore_ok(images: &Path, pidfile: &Path, extra: &[&str]) -> (Restored, Output) {
+    let output = run_restore(images, pidfile, extra);
+    let restored = restored_tree(&output, pidfile)
+        .unwrap_or_else(|e| panic!("cowsnap restore {extra:?} failed:\n{e}"));
+    assert!(
+        summary_root(&output).is_some(),
+        "no \"root pid N\" summary line on stdout:\n{}",
+        describe(&output)
+    );
+    (restored, output)
+}
+
+// ------------------------------------------------------------ a restored tree
+
+/// A restored tree, found from its root's pid as seen from here. Dropping
+/// it kills the whole tree (and the namespace's init, if there is one).
+struct Restored {
+    root: i32,
+    /// pid 1 of the new pid namespace (`cowsnap-init`), when the root's parent is one.
+    init: Option<i32>,
+    seen: Mutex<Vec<i32>>,
+}
+
+impl Restored {
+    fn new(root: i32) -> Restored {
+        let parent = ppid(root);
+        let init = (parent > 0 && comm(parent) == INIT_COMM).then_some(parent);
+        let restored = Restored {
+            root,
+            init,
+            seen: Mutex::new(Vec::new()),
+        };
+        restored.pids();
+        restored
+    }
+
+    /// Pids (as seen from here), root first, parents before children.
+    fn pids(&self) -> Vec<i32> {
+        let pids = descendants(self.root);
+        if let Ok(mut seen) = self.seen.lock() {
+            for &pid in &pids {
+                if !seen.contains(&pid) {
+                    seen.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// (pid as seen from here, pid the process reports) for every process.
+    fn targets(&self) -> Vec<(i32, i32)> {
+        self.pids().into_iter().map(|p| (p, ns_pid(p))).collect()
+    }
+
+    fn assert_verifies(&self, report: &Path, context: &str) {
+        let targets = self.targets();
+        assert!(
+            !targets.is_empty(),
+            "{context}: restored root {} is gone",
+            self.root
+        );
+        assert_processes_verify(report, &targets, context);
+    }
+
+    /// The root is pid `ns_root` of a new namespace whose pid 1 is cowsnap-init.
+    fn assert_in_new_namespace(&self, ns_root: i32) {
+        let init = self.init.unwrap_or_else(|| {
+            panic!(
+                "the restored root {}'s parent {} is {:?}, not {INIT_COMM}",
+                self.root,
+                ppid(self.root),
+                comm(ppid(self.root))
+            )
+        });
+        assert_eq!(
+            ns_pid(init),
+            1,
+            "{INIT_COMM} {init} is not pid 1 of its namespace"
+        );
+        assert_eq!(
+            ns_pid(self.root),
+            ns_root,
+            "namespace pid of the restored root {}",
+            self.root
+        );
+        assert_ne!(
+            self.root, ns_root,
+            "the restored root has its namespace pid outside too"
+        );
+    }
+
+    /// Every process and thread exists and is not stopped, traced or a zombie.
+    fn assert_running(&self, expected_processes: usize, context: &str) {
+        let pids = self.pids();
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut problems = Vec::new();
+        for pid in seen.iter().filter(|p| !pids.contains(p)) {
+            problems.push(format!("pid {pid} left the tree"));
+        }
+        if pids.len() != expected_processes {
+            problems.push(format!(
+                "{} processes, expected {expected_processes}: {pids:?}",
+                pids.len()
+            ));
+        }
+        for &pid in &pids {
+            for tid in tids(pid) {
+                let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                    .unwrap_or_default();
+                let state = status_field(&status, "State:").unwrap_or_default();
+                let tracer = status_field(&status, "TracerPid:").unwrap_or_default();
+                if state.is_empty() || state.starts_with(['Z', 'T', 't', 'X']) {
+                    problems.push(format!("tid {tid} of {pid} in state {state:?}"));
+                }
+                if tracer != "0" {
+                    problems.push(format!("tid {tid} of {pid} traced by {tracer}"));
+                }
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "{context}: restored tree not running: {problems:?}"
+        );
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let mut pids = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        pids.extend(descendants(self.root));
+        // SIGKILL of a namespace's init kills every process in the namespace.
+        if let Some(init) = self.init {
+            let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
+            pids.push(init);
+        }
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Their parent (init of this namespace) reaps them; wait so the next
+        // test does not see them, or find their pids taken.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// ------------------------------------------------------------ what the kernel says
+
+/// One process of a tree, keyed by its namespace pid in [`TreeView`].
+#[derive(Debug, Clone)]
+struct ProcView {
+    /// Pid as seen from here.
+    outer: i32,
+    /// Namespace pid of the parent; 0 for the tree's root (its parent is outside the tree).
+    ppid: i32,
+    /// Namespace tids, sorted.
+    tids: Vec<i32>,
+    maps: Vec<MapsEntry>,
+    pgid_sid: Option<(i32, i32)>,
+    exe: String,
+}
+
+/// A tree as the kernel shows it, by namespace pid.
+#[derive(Debug, Clone)]
+struct TreeView {
+    root: i32,
+    procs: BTreeMap<i32, ProcView>,
+    pss_anon: u64,
+    /// Pss_Anon + Pss_Shmem: shared anonymous and memfd pages count as shmem.
+    pss_anon_shmem: u64,
+    pss: u64,
+}
+
+impl TreeView {
+    /// `pids`: the tree as seen from here, root first.
+    fn take(pids: &[i32]) -> TreeView {
+        assert!(!pids.is_empty(), "an empty tree");
+        let procs = pids
+            .iter()
+            .map(|&pid| {
+                let parent = ppid(pid);
+                let mut ns_tids: Vec<i32> = tids(pid).into_iter().map(|t| ns_tid(pid, t)).collect();
+                ns_tids.sort_unstable();
+                let view = ProcView {
+                    outer: pid,
+                    ppid: if pids.contains(&parent) {
+                        ns_pid(parent)
+                    } else {
+                        0
+                    },
+                    tids: ns_tids,
+                    maps: maps(pid),
+                    pgid_sid: pgid_sid(pid),
+                    exe: exe(pid),
+                };
+                (ns_pid(pid), view)
+            })
+            .collect();
+        TreeView {
+            root: ns_pid(pids[0]),
+            procs,
+            pss_anon: pss_anon(pids),
+            pss_anon_shmem: pss_anon_shmem(pids),
+            pss: pss_total(pids),
+        }
+    }
+
+    fn outer_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.procs.values().map(|p| p.outer).collect();
+        pids.sort_unstable();
+        pids
+    }
+}
+
+/// Same namespace pids, parents, and threads.
+fn assert_same_structure(original: &TreeView, restored: &TreeView, context: &str) {
+    assert_eq!(
+        restored.root, original.root,
+        "{context}: namespace pid of the root"
+    );
+    let want: Vec<i32> = original.procs.keys().copied().collect();
+    let got: Vec<i32> = restored.procs.keys().copied().collect();
+    assert_eq!(got, want, "{context}: namespace pids of the processes");
+    let mut errors = Vec::new();
+    for (pid, o) in &original.procs {
+        let r = &restored.procs[pid];
+        if r.ppid != o.ppid {
+            errors.push(format!("pid {pid}: parent {} (was {})", r.ppid, o.ppid));
+        }
+        if r.tids.len() != o.tids.len() {
+            errors.push(format!(
+                "pid {pid}: {} threads (was {})",
+                r.tids.len(),
+                o.tids.len()
+            ));
+        } else if r.tids != o.tids {
+            errors.push(format!(
+                "pid {pid}: thread ids {:?} (were {:?})",
+                r.tids, o.tids
+            ));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{context}: tree structure differs:\n  {}",
+        errors.join("\n  ")
+    );
+}
+
+fn is_vdso_like(entry: &MapsEntry) -> bool {
+    VDSO_LIKE.contains(&entry.path.as_str())
+}
+
+fn fmt_entry(e: &MapsEntry) -> String {
+    format!("{:x}-{:x} {} {}", e.start, e.end, e.perms, e.path)
+}
+
+/// Every line of /proc/PID/maps equal (start, end, perms, path), except
+/// that [vdso]/[vvar]/[vvar_vclock] only have to exist.
+fn assert_same_maps(original: &TreeView, restored: &TreeView, context: &str) {
+    // Per process: a one-line summary, then at most a few differing lines.
+    let mut errors = Vec::new();
+    for (pid, o) in &original.procs {
+        let Some(r) = restored.procs.get(pid) else {
+            continue;
+        };
+        let want: Vec<&MapsEntry> = o.maps.iter().filter(|e| !is_vdso_like(e)).collect();
+        let got: Vec<&MapsEntry> = r.maps.iter().filter(|e| !is_vdso_like(e)).collect();
+        let mut lines: Vec<String> = want
+            .iter()
+            .filter(|e| !got.contains(e))
+            .map(|e| format!("missing {}", fmt_entry(e)))
+            .collect();
+        lines.extend(
+            got.iter()
+                .filter(|e| !want.contains(e))
+                .map(|e| format!("extra   {}", fmt_entry(e))),
+        );
+        for special in VDSO_LIKE {
+            let had = o.maps.iter().any(|e| e.path == special);
+            let has = r.maps.iter().any(|e| e.path == special);
+            if had && !has {
+                lines.push(format!("no {special}"));
+            }
+        }
+        if r.maps.len() != o.maps.len() || !lines.is_empty() {
+            errors.push(format!(
+                "pid {pid}: {} VMAs (the original had {}), {} lines differ:",
+                r.maps.len(),
+                o.maps.len(),
+                lines.len()
+            ));
+            errors.extend(lines.iter().take(6).map(|l| format!("    {l}")));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{context}: /proc/PID/maps differ from the original's:\n  {}",
+        errors.join("\n  ")
+    );
+}
+
+/// `restored` ≤ 1.01 × `original`, and ≥ `original` − 1% − the present
+/// all-zero pages of the image (the restore does not allocate them).
+fn assert_pss_within(what: &str, original: u64, restored: u64, zero_pages: u64, context: &str) {
+    let upper = original + original / 100;
+    let lower = original.saturating_sub(original / 100 + zero_pages * PAGE);
+    eprintln!(
+        "{context}: {what} original {} kB, restored {} kB (allowed {}..={} kB; {zero_pages} zero pages)",
+        original / 1024,
+        restored / 1024,
+        lower / 1024,
+        upper / 1024
+    );
+    assert!(
+        restored <= upper,
+        "{context}: restored {what} {restored} bytes > 1.01 × the original's {original} bytes: sharing was lost"
+    );
+    assert!(
+        restored >= lower,
+        "{context}: restored {what} {restored} bytes < the original's {original} bytes − 1% − {zero_pages} zero pages: memory is missing"
+    );
+}
+
+// ------------------------------------------------------------ modes
+
+/// Runs every check even when one fails, so a failing mode says everything
+/// that is wrong with it at once.
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    fn run(&mut self, what: &str, check: impl FnOnce()) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+            let message = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            self.0.push(format!("[{what}] {message}"));
+        }
+    }
+
+    fn finish(self, context: &str) {
+        assert!(
+            self.0.is_empty(),
+            "{context}: {} check(s) failed:\n{}",
+            self.0.len(),
+            self.0.join("\n")
+        );
+    }
+}
+
+fn restore_mode(mode: &'static str) {
+    let tree = RefTree::start(TreeSpec::small(mode));
+    let original = TreeView::take(&tree.pids());
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let zero = zero_pages(&images);
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &["--pid-ns", "new"]);
+    eprintln!("{mode}: {}", String::from_utf8_lossy(&output.stdout).trim());
+    restored.assert_in_new_namespace(original.root);
+    let view = TreeView::take(&restored.pids());
+    let context = format!("{mode}, restored into a new pid namespace");
+    let mut checks = Checks::default();
+    checks.run("structure", || {
+        assert_same_structure(&original, &view, &context)
+    });
+    checks.run("maps", || assert_same_maps(&original, &view, &context));
+    checks.run("pss", || {
+        assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, &context)
+    });
+    if matches!(mode, "shared-anon" | "memfd") {
+        checks.run("pss shmem", || {
+            assert_pss_within(
+                "Pss_Anon + Pss_Shmem",
+                original.pss_anon_shmem,
+                view.pss_anon_shmem,
+                zero,
+                &context,
+            )
+        });
+    }
+    checks.run("running", || {
+        restored.assert_running(original.procs.len(), &context)
+    });
+    checks.run("verify", || {
+        restored.assert_verifies(&tree.report, &context)
+    });
+    checks.run("running after verify", || {
+        restored.assert_running(original.procs.len(), &format!("{context}, after verifying"))
+    });
+    // The original was never touched.
+    checks.run("original", || {
+        tree.assert_running_untraced(&format!("{mode}: original after the restore"));
+        tree.assert_verifies(&format!("{mode}: original after the restore"));
+    });
+    if mode == "plain" {
+        checks.run("sharing", || {
+            assert_eq!(
+                summary_copied(&output),
+                Some(0),
+                "plain: the restore copied pages (lost sharing):\n{}",
+                describe(&output)
+            )
+        });
+    }
+    checks.finish(&context);
+}
+
+macro_rules! mode_tests {
+    ($($name:ident => $mode:literal,)*) => {$(
+        #[test]
+        fn $name() {
+            restore_mode($mode);
+        }
+    )*};
+}
+
+mode_tests! {
+    restore_plain => "plain",
+    restore_split_vma => "split-vma",
+    restore_moved_vma => "moved-vma",
+    restore_parent_dirty => "parent-dirty",
+    restore_sibling => "sibling",
+    restore_reparented => "reparented",
+    restore_deep_chain => "deep-chain",
+    restore_threads => "threads",
+    restore_shared_anon => "shared-anon",
+    restore_memfd => "memfd",
+}
+
+// ------------------------------------------------------------ current namespace
+
+#[test]
+fn restore_plain_in_current_namespace_after_dump_exit() {
+    let mut tree = RefTree::start(TreeSpec::small("plain"));
+    let original = TreeView::take(&tree.pids());
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &["--exit"]);
+    tree.wait_exited("after dump --exit");
+    let zero = zero_pages(&images);
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &[]);
+    eprintln!(
+        "current: {}",
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
+    assert_eq!(restored.root, tree.root, "the restored root's pid");
+    assert!(
+        restored.init.is_none(),
+        "a restore into the current namespace made a {INIT_COMM}"
+    );
+    let view = TreeView::take(&restored.pids());
+    let context = "plain, restored into the current pid namespace";
+    assert_eq!(view.outer_pids(), original.outer_pids(), "{context}: pids");
+    assert_same_structure(&original, &view, context);
+    let mut errors = Vec::new();
+    for (pid, o) in &original.procs {
+        let r = &view.procs[pid];
+        assert_eq!(r.outer, *pid, "{context}: pid {pid} is {} here", r.outer);
+        if r.pgid_sid != o.pgid_sid {
+            errors.push(format!(
+                "pid {pid}: (pgid, sid) {:?}, was {:?}",
+                r.pgid_sid, o.pgid_sid
+            ));
+        }
+        if r.exe != o.exe {
+            errors.push(format!("pid {pid}: exe {:?}, was {:?}", r.exe, o.exe));
+        }
+    }
+    assert!(errors.is_empty(), "{context}:\n  {}", errors.join("\n  "));
+    assert_same_maps(&original, &view, context);
+    assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, context);
+    assert_pss_within("Pss", original.pss, view.pss, zero, context);
+    restored.assert_running(original.procs.len(), context);
+    restored.assert_verifies(&tree.report, context);
+    restored.assert_running(original.procs.len(), &format!("{context}, after verifying"));
+    assert_eq!(
+        summary_copied(&output),
+        Some(0),
+        "plain: the restore copied pages (lost sharing):\n{}",
+        describe(&output)
+    );
+}
+
+// ------------------------------------------------------------ twice at once
+
+#[test]
+fn same_image_restored_twice_at_once() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let original = TreeView::take(&tree.pids());
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let zero = zero_pages(&images);
+
+    let pidfiles = [dir.path().join("a.pid"), dir.path().join("b.pid")];
+    let children: Vec<Child> = pidfiles
+        .iter()
+        .map(|p| spawn_restore(&images, p, &["--pid-ns", "new"]))
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .zip(&pidfiles)
+        .map(|(c, p)| wait_restore(c, p))
+        .collect();
+    // Take charge of whatever was restored before asserting anything.
+    let results: Vec<Result<Restored, String>> = outputs
+        .iter()
+        .zip(&pidfiles)
+        .map(|(o, p)| restored_tree(o, p))
+        .collect();
+    let mut trees = Vec::new();
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(t) => trees.push(t),
+            Err(e) => panic!("restore #{i} of two at once failed:\n{e}"),
+        }
+    }
+    assert_ne!(trees[0].root, trees[1].root, "two restores, one root");
+    for (i, restored) in trees.iter().enumerate() {
+        let context = format!("restore #{i} of two at once");
+        restored.assert_in_new_namespace(original.root);
+        let view = TreeView::take(&restored.pids());
+        assert_same_structure(&original, &view, &context);
+        assert_same_maps(&original, &view, &context);
+        assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, &context);
+        restored.assert_running(original.procs.len(), &context);
+    }
+    // The check the failure tests rely on sees restored trees and their inits.
+    let seen = leftovers(&[tree.dir.path(), dir.path()], &tree.pids());
+    for restored in &trees {
+        for pid in restored.pids().into_iter().chain(restored.init) {
+            assert!(
+                seen.iter().any(|l| l.starts_with(&format!("pid {pid} "))),
+                "leftovers() misses restored pid {pid}: {seen:?}"
+            );
+        }
+    }
+    // One tree at a time: both report the same namespace pids into one file.
+    for (i, restored) in trees.iter().enumerate() {
+        restored.assert_verifies(&tree.report, &format!("restore #{i} of two at once"));
+    }
+    tree.assert_verifies("original after two restores");
+}
+
+// ------------------------------------------------------------ the caller's stdio
+
+/// Who holds an open fd on `link` (e.g. "pipe:[123]"): "pid/fd" strings.
+fn holders(link: &str) -> Vec<String> {
+    all_pids()
+        .into_iter()
+        .flat_map(|pid| {
+            fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|dir| {
+                    dir.filter_map(|e| {
+                        let e = e.ok()?;
+                        let target = fs::read_link(e.path()).ok()?;
+                        (target.to_string_lossy() == link).then(|| {
+                            format!(
+                                "{pid} ({}) fd {}",
+                                comm(pid),
+                                e.file_name().to_string_lossy()
+                            )
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// `cowsnap restore` returns once the tree runs; a caller reading its
+/// output through a pipe (a shell's `$(...)`, a supervisor) must then see
+/// end-of-file: nothing the restore leaves running may hold the caller's
+/// stdout or stderr. (The restored processes get the fds of the image.)
+#[test]
+fn restore_leaves_callers_stdio_alone() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let pidfile = dir.path().join("restored.pid");
+    let mut child = Command::new(cowsnap_bin())
+        .args([
+            "restore",
+            "-q",
+            "--images",
+            path_str(&images),
+            "--pidfile",
+            path_str(&pidfile),
+        ])
+        .args(["--pid-ns", "new"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cowsnap restore");
+    let links: Vec<String> = ["1", "2"]
+        .iter()
+        .map(|fd| {
+            fs::read_link(format!("/proc/{}/fd/{fd}", child.id()))
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    // Read both pipes to end-of-file on threads; the restore's exit status
+    // is collected separately, so a held pipe cannot hang the test.
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<u8>)>();
+    for (i, pipe) in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = std::io::Read::read_to_end(&mut pipe, &mut bytes);
+            }
+            let _ = tx.send((i, bytes));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cowsnap restore did not finish within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut outputs: [Option<Vec<u8>>; 2] = [None, None];
+    let eof_deadline = Instant::now() + Duration::from_secs(10);
+    while outputs.iter().any(Option::is_none) {
+        let left = eof_deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, bytes)) => outputs[i] = Some(bytes),
+            Err(_) => break,
+        }
+    }
+    let output = Output {
+        status,
+        stdout: outputs[0].clone().unwrap_or_default(),
+        stderr: outputs[1].clone().unwrap_or_default(),
+    };
+    let restored =
+        restored_tree(&output, &pidfile).unwrap_or_else(|e| panic!("cowsnap restore failed:\n{e}"));
+    let held: Vec<String> = outputs
+        .iter()
+        .zip(&links)
+        .zip(["stdout", "stderr"])
+        .filter(|((out, _), _)| out.is_none())
+        .map(|((_, link), name)| {
+            // This test holds the read ends itself.
+            let me = format!("{} ", std::process::id());
+            let others: Vec<String> = holders(link)
+                .into_iter()
+                .filter(|h| !h.starts_with(&me))
+                .collect();
+            format!("{name} ({link}) held by {others:?}")
+        })
+        .collect();
+    assert!(
+        held.is_empty(),
+        "10 s after cowsnap restore exited, its stdout/stderr pipes are still open: {}",
+        held.join("; ")
+    );
+    restored.assert_verifies(&tree.report, "restored with piped stdio");
+}
+
+// ------------------------------------------------------------ failures
+
+/// Processes this test may have left: a workload process, a namespace
+/// init, or a restorer runtime (`cowsnap`) whose command line mentions one
+/// of `markers` (this test's own directories), other than `allowed`.
+fn leftovers(markers: &[&Path], allowed: &[i32]) -> Vec<String> {
+    let me = std::process::id() as i32;
+    all_pids()
+        .into_iter()
+        .filter(|p| *p != me && !allowed.contains(p))
+        .filter_map(|pid| {
+            let name = comm(pid);
+            if name != WORKLOAD_COMM && name != INIT_COMM && name != "cowsnap" {
+                return None;
+            }
+            let line = cmdline(pid);
+            markers.iter().any(|m| line.contains(path_str(m))).then(|| {
+                format!(
+                    "pid {pid} {name} ({}) ppid {}: {line}",
+                    task_state(pid),
+                    ppid(pid)
+                )
+            })
+        })
+        .collect()
+}
+
+fn assert_nothing_left(markers: &[&Path], allowed: &[i32], context: &str) {
+    // Killed processes take a moment to be torn down and reaped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = leftovers(markers, allowed);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: a failed restore left processes behind:\n  {}",
+            left.join("\n  ")
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A failed restore: non-zero exit, `needle` in its message, no pid file.
+fn assert_restore_failed(output: &Output, pidfile: &Path, needle: &str, context: &str) {
+    let restored = if output.status.success() {
+        restored_tree(output, pidfile).ok()
+    } else {
+        None
+    };
+    assert!(
+        !output.status.success(),
+        "{context}: restore should have failed:\n{}",
+        describe(output)
+    );
+    drop(restored);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{context}: {}", stderr.trim());
+    assert!(
+        stderr.contains(needle),
+        "{context}: the error should contain {needle:?}:\n{}",
+        describe(output)
+    );
+    assert!(
+        !pidfile.exists(),
+        "{context}: a failed restore wrote the pid file {}",
+        pidfile.display()
+    );
+}
+
+#[test]
+fn restore_of_corrupted_pages_fails_cleanly() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let pages = images.join("pages");
+    let mut bytes = fs::read(&pages).unwrap_or_else(|e| panic!("read {}: {e}", pages.display()));
+    assert!(bytes.len() > 16, "{} is nearly empty", pages.display());
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&pages, &bytes).unwrap_or_else(|e| panic!("write {}: {e}", pages.display()));
+
+    let pidfile = dir.path().join("restored.pid");
+    let output = run_restore(&images, &pidfile, &["--pid-ns", "new"]);
+    let context = "a byte of `pages` flipped";
+    assert_restore_failed(&output, &pidfile, "pages", context);
+    assert_nothing_left(&[dir.path(), tree.dir.path()], &tree.pids(), context);
+    tree.assert_running_untraced(context);
+    tree.assert_verifies(context);
+}
+
+#[test]
+fn restore_with_opened_file_gone_fails_cleanly() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    // Every process of the tree holds the report file open.
+    fs::remove_file(&tree.report)
+        .unwrap_or_else(|e| panic!("remove {}: {e}", tree.report.display()));
+
+    let pidfile = dir.path().join("restored.pid");
+    let output = run_restore(&images, &pidfile, &["--pid-ns", "new"]);
+    let context = "the report file deleted";
+    assert_restore_failed(&output, &pidfile, path_str(&tree.report), context);
+    assert_nothing_left(&[dir.path(), tree.dir.path()], &tree.pids(), context);
+    assert!(
+        !tree.report.exists(),
+        "{context}: the restore recreated {}",
+        tree.report.display()
+    );
+    tree.assert_running_untraced(context);
+}
+
+#[test]
+fn restore_into_current_namespace_with_pids_taken_fails_cleanly() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let pids = tree.pids();
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+
+    let pidfile = dir.path().join("restored.pid");
+    let output = run_restore(&images, &pidfile, &[]);
+    let context = "the original still running in this namespace";
+    assert_restore_failed(&output, &pidfile, "is taken", context);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let taken = stderr
+        .split("pid ")
+        .filter_map(|rest| {
+            let (num, after) = rest.split_once(' ')?;
+            after
+                .starts_with("is taken")
+                .then(|| num.parse::<i32>().ok())?
+        })
+        .next();
+    assert!(
+        taken.is_some_and(|p| pids.contains(&p)),
+        "{context}: the error should say \"pid N is taken\" with N one of {pids:?}:\n{}",
+        describe(&output)
+    );
+    assert_nothing_left(&[dir.path(), tree.dir.path()], &pids, context);
+    tree.assert_running_untraced(context);
+    tree.assert_verifies(context);
+}
+
+fn restore_unsupported(mode: &'static str) {
+    let tree = RefTree::start(TreeSpec::small(mode));
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let pidfile = dir.path().join("restored.pid");
+    let output = run_restore(&images, &pidfile, &["--pid-ns", "new"]);
+    let context = format!("{mode} (not restorable yet)");
+    assert_restore_failed(&output, &pidfile, "not supported", &context);
+    assert_nothing_left(&[dir.path(), tree.dir.path()], &tree.pids(), &context);
+    tree.assert_running_untraced(&context);
+    tree.assert_verifies(&context);
+}
+
+#[test]
+fn restore_sysv_shm_is_refused() {
+    restore_unsupported("sysv-shm");
+}
+
+// ------------------------------------------------------------ the CLI
+
+#[test]
+fn restore_help_mentions_its_options() {
+    let output = cowsnap(&["restore", "--help"]);
+    assert!(
+        output.status.success(),
+        "restore --help:\n{}",
+        describe(&output)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    for option in ["--images", "--pidfile", "--pid-ns"] {
+        assert!(
+            text.contains(option),
+            "restore --help does not mention {option}:\n{text}"
+        );
+    }
+}

@@ -423,6 +423,8 @@ fn build_process(
             }));
         }
     }
+    // Pages this process holds for its subtree in segments it inherited.
+    fills.extend(me.pre_fork_writes.iter().copied());
     populate(&reader, &staging, &fills).map_err(|e| format!("populating shared pages: {e}"))?;
     drop(reader);
     for &child in &me.children {

@@ -130,6 +130,9 @@ pub struct ProcessPlan {
     pub children: Vec<ProcIdx>,
     /// Segments this process creates (see [`Segment::before_fork`]).
     pub creates: Vec<SegmentId>,
+    /// Before forking, after creating its segments: pages this process
+    /// writes at staging addresses of segments it inherited, for its subtree.
+    pub pre_fork_writes: Vec<PageFill>,
     /// After forking children: private pages written at staging addresses.
     pub writes: Vec<PageFill>,
     /// After forking children: all-zero pages written at staging addresses
@@ -207,9 +210,64 @@ fn page_wants(vma: &Vma) -> impl Iterator<Item = (u64, Want)> + '_ {
 struct Forest {
     parent: Vec<Option<ProcIdx>>,
     depth: Vec<usize>,
+    /// Euler-tour entry and exit times: `a` is an ancestor-or-self of `b`
+    /// iff `enter[a] <= enter[b] && exit[b] <= exit[a]`.
+    enter: Vec<usize>,
+    exit: Vec<usize>,
 }
 
 impl Forest {
+    fn new(parent: Vec<Option<ProcIdx>>, depth: Vec<usize>) -> Forest {
+        let n = parent.len();
+        let mut children: Vec<Vec<ProcIdx>> = vec![Vec::new(); n];
+        for (p, parent) in parent.iter().enumerate() {
+            if let Some(q) = parent {
+                children[*q].push(p);
+            }
+        }
+        let (mut enter, mut exit) = (vec![0; n], vec![0; n]);
+        let mut clock = 0;
+        let mut stack: Vec<(ProcIdx, usize)> = (0..n)
+            .filter(|&p| parent[p].is_none())
+            .map(|p| (p, 0))
+            .collect();
+        while let Some((p, next)) = stack.pop() {
+            if next == 0 {
+                enter[p] = clock;
+                clock += 1;
+            }
+            if let Some(&child) = children[p].get(next) {
+                stack.push((p, next + 1));
+                stack.push((child, 0));
+            } else {
+                exit[p] = clock;
+                clock += 1;
+            }
+        }
+        Forest {
+            parent,
+            depth,
+            enter,
+            exit,
+        }
+    }
+
+    /// Whether `a` is `b` or one of its ancestors.
+    fn is_ancestor(&self, a: ProcIdx, b: ProcIdx) -> bool {
+        self.enter[a] <= self.enter[b] && self.exit[b] <= self.exit[a]
+    }
+
+    /// `p` and its ancestors, the root first.
+    fn lineage(&self, mut p: ProcIdx) -> Vec<ProcIdx> {
+        let mut line = vec![p];
+        while let Some(q) = self.parent[p] {
+            line.push(q);
+            p = q;
+        }
+        line.reverse();
+        line
+    }
+
     fn lca(&self, mut a: ProcIdx, mut b: ProcIdx) -> ProcIdx {
         while self.depth[a] > self.depth[b] {
             a = self.parent[a].unwrap_or(a);
@@ -318,29 +376,82 @@ impl Slots {
     }
 }
 
-/// Which page each before-fork segment holds at each page offset.
+/// What the before-fork segments hold, slot by slot: each write is
+/// (writer, page). The creator of a segment writes first; a descendant may
+/// write another page at the same slot before it forks, which its own
+/// subtree then sees instead (copy-on-write keeps everyone else's view).
 #[derive(Default)]
 struct Populated {
-    by_segment: Vec<Vec<PageId>>,
+    /// The first write of every slot, dense per segment (NO_PAGE: none).
+    first: Vec<Vec<(ProcIdx, PageId)>>,
+    /// Further writes of a slot (deep chains rewrite the same slot).
+    more: HashMap<Slot, Vec<(ProcIdx, PageId)>>,
 }
 
 impl Populated {
-    fn insert(&mut self, slot: Slot, id: PageId, segments: &[Segment]) {
-        if self.by_segment.len() < segments.len() {
-            self.by_segment.resize(segments.len(), Vec::new());
-        }
-        let held = &mut self.by_segment[slot.segment];
-        if held.is_empty() {
-            *held = vec![NO_PAGE; (segments[slot.segment].len / PAGE) as usize];
-        }
-        held[(slot.offset / PAGE) as usize] = id;
+    fn writes(&self, slot: Slot) -> impl Iterator<Item = (ProcIdx, PageId)> + '_ {
+        let first = self
+            .first
+            .get(slot.segment)
+            .and_then(|v| v.get((slot.offset / PAGE) as usize))
+            .copied()
+            .filter(|&(_, id)| id != NO_PAGE);
+        first
+            .into_iter()
+            .chain(self.more.get(&slot).into_iter().flatten().copied())
     }
-    fn get(&self, slot: Slot) -> Option<PageId> {
-        let id = *self
-            .by_segment
-            .get(slot.segment)?
-            .get((slot.offset / PAGE) as usize)?;
-        (id != NO_PAGE).then_some(id)
+
+    fn insert(&mut self, slot: Slot, writer: ProcIdx, id: PageId, segments: &[Segment]) {
+        if self.first.len() < segments.len() {
+            self.first.resize(segments.len(), Vec::new());
+        }
+        let held = &mut self.first[slot.segment];
+        if held.is_empty() {
+            *held = vec![(0, NO_PAGE); (segments[slot.segment].len / PAGE) as usize];
+        }
+        let entry = &mut held[(slot.offset / PAGE) as usize];
+        if entry.1 == NO_PAGE {
+            *entry = (writer, id);
+        } else {
+            self.more.entry(slot).or_default().push((writer, id));
+        }
+    }
+
+    /// The page process `p` sees at `slot` before writing anything itself
+    /// after forking: the write of its nearest ancestor-or-self.
+    fn visible(&self, slot: Slot, p: ProcIdx, forest: &Forest) -> Option<PageId> {
+        self.writes(slot)
+            .filter(|&(w, _)| forest.is_ancestor(w, p))
+            .max_by_key(|&(w, _)| forest.depth[w])
+            .map(|(_, id)| id)
+    }
+
+    /// Whether `writer` may put page `id` at `slot` without hiding a page
+    /// from one of its users, or having its own page hidden from one.
+    fn can_write(
+        &self,
+        slot: Slot,
+        writer: ProcIdx,
+        id: PageId,
+        refs: &References,
+        forest: &Forest,
+    ) -> bool {
+        let users_below = |page: PageId, top: ProcIdx| {
+            refs.of(page)
+                .iter()
+                .any(|&(u, _, _)| forest.is_ancestor(top, u))
+        };
+        self.writes(slot).all(|(w, other)| {
+            if w == writer {
+                false
+            } else if forest.is_ancestor(w, writer) {
+                !users_below(other, writer)
+            } else if forest.is_ancestor(writer, w) {
+                !users_below(id, w)
+            } else {
+                true
+            }
+        })
     }
 }
 
@@ -381,31 +492,18 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     //    page id (ids are dense: a counting sort, in tree order per page).
     let refs = References::collect(processes);
 
-    // 2. Shared pages. Holder = LCA of the users. Slot: the holder's own
-    //    segment at the holder's own address when it uses the page; else the
-    //    holder's segment at the first user's address when the holder has a
-    //    compatible VMA there and that slot is free (the holder then writes its
-    //    own private page over it after forking); else a segment templated on
-    //    the first user's VMA. One segment per (holder, template process, VMA).
-    let mut segment_of: HashMap<(ProcIdx, ProcIdx, usize), SegmentId> = HashMap::new();
+    // 2. Shared pages. Holder = LCA of the users; it writes the page into
+    //    a staging slot before it forks. The slot is looked for in the
+    //    segments the holder sees (created by it or an ancestor, the oldest
+    //    first), at the holder's own address when it uses the page, else at
+    //    the first user's: then one region keeps one segment through the
+    //    whole tree, and every process moves it into place in one piece. A
+    //    new segment (holder, template VMA) is made only when no slot fits.
+    let mut created: Vec<Vec<SegmentId>> = vec![Vec::new(); processes.len()];
+    let mut template_of: Vec<(ProcIdx, usize)> = Vec::new();
     let mut slot_of = Slots::new(refs.page_count());
     let mut populated = Populated::default();
-    let mut deferred: Vec<(PageId, ProcIdx, (ProcIdx, usize, u64))> = Vec::new();
-    let mut segment_for =
-        |segments: &mut Vec<Segment>, holder: ProcIdx, tp: ProcIdx, tv: usize| -> SegmentId {
-            *segment_of.entry((holder, tp, tv)).or_insert_with(|| {
-                let vma = &processes[tp].vmas[tv];
-                segments.push(Segment {
-                    holder,
-                    before_fork: true,
-                    backing: backing_of(vma),
-                    staging: 0,
-                    len: vma.len(),
-                    populate: Vec::new(),
-                });
-                segments.len() - 1
-            })
-        };
+    let mut pre_fork: Vec<Vec<PageFill>> = vec![Vec::new(); processes.len()];
     for id in 0..refs.page_count() {
         let group = refs.of(id);
         let Some(&(first_proc, _, _)) = group.first() else {
@@ -418,53 +516,62 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
             .iter()
             .skip(1)
             .fold(first_proc, |l, r| forest.lca(l, r.0));
-        match group.iter().find(|r| r.0 == holder) {
-            Some(&(hp, hv, haddr)) => {
-                let segment = segment_for(&mut segments, holder, hp, hv);
+        let (up, uv, uaddr) = *group.iter().find(|r| r.0 == holder).unwrap_or(&group[0]);
+        let user_vma = &processes[up].vmas[uv];
+        let found = forest.lineage(holder).into_iter().find_map(|ancestor| {
+            created[ancestor].iter().find_map(|&segment| {
+                let (tp, tv) = template_of[segment];
+                let template = &processes[tp].vmas[tv];
+                if uaddr < template.start || uaddr >= template.end {
+                    return None;
+                }
                 let slot = Slot {
                     segment,
-                    offset: haddr - processes[hp].vmas[hv].start,
+                    offset: uaddr - template.start,
                 };
-                slot_of.insert(id, slot);
-                populated.insert(slot, id, &segments);
-            }
-            None => deferred.push((id, holder, group[0])),
-        }
-    }
-    for (id, holder, (up, uv, uaddr)) in deferred {
-        let user_vma = &processes[up].vmas[uv];
-        let in_holder = processes[holder].vmas.iter().position(|v| {
-            v.start <= uaddr
-                && uaddr < v.end
-                && is_private_memory(v.kind)
-                && same_backing_at(v, user_vma, uaddr)
-        });
-        let slot = in_holder
-            .map(|hv| {
-                let segment = segment_for(&mut segments, holder, holder, hv);
-                Slot {
-                    segment,
-                    offset: uaddr - processes[holder].vmas[hv].start,
-                }
+                (segment_matches(&segments[segment], slot.offset, user_vma, uaddr)
+                    && populated.can_write(slot, holder, id, &refs, &forest))
+                .then_some(slot)
             })
-            .filter(|slot| populated.get(*slot).is_none())
-            .unwrap_or_else(|| {
-                let segment = segment_for(&mut segments, holder, up, uv);
+        });
+        let slot = match found {
+            Some(slot) => slot,
+            None => {
+                segments.push(Segment {
+                    holder,
+                    before_fork: true,
+                    backing: backing_of(user_vma),
+                    staging: 0,
+                    len: user_vma.len(),
+                    populate: Vec::new(),
+                });
+                template_of.push((up, uv));
+                created[holder].push(segments.len() - 1);
                 Slot {
-                    segment,
+                    segment: segments.len() - 1,
                     offset: uaddr - user_vma.start,
                 }
-            });
+            }
+        };
         slot_of.insert(id, slot);
-        populated.insert(slot, id, &segments);
+        populated.insert(slot, holder, id, &segments);
+        if segments[slot.segment].holder == holder {
+            segments[slot.segment].populate.push(PageFill {
+                offset: slot.offset,
+                pages: 1,
+                first: id,
+            });
+        } else {
+            pre_fork[holder].push(PageFill {
+                offset: relative(slot.segment, slot.offset),
+                pages: 1,
+                first: id,
+            });
+        }
     }
-    for (segment, held) in populated.by_segment.iter().enumerate() {
-        let pairs = held
-            .iter()
-            .enumerate()
-            .filter(|(_, &id)| id != NO_PAGE)
-            .map(|(k, &id)| (k as u64 * PAGE, id));
-        segments[segment].populate = fill_runs(pairs);
+    for segment in segments.iter_mut() {
+        let fills = std::mem::take(&mut segment.populate);
+        segment.populate = fill_runs(fills.into_iter().map(|f| (f.offset, f.first)));
     }
 
     // 3. Per process: pieces for every private VMA.
@@ -476,6 +583,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
             parent: forest.parent[p],
             children: Vec::new(),
             creates: Vec::new(),
+            pre_fork_writes: std::mem::take(&mut pre_fork[p]),
             writes: Vec::new(),
             zero_writes: Vec::new(),
             zaps: Vec::new(),
@@ -511,6 +619,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                 vma,
                 &slot_of,
                 &populated,
+                &forest,
                 &mut segments,
                 &mut plans[p],
                 &mut taken[p],
@@ -523,13 +632,18 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     // Fills and zaps were recorded relative to segments; now that staging
     // addresses are known, make the process-side ones absolute.
     for plan in &mut plans {
-        for op in plan.writes.iter_mut() {
+        for op in plan
+            .writes
+            .iter_mut()
+            .chain(plan.pre_fork_writes.iter_mut())
+        {
             op.offset = absolute(&segments, op.offset);
         }
         for op in plan.zero_writes.iter_mut().chain(plan.zaps.iter_mut()) {
             op.staging = absolute(&segments, op.staging);
         }
         merge_fills(&mut plan.writes);
+        merge_fills(&mut plan.pre_fork_writes);
         merge_zaps(&mut plan.zero_writes);
         merge_zaps(&mut plan.zaps);
     }
@@ -694,7 +808,7 @@ fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<For
     }
     match roots.len() {
         0 => Err(PlanError::NoRoot),
-        1 => Ok(Forest { parent, depth }),
+        1 => Ok(Forest::new(parent, depth)),
         _ => Err(PlanError::SeveralRoots(roots)),
     }
 }
@@ -758,26 +872,6 @@ fn merge_zaps(zaps: &mut Vec<Zap>) {
     *zaps = out;
 }
 
-/// Whether `vma` (at `addr`) and `other` (at the same address) show the same
-/// content for pages nobody wrote: both anonymous, or the same file at the
-/// same file offset.
-fn same_backing_at(vma: &Vma, other: &Vma, addr: u64) -> bool {
-    match (backing_of(vma), backing_of(other)) {
-        (SegmentBacking::Anon, SegmentBacking::Anon) => true,
-        (
-            SegmentBacking::PrivateFile {
-                path: a,
-                offset: oa,
-            },
-            SegmentBacking::PrivateFile {
-                path: b,
-                offset: ob,
-            },
-        ) => a == b && oa + (addr - vma.start) == ob + (addr - other.start),
-        _ => false,
-    }
-}
-
 /// Whether segment `segment` at byte `offset` shows what `vma` shows at `addr`
 /// when neither was written.
 fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool {
@@ -811,6 +905,7 @@ fn plan_vma(
     vma: &Vma,
     slot_of: &Slots,
     populated: &Populated,
+    forest: &Forest,
     segments: &mut Vec<Segment>,
     plan: &mut ProcessPlan,
     taken: &mut Taken,
@@ -895,7 +990,7 @@ fn plan_vma(
     let mut overlays: Vec<Move> = Vec::new();
     for (i, &(addr, want)) in wants.iter().enumerate() {
         let Some(base) = source[i] else { continue };
-        let holds = populated.get(base);
+        let holds = populated.visible(base, p, forest);
         let here = relative(base.segment, base.offset);
         let base_move = Move {
             segment: base.segment,

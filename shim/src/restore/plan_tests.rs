@@ -79,6 +79,15 @@ impl Machine {
                 self.map_segment(&mut space, &plan.segments[s]);
             }
         }
+        for w in &me.pre_fork_writes {
+            for k in 0..w.pages {
+                let phys = self.new_phys(Content::Page(w.first + k));
+                space
+                    .get_mut(&(w.offset + k * PAGE))
+                    .expect("pre-fork write to unmapped staging")
+                    .phys = Some(phys);
+            }
+        }
         for &child in &me.children {
             self.run(plan, child, space.clone());
         }
@@ -466,6 +475,9 @@ fn sibling_only_sharing_when_parent_has_no_such_region() {
         plan.segments[0].holder, 0,
         "the parent holds pages it does not use"
     );
+    // Pages shared by two of the three children live in the same segment as
+    // those shared by all three: each child moves one piece.
+    assert_eq!(vma_count_per_process(&plan), vec![0, 1, 1, 1]);
 }
 
 #[test]
@@ -492,6 +504,15 @@ fn deep_chain_and_reparented_grandchildren() {
     }
     let (plan, _) = run_case(tree, images);
     assert_eq!(plan.stats.pages_copied, 0);
+    // Every level rewrites pages of the root's segment for its own subtree
+    // (before forking) instead of making a segment of its own. The two
+    // grandchildren share other versions of pages 50 and 51 than the chain,
+    // with the same LCA (the root): those two pages come in as overlays.
+    let mut expected = vec![1; 20];
+    expected.extend([3, 3]);
+    assert_eq!(vma_count_per_process(&plan), expected);
+    // The root's segment, and one for the grandchildren's versions.
+    assert_eq!(plan.segments.iter().filter(|s| s.before_fork).count(), 2);
 }
 
 #[test]

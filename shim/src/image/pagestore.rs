@@ -38,7 +38,7 @@ use super::ImageError;
 /// enough for a lazy restore to fetch one.
 pub const DEFAULT_PAGES_PER_FRAME: u64 = 1024;
 /// zstd level 1: fast enough for >= 1 GiB/s of pages on two cores.
-pub const DEFAULT_LEVEL: i32 = 1;
+pub const DEFAULT_LEVEL: i32 = -1;
 
 /// How the page store compresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -113,7 +113,7 @@ pub struct ProcessEntry {
     pub file: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Creds {
     /// real, effective, saved, filesystem
     pub uids: [u32; 4],
@@ -167,7 +167,7 @@ pub struct ProcessImage {
 }
 
 /// The mm fields `PR_SET_MM_MAP` restores, plus auxv.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct MmFields {
     pub start_code: u64,
     pub end_code: u64,

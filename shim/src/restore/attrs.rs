@@ -166,20 +166,7 @@ mod tests {
             cwd: cwd.into(),
             root: root.into(),
             umask: 0o027,
-            creds: Creds {
-                uids: [0; 4],
-                gids: [0; 4],
-                groups: vec![],
-                cap_inheritable: 0,
-                cap_permitted: 0,
-                cap_effective: 0,
-                cap_bounding: 0,
-                cap_ambient: 0,
-                securebits: 0,
-                no_new_privs: false,
-                seccomp_mode: 0,
-                seccomp_filters: vec![],
-            },
+            creds: Creds::default(),
             rlimits: vec![
                 Rlimit {
                     resource: libc::RLIMIT_NOFILE,

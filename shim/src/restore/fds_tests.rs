@@ -9,19 +9,8 @@ pub(crate) fn process(pid: i32, fds: Vec<Fd>) -> ProcessImage {
     ProcessImage {
         pid,
         mm: MmFields {
-            start_code: 0,
-            end_code: 0,
-            start_data: 0,
-            end_data: 0,
-            start_brk: 0,
-            brk: 0,
-            start_stack: 0,
-            arg_start: 0,
-            arg_end: 0,
-            env_start: 0,
-            env_end: 0,
-            auxv: vec![],
             exe_file: "/bin/true".into(),
+            ..MmFields::default()
         },
         vmas: vec![],
         fds,

@@ -44,6 +44,17 @@ pub enum PidNs {
     Current,
 }
 
+impl PidNs {
+    /// The id a task gets back, from its ids outermost namespace first: the
+    /// innermost in a new namespace, the outermost in the current one.
+    fn pick(self, ns_ids: &[i32], id: i32) -> i32 {
+        match self {
+            PidNs::New => ns_ids.last().copied().unwrap_or(id),
+            PidNs::Current => ns_ids.first().copied().unwrap_or(id),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub images: PathBuf,
@@ -173,12 +184,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     } else {
         PidNs::Current
     });
-    let pick = |nspid: &[i32], pid: i32| -> i32 {
-        match mode {
-            PidNs::New => nspid.last().copied().unwrap_or(pid),
-            PidNs::Current => nspid.first().copied().unwrap_or(pid),
-        }
-    };
+    let pick = |nspid: &[i32], pid: i32| mode.pick(nspid, pid);
     let target_pid: Vec<i32> = image
         .tree
         .processes
@@ -830,11 +836,7 @@ fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
     }
     spec.sigmask = t.sigmask;
     spec.altstack = t.sigaltstack;
-    let tid = match ctx.mode {
-        PidNs::New => t.nstid.last().copied().unwrap_or(t.tid),
-        PidNs::Current => t.nstid.first().copied().unwrap_or(t.tid),
-    };
-    spec.set_tid = vec![tid];
+    spec.set_tid = vec![ctx.mode.pick(&t.nstid, t.tid)];
     spec.clear_child_tid = t.clear_child_tid;
     spec.rseq = t.rseq;
     Ok(spec)
@@ -848,11 +850,8 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
         for i in 0..ctx.image.processes.len() {
             let pid = ctx.image.tree.processes[i].pid;
             let state = ctx.control.word(slot(i) + 4).load(Ordering::Acquire);
-            if state == STATE_FAILED {
-                let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-                let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len))
-                    .into_owned();
-                return Err(RestoreError::Process { pid, message });
+            if let Some(failure) = slot_failure(ctx, i) {
+                return Err(failure);
             }
             let status = read_status(ctx, i);
             if let Some(failure) = BlobFailure::from_status(&status) {
@@ -877,17 +876,10 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
             Ok(status) => {
                 // Give a failing process's report a moment to be read.
                 std::thread::sleep(Duration::from_millis(20));
-                for i in 0..ctx.image.processes.len() {
-                    if ctx.control.word(slot(i) + 4).load(Ordering::Acquire) == STATE_FAILED {
-                        let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-                        let message =
-                            String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len))
-                                .into_owned();
-                        return Err(RestoreError::Process {
-                            pid: ctx.image.tree.processes[i].pid,
-                            message,
-                        });
-                    }
+                if let Some(failure) =
+                    (0..ctx.image.processes.len()).find_map(|i| slot_failure(ctx, i))
+                {
+                    return Err(failure);
                 }
                 return Err(RestoreError::Died {
                     pid: ctx.image.tree.processes[0].pid,
@@ -897,6 +889,19 @@ fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The failure process `i` recorded in its slot in the runtime, if any.
+fn slot_failure(ctx: &Ctx, i: usize) -> Option<RestoreError> {
+    if ctx.control.word(slot(i) + 4).load(Ordering::Acquire) != STATE_FAILED {
+        return None;
+    }
+    let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
+    let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
+    Some(RestoreError::Process {
+        pid: ctx.image.tree.processes[i].pid,
+        message,
+    })
 }
 
 /// The blob's Status of process `i`, field by field from the control region.

@@ -1069,3 +1069,40 @@ fn restore_help_mentions_its_options() {
         );
     }
 }
+
+/// SIGKILL of `cowsnap restore` before it released the tree: every process
+/// it created dies with it (each is armed with a parent-death signal until
+/// the release), so nothing is left parked at the barrier or half built.
+#[test]
+fn killing_the_restore_midway_leaves_nothing_behind() {
+    require_root();
+    let tree = RefTree::start(TreeSpec {
+        mib: 256,
+        ..TreeSpec::small("plain")
+    });
+    let pids = tree.pids();
+    let (dir, images) = work_dir();
+    dump_ok(&tree, &images, &[]);
+    let pidfile = dir.path().join("restored.pid");
+    let markers = [dir.path(), tree.dir.path()];
+    let mut restore = spawn_restore(&images, &pidfile, &["--pid-ns", "new"]);
+    let controller = restore.id() as i32;
+    // Kill it as soon as the first process it creates exists: far before a
+    // 256 MiB tree can be in place and released.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = leftovers(&markers, &pids).len() > 1; // the controller itself is one
+        if created || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    kill(Pid::from_raw(controller), Signal::SIGKILL).expect("SIGKILL the restore");
+    let status = restore.wait().expect("wait for cowsnap restore");
+    assert!(!status.success(), "the killed restore reported success");
+    let context = "cowsnap restore SIGKILLed before the release";
+    assert_nothing_left(&markers, &pids, context);
+    assert!(!pidfile.exists(), "{context}: a pid file was written");
+    tree.assert_running_untraced(context);
+    tree.assert_verifies(context);
+}

@@ -24,7 +24,7 @@
 /// `"cowsnapB"` little endian.
 pub const ARGS_MAGIC: u64 = u64::from_le_bytes(*b"cowsnapB");
 /// Bumped on every incompatible change of any struct in this file.
-pub const ARGS_VERSION: u32 = 1;
+pub const ARGS_VERSION: u32 = 2;
 
 /// The blob exits with `EXIT_BASE + step` when a step fails.
 pub const EXIT_BASE: i32 = 64;
@@ -184,7 +184,10 @@ pub struct Barrier {
     /// 0: no barrier.
     pub addr: u64,
     pub count: u32,
-    pub _pad: u32,
+    /// Nonzero: once past the barrier, thread 0 clears the process's
+    /// parent-death signal, which the runtime armed so that the tree dies
+    /// with the restore if the restore dies before releasing it.
+    pub clear_pdeathsig: u32,
 }
 
 /// The status the blob reports, at `ArgHeader::status` (typically a

@@ -57,6 +57,7 @@ const PR_CAP_AMBIENT: u64 = 47;
 const PR_CAP_AMBIENT_RAISE: u64 = 2;
 const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
 const PR_SET_NO_NEW_PRIVS: u64 = 38;
+const PR_SET_PDEATHSIG: u64 = 1;
 const SECBIT_NO_SETUID_FIXUP: u64 = 1 << 2;
 const ARCH_SET_GS: u64 = 0x1001;
 const ARCH_SET_FS: u64 = 0x1002;
@@ -573,6 +574,12 @@ fn thread_tail(b: &Block, i: u64) -> ! {
     if hd.barrier.addr != 0 {
         b.step(STEP_BARRIER, ti);
         barrier(b, hd.barrier, ti);
+        if ti == 0 && hd.barrier.clear_pdeathsig != 0 {
+            // SAFETY: clears a task attribute of this (main) thread only;
+            // threads cloned here never had one.
+            let r = unsafe { syscall(SYS_PRCTL, PR_SET_PDEATHSIG, 0, 0, 0) };
+            b.check_ok(r, STEP_BARRIER, ti, 0, 0);
+        }
     }
 
     // The last thread of this process past the barrier reports success and

@@ -16,6 +16,8 @@
 //!
 //! ```text
 //! 0                barrier word (u32) counted by the blob
+//! 8                set by a namespace's cowsnap-init once it stops dying
+//!                  with the restore command
 //! 4096 + 512*i     slot of process i: outer pid (u32), state (u32),
 //!                  message length (u32) + bytes, blob Status at +384
 //! ```
@@ -128,6 +130,9 @@ pub enum RestoreError {
     },
 }
 
+/// Control word set by a namespace's `cowsnap-init` once it no longer dies
+/// with the restore command.
+const CONTROL_INIT_DISARMED: u64 = 8;
 const SLOT_BASE: u64 = 4096;
 const SLOT_SIZE: u64 = 512;
 const SLOT_MSG_MAX: usize = 360;
@@ -255,6 +260,18 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         })?;
     }
     progress(format_args!("restorer unmapped from every process"));
+    if needs_init {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctx
+            .control
+            .word(CONTROL_INIT_DISARMED)
+            .load(Ordering::Acquire)
+            == 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     if let Some(path) = &options.pidfile {
         std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile {
             path: path.clone(),
@@ -301,6 +318,7 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
 /// Pid 1 of a new namespace whose dumped root was not an init: forks the
 /// root with its own pid, then reaps orphans for as long as the namespace lives.
 fn init_helper(ctx: &Ctx) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let _ = std::fs::write("/proc/self/comm", "cowsnap-init");
     match clone::clone3(&[ctx.target_pid[0]], false) {
         Ok(Forked::Child) => run_process(ctx, 0, None, Staging::default()),
@@ -329,17 +347,32 @@ fn release_fds() {
     let _ = crate::sys::restore_sys::close_range(3, u32::MAX);
 }
 
-/// Init of a restore namespace: reaps orphans until the namespace is empty.
+/// Init of a restore namespace: reaps orphans until the namespace is
+/// empty. Until the tree is released it dies with the restore command (and
+/// the namespace with it); then it disarms that and tells the restore
+/// command, which waits for this before it exits.
 fn reap_forever(ctx: &Ctx, root: i32) -> ! {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut disarmed = false;
     loop {
-        let mut status = 0;
-        // SAFETY: plain waitpid on our own children.
-        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if r == root && !slot_jumped(ctx, 0) {
-            clone::exit_now(1);
+        if !disarmed && ctx.control.word(0).load(Ordering::Acquire) > ctx.total_threads {
+            let _ = nix::sys::prctl::set_pdeathsig(None);
+            ctx.control
+                .word(CONTROL_INIT_DISARMED)
+                .store(1, Ordering::Release);
+            disarmed = true;
         }
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-            clone::exit_now(0);
+        let flags = (!disarmed).then_some(WaitPidFlag::WNOHANG);
+        match waitpid(None, flags) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(status)
+                if status.pid().map(|p| p.as_raw()) == Some(root) && !slot_jumped(ctx, 0) =>
+            {
+                clone::exit_now(1)
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::ECHILD) => clone::exit_now(0),
+            Err(_) => {}
         }
     }
 }
@@ -374,6 +407,10 @@ fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
 /// root creates the pipe set; descendants get the one they inherited, and
 /// the staging mappings their ancestors made.
 fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Staging) -> ! {
+    // Until the release, this process dies with its parent: a restore
+    // killed half way leaves nothing parked behind (the kill cascades down
+    // the tree; the blob disarms it once past the barrier).
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     if let Ok(pid) = clone::outer_pid() {
         ctx.control
             .word(slot(i))
@@ -482,6 +519,7 @@ fn build_process(
     blob_threads(ctx, entry, image, &mut args)?;
     let barrier = ctx.control.addr();
     args.set_barrier(barrier, ctx.total_threads + 1);
+    args.clear_pdeathsig_after_barrier(true);
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);
     args.push_post_barrier_unmap(barrier, PAGE);
     args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);

@@ -290,6 +290,7 @@ pub struct BlobArgs {
     no_new_privs: bool,
     filters: Vec<Vec<u8>>,
     barrier: Option<(u64, u32)>,
+    clear_pdeathsig: bool,
     status: Option<u64>,
     post_barrier_unmaps: Vec<Range>,
     drop_rseq: bool,
@@ -440,6 +441,13 @@ impl BlobArgs {
             start: addr & !(PAGE - 1),
             len: PAGE,
         });
+        self
+    }
+
+    /// Once past the barrier, clear the parent-death signal the runtime armed
+    /// (so a restore that dies before the release takes the tree with it).
+    pub fn clear_pdeathsig_after_barrier(&mut self, yes: bool) -> &mut Self {
+        self.clear_pdeathsig = yes;
         self
     }
 
@@ -1058,7 +1066,7 @@ fn build_block(
         h.barrier = abi::Barrier {
             addr,
             count,
-            _pad: 0,
+            clear_pdeathsig: u32::from(args.clear_pdeathsig),
         };
     }
     h.post_barrier_unmaps = b.table(&args.post_barrier_unmaps);

@@ -15,34 +15,10 @@
 # use prebuilt binaries instead of building release ones.
 set -euo pipefail
 
-mode=plain mib=1024 children=8 dirty=10 keep=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --mode) mode=$2; shift 2 ;;
-        --mib) mib=$2; shift 2 ;;
-        --children) children=$2; shift 2 ;;
-        --dirty-pct) dirty=$2; shift 2 ;;
-        --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-        *) echo "bench/dump.sh: unknown argument $1" >&2; exit 2 ;;
-    esac
-done
-
-if [ "$(id -u)" != 0 ]; then
-    echo "bench/dump.sh: run as root (cowsnap dump reads PFNs and seizes the tree)" >&2
-    exit 2
-fi
-
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${COWSNAP_BIN:-}" ] || [ -z "${REFWORKLOAD_BIN:-}" ]; then
-    (cd "$repo" && cargo build --quiet --release -p cowsnap --bin cowsnap \
-        -p cowsnap-integration --bin cowsnap-refworkload)
-    release="${CARGO_TARGET_DIR:-$repo/target}/release"
-    COWSNAP_BIN=${COWSNAP_BIN:-$release/cowsnap}
-    REFWORKLOAD_BIN=${REFWORKLOAD_BIN:-$release/cowsnap-refworkload}
-fi
-
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/cowsnap-bench.XXXXXX")
+bench=bench/dump.sh help_lines='2,17p' why_root="cowsnap dump reads PFNs and seizes the tree"
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
+bench_setup "$@"
 root=""
 cleanup() {
     if [ -n "$root" ] && kill -0 "$root" 2>/dev/null; then
@@ -57,56 +33,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Pids of the tree, root first.
-tree_pids() {
-    local queue=("$1") pid tid
-    while [ ${#queue[@]} -gt 0 ]; do
-        pid=${queue[0]}
-        queue=("${queue[@]:1}")
-        [ -d "/proc/$pid" ] || continue
-        echo "$pid"
-        for tid in /proc/"$pid"/task/*; do
-            # shellcheck disable=SC2207
-            queue+=($(cat "$tid/children" 2>/dev/null || true))
-        done
-    done
-}
-
-# Sum of the given smaps_rollup fields over the tree, in bytes.
-pss_bytes() {
-    local fields=$1 pid total=0 kb
-    for pid in $pids; do
-        kb=$(awk -v f="$fields" 'BEGIN { n = split(f, want, ",") }
-            { for (i = 1; i <= n; i++) if ($1 == want[i] ":") s += $2 } END { print s + 0 }' \
-            "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
-        total=$((total + kb * 1024))
-    done
-    echo "$total"
-}
-
-mib_of() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-
-echo "starting reference tree: mode $mode, $mib MiB, $children children, $dirty% dirty"
-"$REFWORKLOAD_BIN" --mode "$mode" --mib "$mib" --children "$children" --dirty-pct "$dirty" \
-    --report "$work/report" --ready "$work/ready" </dev/null >/dev/null 2>"$work/tree.err" &
-root=$!
-for _ in $(seq 6000); do
-    [ -f "$work/ready" ] && break
-    if ! kill -0 "$root" 2>/dev/null; then
-        echo "bench/dump.sh: reference tree died during setup:" >&2
-        cat "$work/tree.err" >&2
-        exit 1
-    fi
-    sleep 0.05
-done
-[ -f "$work/ready" ] || { echo "bench/dump.sh: tree not ready after 5 minutes" >&2; exit 1; }
+start_tree
 
 pids=$(tree_pids "$root")
 nprocs=$(echo "$pids" | wc -w)
 nthreads=0
 for pid in $pids; do nthreads=$((nthreads + $(ls "/proc/$pid/task" | wc -l))); done
-pss_unique=$(pss_bytes "Pss_Anon,Pss_Shmem")
-pss_all=$(pss_bytes "Pss")
+pss_unique=$(pss_bytes "Pss_Anon,Pss_Shmem" $pids)
+pss_all=$(pss_bytes "Pss" $pids)
 
 start=$(date +%s.%N)
 status=0

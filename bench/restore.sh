@@ -19,34 +19,10 @@
 # use prebuilt binaries instead of building release ones.
 set -euo pipefail
 
-mode=plain mib=1024 children=8 dirty=10 keep=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --mode) mode=$2; shift 2 ;;
-        --mib) mib=$2; shift 2 ;;
-        --children) children=$2; shift 2 ;;
-        --dirty-pct) dirty=$2; shift 2 ;;
-        --keep) keep=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
-        *) echo "bench/restore.sh: unknown argument $1" >&2; exit 2 ;;
-    esac
-done
-
-if [ "$(id -u)" != 0 ]; then
-    echo "bench/restore.sh: run as root (cowsnap dump reads PFNs; restore chooses pids)" >&2
-    exit 2
-fi
-
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${COWSNAP_BIN:-}" ] || [ -z "${REFWORKLOAD_BIN:-}" ]; then
-    (cd "$repo" && cargo build --quiet --release -p cowsnap --bin cowsnap \
-        -p cowsnap-integration --bin cowsnap-refworkload)
-    release="${CARGO_TARGET_DIR:-$repo/target}/release"
-    COWSNAP_BIN=${COWSNAP_BIN:-$release/cowsnap}
-    REFWORKLOAD_BIN=${REFWORKLOAD_BIN:-$release/cowsnap-refworkload}
-fi
-
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/cowsnap-bench.XXXXXX")
+bench=bench/restore.sh help_lines='2,19p' why_root="cowsnap dump reads PFNs; restore chooses pids"
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
+bench_setup "$@"
 root="" rroot="" rpids=""
 cleanup() {
     if [ -n "$root" ] && kill -0 "$root" 2>/dev/null; then
@@ -62,37 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Pids of the tree, root first.
-tree_pids() {
-    local queue=("$1") pid tid
-    while [ ${#queue[@]} -gt 0 ]; do
-        pid=${queue[0]}
-        queue=("${queue[@]:1}")
-        [ -d "/proc/$pid" ] || continue
-        echo "$pid"
-        for tid in /proc/"$pid"/task/*; do
-            # shellcheck disable=SC2207
-            queue+=($(cat "$tid/children" 2>/dev/null || true))
-        done
-    done
-}
-
-# Sum of the given smaps_rollup fields over the given pids, in bytes.
-pss_bytes() {
-    local fields=$1 pid total=0 kb
-    shift
-    for pid in "$@"; do
-        kb=$(awk -v f="$fields" 'BEGIN { n = split(f, want, ",") }
-            { for (i = 1; i <= n; i++) if ($1 == want[i] ":") s += $2 } END { print s + 0 }' \
-            "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
-        total=$((total + kb * 1024))
-    done
-    echo "$total"
-}
-
 vma_count() { wc -l <"/proc/$1/maps" 2>/dev/null || echo "?"; }
-
-mib_of() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 # The restored tree is not our child (its parent, the restore command, has
 # exited): SIGTERM to its root kills the rest; SIGKILL whatever is left.
@@ -109,20 +55,7 @@ kill_restored() {
     rroot=""
 }
 
-echo "starting reference tree: mode $mode, $mib MiB, $children children, $dirty% dirty"
-"$REFWORKLOAD_BIN" --mode "$mode" --mib "$mib" --children "$children" --dirty-pct "$dirty" \
-    --report "$work/report" --ready "$work/ready" </dev/null >/dev/null 2>"$work/tree.err" &
-root=$!
-for _ in $(seq 6000); do
-    [ -f "$work/ready" ] && break
-    if ! kill -0 "$root" 2>/dev/null; then
-        echo "bench/restore.sh: reference tree died during setup:" >&2
-        cat "$work/tree.err" >&2
-        exit 1
-    fi
-    sleep 0.05
-done
-[ -f "$work/ready" ] || { echo "bench/restore.sh: tree not ready after 5 minutes" >&2; exit 1; }
+start_tree
 
 # shellcheck disable=SC2207
 pids=($(tree_pids "$root"))

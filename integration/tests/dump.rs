@@ -24,34 +24,6 @@ use std::process::{Command, Stdio};
 use common::*;
 use cowsnap::image::types::{PageRun, MANIFEST_FILE};
 
-/// A fresh directory for images; the image itself goes to `<dir>/img`
-/// (which does not exist yet).
-fn image_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("cowsnap-image-")
-        .tempdir()
-        .expect("tempdir");
-    let images = dir.path().join("img");
-    (dir, images)
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-fn dump_ok(tree: &RefTree, images: &Path, extra: &[&str]) -> std::process::Output {
-    let root = tree.root.to_string();
-    let mut args = vec!["dump", "--pid", &root, "--images", path_str(images)];
-    args.extend_from_slice(extra);
-    let output = cowsnap(&args);
-    assert!(
-        output.status.success(),
-        "cowsnap dump failed:\n{}",
-        describe(&output)
-    );
-    output
-}
-
 /// Checks the shape the mode promises, so a workload bug is not taken for a dump bug.
 fn check_tree_shape(tree: &RefTree) {
     let pids = tree.pids();
@@ -166,7 +138,7 @@ fn dump_mode(mode: &'static str) {
     let tree = RefTree::start(TreeSpec::small(mode));
     check_tree_shape(&tree);
     let before = MemorySnapshot::take(&tree);
-    let (_out, images) = image_dir();
+    let (_out, images) = image_dir("image");
     dump_ok(&tree, &images, &[]);
     tree.assert_running_untraced("after the dump");
     let after = MemorySnapshot::take(&tree);
@@ -276,7 +248,7 @@ fn dump_of_nonexistent_pid_fails() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "pid {pid} was reused already"
     );
-    let (out, images) = image_dir();
+    let (out, images) = image_dir("image");
     let output = cowsnap(&[
         "dump",
         "--pid",
@@ -316,7 +288,7 @@ fn dump_of_zombie_fails() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let (out, images) = image_dir();
+    let (out, images) = image_dir("image");
     let output = cowsnap(&[
         "dump",
         "--pid",
@@ -479,7 +451,7 @@ fn assert_no_complete_image(images: &Path) {
 #[test]
 fn sigkill_of_the_dumper_leaves_tree_running() {
     let tree = big_tree();
-    let (_out, images) = image_dir();
+    let (_out, images) = image_dir("image");
     let root = tree.root;
     let dump = BackgroundDump::spawn(&[
         "dump",
@@ -500,7 +472,7 @@ fn dump_in_cgroup(v2: bool) {
     let cgroup = TestCgroup::create(v2, "dump");
     cgroup.add(&tree.pids());
     let before = MemorySnapshot::take(&tree);
-    let (_out, images) = image_dir();
+    let (_out, images) = image_dir("image");
     dump_ok(&tree, &images, &["--cgroup", path_str(&cgroup.dir)]);
     assert_eq!(cgroup.state(), "THAWED", "cgroup state after the dump");
     tree.assert_running_untraced("after a cgroup dump");
@@ -514,7 +486,7 @@ fn sigkill_during_cgroup_dump(v2: bool) {
     let tree = big_tree();
     let cgroup = TestCgroup::create(v2, "kill");
     cgroup.add(&tree.pids());
-    let (_out, images) = image_dir();
+    let (_out, images) = image_dir("image");
     let root = tree.root;
     let dump = BackgroundDump::spawn(&[
         "dump",

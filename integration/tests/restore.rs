@@ -28,7 +28,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::thread;
@@ -45,32 +45,6 @@ const WORKLOAD_COMM: &str = "cowsnap-refwork";
 const INIT_COMM: &str = "cowsnap-init";
 
 // ------------------------------------------------------------ helpers
-
-/// A fresh directory for an image (`<dir>/img`, not created yet) and pid files.
-fn work_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("cowsnap-restore-")
-        .tempdir()
-        .expect("tempdir");
-    let images = dir.path().join("img");
-    (dir, images)
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-fn dump_ok(tree: &RefTree, images: &Path, extra: &[&str]) {
-    let root = tree.root.to_string();
-    let mut args = vec!["dump", "-q", "--pid", &root, "--images", path_str(images)];
-    args.extend_from_slice(extra);
-    let output = cowsnap(&args);
-    assert!(
-        output.status.success(),
-        "cowsnap dump failed:\n{}",
-        describe(&output)
-    );
-}
 
 /// `totals.pages_zero` of `cowsnap inspect --json`: present all-zero pages,
 /// which the image does not store and a restore does not allocate.
@@ -118,19 +92,7 @@ fn spawn_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Child {
 
 /// Waits for a restore started by [`spawn_restore`] (at most [`PATIENCE`]).
 fn wait_restore(mut child: Child, pidfile: &Path) -> Output {
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cowsnap restore did not finish within {PATIENCE:?}");
-            }
-            Err(e) => panic!("wait for cowsnap restore: {e}"),
-        }
-    };
+    let status = wait_status(&mut child, "cowsnap restore");
     Output {
         status,
         stdout: fs::read(pidfile.with_extension("stdout")).unwrap_or_default(),
@@ -559,7 +521,7 @@ impl Checks {
 fn restore_mode(mode: &'static str) {
     let tree = RefTree::start(TreeSpec::small(mode));
     let original = TreeView::take(&tree.pids());
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let zero = zero_pages(&images);
 
@@ -643,7 +605,7 @@ mode_tests! {
 fn restore_plain_in_current_namespace_after_dump_exit() {
     let mut tree = RefTree::start(TreeSpec::small("plain"));
     let original = TreeView::take(&tree.pids());
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &["--exit"]);
     tree.wait_exited("after dump --exit");
     let zero = zero_pages(&images);
@@ -698,7 +660,7 @@ fn restore_plain_in_current_namespace_after_dump_exit() {
 fn same_image_restored_twice_at_once() {
     let tree = RefTree::start(TreeSpec::small("plain"));
     let original = TreeView::take(&tree.pids());
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let zero = zero_pages(&images);
 
@@ -786,7 +748,7 @@ fn holders(link: &str) -> Vec<String> {
 #[test]
 fn restore_leaves_callers_stdio_alone() {
     let tree = RefTree::start(TreeSpec::small("plain"));
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let pidfile = dir.path().join("restored.pid");
     let mut child = Command::new(cowsnap_bin())
@@ -962,7 +924,7 @@ fn assert_restore_failed(output: &Output, pidfile: &Path, needle: &str, context:
 #[test]
 fn restore_of_corrupted_pages_fails_cleanly() {
     let tree = RefTree::start(TreeSpec::small("plain"));
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let pages = images.join("pages");
     let mut bytes = fs::read(&pages).unwrap_or_else(|e| panic!("read {}: {e}", pages.display()));
@@ -983,7 +945,7 @@ fn restore_of_corrupted_pages_fails_cleanly() {
 #[test]
 fn restore_with_opened_file_gone_fails_cleanly() {
     let tree = RefTree::start(TreeSpec::small("plain"));
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     // Every process of the tree holds the report file open.
     fs::remove_file(&tree.report)
@@ -1006,7 +968,7 @@ fn restore_with_opened_file_gone_fails_cleanly() {
 fn restore_into_current_namespace_with_pids_taken_fails_cleanly() {
     let tree = RefTree::start(TreeSpec::small("plain"));
     let pids = tree.pids();
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
 
     let pidfile = dir.path().join("restored.pid");
@@ -1035,7 +997,7 @@ fn restore_into_current_namespace_with_pids_taken_fails_cleanly() {
 
 fn restore_unsupported(mode: &'static str) {
     let tree = RefTree::start(TreeSpec::small(mode));
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let pidfile = dir.path().join("restored.pid");
     let output = run_restore(&images, &pidfile, &["--pid-ns", "new"]);
@@ -1081,7 +1043,7 @@ fn killing_the_restore_midway_leaves_nothing_behind() {
         ..TreeSpec::small("plain")
     });
     let pids = tree.pids();
-    let (dir, images) = work_dir();
+    let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &[]);
     let pidfile = dir.path().join("restored.pid");
     let markers = [dir.path(), tree.dir.path()];

@@ -103,6 +103,53 @@ pub fn cowsnap(args: &[&str]) -> Output {
     wait_output(child, &format!("cowsnap {}", args.join(" ")))
 }
 
+/// Waits for a spawned command, killing it and failing the test if it does
+/// not end within [`PATIENCE`].
+pub fn wait_status(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {PATIENCE:?}");
+            }
+            Err(e) => panic!("wait for {what}: {e}"),
+        }
+    }
+}
+
+/// A fresh temporary directory named `cowsnap-<what>-*` and the path of an
+/// image directory inside it (`<dir>/img`, not created yet).
+pub fn image_dir(what: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cowsnap-{what}-"))
+        .tempdir()
+        .expect("tempdir");
+    let images = dir.path().join("img");
+    (dir, images)
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// `cowsnap dump --pid ROOT --images IMAGES EXTRA...`, which must succeed.
+pub fn dump_ok(tree: &RefTree, images: &Path, extra: &[&str]) -> Output {
+    let root = tree.root.to_string();
+    let mut args = vec!["dump", "--pid", &root, "--images", path_str(images)];
+    args.extend_from_slice(extra);
+    let output = cowsnap(&args);
+    assert!(
+        output.status.success(),
+        "cowsnap dump failed:\n{}",
+        describe(&output)
+    );
+    output
+}
+
 /// Waits for a spawned command with piped stdout/stderr, failing the test
 /// if it does not end within [`PATIENCE`].
 pub fn wait_output(mut child: Child, what: &str) -> Output {
@@ -117,19 +164,7 @@ pub fn wait_output(mut child: Child, what: &str) -> Output {
     }
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not finish within {PATIENCE:?}");
-            }
-            Err(e) => panic!("wait for {what}: {e}"),
-        }
-    };
+    let status = wait_status(&mut child, what);
     Output {
         status,
         stdout: stdout.join().unwrap_or_default(),

@@ -12,6 +12,7 @@
 //! - [`restore`]: plan and rebuild a process tree from an image, including the
 //!   position-independent restorer blob and its loader.
 
+pub mod containerd;
 pub mod dump;
 pub mod image;
 pub mod restore;

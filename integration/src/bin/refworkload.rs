@@ -15,7 +15,10 @@
 //! Protocol (integration/tests and bench/dump.sh rely on it):
 //! - `--report PATH` is appended to with one write(2) per line:
 //!   `REGION <pid> <private|shared> <start-hex> <bytes>` once per process after setup;
-//!   `SHM <shmid> <attached|unattached> <bytes>` by the root in `sysv-shm` mode;
+//!   `SHM <shmid> <attached|unattached> <bytes>` by the root in `sysv-shm` mode
+//!   (the attached segment is private, mode 0600, attached by every process;
+//!   the unattached one has key 0x5c000000 | (root pid & 0xffffff), mode 0640,
+//!   and is checked by the root, which attaches it by id, on SIGUSR1);
 //!   `OK <pid>` or `BAD <pid> <addr-hex> <what>` after each SIGUSR1.
 //! - `--ready PATH`: the root writes its pid there (atomically, by rename) once
 //!   every process of the tree is set up.
@@ -102,6 +105,9 @@ const SHARED_BASE_TAG: u64 = 0x1_0000;
 const SHARED_CHILD_TAG: u64 = 0x2_0000;
 const UNATTACHED_TAG: u64 = 0x3_0000;
 const THREAD_TAG: u64 = 0x4_0000;
+/// The unattached SysV segment: key `UNATTACHED_KEY_BASE | (root pid & 0xffffff)`, this mode.
+const UNATTACHED_KEY_BASE: libc::key_t = 0x5c00_0000;
+const UNATTACHED_MODE: libc::c_int = 0o640;
 /// Pages in each extra thread's buffer.
 const THREAD_BUFFER_PAGES: usize = 16;
 
@@ -367,12 +373,22 @@ fn map_memfd_region(len: usize, page: usize) -> Region {
 }
 
 fn sysv_create(len: usize) -> i32 {
-    // SAFETY: creates a new private segment.
-    let id = unsafe { libc::shmget(libc::IPC_PRIVATE, len, libc::IPC_CREAT | 0o600) };
+    sysv_create_keyed(libc::IPC_PRIVATE, len, 0o600)
+}
+
+fn sysv_create_keyed(key: libc::key_t, len: usize, mode: libc::c_int) -> i32 {
+    // SAFETY: creates a new segment; IPC_EXCL never opens someone else's.
+    let id = unsafe { libc::shmget(key, len, libc::IPC_CREAT | libc::IPC_EXCL | mode) };
     if id < 0 {
         die("shmget");
     }
     id
+}
+
+/// Key of the segment nobody attaches: public (restores must keep keys),
+/// unique per tree (derived from the root's pid).
+fn unattached_key() -> libc::key_t {
+    UNATTACHED_KEY_BASE | (getpid() & 0xff_ffff)
 }
 
 fn sysv_attach(id: i32, flags: libc::c_int) -> usize {
@@ -878,7 +894,7 @@ fn main() {
     }
     let unattached = if args.mode == Mode::SysvShm {
         let unattached_len = len.min(4 * 1024 * 1024);
-        let id = sysv_create(unattached_len);
+        let id = sysv_create_keyed(unattached_key(), unattached_len, UNATTACHED_MODE);
         segments.push(id);
         let addr = sysv_attach(id, 0);
         Region {

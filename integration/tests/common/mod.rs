@@ -798,13 +798,30 @@ pub fn scan(pid: i32, start: u64, pages: u64, include_file: bool) -> Vec<PageSta
                 pfn != 0,
                 "pid {pid} {addr:#x}: PFN 0 in pagemap (not root?)"
             );
-            if buf.iter().all(|&b| b == 0) {
+            // Zero: the kernel's zero page. An allocated page that holds
+            // zeros is memory like any other (and the dump stores it).
+            if buf.iter().all(|&b| b == 0) && is_kernel_zero_frame(pfn) {
                 PageState::Zero
             } else {
                 PageState::Data(pfn)
             }
         })
         .collect()
+}
+
+/// Whether frame `pfn` is a kernel zero page (KPF_ZERO_PAGE, bit 24 of
+/// /proc/kpageflags).
+fn is_kernel_zero_frame(pfn: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    static FLAGS: OnceLock<std::fs::File> = OnceLock::new();
+    let flags = FLAGS.get_or_init(|| {
+        std::fs::File::open("/proc/kpageflags").expect("open /proc/kpageflags (root?)")
+    });
+    let mut word = [0u8; 8];
+    flags
+        .read_exact_at(&mut word, pfn * 8)
+        .unwrap_or_else(|e| panic!("/proc/kpageflags at pfn {pfn:#x}: {e}"));
+    u64::from_ne_bytes(word) >> 24 & 1 == 1
 }
 
 /// What the kernel says about the tree's memory, at one moment.

@@ -55,6 +55,28 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// The container restore helper (run by the containerd shim as a
+    /// container's pid 1): becomes the restored root of IMAGES, with the
+    /// shim's control region on CONTROL_FD.
+    #[command(hide = true)]
+    RestoreInit {
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        control_fd: i32,
+    },
+    /// The controller of a container restore (run by the containerd shim):
+    /// waits for the helper, container init INIT_PID, to rebuild the tree,
+    /// releases it and removes the helper's mounts.
+    #[command(hide = true)]
+    RestoreControl {
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        init_pid: i32,
+        #[arg(long)]
+        control_fd: i32,
+    },
     /// Summarise an image: the tree, per-process VMAs and pages, sharing and compression totals.
     Inspect {
         dir: PathBuf,
@@ -110,6 +132,22 @@ fn main() -> ExitCode {
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }
+        Command::RestoreInit { images, control_fd } => {
+            match cowsnap::sys::ns::owned_fd(control_fd) {
+                Ok(fd) => Err(cowsnap::restore::restore_as_init(&images, fd).to_string()),
+                Err(e) => Err(format!("--control-fd {control_fd}: {e}")),
+            }
+        }
+        Command::RestoreControl {
+            images,
+            init_pid,
+            control_fd,
+        } => match cowsnap::sys::ns::owned_fd(control_fd) {
+            Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd)
+                .map(|summary| println!("{summary}"))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("--control-fd {control_fd}: {e}")),
+        },
         Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)
             .map(|report| print!("{report}"))
             .map_err(|e| e.to_string()),

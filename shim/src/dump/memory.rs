@@ -185,6 +185,9 @@ pub struct MemoryScanner {
     dedup: HashMap<u64, Slot>,
     stats: ScanStats,
     zero_page: Vec<u8>,
+    /// /proc/kpageflags, to tell the kernel's zero pages from allocated
+    /// pages that hold zeros (None: unreadable, every zero page is "zero").
+    kpageflags: Option<std::fs::File>,
     /// Checked between batches; returning true aborts the scan.
     interrupted: fn() -> bool,
     progress: Option<Progress>,
@@ -203,6 +206,7 @@ impl MemoryScanner {
             dedup: HashMap::new(),
             stats: ScanStats::default(),
             zero_page: vec![0u8; page_size as usize],
+            kpageflags: std::fs::File::open("/proc/kpageflags").ok(),
             interrupted: || false,
             progress: None,
         }
@@ -431,7 +435,18 @@ impl MemoryScanner {
             let mut kept = 0usize;
             for (j, &(_, key)) in batch.iter().enumerate() {
                 let read = j * ps;
-                let outcome = if buf[read..read + ps] == self.zero_page[..] {
+                // An allocated page of zeros is stored like any other (it
+                // compresses to nothing): restore allocates it again, and
+                // shared with whoever shared it, so memory use comes back
+                // as it was. Only a kernel zero page, or a page without
+                // identity, is recorded as "zero" and left unallocated.
+                let allocated = key.is_some_and(|k| {
+                    k & SWAP_KEY_TAG != 0
+                        || self.kpageflags.as_ref().is_some_and(|f| {
+                            crate::sys::pagemap::is_kernel_zero_frame(f, k) == Some(false)
+                        })
+                });
+                let outcome = if !allocated && buf[read..read + ps] == self.zero_page[..] {
                     self.stats.zero_pages += 1;
                     Outcome::Zero
                 } else {
@@ -655,7 +670,8 @@ mod tests {
             for p in 0..1024 {
                 poke(region + p * ps, &pattern(p, 0));
             }
-            // Written, but with zeros: present pages that must not be stored.
+            // Written, but with zeros: allocated pages, stored (with their
+            // identity: the child shares them) so restore allocates them too.
             for p in 1024..1536 {
                 poke(region + p * ps, &vec![0u8; ps]);
             }
@@ -698,12 +714,14 @@ mod tests {
         let pv = scan(&mut scanner, &mut sink, parent.pid, &ranges);
         let cv = scan(&mut scanner, &mut sink, child.pid, &ranges);
 
-        // Parent: 1024 unique + 16 shared + 4 PROT_NONE pages stored; 512 zero.
+        // Parent: 1024 unique + 512 zero-filled + 16 shared + 4 PROT_NONE
+        // pages stored; none is a kernel zero page.
         let p_ids = ids(&pv, region, region + npages * ps);
         assert_eq!(p_ids.len(), npages);
-        assert!(p_ids[..1024].iter().all(|i| i.is_some()));
-        assert!(p_ids[1024..].iter().all(|i| i.is_none()));
-        assert_eq!(count_kind(&pv, |r| matches!(r, PageRun::Zero { .. })), 512);
+        assert!(p_ids[..1536].iter().all(|i| i.is_some()));
+        assert!(p_ids[1536..].iter().all(|i| i.is_none()));
+        assert_eq!(count_kind(&pv, |r| matches!(r, PageRun::Zero { .. })), 0);
+        assert_eq!(sink.page(p_ids[1100].expect("id")), &vec![0u8; ps][..]);
         for p in [0usize, 1, 500, 1023] {
             assert_eq!(
                 sink.page(p_ids[p].expect("id")),
@@ -726,7 +744,7 @@ mod tests {
             assert_ne!(Some(id), p_ids[p]);
             assert_eq!(sink.page(id), &pattern(p, 3)[..]);
         }
-        for p in (100..200).chain(300..1024) {
+        for p in (100..200).chain(300..1536) {
             assert_eq!(
                 c_ids[p - if p >= 300 { 100 } else { 0 }],
                 p_ids[p],
@@ -742,9 +760,9 @@ mod tests {
         assert!(pv.iter().any(|v| v.kind == VmaKind::SharedAnon));
 
         let st = scanner.stats();
-        assert_eq!(st.pages_stored, 1024 + 16 + 4 + 100);
+        assert_eq!(st.pages_stored, 1024 + 512 + 16 + 4 + 100);
         assert_eq!(sink.next_id(), st.pages_stored);
-        assert_eq!(st.zero_pages, 1024);
+        assert_eq!(st.zero_pages, 0);
     }
 
     /// Throughput of scan + store on a child with 512 MiB of half-random pages.

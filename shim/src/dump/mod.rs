@@ -6,6 +6,7 @@ pub mod fds;
 pub mod memory;
 pub mod seize;
 pub mod supervise;
+pub mod sysv;
 pub mod task_state;
 pub mod tree;
 pub mod watchdog;
@@ -109,6 +110,8 @@ pub enum DumpError {
     #[error(transparent)]
     Fds(#[from] FdError),
     #[error(transparent)]
+    Sysv(#[from] sysv::SysvError),
+    #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
@@ -186,7 +189,8 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
         Ok(tree) => tree,
         Err(e) => {
             if let Some(h) = hold.as_mut() {
-                h.release(&watchdog);
+                // A cgroup that was paused before the dump is paused again.
+                resume_cgroup(h, &watchdog, false);
             }
             drop(writer);
             watchdog.finish();
@@ -210,7 +214,8 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
                 eprintln!("cowsnap: detaching after failure: {de}");
             }
             if let Some(h) = hold.as_mut() {
-                h.release(&watchdog);
+                // A cgroup that was paused before the dump is paused again.
+                resume_cgroup(h, &watchdog, false);
             }
             watchdog.finish();
             return Err(e);
@@ -242,7 +247,8 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
                 }
             }
             if let Some(h) = hold.as_mut() {
-                h.release(&watchdog);
+                // A cgroup that was paused before the dump is paused again.
+                resume_cgroup(h, &watchdog, false);
             }
             watchdog.finish();
             return Err(e.into());
@@ -346,12 +352,18 @@ fn collect(
     let mut pipes = PipeCollector::default();
     let mut entries: Vec<ProcessEntry> = Vec::new();
     let mut threads = 0;
+    // SysV shm VMAs of every process: their segments are collected last.
+    let mut sysv_vmas: Vec<(i32, crate::image::types::Vma)> = Vec::new();
     for p in seized.processes() {
         if interrupted() {
             return Err(DumpError::Interrupted);
         }
         let pid = p.pid;
         let facts = tree::read_facts(pid)?;
+        // Fds first: one restore cannot reopen fails the dump before the
+        // (long) memory scan, and no image that cannot be restored is written.
+        let fds = collect_fds(pid, &mut pipes)?;
+        refuse_unsupported_fds(pid, &fds)?;
         // Before the memory scan: collect maps and unmaps a scratch page.
         let state = task_state::collect(seized, pid)?;
         let maps = read_smaps(pid)?;
@@ -361,7 +373,6 @@ fn collect(
                 MemoryError::Interrupted => DumpError::Interrupted,
                 other => other.into(),
             })?;
-        let fds = collect_fds(pid, &mut pipes)?;
         threads += p.tids.len();
         let ppid = if pid == options.pid { 0 } else { p.ppid };
         entries.push(tree::process_entry(pid, ppid, &p.tids, &facts, &state));
@@ -374,6 +385,13 @@ fn collect(
             itimers: state.itimers,
             threads: state.threads,
         };
+        sysv_vmas.extend(
+            image
+                .vmas
+                .iter()
+                .filter(|v| v.kind == crate::image::types::VmaKind::SysvShm)
+                .map(|v| (pid, v.clone())),
+        );
         writer.write_process(&image)?;
     }
     let order = tree::preorder(
@@ -387,7 +405,26 @@ fn collect(
         }
     }
     let count = processes.len();
-    writer.write_tree(&Tree { processes })?;
+    let pids: Vec<i32> = processes.iter().map(|e| e.pid).collect();
+    let sysv_shm = sysv::collect_segments(
+        options.pid,
+        &pids,
+        &sysv_vmas,
+        &mut scanner,
+        writer.pages(),
+        ps,
+    )
+    .map_err(|e| match e {
+        sysv::SysvError::Memory {
+            source: MemoryError::Interrupted,
+            ..
+        } => DumpError::Interrupted,
+        other => other.into(),
+    })?;
+    writer.write_tree(&Tree {
+        processes,
+        sysv_shm,
+    })?;
     let pipe_images: Vec<PipeImage> = pipes.into_images();
     writer.write_pipes(&pipe_images)?;
     if interrupted() {
@@ -398,6 +435,20 @@ fn collect(
         threads,
         stats: scanner.stats(),
     })
+}
+
+/// Refuses an fd of a kind restore cannot reopen (sockets, eventfds,
+/// inotify, named FIFOs, ...), naming pid, fd and what it is.
+fn refuse_unsupported_fds(pid: i32, fds: &[crate::image::types::Fd]) -> Result<(), DumpError> {
+    for fd in fds {
+        if let crate::image::types::FdKind::Unsupported { link } = &fd.kind {
+            return Err(DumpError::NotSupported(format!(
+                "pid {pid} fd {} is {link}: fds of this kind cannot be restored yet",
+                fd.fd
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -614,15 +614,25 @@ impl Seizer {
             // ESRCH: already dead; its death is collected below.
             let _ = ptrace::kill(p.pid, libc::SIGKILL);
         }
-        // Non-leaders first: a leader is reported only once its group is empty.
-        let mut tids: Vec<(bool, i32)> = self
+        // Non-leaders first: a leader is reported only once its group is
+        // empty. Descendants before ancestors: a dying pid-namespace init
+        // waits until every process of its namespace is reaped, and a
+        // traced zombie is reaped only after its tracer (we) collected it.
+        let depth_rank: std::collections::BTreeMap<i32, usize> = processes
+            .iter()
+            .map(|p| (p.pid, tree_depth(p.pid, processes)))
+            .collect();
+        let mut tids: Vec<(bool, std::cmp::Reverse<usize>, i32)> = self
             .tracees
             .iter()
-            .map(|(&tid, t)| (tid == t.pid, tid))
+            .map(|(&tid, t)| {
+                let depth = depth_rank.get(&t.pid).copied().unwrap_or(usize::MAX);
+                (tid == t.pid, std::cmp::Reverse(depth), tid)
+            })
             .collect();
         tids.sort_unstable();
         let mut first: Option<SeizeError> = None;
-        for (_, tid) in tids {
+        for (_, _, tid) in tids {
             self.tracees.remove(&tid);
             if own_children.contains(&tid) {
                 match ptrace::wait_exited_nowait(tid) {
@@ -782,6 +792,21 @@ impl SeizedTree {
         self.released = true;
         self.seizer.kill_all(&self.processes)
     }
+}
+
+/// Depth of `pid` in the seized tree (the root is 0), following `ppid`.
+fn tree_depth(pid: i32, processes: &[SeizedProcess]) -> usize {
+    let parent = |pid: i32| processes.iter().find(|p| p.pid == pid).map(|p| p.ppid);
+    let mut depth = 0;
+    let mut at = pid;
+    while let Some(ppid) = parent(at) {
+        if depth > processes.len() {
+            break;
+        }
+        depth += 1;
+        at = ppid;
+    }
+    depth
 }
 
 impl Drop for SeizedTree {

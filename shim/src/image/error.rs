@@ -127,6 +127,16 @@ pub enum ImageError {
         expected: i32,
         found: i32,
     },
+    #[error("{file}: pid {pid}: vma {start:#x} maps SysV shm segment {shmid} beyond what tree.json's sysv_shm records ({why})")]
+    SysvShmUnrecorded {
+        file: String,
+        pid: i32,
+        start: u64,
+        shmid: i32,
+        why: &'static str,
+    },
+    #[error("tree.json: SysV shm segment {shmid} (key {key:#x}): {why}")]
+    BadSysvShm { shmid: i32, key: i32, why: String },
     #[error("{file}: pid {pid}: vma {start:#x}-{end:#x} is empty, inverted or not page aligned")]
     BadVma {
         file: String,

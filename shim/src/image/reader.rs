@@ -14,7 +14,10 @@
 //!   parent, a process file not in the manifest or naming another pid;
 //! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
 //!   runs unaligned, empty or not covering their VMA exactly, page ids past
-//!   the store.
+//!   the store;
+//! - `tree.json` `sysv_shm`: a shmid twice, page runs not covering the
+//!   segment's pages exactly or past the store, a SysV shm VMA whose
+//!   segment is not recorded or is smaller than the VMA's window.
 //!
 //! Frame contents are not decompressed here (`inspect::verify` does that;
 //! restore checks each frame's checksum as it decompresses it).
@@ -29,7 +32,7 @@ use xxhash_rust::xxh3::{xxh3_128, Xxh3Default};
 
 use super::pagestore::{validate_index, PageStoreReader};
 use super::types::{
-    FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree,
+    FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
     FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE,
     PIPES_FILE, TREE_FILE,
 };
@@ -130,6 +133,7 @@ impl Image {
             check_process(&entry.file, &process, manifest.page_size, index.page_count)?;
             processes.push(process);
         }
+        check_sysv_shm(&tree, &processes, manifest.page_size, index.page_count)?;
         let pipes: Vec<PipeImage> = parse_json(PIPES_FILE, &take(PIPES_FILE))?;
 
         Ok(Image {
@@ -362,6 +366,74 @@ pub(crate) fn check_process(
             return Err(not_covered(vma.end, addr));
         }
         prev = Some((vma.start, vma.end));
+    }
+    Ok(())
+}
+
+/// SysV shm records: unique ids, page runs covering each segment's pages
+/// (offsets from 0) with ids in the store; every SysV shm VMA's segment
+/// recorded and large enough for the VMA's window.
+pub(crate) fn check_sysv_shm(
+    tree: &Tree,
+    processes: &[ProcessImage],
+    page_size: u64,
+    page_count: u64,
+) -> Result<(), ImageError> {
+    let mut seen = HashSet::new();
+    for s in &tree.sysv_shm {
+        let bad = |why: String| ImageError::BadSysvShm {
+            shmid: s.shmid,
+            key: s.key,
+            why,
+        };
+        if !seen.insert(s.shmid) {
+            return Err(bad("listed twice".into()));
+        }
+        let len = s.size.next_multiple_of(page_size);
+        let mut offset = 0u64;
+        for run in &s.pages {
+            if run.start() != offset || run.pages() == 0 {
+                return Err(bad(format!(
+                    "page run at offset {:#x} of {} pages, expected one at {offset:#x}",
+                    run.start(),
+                    run.pages()
+                )));
+            }
+            if let PageRun::Stored { first, pages, .. } = *run {
+                if first.checked_add(pages).is_none_or(|l| l > page_count) {
+                    return Err(bad(format!(
+                        "page id {first} + {pages} past the store's {page_count} pages"
+                    )));
+                }
+            }
+            offset = run
+                .pages()
+                .checked_mul(page_size)
+                .and_then(|l| offset.checked_add(l))
+                .unwrap_or(u64::MAX);
+        }
+        if offset != len {
+            return Err(bad(format!(
+                "page runs cover {offset:#x} bytes, the segment has {len:#x}"
+            )));
+        }
+    }
+    for (entry, process) in tree.processes.iter().zip(processes) {
+        for v in process.vmas.iter().filter(|v| v.kind == VmaKind::SysvShm) {
+            let unrecorded = |why| ImageError::SysvShmUnrecorded {
+                file: entry.file.clone(),
+                pid: process.pid,
+                start: v.start,
+                shmid: v.inode as i32,
+                why,
+            };
+            let Some(s) = tree.sysv_shm.iter().find(|s| s.shmid == v.inode as i32) else {
+                return Err(unrecorded("no such segment"));
+            };
+            if v.offset + v.len() > s.size.next_multiple_of(page_size) {
+                return Err(unrecorded("the window ends past the segment"));
+            }
+        }
     }
     Ok(())
 }
@@ -755,6 +827,73 @@ mod tests {
             open_err(&dir),
             ImageError::PageOutOfRange { pid: 101, vma_start: 0x30000, page_id, page_count, .. }
                 if page_id == testutil::PAGES && page_count == testutil::PAGES
+        ));
+    }
+
+    /// Makes pid 100's first VMA (0x10000, 4 pages) a SysV shm window of
+    /// segment 7, recorded in tree.json with `runs`.
+    fn sysv_image(dir: &Path, record: bool, runs: serde_json::Value) {
+        edit_json(dir, "proc-100.json", |v| {
+            v["vmas"][0]["kind"] = json!("sysv_shm");
+            v["vmas"][0]["shared"] = json!(true);
+            v["vmas"][0]["inode"] = json!(7);
+        });
+        if record {
+            edit_json(dir, "tree.json", |v| {
+                v["sysv_shm"] = json!([{
+                    "key": 0, "shmid": 7, "size": 0x3f00, "uid": 0, "gid": 0,
+                    "cuid": 0, "cgid": 0, "mode": 0o600, "cpid": 100, "lpid": 100,
+                    "nattch": 1, "pages": runs
+                }]);
+            });
+        }
+    }
+
+    #[test]
+    fn sysv_shm_records_load_and_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let runs = json!([
+            {"kind": "stored", "start": 0, "pages": 2, "first": 0},
+            {"kind": "absent", "start": 0x2000, "pages": 2}
+        ]);
+        sysv_image(&dir, true, runs);
+        let image = Image::open(&dir).expect("opens");
+        assert_eq!(image.tree.sysv_shm.len(), 1);
+        assert_eq!(image.tree.sysv_shm[0].size, 0x3f00);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        sysv_image(&dir, false, json!([]));
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::SysvShmUnrecorded {
+                pid: 100,
+                start: 0x10000,
+                shmid: 7,
+                ..
+            }
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        sysv_image(
+            &dir,
+            true,
+            json!([{"kind": "absent", "start": 0, "pages": 3}]),
+        );
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("cover")
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let past = json!([{"kind": "stored", "start": 0, "pages": 4, "first": testutil::PAGES}]);
+        sysv_image(&dir, true, past);
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("past the store")
         ));
     }
 

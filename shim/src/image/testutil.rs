@@ -77,6 +77,7 @@ fn entry(pid: i32, ppid: i32) -> ProcessEntry {
 pub fn tree() -> Tree {
     Tree {
         processes: vec![entry(ROOT, 0), entry(CHILD, ROOT)],
+        sysv_shm: Vec::new(),
     }
 }
 

@@ -83,6 +83,37 @@ pub struct FileEntry {
 pub struct Tree {
     /// Parents before children (a pre-order walk from the root).
     pub processes: Vec<ProcessEntry>,
+    /// SysV shared memory segments of the tree's IPC namespace: every one
+    /// the tree has attached, and unattached ones (see `dump::sysv`).
+    /// Absent in images written before cowsnap restored SysV shm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_shm: Vec<SysvShmSegment>,
+}
+
+/// One SysV shared memory segment, as `/proc/sysvipc/shm` and `IPC_STAT`
+/// describe it, with its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvShmSegment {
+    /// `IPC_PRIVATE` (0) for private segments and for segments marked destroyed.
+    pub key: i32,
+    /// The id processes use; a mapping's inode in /proc/PID/maps.
+    pub shmid: i32,
+    /// `shm_segsz` in bytes (attachments are this rounded up to pages).
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    /// Permission bits, plus SHM_DEST (0o1000: removed, alive while attached)
+    /// and SHM_LOCKED (0o2000), as /proc/sysvipc/shm shows them.
+    pub mode: u32,
+    /// Creator and last shmat/shmdt pids in the dumper's pid namespace (not restored).
+    pub cpid: i32,
+    pub lpid: i32,
+    pub nattch: u64,
+    /// Page runs covering the segment's pages exactly, `start` being the
+    /// byte offset in the segment.
+    pub pages: Vec<PageRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

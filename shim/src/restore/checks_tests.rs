@@ -105,6 +105,7 @@ fn fixture() -> Fixture {
     let mut w = ImageWriter::create(&image_dir, 4096).expect("writer");
     w.write_tree(&Tree {
         processes: vec![entry],
+        sysv_shm: Vec::new(),
     })
     .expect("tree");
     w.write_process(&proc_image).expect("process");

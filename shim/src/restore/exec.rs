@@ -18,11 +18,13 @@
 //! 0                barrier word (u32) counted by the blob
 //! 8                set by a namespace's cowsnap-init once it stops dying
 //!                  with the restore command
+//! 2048             SysV shm ids the root created (count u32, then ids),
+//!                  removed by the restore command if the restore fails
 //! 4096 + 512*i     slot of process i: outer pid (u32), state (u32),
 //!                  message length (u32) + bytes, blob Status at +384
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,9 @@ pub enum PidNs {
     New,
     /// The restore command's namespace; every pid must be free.
     Current,
+    /// The caller is pid 1 of a container's fresh pid namespace (the
+    /// container restore helper) and becomes the restored root itself.
+    Container,
 }
 
 impl PidNs {
@@ -51,8 +56,16 @@ impl PidNs {
     /// innermost in a new namespace, the outermost in the current one.
     fn pick(self, ns_ids: &[i32], id: i32) -> i32 {
         match self {
-            PidNs::New => ns_ids.last().copied().unwrap_or(id),
+            PidNs::New | PidNs::Container => ns_ids.last().copied().unwrap_or(id),
             PidNs::Current => ns_ids.first().copied().unwrap_or(id),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PidNs::New => "new",
+            PidNs::Current => "current",
+            PidNs::Container => "container's",
         }
     }
 }
@@ -85,10 +98,7 @@ impl std::fmt::Display for RestoreSummary {
             self.processes,
             self.threads,
             self.root_pid,
-            match self.pid_ns {
-                PidNs::New => "new",
-                PidNs::Current => "current",
-            },
+            self.pid_ns.name(),
             self.plan.pages_inherited,
             self.plan.pages_private,
             self.plan.pages_copied,
@@ -157,22 +167,30 @@ struct Ctx {
     stdio: fds::Stdio,
 }
 
-/// Restores the image described by `options`; returns once every process
-/// of the tree runs.
-pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
-    let started = Instant::now();
-    let progress = |what: std::fmt::Arguments| {
-        if options.progress {
-            eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
-        }
-    };
-    let image = Image::open(&options.images).map_err(|source| RestoreError::Image {
-        dir: options.images.clone(),
+/// Whether the files an image depends on are checked where this runs:
+/// not by the shim, whose root is not the container's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Files {
+    Check,
+    ElsewhereLater,
+}
+
+/// Opens and checks an image and plans its restore: everything that can
+/// be refused is refused here, before anything is created.
+fn open_and_plan(
+    images: &Path,
+    files: Files,
+    progress: &dyn Fn(std::fmt::Arguments),
+) -> Result<(Image, RestorePlan), RestoreError> {
+    let image = Image::open(images).map_err(|source| RestoreError::Image {
+        dir: images.to_path_buf(),
         source,
     })?;
     refuse_unsupported(&image)?;
-    checks::check_files(&image)?;
-    progress(format_args!("image {} checked", options.images.display()));
+    if files == Files::Check {
+        checks::check_files(&image)?;
+    }
+    progress(format_args!("image {} checked", images.display()));
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
     progress(format_args!(
         "planned: {} segments, {} moves, {} pages inherited, {} private, {} copied",
@@ -182,13 +200,30 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         plan.stats.pages_private,
         plan.stats.pages_copied
     ));
-    let root = &image.tree.processes[0];
-    let root_is_ns_init = root.nspid.last() == Some(&1);
-    let mode = options.pid_ns.unwrap_or(if root_is_ns_init {
-        PidNs::New
-    } else {
-        PidNs::Current
-    });
+    Ok((image, plan))
+}
+
+/// Every thread of the tree, counted once per process at least.
+fn total_threads(image: &Image) -> u32 {
+    image
+        .processes
+        .iter()
+        .map(|p| p.threads.len().max(1) as u32)
+        .sum()
+}
+
+/// Bytes of control region a tree of `processes` needs.
+fn control_len(processes: usize) -> u64 {
+    SLOT_BASE + SLOT_SIZE * processes as u64
+}
+
+/// What every restored process needs: pids checked free, stdio taken.
+fn context(
+    image: Image,
+    plan: RestorePlan,
+    mode: PidNs,
+    control: SharedRegion,
+) -> Result<Ctx, RestoreError> {
     let pick = |nspid: &[i32], pid: i32| mode.pick(nspid, pid);
     let target_pid: Vec<i32> = image
         .tree
@@ -196,26 +231,24 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         .iter()
         .map(|e| pick(&e.nspid, e.pid))
         .collect();
-    if mode == PidNs::Current {
+    if mode != PidNs::New {
+        // A container's helper is pid 1 itself: every other pid must be free.
         let mut all: Vec<i32> = Vec::new();
         for p in &image.processes {
             all.extend(p.threads.iter().map(|t| pick(&t.nstid, t.tid)));
         }
+        if mode == PidNs::Container {
+            all.retain(|&pid| pid != 1);
+        }
         checks::check_pids_free(&all)?;
     }
-    let total_threads: u32 = image
-        .processes
-        .iter()
-        .map(|p| p.threads.len().max(1) as u32)
-        .sum();
-    let processes = image.processes.len();
-    let control = SharedRegion::new(SLOT_BASE + SLOT_SIZE * processes as u64)?;
+    let total_threads = total_threads(&image);
     let fd_base = fds::fd_base(&image.processes);
     let stdio = inherit_stdio(fd_base).map_err(|message| RestoreError::Process {
-        pid: root.pid,
+        pid: image.tree.processes[0].pid,
         message,
     })?;
-    let ctx = Ctx {
+    Ok(Ctx {
         image,
         plan,
         control,
@@ -224,12 +257,40 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         total_threads,
         fd_base,
         stdio,
+    })
+}
+
+/// Restores the image described by `options`; returns once every process
+/// of the tree runs.
+pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
+    let started = Instant::now();
+    let progress = |what: std::fmt::Arguments| {
+        if options.progress {
+            eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
+        }
     };
+    let (image, plan) = open_and_plan(&options.images, Files::Check, &progress)?;
+    let root = &image.tree.processes[0];
+    let root_is_ns_init = root.nspid.last() == Some(&1);
+    let mode = options.pid_ns.unwrap_or(if root_is_ns_init {
+        PidNs::New
+    } else {
+        PidNs::Current
+    });
+    if mode == PidNs::Container {
+        return Err(RestoreError::NotSupported(
+            "the container mode is only for the container restore helper (cowsnap restore-init)"
+                .into(),
+        ));
+    }
+    let processes = image.processes.len();
+    let control = SharedRegion::new(control_len(processes))?;
+    let ctx = context(image, plan, mode, control)?;
     progress(format_args!(
         "restoring {} processes ({} threads) into the {} pid namespace",
         processes,
-        total_threads,
-        if mode == PidNs::New { "new" } else { "current" }
+        ctx.total_threads,
+        mode.name()
     ));
 
     let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
@@ -240,25 +301,15 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         Forked::Parent(pid) => pid,
     };
 
-    if let Err(e) = wait_in_place(&ctx, child) {
-        kill_all(&ctx, child);
+    let watch = Watch::of(&ctx.control, &ctx.image, None);
+    if let Err(e) = wait_in_place(&watch, Some(child)) {
+        kill_all(&watch, child);
         return Err(e);
     }
     progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
-    let root_pid = slot_pid(&ctx, 0);
-    // The tree runs; take the restorer's region out of every process.
-    for i in 0..processes {
-        let raw = ctx.control.read_bytes(slot(i) + SLOT_BLOB, 16);
-        let start = u64::from_ne_bytes(raw[..8].try_into().unwrap_or_default());
-        let len = u64::from_ne_bytes(raw[8..].try_into().unwrap_or_default());
-        cleanup::unmap_restorer(slot_pid(&ctx, i), start, len).map_err(|e| {
-            RestoreError::Process {
-                pid: ctx.image.tree.processes[i].pid,
-                message: e.to_string(),
-            }
-        })?;
-    }
+    let root_pid = watch.pid(0);
+    release_restorer(&watch)?;
     progress(format_args!("restorer unmapped from every process"));
     if needs_init {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -282,10 +333,153 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         root_pid,
         pid_ns: mode,
         processes,
-        threads: total_threads as usize,
+        threads: ctx.total_threads as usize,
         plan: ctx.plan.stats,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Takes the restorer's region out of every process of the released tree.
+fn release_restorer(watch: &Watch) -> Result<(), RestoreError> {
+    for i in 0..watch.dumped.len() {
+        let raw = watch.control.read_bytes(slot(i) + SLOT_BLOB, 16);
+        let start = u64::from_ne_bytes(raw[..8].try_into().unwrap_or_default());
+        let len = u64::from_ne_bytes(raw[8..].try_into().unwrap_or_default());
+        cleanup::unmap_restorer(watch.pid(i), start, len).map_err(|e| RestoreError::Process {
+            pid: watch.dumped[i],
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// A container restore as its two halves see it: the shim prepares the
+/// control region (a memfd the helper gets as an extra fd), the helper
+/// ([`restore_as_init`]) rebuilds the tree as the container's pid 1, and
+/// the shim ([`ContainerRestore::control`]) releases it.
+pub struct ContainerRestore {
+    image: Image,
+    plan: RestorePlan,
+    control: SharedRegion,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl ContainerRestore {
+    /// Opens and checks the image on the host side (before the container
+    /// exists) and creates the control region.
+    pub fn prepare(images: &Path) -> Result<ContainerRestore, RestoreError> {
+        let (image, plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        if image.tree.processes[0].nspid.last() != Some(&1) {
+            return Err(RestoreError::NotSupported(format!(
+                "image {}: its root (pid {}) was not a pid namespace init, so it was not a container",
+                images.display(),
+                image.tree.processes[0].pid
+            )));
+        }
+        let len = control_len(image.processes.len());
+        let fd = mem::memfd("cowsnap-control", len)?;
+        let control = SharedRegion::from_fd(std::os::fd::AsFd::as_fd(&fd), len)?;
+        Ok(ContainerRestore {
+            image,
+            plan,
+            control,
+            fd: Some(fd),
+        })
+    }
+
+    /// The controller's side in another process than [`prepare`]'s: the
+    /// image opened again, the control region mapped from `fd`.
+    ///
+    /// [`prepare`]: ContainerRestore::prepare
+    pub fn attach(
+        images: &Path,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<ContainerRestore, RestoreError> {
+        let (image, plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        let len = control_len(image.processes.len());
+        let control = SharedRegion::from_fd(std::os::fd::AsFd::as_fd(&fd), len)?;
+        Ok(ContainerRestore {
+            image,
+            plan,
+            control,
+            fd: None,
+        })
+    }
+
+    /// The control region's fd, for the helper (once).
+    pub fn take_fd(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.fd.take()
+    }
+
+    /// Waits until the helper (host pid `init_pid`) and every process it
+    /// created is parked, releases the tree and unmaps the restorer. On
+    /// failure kills the container's init (and so its namespace).
+    pub fn control(self, init_pid: i32) -> Result<RestoreSummary, RestoreError> {
+        let started = Instant::now();
+        let host = HostPids::new(init_pid);
+        let watch = Watch::of(&self.control, &self.image, Some(&host));
+        if let Err(e) = wait_in_place(&watch, None) {
+            kill_all(&watch, init_pid);
+            return Err(e);
+        }
+        mem::futex_add_and_wake(self.control.word(0));
+        release_restorer(&watch)?;
+        Ok(RestoreSummary {
+            root_pid: init_pid,
+            pid_ns: PidNs::Container,
+            processes: self.image.processes.len(),
+            threads: total_threads(&self.image) as usize,
+            plan: self.plan.stats,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The container restore helper: this process is pid 1 of the container's
+/// fresh pid namespace, with the control region on `control_fd`. It
+/// becomes the restored root and does not return; a failure is recorded in
+/// the root's slot (the shim reports it) and returned.
+pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> RestoreError {
+    use std::os::fd::{AsFd, AsRawFd};
+    let len = match nix::sys::stat::fstat(control_fd.as_raw_fd()) {
+        Ok(st) => st.st_size as u64,
+        Err(e) => return RestoreError::NotSupported(format!("control fd: {e}")),
+    };
+    // Two mappings of one region: one goes into the context, the other
+    // stays here to report a failure on the way there.
+    let mapped = SharedRegion::from_fd(control_fd.as_fd(), len)
+        .and_then(|report| Ok((report, SharedRegion::from_fd(control_fd.as_fd(), len)?)));
+    drop(control_fd);
+    let (report, control) = match mapped {
+        Ok(both) => both,
+        Err(e) => return e.into(),
+    };
+    let prepared = (|| {
+        if clone::outer_pid().ok() != Some(1) {
+            return Err(RestoreError::NotSupported(
+                "restore-init must run as pid 1 of the container's pid namespace".into(),
+            ));
+        }
+        let (image, plan) = open_and_plan(images, Files::Check, &|_| {})?;
+        if control_len(image.processes.len()) > control.len() {
+            return Err(RestoreError::NotSupported(format!(
+                "control region of {} bytes is too small for {} processes",
+                control.len(),
+                image.processes.len()
+            )));
+        }
+        context(image, plan, PidNs::Container, control)
+    })();
+    match prepared {
+        Ok(ctx) => {
+            drop(report);
+            run_process(&ctx, 0, None, Staging::default())
+        }
+        Err(e) => {
+            record_failure(&report, 0, &e.to_string());
+            e
+        }
+    }
 }
 
 /// Refuses, before anything is created, what this version cannot restore.
@@ -293,7 +487,9 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
     for p in &image.processes {
         for v in &p.vmas {
             let why = match v.kind {
-                VmaKind::SysvShm => "SysV shared memory is",
+                VmaKind::SysvShm if v.vm_flags.iter().any(|f| f == "ht") => {
+                    "SysV shared memory on huge pages is"
+                }
                 VmaKind::Other => "a mapping of this kind is",
                 _ => continue,
             };
@@ -381,26 +577,27 @@ fn slot(i: usize) -> u64 {
     SLOT_BASE + SLOT_SIZE * i as u64
 }
 
-fn slot_pid(ctx: &Ctx, i: usize) -> i32 {
-    ctx.control.word(slot(i)).load(Ordering::Acquire) as i32
-}
-
 fn slot_jumped(ctx: &Ctx, i: usize) -> bool {
     ctx.control.word(slot(i) + 4).load(Ordering::Acquire) == STATE_JUMPING
 }
 
 /// Records a runtime failure of process `i` and exits.
 fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
+    record_failure(&ctx.control, i, message);
+    clone::exit_now(1)
+}
+
+/// Writes a runtime failure of process `i` into its slot.
+fn record_failure(control: &SharedRegion, i: usize, message: &str) {
     let bytes = message.as_bytes();
     let len = bytes.len().min(SLOT_MSG_MAX);
-    ctx.control.write_bytes(slot(i) + 12, &bytes[..len]);
-    ctx.control
+    control.write_bytes(slot(i) + 12, &bytes[..len]);
+    control
         .word(slot(i) + 8)
         .store(len as u32, Ordering::Release);
-    ctx.control
+    control
         .word(slot(i) + 4)
         .store(STATE_FAILED, Ordering::Release);
-    clone::exit_now(1)
 }
 
 /// The life of restored process `i` until it jumps into the blob. The
@@ -410,7 +607,17 @@ fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Stagi
     // Until the release, this process dies with its parent: a restore
     // killed half way leaves nothing parked behind (the kill cascades down
     // the tree; the blob disarms it once past the barrier).
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    //
+    // Not the root of a container: its parent is the shim, whose threads
+    // come and go, and a parent-death signal follows the parent *thread*.
+    if !(ctx.mode == PidNs::Container && i == 0) {
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    }
+    if i == 0 && ctx.mode != PidNs::Current {
+        if let Err(message) = pids_out_of_the_way(ctx) {
+            fail_slot(ctx, i, &message);
+        }
+    }
     if let Ok(pid) = clone::outer_pid() {
         ctx.control
             .word(slot(i))
@@ -441,6 +648,9 @@ fn build_process(
     let me = &ctx.plan.processes[i];
     block_all_signals();
     session(ctx, i).map_err(|e| format!("session/process group: {e}"))?;
+    if i == 0 {
+        restore_sysv_segments(ctx)?;
+    }
 
     // Pipes are created once, by the root, so every process inherits them.
     let created;
@@ -459,7 +669,7 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if segment.before_fork {
-            map_segment(&mut staging, segment).map_err(|e| e.to_string())?;
+            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm)?;
             fills.extend(segment.populate.iter().map(|f| PageFill {
                 offset: segment.staging + f.offset,
                 ..*f
@@ -487,7 +697,7 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if !segment.before_fork {
-            map_segment(&mut staging, segment).map_err(|e| e.to_string())?;
+            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm)?;
         }
     }
     let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
@@ -537,6 +747,27 @@ fn build_process(
     Ok(prepared)
 }
 
+/// Moves the namespace's next automatic pid above every pid and tid of
+/// the image: the worker threads restored processes start while building
+/// (decompression) take automatic pids, which must not be one a process
+/// of the tree still has to get with `set_tid`. Only in a namespace of
+/// the tree's own (the next pid of the caller's is everybody's).
+fn pids_out_of_the_way(ctx: &Ctx) -> Result<(), String> {
+    let highest = ctx
+        .image
+        .processes
+        .iter()
+        .flat_map(|p| p.threads.iter().map(|t| ctx.mode.pick(&t.nstid, t.tid)))
+        .chain(ctx.target_pid.iter().copied())
+        .max()
+        .unwrap_or(1);
+    // /dev: a tmpfs of the container's own (or the host's devtmpfs, where
+    // /proc/sys is writable anyway and the scratch is never made).
+    let scratch = Path::new("/dev/.cowsnap-proc");
+    crate::sys::ns::set_ns_last_pid(highest, scratch)
+        .map_err(|e| format!("setting ns_last_pid to {highest}: {e}"))
+}
+
 fn block_all_signals() {
     let all = nix::sys::signal::SigSet::all();
     let _ =
@@ -556,8 +787,12 @@ fn session(ctx: &Ctx, i: usize) -> Result<(), String> {
             .map(|k| ctx.target_pid[k])
     };
     let me = ctx.target_pid[i];
+    let leads_session = || nix::unistd::getsid(None).ok() == Some(nix::unistd::getpid());
     if to_target(entry.sid) == Some(me) {
-        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        // A container's init (the helper) already leads its session.
+        if !leads_session() {
+            nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        }
     } else if let Some(pgid) = to_target(entry.pgid) {
         let pgid = nix::unistd::Pid::from_raw(pgid);
         nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), pgid)
@@ -570,8 +805,24 @@ fn session(ctx: &Ctx, i: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), RestoreError> {
+fn map_segment(
+    staging: &mut Staging,
+    segment: &plan::Segment,
+    sysv: &[crate::image::types::SysvShmSegment],
+) -> Result<(), String> {
     let mapping = match &segment.backing {
+        SegmentBacking::SysvShm { shmid } => {
+            super::sysv::attach_staging(*shmid, segment.staging, segment.len, sysv)
+                .map_err(|e| e.to_string())?
+        }
+        _ => map_segment_backing(segment).map_err(|e| e.to_string())?,
+    };
+    staging.add(mapping);
+    Ok(())
+}
+
+fn map_segment_backing(segment: &plan::Segment) -> Result<mem::Mapping, RestoreError> {
+    Ok(match &segment.backing {
         SegmentBacking::Anon => mem::Mapping::create(segment.staging, segment.len, Backing::Anon)?,
         SegmentBacking::PrivateFile { path, offset } => {
             let file = std::fs::File::open(path).map_err(|e| {
@@ -595,9 +846,12 @@ fn map_segment(staging: &mut Staging, segment: &plan::Segment) -> Result<(), Res
             let fd = mem::memfd(name, segment.len)?;
             mem::Mapping::create(segment.staging, segment.len, Backing::Shared { fd: &fd })?
         }
-    };
-    staging.add(mapping);
-    Ok(())
+        SegmentBacking::SysvShm { shmid } => {
+            return Err(RestoreError::NotSupported(format!(
+                "SysV shm {shmid} is attached through map_segment"
+            )))
+        }
+    })
 }
 
 /// Part of a frame to copy: (page index in the frame, destination address, pages).
@@ -707,7 +961,8 @@ fn blob_memory(
             | VmaKind::Stack
             | VmaKind::PrivateFile
             | VmaKind::SharedAnon
-            | VmaKind::Memfd => {
+            | VmaKind::Memfd
+            | VmaKind::SysvShm => {
                 args.push_mprotect(v.start, v.len(), prot);
             }
             VmaKind::SharedFile => {
@@ -880,80 +1135,175 @@ fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
     Ok(spec)
 }
 
+/// What the controller watches: the control region, and who each slot is.
+struct Watch<'a> {
+    control: &'a SharedRegion,
+    /// Dumped pid per tree index, to name processes in errors.
+    dumped: Vec<i32>,
+    total_threads: u32,
+    /// Set when the slots hold pids of a container's namespace, which the
+    /// controller (the shim, outside) cannot use as they are.
+    host: Option<&'a HostPids>,
+}
+
+impl<'a> Watch<'a> {
+    fn of(control: &'a SharedRegion, image: &Image, host: Option<&'a HostPids>) -> Watch<'a> {
+        Watch {
+            control,
+            dumped: image.tree.processes.iter().map(|e| e.pid).collect(),
+            total_threads: total_threads(image),
+            host,
+        }
+    }
+
+    /// The pid of process `i` as the controller sees it (0: not started).
+    fn pid(&self, i: usize) -> i32 {
+        let pid = self.control.word(slot(i)).load(Ordering::Acquire) as i32;
+        match self.host {
+            Some(host) if pid > 0 => host.host_pid(pid).unwrap_or(0),
+            _ => pid,
+        }
+    }
+
+    /// The failure process `i` recorded in its slot in the runtime, if any.
+    fn failure(&self, i: usize) -> Option<RestoreError> {
+        if self.control.word(slot(i) + 4).load(Ordering::Acquire) != STATE_FAILED {
+            return None;
+        }
+        let len = self.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
+        let message =
+            String::from_utf8_lossy(&self.control.read_bytes(slot(i) + 12, len)).into_owned();
+        Some(RestoreError::Process {
+            pid: self.dumped[i],
+            message,
+        })
+    }
+
+    /// The blob's Status of process `i`, field by field from the control region.
+    fn status(&self, i: usize) -> blob::Status {
+        let at = slot(i) + SLOT_STATUS;
+        let word = |k: u64| self.control.word(at + 4 * k).load(Ordering::Acquire);
+        let wide = |k: u64| word(k) as u64 | (word(k + 1) as u64) << 32;
+        blob::Status {
+            state: word(0),
+            step: word(1),
+            errno: word(2),
+            thread: word(3),
+            index: wide(4),
+            addr: wide(6),
+        }
+    }
+}
+
+/// Pids of one container's pid namespace as the host sees them, found
+/// through `/proc/*/status` (NSpid) of the processes in that namespace.
+pub struct HostPids {
+    init: i32,
+    ns: Option<std::path::PathBuf>,
+    known: std::sync::Mutex<std::collections::HashMap<i32, i32>>,
+}
+
+impl HostPids {
+    pub fn new(init: i32) -> HostPids {
+        HostPids {
+            init,
+            ns: std::fs::read_link(format!("/proc/{init}/ns/pid")).ok(),
+            known: std::sync::Mutex::new(std::collections::HashMap::from([(1, init)])),
+        }
+    }
+
+    /// The host pid of `inner` (a pid in the container's namespace).
+    pub fn host_pid(&self, inner: i32) -> Option<i32> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&pid) = known.get(&inner) {
+            return Some(pid);
+        }
+        let ns = self.ns.as_ref()?;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if pid == self.init
+                || std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                    .ok()
+                    .as_ref()
+                    != Some(ns)
+            {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            if let Some(last) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|ids| ids.split_whitespace().last())
+                .and_then(|id| id.parse::<i32>().ok())
+            {
+                known.insert(last, pid);
+            }
+        }
+        known.get(&inner).copied()
+    }
+}
+
 /// Waits until every thread of every process is parked at the barrier, or
-/// a process fails or dies.
-fn wait_in_place(ctx: &Ctx, child: i32) -> Result<(), RestoreError> {
-    let barrier = ctx.control.word(0);
+/// a process fails or dies. `child`: the process the controller forked
+/// (waited for), if it forked one.
+fn wait_in_place(watch: &Watch, child: Option<i32>) -> Result<(), RestoreError> {
+    let barrier = watch.control.word(0);
     loop {
-        for i in 0..ctx.image.processes.len() {
-            let pid = ctx.image.tree.processes[i].pid;
-            let state = ctx.control.word(slot(i) + 4).load(Ordering::Acquire);
-            if let Some(failure) = slot_failure(ctx, i) {
+        for i in 0..watch.dumped.len() {
+            let pid = watch.dumped[i];
+            let state = watch.control.word(slot(i) + 4).load(Ordering::Acquire);
+            if let Some(failure) = watch.failure(i) {
                 return Err(failure);
             }
-            let status = read_status(ctx, i);
-            if let Some(failure) = BlobFailure::from_status(&status) {
+            if let Some(failure) = BlobFailure::from_status(&watch.status(i)) {
                 return Err(RestoreError::Blob { pid, failure });
             }
-            let outer = slot_pid(ctx, i);
-            if state != 0 && outer > 0 && !alive(outer) {
-                return Err(RestoreError::Died {
-                    pid,
-                    how: format!("outer pid {outer} is gone"),
-                });
+            let started = watch.control.word(slot(i)).load(Ordering::Acquire) > 0;
+            if state != 0 && started {
+                let outer = watch.pid(i);
+                if outer <= 0 || !alive(outer) {
+                    return Err(RestoreError::Died {
+                        pid,
+                        how: format!("outer pid {outer} is gone"),
+                    });
+                }
             }
         }
-        if barrier.load(Ordering::Acquire) >= ctx.total_threads {
+        if barrier.load(Ordering::Acquire) >= watch.total_threads {
             return Ok(());
         }
-        match nix::sys::wait::waitpid(
-            nix::unistd::Pid::from_raw(child),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-        ) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => {}
-            Ok(status) => {
-                // Give a failing process's report a moment to be read.
-                std::thread::sleep(Duration::from_millis(20));
-                if let Some(failure) =
-                    (0..ctx.image.processes.len()).find_map(|i| slot_failure(ctx, i))
-                {
-                    return Err(failure);
-                }
-                return Err(RestoreError::Died {
-                    pid: ctx.image.tree.processes[0].pid,
-                    how: format!("{status:?}"),
-                });
+        let died = match (child, watch.host) {
+            (Some(child), _) => match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(child),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => None,
+                Ok(status) => Some(format!("{status:?}")),
+            },
+            // The shim reaps the container's init; look at it instead.
+            (None, Some(host)) => (!alive(host.init)).then(|| "the container's init exited".into()),
+            (None, None) => None,
+        };
+        if let Some(how) = died {
+            // Give a failing process's report a moment to be read.
+            std::thread::sleep(Duration::from_millis(20));
+            if let Some(failure) = (0..watch.dumped.len()).find_map(|i| watch.failure(i)) {
+                return Err(failure);
             }
+            return Err(RestoreError::Died {
+                pid: watch.dumped[0],
+                how,
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// The failure process `i` recorded in its slot in the runtime, if any.
-fn slot_failure(ctx: &Ctx, i: usize) -> Option<RestoreError> {
-    if ctx.control.word(slot(i) + 4).load(Ordering::Acquire) != STATE_FAILED {
-        return None;
-    }
-    let len = ctx.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-    let message = String::from_utf8_lossy(&ctx.control.read_bytes(slot(i) + 12, len)).into_owned();
-    Some(RestoreError::Process {
-        pid: ctx.image.tree.processes[i].pid,
-        message,
-    })
-}
-
-/// The blob's Status of process `i`, field by field from the control region.
-fn read_status(ctx: &Ctx, i: usize) -> blob::Status {
-    let at = slot(i) + SLOT_STATUS;
-    let word = |k: u64| ctx.control.word(at + 4 * k).load(Ordering::Acquire);
-    let wide = |k: u64| word(k) as u64 | (word(k + 1) as u64) << 32;
-    blob::Status {
-        state: word(0),
-        step: word(1),
-        errno: word(2),
-        thread: word(3),
-        index: wide(4),
-        addr: wide(6),
     }
 }
 
@@ -981,7 +1331,7 @@ fn alive(pid: i32) -> bool {
 
 /// Kills everything this restore created: the namespace's init (which
 /// takes the whole namespace with it) or every registered process.
-fn kill_all(ctx: &Ctx, child: i32) {
+fn kill_all(watch: &Watch, child: i32) {
     let kill = |pid: i32| {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -991,8 +1341,8 @@ fn kill_all(ctx: &Ctx, child: i32) {
     kill(child);
     for _ in 0..50 {
         let mut any = false;
-        for i in 0..ctx.image.processes.len() {
-            let pid = slot_pid(ctx, i);
+        for i in 0..watch.dumped.len() {
+            let pid = watch.pid(i);
             if pid > 0 && alive(pid) {
                 kill(pid);
                 any = true;
@@ -1003,5 +1353,92 @@ fn kill_all(ctx: &Ctx, child: i32) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    if watch.host.is_none() {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    }
+    remove_recorded_segments(watch);
+}
+
+/// Control-region offset of the SysV shm ids the root created (count, ids).
+const CONTROL_SYSV: u64 = 2048;
+const CONTROL_SYSV_MAX: usize = ((SLOT_BASE - CONTROL_SYSV - 4) / 4) as usize;
+
+/// The root, first of all: the tree's SysV shm segments (see
+/// `restore::sysv`), in a new IPC namespace when the tree comes back in a
+/// new pid namespace, and their pages no VMA shows.
+fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
+    let segments = &ctx.image.tree.sysv_shm;
+    if segments.is_empty() {
+        return Ok(());
+    }
+    let private_ns = ctx.mode == PidNs::New;
+    if private_ns {
+        super::sysv::enter_new_namespace().map_err(|e| e.to_string())?;
+    } else if segments.len() > CONTROL_SYSV_MAX {
+        return Err(super::sysv::SysvError::TooMany {
+            count: segments.len(),
+            max: CONTROL_SYSV_MAX,
+        }
+        .to_string());
+    }
+    let control = &ctx.control;
+    let mut count = 0u32;
+    super::sysv::create_all(segments, |id| {
+        if !private_ns {
+            control.write_bytes(CONTROL_SYSV + 4 + 4 * count as u64, &id.to_ne_bytes());
+            count += 1;
+            control.word(CONTROL_SYSV).store(count, Ordering::Release);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
+    let page = ctx.image.page_size();
+    for s in segments {
+        let vmas = ctx.image.processes.iter().flat_map(|p| &p.vmas);
+        let fills = super::sysv::unmapped_fills(s, vmas, page);
+        let context =
+            |e: String| format!("SysV shm segment key {:#x} shmid {}: {e}", s.key, s.shmid);
+        if !fills.is_empty() {
+            let a = crate::sys::shm::Attachment::new(s.shmid, s.size, false)
+                .map_err(|e| context(e.to_string()))?;
+            let mut staging = Staging::default();
+            staging.add(mem::Mapping {
+                addr: a.addr(),
+                len: a.len(),
+            });
+            let fills: Vec<PageFill> = fills
+                .iter()
+                .map(|f| PageFill {
+                    offset: a.addr() + f.offset,
+                    ..*f
+                })
+                .collect();
+            populate(&reader, &staging, &fills).map_err(context)?;
+        }
+        let attached = ctx.image.processes.iter().any(|p| {
+            p.vmas
+                .iter()
+                .any(|v| v.kind == VmaKind::SysvShm && v.inode as i32 == s.shmid)
+        });
+        if super::sysv::destroyed(s) && !attached {
+            crate::sys::shm::remove(s.shmid).map_err(|e| context(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// After a failed restore: removes the SysV segments the root recorded.
+fn remove_recorded_segments(watch: &Watch) {
+    let count =
+        (watch.control.word(CONTROL_SYSV).load(Ordering::Acquire) as usize).min(CONTROL_SYSV_MAX);
+    let root = watch.pid(0);
+    if count == 0 || root <= 0 {
+        return;
+    }
+    let bytes = watch.control.read_bytes(CONTROL_SYSV + 4, 4 * count as u64);
+    let ids: Vec<i32> = bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    super::sysv::remove_created(&ids, root);
 }

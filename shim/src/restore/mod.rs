@@ -11,5 +11,9 @@ pub mod exec;
 pub mod fds;
 pub mod plan;
 pub mod signals;
+pub mod sysv;
 
-pub use exec::{restore, PidNs, RestoreError, RestoreOptions, RestoreSummary};
+pub use exec::{
+    restore, restore_as_init, ContainerRestore, HostPids, PidNs, RestoreError, RestoreOptions,
+    RestoreSummary,
+};

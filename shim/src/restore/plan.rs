@@ -74,6 +74,9 @@ pub enum SegmentBacking {
     SharedAnon,
     /// A memfd named `name` (as `memfd_create` takes it), mapped MAP_SHARED.
     Memfd { name: String },
+    /// An attachment of SysV shm segment `shmid` (created beforehand by the
+    /// root, see `restore::sysv`); the segment's first `len` bytes.
+    SysvShm { shmid: i32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -657,11 +660,13 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     })
 }
 
-/// Shared memory objects (MAP_SHARED anonymous memory, memfds): sharing
-/// needs no fork here, every mapper of the object sees the same pages. One
-/// segment per object (kind, dev, inode), created and populated at object
-/// offsets by the LCA of its mappers before it forks them; each mapper moves
-/// its window of the object into place.
+/// Shared memory objects (MAP_SHARED anonymous memory, memfds, SysV shm
+/// attachments): sharing needs no fork here, every mapper of the object sees
+/// the same pages. One segment per object (kind, dev, inode), created (or
+/// attached) and populated at object offsets by the LCA of its mappers
+/// before it forks them; each mapper moves its window of the object into
+/// place. A SysV segment's pages no VMA shows are written by the root when
+/// it creates the segment, not here.
 fn plan_shared_objects(
     processes: &[ProcessImage],
     forest: &Forest,
@@ -675,7 +680,10 @@ fn plan_shared_objects(
     let mut objects: Vec<Object> = Vec::new();
     for (p, image) in processes.iter().enumerate() {
         for (v, vma) in image.vmas.iter().enumerate() {
-            if !matches!(vma.kind, VmaKind::SharedAnon | VmaKind::Memfd) {
+            if !matches!(
+                vma.kind,
+                VmaKind::SharedAnon | VmaKind::Memfd | VmaKind::SysvShm
+            ) {
                 continue;
             }
             let key = (vma.kind, vma.dev, vma.inode);
@@ -700,18 +708,32 @@ fn plan_shared_objects(
             VmaKind::Memfd => SegmentBacking::Memfd {
                 name: memfd_name(first.path.as_deref().unwrap_or("")),
             },
+            VmaKind::SysvShm => SegmentBacking::SysvShm {
+                shmid: first.inode as i32,
+            },
             _ => SegmentBacking::SharedAnon,
         };
         let mut pages: std::collections::BTreeMap<u64, PageId> = Default::default();
+        // Present all-zero pages are not stored, but they were memory of the
+        // object: the holder allocates them (zero writes) once it has forked.
+        let mut zeros: std::collections::BTreeSet<u64> = Default::default();
         for &(p, v) in &mappers {
             let vma = &processes[p].vmas[v];
             for (addr, want) in page_wants(vma) {
-                if let Want::Page(id) = want {
-                    pages.entry(vma.offset + (addr - vma.start)).or_insert(id);
-                    stats.pages_inherited += 1;
+                let offset = vma.offset + (addr - vma.start);
+                match want {
+                    Want::Page(id) => {
+                        pages.entry(offset).or_insert(id);
+                        stats.pages_inherited += 1;
+                    }
+                    Want::Zero => {
+                        zeros.insert(offset);
+                    }
+                    Want::Absent => {}
                 }
             }
         }
+        zeros.retain(|offset| !pages.contains_key(offset));
         segments.push(Segment {
             holder,
             before_fork: true,
@@ -722,6 +744,12 @@ fn plan_shared_objects(
         });
         let segment = segments.len() - 1;
         plans[holder].creates.push(segment);
+        plans[holder]
+            .zero_writes
+            .extend(zeros.into_iter().map(|offset| Zap {
+                staging: relative(segment, offset),
+                len: PAGE,
+            }));
         for &(p, v) in &mappers {
             let vma = &processes[p].vmas[v];
             for k in 0..vma.len() / PAGE {

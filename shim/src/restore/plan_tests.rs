@@ -164,11 +164,13 @@ fn check(tree: &[ProcessEntry], images: &[ProcessImage], plan: &RestorePlan) -> 
     for (entry, image) in tree.iter().zip(images) {
         let finals = &machine.finals[&entry.pid];
         let mut expected_pages = 0;
-        for vma in image
-            .vmas
-            .iter()
-            .filter(|v| is_private_memory(v.kind) || v.kind == VmaKind::SharedAnon)
-        {
+        for vma in image.vmas.iter().filter(|v| {
+            is_private_memory(v.kind)
+                || matches!(
+                    v.kind,
+                    VmaKind::SharedAnon | VmaKind::Memfd | VmaKind::SysvShm
+                )
+        }) {
             for (addr, want) in page_wants(vma) {
                 expected_pages += 1;
                 let (content, phys) = finals.get(&addr).unwrap_or_else(|| {
@@ -628,4 +630,91 @@ fn the_same_shared_object_mapped_twice_in_one_process_is_refused() {
         matches!(result, Err(PlanError::NotSupported { pid: 10, .. })),
         "{result:?}"
     );
+}
+
+#[test]
+fn sysv_segment_attached_by_siblings_is_held_by_their_parent() {
+    // Segment 4100 (12 pages): child 11 has it all attached, child 12 only
+    // pages 2..10 (it unmapped the rest) at another address; the parent
+    // has it detached. Segment 4200 is attached by child 12 alone.
+    let pages: Vec<Option<PageId>> = (0..12).map(Some).collect();
+    let sysv = |start: u64, pages: &[Option<PageId>], shmid: u64, offset: u64| {
+        let mut v = vma(VmaKind::SysvShm, start, pages);
+        v.shared = true;
+        v.inode = shmid;
+        v.dev = 1;
+        v.offset = offset;
+        v.path = Some("/SYSV00000000".into());
+        v
+    };
+    let own: Vec<Option<PageId>> = (20..24).map(Some).collect();
+    let tree = vec![entry(10, 1), entry(11, 10), entry(12, 10)];
+    let images = vec![
+        image(10, vec![vma(VmaKind::PrivateAnon, R, &[None])]),
+        image(11, vec![sysv(R + 0x100_0000, &pages, 4100, 0)]),
+        image(
+            12,
+            vec![
+                sysv(R + 0x200_0000, &pages[2..10], 4100, 2 * PAGE),
+                sysv(R + 0x300_0000, &own, 4200, 0),
+            ],
+        ),
+    ];
+    let (plan, unique) = run_case(tree, images);
+    assert_eq!(unique, 16, "every stored page of each segment is one page");
+    let held: Vec<(i32, ProcIdx, u64)> = plan
+        .segments
+        .iter()
+        .filter_map(|s| match s.backing {
+            SegmentBacking::SysvShm { shmid } => Some((shmid, s.holder, s.len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held, vec![(4100, 0, 12 * PAGE), (4200, 2, 4 * PAGE)]);
+    let first = plan
+        .segments
+        .iter()
+        .position(|s| s.backing == SegmentBacking::SysvShm { shmid: 4100 })
+        .expect("segment 4100");
+    assert!(plan.segments[first].before_fork);
+    assert!(plan.processes[0].creates.contains(&first));
+    assert!(plan.processes[2]
+        .moves
+        .iter()
+        .any(|m| m.segment == first && m.offset == 2 * PAGE && m.len == 8 * PAGE));
+}
+
+#[test]
+fn zero_pages_of_a_shared_object_are_allocated_by_its_holder() {
+    // Pages 0, 5, 10, 15 of the object are present and all zero.
+    let pages: Vec<Option<PageId>> = (0..16)
+        .map(|i| if i % 5 == 0 { None } else { Some(i) })
+        .collect();
+    let mut whole = vma(VmaKind::Memfd, R, &pages);
+    whole.shared = true;
+    whole.inode = 9;
+    whole.path = Some("/memfd:x".into());
+    let mut window = whole.clone();
+    window.start = R + 0x100_0000;
+    window.end = window.start + 4 * PAGE;
+    window.offset = 8 * PAGE;
+    window.pages = vma(VmaKind::Memfd, window.start, &pages[8..12]).pages;
+    let (plan, _) = run_case(
+        vec![entry(10, 1), entry(11, 10), entry(12, 10)],
+        vec![
+            image(10, vec![]),
+            image(11, vec![whole]),
+            image(12, vec![window]),
+        ],
+    );
+    let object = &plan.segments[0];
+    assert_eq!(object.holder, 0, "the LCA of both mappers holds the object");
+    let zeroed: Vec<u64> = plan.processes[0]
+        .zero_writes
+        .iter()
+        .flat_map(|z| (0..z.len / PAGE).map(move |k| z.staging + k * PAGE - object.staging))
+        .collect();
+    assert_eq!(zeroed, vec![0, 5 * PAGE, 10 * PAGE, 15 * PAGE]);
+    assert!(plan.processes[1].zero_writes.is_empty());
+    assert!(plan.processes[2].zero_writes.is_empty());
 }

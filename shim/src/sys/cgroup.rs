@@ -184,8 +184,104 @@ fn collect_procs(dir: &Path, out: &mut Vec<i32>) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// The freezer cgroup directory of `pid`: its v1 freezer cgroup when the
+/// v1 freezer hierarchy is mounted and holds it (runc puts containers
+/// there on hybrid hosts), else its v2 cgroup.
+pub fn freezer_dir_of(pid: i32) -> Result<PathBuf, CgroupError> {
+    let cgroup_path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let cgroups = fs::read_to_string(&cgroup_path).map_err(io_err(&cgroup_path))?;
+    let mountinfo_path = PathBuf::from("/proc/self/mountinfo");
+    let mountinfo = fs::read_to_string(&mountinfo_path).map_err(io_err(&mountinfo_path))?;
+    pick_freezer_dir(&cgroups, &mountinfo).ok_or(CgroupError::Unexpected {
+        path: cgroup_path,
+        content: cgroups.trim().to_string(),
+    })
+}
+
+/// [`freezer_dir_of`] on the text of `/proc/PID/cgroup` and `/proc/self/mountinfo`.
+fn pick_freezer_dir(cgroups: &str, mountinfo: &str) -> Option<PathBuf> {
+    // Mount points per hierarchy: ("freezer" | "" for v2) -> (root, mount point).
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        let rfields: Vec<&str> = right.split_whitespace().collect();
+        if fields.len() < 5 || rfields.len() < 3 {
+            continue;
+        }
+        let (root, point) = (fields[3], fields[4]);
+        match rfields[0] {
+            "cgroup" if rfields[2].split(',').any(|o| o == "freezer") => {
+                v1.get_or_insert((root.to_string(), point.to_string()));
+            }
+            "cgroup2" => {
+                v2.get_or_insert((root.to_string(), point.to_string()));
+            }
+            _ => {}
+        }
+    }
+    let join = |(root, point): &(String, String), path: &str| {
+        let rel = path.strip_prefix(root.as_str()).unwrap_or(path);
+        PathBuf::from(point).join(rel.trim_start_matches('/'))
+    };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "freezer") {
+            if let Some(m) = &v1 {
+                return Some(join(m, path));
+            }
+        }
+    }
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    v2.as_ref().map(|m| join(m, path))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+    const MOUNTINFO: &str = "\
+25 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+26 25 0:23 / /sys/fs/cgroup ro,nosuid shared:8 - tmpfs tmpfs ro,mode=755
+27 26 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
+30 26 0:27 / /sys/fs/cgroup/freezer rw,nosuid shared:12 - cgroup cgroup rw,freezer
+";
+
+    #[test]
+    fn freezer_dir_prefers_the_v1_freezer_on_a_hybrid_host() {
+        let cgroups = "12:freezer:/default/ctr1\n1:name=systemd:/x\n0::/user.slice\n";
+        assert_eq!(
+            pick_freezer_dir(cgroups, MOUNTINFO),
+            Some(PathBuf::from("/sys/fs/cgroup/freezer/default/ctr1"))
+        );
+    }
+
+    #[test]
+    fn freezer_dir_falls_back_to_v2() {
+        let cgroups = "0::/system.slice/c.scope\n";
+        assert_eq!(
+            pick_freezer_dir(cgroups, MOUNTINFO),
+            Some(PathBuf::from("/sys/fs/cgroup/unified/system.slice/c.scope"))
+        );
+        let v2_only = "40 1 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            pick_freezer_dir("0::/a/b\n", v2_only),
+            Some(PathBuf::from("/sys/fs/cgroup/a/b"))
+        );
+        assert_eq!(pick_freezer_dir("0::/a\n", ""), None);
+    }
+
+    #[test]
+    fn freezer_dir_of_self_is_a_freezer() {
+        // Our own cgroup may be a root (no freezer files there): it must
+        // still be an existing directory of a cgroup hierarchy.
+        let dir = freezer_dir_of(std::process::id() as i32).expect("freezer dir of self");
+        assert!(dir.is_dir(), "{}", dir.display());
+        assert!(dir.join("cgroup.procs").exists(), "{}", dir.display());
+    }
+
     use super::*;
     use std::process::{Child, Command};
 

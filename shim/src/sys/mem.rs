@@ -231,8 +231,46 @@ impl SharedRegion {
         })
     }
 
+    /// Maps the first `len` bytes of `fd` (a memfd another process maps
+    /// too) shared: both see the same bytes, and futex words in it work
+    /// across them (shared futexes are keyed by file and offset).
+    pub fn from_fd(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> Result<SharedRegion, MemError> {
+        use std::os::fd::AsRawFd;
+        let len = len.next_multiple_of(PAGE);
+        // SAFETY: a fresh shared mapping of a valid fd at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Map {
+                addr: 0,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(SharedRegion {
+            addr: p as u64,
+            len,
+        })
+    }
+
     pub fn addr(&self) -> u64 {
         self.addr
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// The u32 at byte `offset`, as an atomic.
@@ -274,6 +312,14 @@ impl SharedRegion {
             )
         };
         out
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made by the constructor; nothing borrows it
+        // past `self` (word() and the byte accessors borrow `self`).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
     }
 }
 

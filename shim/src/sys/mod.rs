@@ -3,15 +3,19 @@
 
 pub mod cgroup;
 pub mod clone;
+pub mod console;
 pub mod inject;
 pub mod interrupt;
 pub mod mem;
+pub mod ns;
 pub mod pagemap;
 pub mod pipe;
 pub mod process;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore_sys;
+pub mod shm;
+pub mod spawn;
 #[cfg(test)]
 pub mod testing;
 pub mod watchdog;

@@ -144,6 +144,19 @@ pub fn page_size() -> u64 {
     }
 }
 
+/// Whether frame `pfn` is one of the kernel's zero pages (the 4 KiB one or
+/// a frame of the huge zero page: `KPF_ZERO_PAGE` in /proc/kpageflags).
+/// `None` when /proc/kpageflags cannot be read.
+pub fn is_kernel_zero_frame(kpageflags: &std::fs::File, pfn: u64) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    const KPF_ZERO_PAGE: u64 = 24;
+    let mut word = [0u8; 8];
+    kpageflags
+        .read_exact_at(&mut word, pfn.checked_mul(8)?)
+        .ok()?;
+    Some(u64::from_ne_bytes(word) >> KPF_ZERO_PAGE & 1 == 1)
+}
+
 /// PFN of the kernel's shared zero page, found by read-faulting a fresh
 /// private anonymous page in this process. `None` if PFNs are hidden.
 pub fn zero_page_pfn() -> Result<Option<u64>, PagemapError> {

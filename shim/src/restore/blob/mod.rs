@@ -957,15 +957,15 @@ impl Drop for Region {
 /// registers the target's own per thread).
 fn drop_runtime_rseq() -> Result<(), BlobError> {
     const RSEQ_SIG: u32 = 0x5305_3053;
-    // SAFETY: dlsym with a NUL-terminated name; the symbols are plain data if present.
-    let (off, size) = unsafe {
-        let o = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr());
-        let s = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr());
-        if o.is_null() || s.is_null() {
-            return Ok(());
-        }
-        (*(o as *const isize), *(s as *const u32))
-    };
+    // glibc (>= 2.35) exports where it registered: linked directly, not
+    // looked up with dlsym, which finds nothing in a static binary (the
+    // container restore helper is one).
+    extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    // SAFETY: plain data glibc sets once at startup, before main.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
     if size == 0 {
         return Ok(());
     }

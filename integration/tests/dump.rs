@@ -534,3 +534,88 @@ fn sigkill_during_v1_freezer_dump_thaws() {
 fn sigkill_during_v2_cgroup_dump_thaws() {
     sigkill_during_cgroup_dump(true);
 }
+
+/// `dump --exit` of a pid namespace's init with children (a container's
+/// case). A dying init waits until every process of its namespace is
+/// reaped, and a traced child is reaped only after its tracer collected its
+/// death: the dumper must collect the children before the init, or dumper
+/// and init wait for each other forever.
+#[test]
+fn dump_exit_of_a_namespace_init_ends_its_namespace() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-nsinit-")
+        .tempdir()
+        .expect("tempdir");
+    let report = dir.path().join("report");
+    let ready = dir.path().join("ready");
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--"])
+        .arg(workload_bin())
+        .args(["--mode", "plain", "--mib", "16", "--children", "3"])
+        .args(["--dirty-pct", "10", "--report", path_str(&report)])
+        .args(["--ready", path_str(&ready)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn unshare --pid --fork cowsnap-refworkload");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tree in its own pid namespace not ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = unshare.id();
+    let root: i32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("children of unshare")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the namespace's init");
+    let status = fs::read_to_string(format!("/proc/{root}/status")).expect("status");
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .expect("NSpid");
+    assert!(
+        nspid.trim().ends_with(" 1") || nspid.trim().ends_with("\t1"),
+        "NSpid {nspid}"
+    );
+    let tree = descendants(root);
+    assert_eq!(tree.len(), 4, "the init and its three children: {tree:?}");
+
+    let (_out, images) = image_dir("nsinit");
+    let output = cowsnap(&[
+        "dump",
+        "--exit",
+        "--pid",
+        &root.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(
+        output.status.success(),
+        "dump --exit:\n{}",
+        describe(&output)
+    );
+    let status = wait_status(&mut unshare, "unshare once its init is gone");
+    assert!(
+        !status.success(),
+        "the init was killed, unshare says {status}"
+    );
+    for pid in tree {
+        let gone = (0..500).any(|_| {
+            let gone = !Path::new(&format!("/proc/{pid}")).exists();
+            if !gone {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            gone
+        });
+        assert!(gone, "pid {pid} of the dumped namespace is still there");
+    }
+    let output = cowsnap(&["verify", path_str(&images)]);
+    assert!(output.status.success(), "verify:\n{}", describe(&output));
+}

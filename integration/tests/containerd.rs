@@ -11,12 +11,16 @@ mod common;
 #[path = "common/containerd.rs"]
 mod harness;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::thread;
 use std::time::Duration;
 
 use common::{assert_processes_verify, ns_pid};
-use harness::{Containerd, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_WORKLOAD, RUNC_RUNTIME};
+use harness::{
+    Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_WORKLOAD,
+    RUNC_RUNTIME,
+};
 
 /// Long enough for several iterations of the 0.1 s counter loop: a counter
 /// that stays put this long while paused is not advancing.
@@ -24,6 +28,10 @@ const PAUSED_WATCH: Duration = Duration::from_millis(700);
 
 /// Media type under which containerd stores the blob a shim's Checkpoint wrote.
 const CHECKPOINT_MEDIA_TYPE: &str = "application/vnd.containerd.container.criu.checkpoint.criu.tar";
+
+/// Where the restore helper and the image are mounted in a container being
+/// restored (shim/src/containerd/cr.rs); nothing of it may stay.
+const HELPER_DIR: &str = "/dev/.cowsnap";
 
 /// comm of the reference workload (the kernel keeps 15 bytes).
 const WORKLOAD_COMM: &str = "cowsnap-refwork";
@@ -459,4 +467,515 @@ fn cowsnap_checkpoint_refuses_socket() {
     assert!(socket_fds > 0, "nc {nc} holds no socket");
     assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, nc, "socket");
     ctrd.kill_and_delete(&id);
+}
+
+/// Identity (see [`harness::process_identity`]) of every long-lived process
+/// of `id`, by its pid inside the container, read while the task is paused
+/// so that none comes or goes meanwhile. The counter loop's `sleep 0.1`
+/// children are left out: they come and go ten times a second.
+fn container_identities(ctrd: &Containerd, id: &str) -> BTreeMap<i32, BTreeMap<String, String>> {
+    ctrd.ctr_ok(&["task", "pause", id]);
+    ctrd.wait_status(id, "PAUSED");
+    let identities = ctrd
+        .cgroup_pids(id)
+        .into_iter()
+        .filter(|&pid| common::cmdline(pid).trim_end() != "sleep 0.1")
+        .filter_map(|pid| Some((ns_pid(pid), harness::process_identity(pid)?)))
+        .collect();
+    ctrd.ctr_ok(&["task", "resume", id]);
+    ctrd.wait_status(id, "RUNNING");
+    identities
+}
+
+/// Fails unless nothing of the restore helper is left in the container of
+/// init `init`: no mount under /dev/.cowsnap in its mount namespace, and no
+/// /dev/.cowsnap directory.
+fn assert_helper_gone(init: i32) {
+    let mountinfo = fs::read_to_string(format!("/proc/{init}/mountinfo"))
+        .unwrap_or_else(|e| panic!("read /proc/{init}/mountinfo: {e}"));
+    let left: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains(HELPER_DIR))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "restore helper mounts left in the container of init {init}:\n{}",
+        left.join("\n")
+    );
+    let dir = format!("/proc/{init}/root{HELPER_DIR}");
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "{HELPER_DIR} is still there in the container of init {init}: {:?}",
+        fs::read_dir(&dir).map(|d| d
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>())
+    );
+}
+
+/// 5. Each restored process returns to its own identity and confinement:
+///    a container with the default seccomp profile and two capabilities
+///    dropped runs, beside its root init, a process of another user with a
+///    supplementary group and its own cwd, one with inheritable and ambient
+///    capabilities, and one chrooted. After `ctr container checkpoint` and
+///    `ctr container restore --live`, every one of them (by pid inside the
+///    container) has the uids, gids, groups, capability sets, no_new_privs,
+///    seccomp mode and filter count, comm, cwd and root it had; the helper's
+///    mounts and directory are gone.
+#[test]
+fn cowsnap_restore_gives_back_identities() {
+    let ctrd = Containerd::start_cowsnap("identity");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("identity");
+    let script = format!(
+        "mkdir -p /tmp/appdir /tmp/jail/bin; chown {APP_USER} /tmp/appdir; \
+         cp /bin/busybox /tmp/jail/bin/busybox; \
+         su -s /bin/sh {APP_USER} -c 'cd /tmp/appdir && exec sleep 1000001' & \
+         setpriv --inh-caps +net_bind_service --ambient-caps +net_bind_service sleep 1000002 & \
+         chroot /tmp/jail /bin/busybox sleep 1000003 & \
+         cd /tmp && {COUNTER_LOOP}"
+    );
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        &[
+            "--null-io",
+            "--seccomp",
+            "--cap-drop",
+            "CAP_NET_RAW",
+            "--cap-drop",
+            "CAP_MKNOD",
+        ],
+        image,
+        &id,
+        &["sh", "-c", &script],
+    );
+    ctrd.wait_counter_above(&id, 3);
+    let before = container_identities(&ctrd, &id);
+    let by_cmd = |ids: &BTreeMap<i32, BTreeMap<String, String>>, cmd: &str| {
+        ids.values()
+            .find(|p| p["cmdline"].trim_end().ends_with(cmd) && !p["cmdline"].contains("&&"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no process running {cmd:?} in {id}: {ids:#?}"))
+    };
+    // The container is what the test means it to be.
+    let app = by_cmd(&before, "sleep 1000001");
+    let uid = APP_UID.to_string();
+    assert_eq!(app["Uid"], [uid.as_str(); 4].join(" "), "{app:#?}");
+    assert!(
+        app["Groups"]
+            .split(' ')
+            .any(|g| g == APP_EXTRA_GID.to_string()),
+        "{app:#?}"
+    );
+    assert!(app["cwd"].ends_with("/tmp/appdir"), "{app:#?}");
+    let ambient = by_cmd(&before, "sleep 1000002");
+    assert_ne!(ambient["CapAmb"], "0000000000000000", "{ambient:#?}");
+    let jailed = by_cmd(&before, "sleep 1000003");
+    assert!(jailed["root"].ends_with("/tmp/jail"), "{jailed:#?}");
+    let init = &before[&1];
+    assert_eq!(
+        init["Seccomp"], "2",
+        "init of {id} has no seccomp filter: {init:#?}"
+    );
+    let bounding = u64::from_str_radix(&init["CapBnd"], 16).expect("CapBnd is hex");
+    assert_eq!(
+        bounding & (1 << 13 | 1 << 27),
+        0,
+        "CAP_NET_RAW and CAP_MKNOD were not dropped: {init:#?}"
+    );
+
+    let reference = "cowsnap.test/identity:1";
+    // --rw: the jail and the app's directory live in the writable layer.
+    ctrd.checkpoint_container(&id, reference, true);
+    ctrd.kill_and_delete(&id);
+    let restored = ctrd.container_id("identity-restored");
+    let output = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        output.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    let after = container_identities(&ctrd, &restored);
+    for (ns, was) in &before {
+        let now = after.get(ns).unwrap_or_else(|| {
+            panic!(
+                "process {ns} ({}) of {id} was not restored: {after:#?}",
+                was["cmdline"]
+            )
+        });
+        for (key, value) in was {
+            assert_eq!(
+                now.get(key),
+                Some(value),
+                "{key} of process {ns} ({}) differs after the restore",
+                was["cmdline"]
+            );
+        }
+    }
+    assert_helper_gone(task.pid);
+    ctrd.kill_and_delete(&restored);
+}
+
+/// A counter loop like [`COUNTER_LOOP`] that also prints `count N` on its
+/// stdout and exits with status [`TRAP_STATUS`] on SIGTERM (pid 1 of a
+/// container gets only the signals it has a handler for).
+const TRAPPING_LOOP: &str = "trap 'exit 42' TERM; i=0; while :; do i=$((i+1)); \
+                             echo $i > /tmp/count; echo \"count $i\"; sleep 0.1; done";
+const TRAP_STATUS: i32 = 42;
+
+/// Runs the trapping counter loop in `id` (with the stdio `flags` give),
+/// checkpoints it with `ctr container checkpoint --task`, deletes it and
+/// restores it as `restored`; returns the counter seen before the
+/// checkpoint and the restored task.
+fn checkpoint_and_restore_loop(
+    ctrd: &Containerd,
+    flags: &[&str],
+    id: &str,
+    restored: &str,
+) -> (u64, harness::TaskInfo) {
+    let image = ctrd.import_reference_image();
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        flags,
+        image,
+        id,
+        &["sh", "-c", TRAPPING_LOOP],
+    );
+    // The restored loop goes on from its value at the checkpoint, at least this.
+    let before = ctrd.wait_counter_above(id, 10);
+    let reference = format!("cowsnap.test/{id}:1");
+    ctrd.checkpoint_container(id, &reference, false);
+    ctrd.kill_and_delete(id);
+    let output = ctrd.restore_container(restored, &reference, false);
+    assert!(
+        output.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    (before, ctrd.wait_status(restored, "RUNNING"))
+}
+
+/// 6. The restored task's life through containerd: `ctr task ls` shows it
+///    RUNNING with the restored init (pid 1 inside, the loop's shell),
+///    `ctr task ps` lists it, SIGTERM makes the restored shell run its
+///    restored trap, containerd's TaskExit event and `ctr task delete`
+///    report its exit status, and task and container delete cleanly.
+#[test]
+fn cowsnap_restored_task_kill_reports_exit_status() {
+    let ctrd = Containerd::start_cowsnap("restored-exit");
+    let id = ctrd.container_id("trap");
+    let restored = ctrd.container_id("trap-restored");
+    let (before, task) = checkpoint_and_restore_loop(&ctrd, &["--null-io"], &id, &restored);
+    assert_eq!(
+        ns_pid(task.pid),
+        1,
+        "restored init {} is not pid 1 inside",
+        task.pid
+    );
+    assert_eq!(
+        common::comm(task.pid),
+        "sh",
+        "restored init {} is not the loop's shell",
+        task.pid
+    );
+    assert!(
+        ctrd.cgroup_pids(&restored).contains(&task.pid),
+        "restored init {} not in the container's cgroup",
+        task.pid
+    );
+    let ps = ctrd.ctr_ok(&["task", "ps", &restored]);
+    assert!(
+        ps.lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().next() == Some(task.pid.to_string().as_str())),
+        "ctr task ps {restored} does not list init {}:\n{ps}",
+        task.pid
+    );
+    ctrd.wait_counter_above(&restored, before);
+
+    let events = ctrd.spawn_ctr(&["events"]);
+    // `ctr events` subscribes asynchronously; an event of its own shows it listens.
+    thread::sleep(Duration::from_millis(500));
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", &restored]);
+    let stopped = ctrd.wait_status(&restored, "STOPPED");
+    assert_eq!(stopped.pid, task.pid, "the STOPPED task has another pid");
+    let delete = ctrd.ctr(&["task", "delete", &restored]);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let events = common::wait_output(events, "ctr events");
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    let exit = events
+        .lines()
+        .find(|l| l.contains("/tasks/exit") && l.contains(&restored))
+        .unwrap_or_else(|| panic!("no /tasks/exit event of {restored}:\n{events}"));
+    assert!(
+        exit.contains(&format!("\"exit_status\":{TRAP_STATUS}")),
+        "TaskExit of {restored} does not carry the trap's status {TRAP_STATUS}: {exit}"
+    );
+    // ctr 1.6 reports a task's non-zero status as a warning (newer ones as its own exit code).
+    let reported = delete.status.code() == Some(TRAP_STATUS)
+        || String::from_utf8_lossy(&delete.stderr).contains(&format!("exit code {TRAP_STATUS}"));
+    assert!(
+        reported,
+        "ctr task delete does not report exit status {TRAP_STATUS}:\n{}",
+        common::describe(&delete)
+    );
+    assert!(
+        ctrd.task(&restored).is_none(),
+        "task {restored} listed after delete"
+    );
+    ctrd.ctr_ok(&["containers", "delete", &restored]);
+    assert!(
+        !ctrd.containers().contains(&restored),
+        "container {restored} listed after delete"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", task.pid)).exists()
+            || common::task_state(task.pid).starts_with('Z'),
+        "restored init {} alive after delete",
+        task.pid
+    );
+}
+
+/// 7. The restored init writes to the stdio containerd gave the restored
+///    task, not to the dead original's: `ctr task attach` to the restored
+///    task reads the loop's `count N` lines going on from the value before
+///    the checkpoint, and ends with the trap's exit status after SIGTERM.
+#[test]
+fn cowsnap_restored_init_writes_to_the_new_stdio() {
+    let ctrd = Containerd::start_cowsnap("restored-stdio");
+    let id = ctrd.container_id("printer");
+    let restored = ctrd.container_id("printer-restored");
+    // No --null-io: the original's stdout is a pipe to its shim.
+    let (before, _task) = checkpoint_and_restore_loop(&ctrd, &[], &id, &restored);
+
+    // Long enough for the loop to print while nobody reads: ctr restore
+    // returned and closed its end of the stdout fifo.
+    thread::sleep(Duration::from_secs(1));
+    let mut attach = ctrd.spawn_ctr(&["task", "attach", &restored]);
+    let stdout = attach.stdout.take().expect("attach stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut counts: Vec<u64> = Vec::new();
+    let mut other: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts.len() < 5 && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            match line
+                .strip_prefix("count ")
+                .and_then(|n| n.trim().parse().ok())
+            {
+                Some(n) => counts.push(n),
+                None => other.push(line),
+            }
+        }
+    }
+    assert!(
+        counts.len() >= 5,
+        "ctr task attach {restored} read {counts:?} (other lines {other:?}) within 30s; \
+         the restored init's stdout does not reach the new task's stdio"
+    );
+    assert!(
+        counts[0] >= before && counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "restored init's output does not go on from {before} one by one: {counts:?}"
+    );
+
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", &restored]);
+    let status = common::wait_status(&mut attach, "ctr task attach");
+    drop(rx);
+    let _ = reader.join();
+    assert_eq!(
+        status.code(),
+        Some(TRAP_STATUS),
+        "ctr task attach did not end with the restored task's exit status"
+    );
+    // ctr task attach deletes the task it saw exit; delete it if it did not.
+    if ctrd.task(&restored).is_some() {
+        ctrd.wait_status(&restored, "STOPPED");
+        let _ = ctrd.ctr(&["task", "delete", &restored]);
+    }
+    ctrd.ctr_ok(&["containers", "delete", &restored]);
+}
+
+/// Restores checkpoint `reference` as `restored` without its rw layer,
+/// which must fail with an error holding every string of `wanted`; then
+/// no process of the restore is left, the task is not running, deleting
+/// task and container works, and nothing of it stays mounted.
+fn assert_restore_refused(ctrd: &Containerd, restored: &str, reference: &str, wanted: &[&str]) {
+    let output = ctrd.restore_container(restored, reference, false);
+    let message = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "ctr containers restore {restored} succeeded where the rootfs lacks what the image needs:\n{}",
+        common::describe(&output)
+    );
+    eprintln!("restore of {restored} failed as it must:\n{message}");
+    for w in wanted {
+        assert!(
+            message.contains(w),
+            "ctr's error does not say {w:?}:\n{message}"
+        );
+    }
+    if let Some(task) = ctrd.task(restored) {
+        assert_ne!(
+            task.status, "RUNNING",
+            "{restored} runs after a failed restore: {task:?}"
+        );
+        if task.pid > 0 {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{}", task.pid)).exists()
+                    || common::task_state(task.pid).starts_with('Z'),
+                "init {} of the failed restore is alive",
+                task.pid
+            );
+        }
+        let _ = ctrd.ctr(&["task", "delete", "-f", restored]);
+        assert!(
+            ctrd.task(restored).is_none(),
+            "task {restored} listed after delete"
+        );
+    }
+    ctrd.ctr_ok(&["containers", "delete", restored]);
+    let helpers: Vec<(i32, String)> = common::all_pids()
+        .into_iter()
+        .map(|p| (p, common::cmdline(p)))
+        .filter(|(_, c)| c.contains("restore-init") || c.contains("restore-control"))
+        .collect();
+    assert!(helpers.is_empty(), "restore processes left: {helpers:?}");
+    let mounted = harness::mounts_under(ctrd.dir());
+    assert!(
+        mounted
+            .iter()
+            .all(|m| !m.to_string_lossy().contains(restored)),
+        "still mounted after the failed restore of {restored}: {mounted:?}"
+    );
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !mountinfo.contains(HELPER_DIR),
+        "a restore helper mount is left in the host's mount table"
+    );
+}
+
+/// 8. The restore checks the container's rootfs before it rebuilds
+///    anything: a file a process holds open that is missing from the
+///    rootfs the restore gets (created in the rw layer, which was not
+///    checkpointed), or whose size changed (an image file appended to in
+///    the rw layer), fails the restore with an error naming the file.
+#[test]
+fn cowsnap_restore_refuses_a_rootfs_without_the_files_the_image_needs() {
+    let ctrd = Containerd::start_cowsnap("rootfs-check");
+    let image = ctrd.import_reference_image();
+    for (name, setup, wanted) in [
+        (
+            "held",
+            "echo data > /tmp/held; exec 3</tmp/held",
+            ["/tmp/held", "is missing"],
+        ),
+        (
+            "grown",
+            "echo grown:x:3:3::/:/bin/sh >> /etc/passwd; exec 3</etc/passwd",
+            ["/etc/passwd", "size changed"],
+        ),
+    ] {
+        let id = ctrd.container_id(name);
+        let script = format!("{setup}; {COUNTER_LOOP}");
+        ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+        ctrd.wait_counter_above(&id, 2);
+        let reference = format!("cowsnap.test/{name}:1");
+        // Without --rw: the restore gets the image's rootfs as it was.
+        ctrd.checkpoint_container(&id, &reference, false);
+        ctrd.kill_and_delete(&id);
+        let restored = ctrd.container_id(&format!("{name}-restored"));
+        assert_restore_refused(&ctrd, &restored, &reference, &wanted);
+    }
+}
+
+/// 9. A container with a terminal (`ctr run -t`, on a pty of `script`'s)
+///    is checkpointed and restored. ctr 1.6 restores with pipes, not a
+///    terminal, so the restored tree's terminal fds become those pipes (the
+///    new stdio containerd gave); the loop goes on from where it was.
+#[test]
+fn cowsnap_terminal_container_checkpoint_restore() {
+    let ctrd = Containerd::start_cowsnap("terminal");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("tty");
+    ctrd.track(&id);
+    let run = ctrd.ctr_on_pty(&[
+        "run",
+        "-t",
+        "-d",
+        "--runtime",
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        "sh",
+        "-c",
+        COUNTER_LOOP,
+    ]);
+    assert!(
+        run.status.success(),
+        "ctr run -t failed:\n{}",
+        common::describe(&run)
+    );
+    let task = ctrd.wait_status(&id, "RUNNING");
+    let stdio = |pid: i32, fd: i32| {
+        fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        stdio(task.pid, 0).starts_with("/dev/pts/"),
+        "init of {id} has no terminal: fd 0 is {:?}",
+        stdio(task.pid, 0)
+    );
+    ctrd.wait_counter_above(&id, 5);
+    let reference = "cowsnap.test/tty:1";
+    // --rw: the restored loop's first values are checked in /tmp/count.
+    ctrd.checkpoint_container(&id, reference, true);
+    let before = ctrd.counter(&id).expect("counter after the checkpoint");
+    ctrd.kill_and_delete(&id);
+
+    let restored = ctrd.container_id("tty-restored");
+    let output = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        output.status.success(),
+        "ctr containers restore of a terminal container failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    assert_eq!(
+        ns_pid(task.pid),
+        1,
+        "restored init {} is not pid 1 inside",
+        task.pid
+    );
+    for fd in 0..3 {
+        assert!(
+            stdio(task.pid, fd).starts_with("pipe:"),
+            "restored init's fd {fd} is {:?}, not the pipe containerd's new stdio gave",
+            stdio(task.pid, fd)
+        );
+    }
+    let readings = ctrd.observe_counter(&restored, 5);
+    // The checkpoint came before `before` was read: at most a few values back.
+    assert!(
+        readings[0] + 5 >= before && readings.windows(2).all(|w| w[0] <= w[1]),
+        "restored counter does not go on from about {before}: {readings:?}"
+    );
+    assert_helper_gone(task.pid);
+    ctrd.kill_and_delete(&restored);
 }

@@ -1237,3 +1237,231 @@ fn killing_the_restore_midway_leaves_nothing_behind() {
     tree.assert_running_untraced(context);
     tree.assert_verifies(context);
 }
+
+// ------------------------------------------------------------ pending signals of threads
+
+/// `SigPnd` and `ShdPnd` of every thread of `pids` (as seen from here), by
+/// namespace tid.
+fn pending_by_ns_tid(pids: &[i32]) -> BTreeMap<i32, (u64, u64)> {
+    let mask = |status: &str, key: &str| {
+        status_field(status, key)
+            .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            .unwrap_or_else(|| panic!("{key} missing or not hex in:\n{status}"))
+    };
+    let mut out = BTreeMap::new();
+    for &pid in pids {
+        for tid in tids(pid) {
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                .unwrap_or_else(|e| panic!("status of tid {tid} of pid {pid}: {e}"));
+            out.insert(
+                ns_tid(pid, tid),
+                (mask(&status, "SigPnd:"), mask(&status, "ShdPnd:")),
+            );
+        }
+    }
+    out
+}
+
+/// `PENDING <pid> <tid> ...` lines appended to `report` after byte `offset`,
+/// by (pid, tid): the signals the workload's signal threads took.
+fn pending_lines(report: &Path, offset: usize) -> BTreeMap<(i32, i32), String> {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    text.get(offset..)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            if fields.next()? != "PENDING" {
+                return None;
+            }
+            let pid = fields.next()?.parse().ok()?;
+            let tid = fields.next()?.parse().ok()?;
+            Some(((pid, tid), fields.collect::<Vec<_>>().join(" ")))
+        })
+        .collect()
+}
+
+/// The real-time signal the workload's `thread-signals` mode queues (SIGRTMIN + 6 with glibc).
+const PENDING_RT: i32 = 40;
+
+#[test]
+fn restore_keeps_pending_signals_of_non_leader_threads() {
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let tree = RefTree::start(TreeSpec::small("thread-signals"));
+    let original = TreeView::take(&tree.pids());
+    let before = pending_by_ns_tid(&tree.pids());
+    // The workload did what the test relies on: one thread per process has
+    // exactly SIGUSR2 and the RT signal pending for it alone.
+    let want = bit(libc::SIGUSR2) | bit(PENDING_RT);
+    let holders: Vec<i32> = before
+        .iter()
+        .filter(|(_, &(own, _))| own == want)
+        .map(|(&tid, _)| tid)
+        .collect();
+    assert_eq!(
+        holders.len(),
+        original.procs.len(),
+        "threads with SIGUSR2 and signal {PENDING_RT} pending in the original: {before:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .all(|(tid, &(own, shared))| shared == 0 && (own == 0 || holders.contains(tid))),
+        "other pending signals in the original: {before:?}"
+    );
+
+    let (dir, images) = image_dir("restore-pending");
+    dump_ok(&tree, &images, &[]);
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, _) = restore_ok(&images, &pidfile, &["--pid-ns", "new"]);
+    let view = TreeView::take(&restored.pids());
+    let context = "thread-signals, restored into a new pid namespace";
+    let mut checks = Checks::default();
+    checks.run("structure", || {
+        assert_same_structure(&original, &view, context)
+    });
+    checks.run("pending per thread", || {
+        assert_eq!(
+            pending_by_ns_tid(&restored.pids()),
+            before,
+            "{context}: SigPnd/ShdPnd by namespace tid differ from the original's"
+        )
+    });
+    checks.run("running", || {
+        restored.assert_running(original.procs.len(), context)
+    });
+    checks.finish(context);
+
+    // Each signal thread takes what is pending for it: same signals, same
+    // si_code, the RT signal's value intact.
+    let offset = fs::metadata(&tree.report).map(|m| m.len()).unwrap_or(0) as usize;
+    restored.assert_verifies(&tree.report, context);
+    let mut expected = BTreeMap::new();
+    for (&pid, p) in &original.procs {
+        let tid = p
+            .tids
+            .iter()
+            .copied()
+            .find(|t| holders.contains(t))
+            .unwrap_or_else(|| panic!("pid {pid}: no thread with pending signals"));
+        expected.insert(
+            (pid, tid),
+            format!(
+                "{}:-6:0x0 {PENDING_RT}:-1:{:#x}",
+                libc::SIGUSR2,
+                0x5eed_0000_0000u64 | tid as u64
+            ),
+        );
+    }
+    let deadline = Instant::now() + PATIENCE;
+    let mut got = pending_lines(&tree.report, offset);
+    while got.len() < expected.len() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        got = pending_lines(&tree.report, offset);
+    }
+    assert_eq!(
+        got, expected,
+        "{context}: signals the restored threads took (signo:si_code:value)"
+    );
+    assert!(
+        pending_by_ns_tid(&restored.pids())
+            .values()
+            .all(|&(own, shared)| own == 0 && shared == 0),
+        "{context}: signals still pending after the threads took them"
+    );
+}
+
+// ------------------------------------------------------------ growsdown stacks
+
+/// The [stack] VMA of `pid`: (start, VmFlags) from /proc/PID/smaps.
+fn stack_of(pid: i32) -> (u64, Vec<String>) {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("smaps of pid {pid}: {e}"));
+    let mut lines = smaps.lines().skip_while(|l| !l.ends_with("[stack]"));
+    let head = lines
+        .next()
+        .unwrap_or_else(|| panic!("pid {pid} has no [stack] VMA"));
+    let start = head
+        .split('-')
+        .next()
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .unwrap_or_else(|| panic!("pid {pid}: smaps line {head:?}"));
+    let flags = lines
+        .find_map(|l| l.strip_prefix("VmFlags:"))
+        .unwrap_or_else(|| panic!("pid {pid}: [stack] has no VmFlags"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (start, flags)
+}
+
+/// How far below its start the workload's `stack-growth` mode grows the stack on SIGUSR1.
+const STACK_GROWTH: u64 = 64 * 1024;
+
+#[test]
+fn restored_stacks_keep_growsdown_and_grow_on_demand() {
+    let tree = RefTree::start(TreeSpec::small("stack-growth"));
+    let original = TreeView::take(&tree.pids());
+    for pid in tree.pids() {
+        let (_, flags) = stack_of(pid);
+        assert!(
+            flags.iter().any(|f| f == "gd"),
+            "original pid {pid}: [stack] VmFlags {flags:?} lack gd"
+        );
+    }
+    let (dir, images) = image_dir("restore-stack");
+    dump_ok(&tree, &images, &[]);
+    let zero = zero_pages(&images);
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &["--pid-ns", "new"]);
+    let view = TreeView::take(&restored.pids());
+    let context = "stack-growth, restored into a new pid namespace";
+    let mut checks = Checks::default();
+    checks.run("structure", || {
+        assert_same_structure(&original, &view, context)
+    });
+    checks.run("maps", || assert_same_maps(&original, &view, context));
+    checks.run("pss", || {
+        assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, context)
+    });
+    checks.run("sharing", || {
+        assert_eq!(
+            summary_copied(&output),
+            Some(0),
+            "{context}: the restore copied pages (lost sharing):\n{}",
+            describe(&output)
+        )
+    });
+    let starts: BTreeMap<i32, u64> = view
+        .procs
+        .values()
+        .map(|p| {
+            let (start, flags) = stack_of(p.outer);
+            checks.run("growsdown", || {
+                assert!(
+                    flags.iter().any(|f| f == "gd"),
+                    "{context}: restored pid {}: [stack] VmFlags {flags:?} lack gd",
+                    p.outer
+                )
+            });
+            (p.outer, start)
+        })
+        .collect();
+    checks.finish(context);
+
+    // Each process recurses below its stack's start (it dies of SIGSEGV
+    // if the stack cannot grow) and checks the VMA followed.
+    restored.assert_verifies(&tree.report, context);
+    restored.assert_running(original.procs.len(), &format!("{context}, after growing"));
+    for (&pid, &before) in &starts {
+        let (now, flags) = stack_of(pid);
+        assert!(
+            now + STACK_GROWTH <= before,
+            "{context}: pid {pid}'s [stack] starts at {now:#x}, was {before:#x}: it did not grow by {STACK_GROWTH:#x}"
+        );
+        assert!(
+            flags.iter().any(|f| f == "gd"),
+            "{context}: pid {pid} {flags:?}"
+        );
+    }
+}

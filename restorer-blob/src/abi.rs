@@ -12,7 +12,8 @@
 //! | ArgHeader                |  magic, version, sizes, tables, mm, creds
 //! +--------------------------+ header_size
 //! | table entries and data   |  Range / Move / Map / Protect / Advise /
-//! |                          |  Thread / u32 groups / sock_filter / auxv
+//! |                          |  Thread / u32 groups / sock_filter / auxv /
+//! |                          |  Siginfo (pending signals per thread)
 //! +--------------------------+ (64-byte aligned)
 //! | rt_sigframe + xsave      |  one per thread, each 64-byte aligned
 //! +--------------------------+ total_size
@@ -24,7 +25,7 @@
 /// `"cowsnapB"` little endian.
 pub const ARGS_MAGIC: u64 = u64::from_le_bytes(*b"cowsnapB");
 /// Bumped on every incompatible change of any struct in this file.
-pub const ARGS_VERSION: u32 = 2;
+pub const ARGS_VERSION: u32 = 3;
 
 /// The blob exits with `EXIT_BASE + step` when a step fails.
 pub const EXIT_BASE: i32 = 64;
@@ -145,6 +146,28 @@ pub struct Thread {
     pub rseq_ptr: u64,
     pub rseq_len: u32,
     pub rseq_sig: u32,
+    /// [`Siginfo`]s this thread queues to itself (`rt_tgsigqueueinfo`),
+    /// oldest first, while every signal is still blocked: the kernel lets
+    /// only the target thread itself queue a siginfo with `si_code >= 0` or
+    /// `SI_TKILL`, so nobody else can put them back.
+    pub pending: Table,
+}
+
+/// Bytes of a kernel `siginfo_t`.
+pub const SIGINFO_SIZE: usize = 128;
+
+/// One pending signal as the kernel reported it (`PTRACE_PEEKSIGINFO`);
+/// `si_signo` is its first `i32`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Siginfo {
+    pub bytes: [u8; SIGINFO_SIZE],
+}
+
+impl Siginfo {
+    pub fn signo(&self) -> i32 {
+        i32::from_ne_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
+    }
 }
 
 /// Creds of the process, applied by every thread (Linux creds are per thread).
@@ -243,6 +266,9 @@ pub const STEP_SECCOMP: u32 = 26;
 pub const STEP_BARRIER: u32 = 27;
 pub const STEP_POST_UNMAP: u32 = 28;
 pub const STEP_SIGRETURN: u32 = 29;
+pub const STEP_SIGQUEUE: u32 = 30;
+/// The highest step number.
+pub const STEP_LAST: u32 = STEP_SIGQUEUE;
 
 /// Human name of a step, for "restorer failed at step X: errno Y".
 pub fn step_name(step: u32) -> &'static str {
@@ -276,6 +302,7 @@ pub fn step_name(step: u32) -> &'static str {
         STEP_BARRIER => "barrier",
         STEP_POST_UNMAP => "post-barrier-unmap",
         STEP_SIGRETURN => "rt_sigreturn",
+        STEP_SIGQUEUE => "rt_tgsigqueueinfo",
         _ => "unknown",
     }
 }
@@ -408,3 +435,5 @@ const _: () = assert!(core::mem::size_of::<SigContext>() == 256);
 const _: () = assert!(core::mem::size_of::<UContext>() == 304);
 const _: () = assert!(core::mem::size_of::<RtSigframe>() == 440);
 const _: () = assert!(core::mem::size_of::<PrctlMmMap>() == 104);
+const _: () = assert!(core::mem::size_of::<Siginfo>() == SIGINFO_SIZE);
+const _: () = assert!(core::mem::size_of::<Thread>() == 96);

@@ -9,8 +9,9 @@
 //! every runtime range, runs the `mremap` moves (overlap-safe order),
 //! creates the mappings, fixes protections and advice, sets the mm fields,
 //! clones the other threads, and every thread then sets its fs/gs base, tid
-//! address, rseq, creds, seccomp, waits on the shared barrier and ends with
-//! `rt_sigreturn` into its prepared frame.
+//! address, rseq, queues its own pending signals (still all blocked), takes
+//! its creds and seccomp filters, waits on the shared barrier and ends with
+//! `rt_sigreturn` into its prepared frame (which restores its real mask).
 //!
 //! It owns nothing after that and must never touch memory outside the
 //! block, its stacks and the ranges the block names. On a failed syscall it
@@ -342,6 +343,12 @@ fn check(b: &Block) {
     if h.threads.count == 0 {
         b.fail(STEP_CHECK_ARGS, EINVAL, 0, 0, 0);
     }
+    for i in 0..h.threads.count {
+        let t: Thread = b.get(h.threads, i);
+        if !table_fits(h, t.pending, size_of::<Siginfo>()) {
+            b.fail(STEP_CHECK_ARGS, EINVAL, i as u32, 200 + i, t.pending.offset);
+        }
+    }
 }
 
 fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
@@ -539,6 +546,10 @@ fn thread_tail(b: &Block, i: u64) -> ! {
         b.check_ok(r, STEP_RSEQ, ti, i, t.rseq_ptr);
     }
 
+    if t.pending.count != 0 {
+        queue_pending(b, &t, ti);
+    }
+
     if hd.creds.valid != 0 {
         restore_creds(b, &hd.creds, ti);
     }
@@ -607,6 +618,32 @@ fn thread_tail(b: &Block, i: u64) -> ! {
             in("rax") SYS_RT_SIGRETURN,
             options(noreturn),
         );
+    }
+}
+
+/// Queues thread `ti`'s pending siginfos onto itself, oldest first. Only
+/// this thread may: the kernel refuses `rt_tgsigqueueinfo` of a siginfo
+/// with `si_code >= 0` or `SI_TKILL` from any other task. Every signal is
+/// blocked here (the mask of the thread that ran `blob_main`, inherited by
+/// the clones), so none is delivered (or discarded as ignored) before
+/// `rt_sigreturn` installs the thread's own mask; and it runs before creds
+/// and seccomp, which could forbid it.
+fn queue_pending(b: &Block, t: &Thread, ti: u32) {
+    b.step(STEP_SIGQUEUE, ti);
+    // SAFETY: getpid and gettid take nothing and cannot fail.
+    let (tgid, tid) = unsafe {
+        (
+            syscall(SYS_GETPID, 0, 0, 0, 0).unwrap_or(0),
+            syscall(SYS_GETTID, 0, 0, 0, 0).unwrap_or(0),
+        )
+    };
+    for k in 0..t.pending.count {
+        let info = b.entry::<Siginfo>(t.pending, k) as u64;
+        let s: Siginfo = b.get(t.pending, k);
+        // SAFETY: `info` is a 128-byte siginfo inside the block (checked);
+        // the kernel only reads it.
+        let r = unsafe { syscall(SYS_RT_TGSIGQUEUEINFO, tgid, tid, s.signo() as u64, info) };
+        b.check_ok(r, STEP_SIGQUEUE, ti, k, s.signo() as u64);
     }
 }
 

@@ -24,6 +24,18 @@
 //!   every process of the tree is set up.
 //! - SIGTERM to the root: it SIGKILLs every descendant, reaps them, removes its
 //!   SysV segments and exits 0. Other processes keep the default SIGTERM action.
+//! - `thread-signals` mode: every process runs one extra thread that blocks
+//!   SIGUSR2 and SIGRTMIN+6 (40 with glibc) and has both pending, directed at
+//!   it: SIGUSR2 from `tgkill` (SI_TKILL) and the real-time one from
+//!   `rt_tgsigqueueinfo` (SI_QUEUE) with the value `0x5eed_0000_0000 | tid`.
+//!   After each SIGUSR1 (once the OK/BAD line is written) that thread takes
+//!   every signal pending for it and appends
+//!   `PENDING <pid> <tid> <signo>:<si_code>:<value-hex>...` (none: nothing after the tid).
+//! - `stack-growth` mode: the root grows its stack by 256 KiB before forking
+//!   (so the stack's pages are shared with the children); on SIGUSR1 every
+//!   process also recurses until its stack is more than 64 KiB below where
+//!   its [stack] VMA started, and answers BAD unless the VMA grew that far
+//!   (without VM_GROWSDOWN the process dies of SIGSEGV instead).
 //!
 //! This is a test program: it talks to the kernel through raw libc calls and
 //! dies with a message on any unexpected failure.
@@ -62,6 +74,10 @@ enum Mode {
     Memfd,
     /// Plus an attached SysV segment written by everyone and one nobody has attached.
     SysvShm,
+    /// Plus, in every process, a thread with signals pending for it alone.
+    ThreadSignals,
+    /// Plus a stack shared with the children that must grow on demand after a restore.
+    StackGrowth,
 }
 
 #[derive(Parser, Debug)]
@@ -111,7 +127,19 @@ const UNATTACHED_MODE: libc::c_int = 0o640;
 /// Pages in each extra thread's buffer.
 const THREAD_BUFFER_PAGES: usize = 16;
 
+/// Real-time signal pending for the extra thread of `thread-signals`: SIGRTMIN + this.
+const PENDING_RT_OFFSET: libc::c_int = 6;
+/// `sigval` of that signal: this | the thread's tid.
+const PENDING_VALUE_BASE: u64 = 0x5eed_0000_0000;
+/// How far below its start the [stack] VMA must grow on each check.
+const STACK_GROWTH: usize = 64 * 1024;
+/// How much the root grows its stack before forking in `stack-growth`.
+const STACK_PRELOAD: usize = 256 * 1024;
+
 static GOT_USR1: AtomicBool = AtomicBool::new(false);
+/// Set by the main thread after a verification: the signal thread reports
+/// (and so consumes) its pending signals.
+static TAKE_PENDING: AtomicBool = AtomicBool::new(false);
 static GOT_TERM: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(signal: libc::c_int) {
@@ -558,6 +586,10 @@ impl Tree {
     }
 
     fn start_threads(&self, role: &Role) {
+        if self.args.mode == Mode::ThreadSignals {
+            self.start_signal_thread();
+            return;
+        }
         if self.args.mode != Mode::Threads || self.args.threads == 0 {
             return;
         }
@@ -599,7 +631,59 @@ impl Tree {
         set_mask(libc::SIG_UNBLOCK, &mask);
     }
 
+    /// `thread-signals`: one thread with SIGUSR2 and SIGRTMIN+6 blocked and
+    /// pending for it alone (see the module doc).
+    fn start_signal_thread(&self) {
+        // The thread inherits this mask: SIGUSR1/SIGTERM stay the main thread's.
+        let mask = signal_set(&[libc::SIGUSR1, libc::SIGTERM]);
+        set_mask(libc::SIG_BLOCK, &mask);
+        let rt = libc::SIGRTMIN() + PENDING_RT_OFFSET;
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
+        let report_fd = self.report_fd;
+        let spawned = std::thread::Builder::new()
+            .name("ref-signals".into())
+            .spawn(move || {
+                set_mask(libc::SIG_BLOCK, &signal_set(&[libc::SIGUSR2, rt]));
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                if tid_tx.send(tid).is_err() {
+                    die("signal thread: main thread gone");
+                }
+                loop {
+                    if TAKE_PENDING.swap(false, Ordering::SeqCst) {
+                        let line = format!("PENDING {} {tid}{}\n", getpid(), take_pending(rt));
+                        if report_fd >= 0 {
+                            // SAFETY: the buffer is valid for its length.
+                            unsafe { libc::write(report_fd, line.as_ptr().cast(), line.len()) };
+                        }
+                    }
+                    sleep_millis(20);
+                }
+            });
+        if spawned.is_err() {
+            die("spawn signal thread");
+        }
+        let Ok(tid) = tid_rx.recv() else {
+            die("signal thread did not start")
+        };
+        let pid = getpid();
+        // SAFETY: a signal to a thread of this process, which blocks it.
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) } != 0 {
+            die("tgkill SIGUSR2");
+        }
+        let info = siginfo_queue(rt, pid, PENDING_VALUE_BASE | tid as u64);
+        // SAFETY: `info` is a 128-byte siginfo the kernel only reads; the
+        // target is a thread of this process, which blocks the signal.
+        if unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, rt, info.as_ptr()) } != 0 {
+            die("rt_tgsigqueueinfo");
+        }
+        set_mask(libc::SIG_UNBLOCK, &mask);
+    }
+
     fn verify(&self, role: &Role) -> Result<(), (usize, String)> {
+        if self.args.mode == Mode::StackGrowth {
+            check_stack_grows(self.page)?;
+        }
         let mut expected = vec![0u8; self.page];
         if let Some((region, model)) = &role.private {
             for index in 0..region.pages() {
@@ -701,6 +785,9 @@ impl Tree {
                     Err((addr, what)) => format!("BAD {pid} {addr:#x} {what}\n"),
                 };
                 self.report(&line);
+                if self.args.mode == Mode::ThreadSignals {
+                    TAKE_PENDING.store(true, Ordering::SeqCst);
+                }
             }
             if root.is_some() {
                 reap_exited();
@@ -737,6 +824,106 @@ fn sleep_interruptible(seconds: libc::time_t) {
     };
     // SAFETY: valid timespec; remaining time is not wanted.
     unsafe { libc::nanosleep(&request, std::ptr::null_mut()) };
+}
+
+fn sleep_millis(ms: libc::c_long) {
+    let request = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: ms * 1_000_000,
+    };
+    // SAFETY: valid timespec; remaining time is not wanted.
+    unsafe { libc::nanosleep(&request, std::ptr::null_mut()) };
+}
+
+/// A 128-byte SI_QUEUE siginfo: signo, code, pid, uid, sigval.
+fn siginfo_queue(signo: libc::c_int, pid: i32, value: u64) -> [u8; 128] {
+    const SI_QUEUE: i32 = -1;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut info = [0u8; 128];
+    info[0..4].copy_from_slice(&signo.to_ne_bytes());
+    info[8..12].copy_from_slice(&SI_QUEUE.to_ne_bytes());
+    info[16..20].copy_from_slice(&pid.to_ne_bytes());
+    info[20..24].copy_from_slice(&uid.to_ne_bytes());
+    info[24..32].copy_from_slice(&value.to_ne_bytes());
+    info
+}
+
+/// Takes every pending SIGUSR2 and `rt` of the calling thread (which
+/// blocks them): ` <signo>:<si_code>:<value-hex>` each, lowest signal first.
+fn take_pending(rt: libc::c_int) -> String {
+    let set: u64 = 1 << (libc::SIGUSR2 - 1) | 1 << (rt - 1);
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut out = String::new();
+    loop {
+        let mut info = [0u8; 128];
+        // SAFETY: an 8-byte mask, a 128-byte siginfo buffer and a timespec,
+        // all live for the call.
+        let signo = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                &set as *const u64,
+                info.as_mut_ptr(),
+                &zero as *const libc::timespec,
+                8usize,
+            )
+        };
+        if signo <= 0 {
+            return out;
+        }
+        let code = i32::from_ne_bytes([info[8], info[9], info[10], info[11]]);
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&info[24..32]);
+        out.push_str(&format!(" {signo}:{code}:{:#x}", u64::from_ne_bytes(value)));
+    }
+}
+
+/// Start and end of this process's [stack] VMA.
+fn stack_vma() -> Option<(usize, usize)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[stack]"))?;
+    let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+    Some((
+        usize::from_str_radix(start, 16).ok()?,
+        usize::from_str_radix(end, 16).ok()?,
+    ))
+}
+
+/// Recurses with 16 KiB frames, each written, until a frame lies below
+/// `until`; returns the lowest address written.
+#[inline(never)]
+fn grow_stack(until: usize) -> usize {
+    let mut frame = [0u8; 16 * 1024];
+    for byte in frame.iter_mut().step_by(512) {
+        // SAFETY: a byte of our own frame; volatile so the page really faults in.
+        unsafe { std::ptr::write_volatile(byte, 1) };
+    }
+    let here = frame.as_ptr() as usize;
+    let lowest = if here > until {
+        grow_stack(until)
+    } else {
+        here
+    };
+    std::hint::black_box(&frame);
+    lowest
+}
+
+/// Grows the stack more than [`STACK_GROWTH`] below the [stack] VMA's
+/// start, and checks that the VMA followed.
+fn check_stack_grows(page: usize) -> Result<(), (usize, String)> {
+    let (start, _) = stack_vma().ok_or((0, "no [stack] mapping".to_string()))?;
+    let lowest = grow_stack(start - STACK_GROWTH);
+    let (now, _) = stack_vma().ok_or((0, "no [stack] mapping after growing".to_string()))?;
+    if now > lowest & !(page - 1) {
+        return Err((
+            lowest,
+            format!("[stack] starts at {now:#x} (was {start:#x}) after writing {lowest:#x}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The /proc/self/maps entry containing `addr`: (start, end, perms).
@@ -872,6 +1059,11 @@ fn main() {
 
     let private = map_private_region(len, page);
     private.fill_base(BASE_TAG);
+    if args.mode == Mode::StackGrowth {
+        // Children inherit (copy-on-write) a stack with written pages.
+        let here = &len as *const usize as usize;
+        std::hint::black_box(grow_stack(here - STACK_PRELOAD));
+    }
 
     let mut segments = Vec::new();
     let shared = match args.mode {

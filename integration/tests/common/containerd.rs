@@ -16,6 +16,7 @@
 //! its socket path, never by a broad pattern.
 #![allow(dead_code)] // each test uses a different subset
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -43,6 +44,12 @@ pub const IMAGE_REF: &str = "cowsnap.test/ref:1";
 pub const IMAGE_WORKLOAD: &str = "/bin/cowsnap-refworkload";
 /// Shell loop that writes an increasing counter to /tmp/count ten times a second.
 pub const COUNTER_LOOP: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done";
+
+/// The image's user that is not root, its uid (= its gid) and the
+/// supplementary group it is a member of.
+pub const APP_USER: &str = "app";
+pub const APP_UID: u32 = 1000;
+pub const APP_EXTRA_GID: u32 = 2000;
 
 /// How long one cleanup command may take in `Drop` before it is killed:
 /// cleanup must end even when containerd or a shim hangs.
@@ -400,11 +407,89 @@ impl Containerd {
 
     /// `ctr run -d --null-io --runtime RUNTIME IMAGE ID ARGS...`, which must succeed.
     pub fn run(&self, runtime: &str, image: &str, id: &str, args: &[&str]) -> TaskInfo {
+        self.run_with(runtime, &["--null-io"], image, id, args)
+    }
+
+    /// `ctr run -d --runtime RUNTIME FLAGS... IMAGE ID ARGS...`, which must
+    /// succeed (without `--null-io` in FLAGS the task's stdio are fifos ctr
+    /// leaves behind when it returns).
+    pub fn run_with(
+        &self,
+        runtime: &str,
+        flags: &[&str],
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> TaskInfo {
         self.track(id);
-        let mut full = vec!["run", "-d", "--null-io", "--runtime", runtime, image, id];
+        let mut full = vec!["run", "-d", "--runtime", runtime];
+        full.extend_from_slice(flags);
+        full.extend_from_slice(&[image, id]);
         full.extend_from_slice(args);
         self.ctr_ok(&full);
         self.wait_status(id, "RUNNING")
+    }
+
+    /// `ctr containers checkpoint --task [--rw] ID REFERENCE`, which must
+    /// succeed; the task is RUNNING again afterwards (ctr pauses and resumes it).
+    pub fn checkpoint_container(&self, id: &str, reference: &str, rw: bool) {
+        let mut args = vec!["containers", "checkpoint", "--task"];
+        if rw {
+            args.push("--rw");
+        }
+        args.extend_from_slice(&[id, reference]);
+        self.ctr_ok(&args);
+        self.wait_status(id, "RUNNING");
+    }
+
+    /// `ctr containers restore --live [--rw] ID REFERENCE` (its output is the
+    /// caller's business), and `ctr task start -d` when ctr left the task
+    /// CREATED. `id` is tracked for the cleanup.
+    pub fn restore_container(&self, id: &str, reference: &str, rw: bool) -> Output {
+        self.track(id);
+        let mut args = vec!["containers", "restore", "--live"];
+        if rw {
+            args.push("--rw");
+        }
+        args.extend_from_slice(&[id, reference]);
+        let output = self.ctr(&args);
+        if output.status.success() && self.task(id).is_some_and(|t| t.status == "CREATED") {
+            self.ctr_ok(&["task", "start", "-d", id]);
+        }
+        output
+    }
+
+    /// `ctr ARGS` run by `script` on a pty of its own, for commands that
+    /// want a terminal (`ctr run -t`): its output, the pty's, is on stdout.
+    pub fn ctr_on_pty(&self, args: &[&str]) -> Output {
+        let mut line = vec![
+            "/usr/bin/ctr".to_string(),
+            "--address".to_string(),
+            self.address.to_string_lossy().into_owned(),
+            "--namespace".to_string(),
+            self.namespace.clone(),
+        ];
+        line.extend(args.iter().map(|a| a.to_string()));
+        let quoted: Vec<String> = line
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+            .collect();
+        let child = Command::new("script")
+            .args(["-q", "-e", "-c", &quoted.join(" "), "/dev/null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn script");
+        crate::common::wait_output(child, &format!("script -c ctr {}", args.join(" ")))
+    }
+
+    /// Spawns `ctr ARGS` with stdout and stderr piped (e.g. `ctr task
+    /// attach`, which runs until the task exits); the caller waits for it.
+    pub fn spawn_ctr(&self, args: &[&str]) -> Child {
+        self.ctr_command(true, args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ctr {}: {e}", args.join(" ")))
     }
 
     /// `ctr task exec -d --exec-id EXEC_ID ID ARGS...`, which must succeed:
@@ -723,6 +808,44 @@ impl Drop for Containerd {
         }
         self.cleanup();
     }
+}
+
+/// The /proc/PID/status fields that make a process's identity and
+/// confinement, which a restore must give back to each process as it was.
+pub const IDENTITY_FIELDS: [&str; 11] = [
+    "Uid",
+    "Gid",
+    "Groups",
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    "NoNewPrivs",
+    "Seccomp",
+    "Seccomp_filters",
+];
+
+/// `pid`'s identity: [`IDENTITY_FIELDS`] of its status, its comm, cmdline,
+/// and the targets of its cwd and root links (as the host reads them, so
+/// the same way before a checkpoint and after a restore); None once it is gone.
+pub fn process_identity(pid: i32) -> Option<BTreeMap<String, String>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut out = BTreeMap::new();
+    for key in IDENTITY_FIELDS {
+        let value = crate::common::status_field(&status, &format!("{key}:"))
+            .unwrap_or_else(|| panic!("/proc/{pid}/status has no {key}:\n{status}"));
+        // Whitespace between the values (real/effective/saved/fs) varies.
+        let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
+        out.insert(key.to_string(), value);
+    }
+    out.insert("comm".into(), crate::common::comm(pid));
+    out.insert("cmdline".into(), crate::common::cmdline(pid));
+    for link in ["cwd", "root"] {
+        let target = fs::read_link(format!("/proc/{pid}/{link}")).ok()?;
+        out.insert(link.into(), target.to_string_lossy().into_owned());
+    }
+    Some(out)
 }
 
 /// The cgroup directory of `pid`: its v1 freezer cgroup (runc's on this
@@ -1079,8 +1202,20 @@ pub fn reference_layer() -> Vec<u8> {
         let bytes = fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
         tar.file(rel, 0o755, &bytes);
     }
-    tar.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-    tar.file("etc/group", 0o644, b"root:x:0:\n");
+    // A user of its own for processes that are not root, with a
+    // supplementary group (both show in /proc/PID/status).
+    tar.file(
+        "etc/passwd",
+        0o644,
+        format!("root:x:0:0:root:/root:/bin/sh\n{APP_USER}:x:{APP_UID}:{APP_UID}::/tmp:/bin/sh\n")
+            .as_bytes(),
+    );
+    tar.file(
+        "etc/group",
+        0o644,
+        format!("root:x:0:\n{APP_USER}:x:{APP_UID}:\nextra:x:{APP_EXTRA_GID}:{APP_USER}\n")
+            .as_bytes(),
+    );
     tar.finish()
 }
 

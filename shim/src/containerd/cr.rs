@@ -144,11 +144,14 @@ pub struct PreparedRestore {
 
 /// Called in Start for a task created from a checkpoint: checks the image,
 /// creates the control region (`extra_fds[0]`, fd 3 of the helper) and
-/// derives a bundle for `runc create`.
+/// derives a bundle for `runc create`. `terminal`: whether containerd asked
+/// for a terminal for the new task (ctr 1.6 restores with pipes even when
+/// the container had one; the restored tree's tty fds then become those).
 pub fn prepare_restore(
     id: &str,
     bundle: &Path,
     checkpoint: &Path,
+    terminal: bool,
 ) -> Result<PreparedRestore, CrError> {
     let failed = |what: String| CrError::Failed(format!("restore of task {id}: {what}"));
     let mut restore = ContainerRestore::prepare(checkpoint).map_err(|e| match e {
@@ -168,8 +171,11 @@ pub fn prepare_restore(
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
     let spec: Value = serde_json::from_str(&text)
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
-    let derived = derive_spec(spec, bundle, &helper, checkpoint)
+    let mut derived = derive_spec(spec, bundle, &helper, checkpoint)
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
+    if let Some(process) = derived.get_mut("process").and_then(Value::as_object_mut) {
+        process.insert("terminal".into(), json!(terminal));
+    }
     let dir = bundle.join(DERIVED_BUNDLE);
     std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     let out = dir.join("config.json");

@@ -221,6 +221,11 @@ fn spawn_stdin_copy(fifo: PathBuf, sink: Arc<Mutex<Option<File>>>) {
 
 /// process output -> fifo until the process side is closed (EOF, or EIO on
 /// a pty master whose terminal has no more users).
+///
+/// The first reader (ctr) often goes away while the process runs on (`ctr
+/// run -d`, `ctr container restore`); what the process writes while nobody
+/// reads is dropped, and a later reader (`ctr task attach`) gets the output
+/// from then on.
 fn spawn_output_copy(mut src: File, fifo: PathBuf) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let dst = OpenOptions::new().write(true).open(&fifo);
@@ -237,6 +242,9 @@ fn spawn_output_copy(mut src: File, fifo: PathBuf) -> JoinHandle<()> {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if dst.is_none() {
+                dst = reopen_if_read(&fifo);
+            }
             // Keep draining even when the reader went away, so the process
             // never blocks on a full pipe.
             if let Some(f) = dst.as_mut() {
@@ -246,6 +254,27 @@ fn spawn_output_copy(mut src: File, fifo: PathBuf) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// The fifo opened for writing if a reader has it open now, else None
+/// (a non-blocking open fails with ENXIO instead of waiting for one).
+/// Writes to the returned file block like on the first open.
+fn reopen_if_read(fifo: &Path) -> Option<File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .ok()?;
+    let flags = OFlag::from_bits_truncate(fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).ok()?);
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_SETFL(flags.difference(OFlag::O_NONBLOCK)),
+    )
+    .ok()?;
+    Some(file)
 }
 
 /// A unix socket runc connects to with `--console-socket` to send the pty
@@ -379,6 +408,45 @@ mod tests {
         assert!(child.wait().unwrap().success());
         io.wait_output(Duration::from_secs(30));
         assert_eq!(reader.join().unwrap(), "through the shim\n");
+    }
+
+    /// A reader that comes after the first one went away (`ctr task
+    /// attach` after `ctr run -d`) gets the output written from then on.
+    #[test]
+    fn output_reaches_a_reader_that_comes_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let sout = dir.path().join("out");
+        mkfifo(&sout);
+        let (r, mut w) = std::io::pipe().unwrap();
+        let copier = spawn_output_copy(File::from(OwnedFd::from(r)), sout.clone());
+        let first = File::open(&sout).unwrap();
+        drop(first);
+        // Written while nobody reads: the copier finds no reader and drops it.
+        w.write_all(b"lost\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let later = std::thread::spawn({
+            let sout = sout.clone();
+            move || {
+                let mut line = String::new();
+                let fifo = File::open(&sout).unwrap();
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(fifo), &mut line).unwrap();
+                line
+            }
+        });
+        // The copier looks for a reader when it has something to write:
+        // write until the later reader got a line.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !later.is_finished() && Instant::now() < deadline {
+            w.write_all(b"again\n").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(w);
+        copier.join().unwrap();
+        if !later.is_finished() {
+            // Nothing reached the reader: let it see EOF instead of hanging.
+            let _ = OpenOptions::new().write(true).open(&sout);
+        }
+        assert_eq!(later.join().unwrap(), "again\n");
     }
 
     #[test]

@@ -628,7 +628,9 @@ fn restore(c: &mut Container) -> Result<(), TaskError> {
         id: id.clone(),
         source,
     };
-    let mut prepared = cr::prepare_restore(&id, &c.bundle, &checkpoint).map_err(restore_err)?;
+    let terminal = c.init.paths.terminal;
+    let mut prepared =
+        cr::prepare_restore(&id, &c.bundle, &checkpoint, terminal).map_err(restore_err)?;
     let extra_fds = std::mem::take(&mut prepared.extra_fds);
     let derived = prepared.bundle.clone();
     let (pid, io) = runc_create(c, &derived, extra_fds).inspect_err(|_| {

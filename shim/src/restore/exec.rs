@@ -824,6 +824,9 @@ fn map_segment(
 fn map_segment_backing(segment: &plan::Segment) -> Result<mem::Mapping, RestoreError> {
     Ok(match &segment.backing {
         SegmentBacking::Anon => mem::Mapping::create(segment.staging, segment.len, Backing::Anon)?,
+        SegmentBacking::AnonGrowsDown => {
+            mem::Mapping::create(segment.staging, segment.len, Backing::AnonGrowsDown)?
+        }
         SegmentBacking::PrivateFile { path, offset } => {
             let file = std::fs::File::open(path).map_err(|e| {
                 RestoreError::NotSupported(format!("opening mapped file {path}: {e}"))
@@ -1093,8 +1096,16 @@ fn blob_threads(
     image: &ProcessImage,
     args: &mut BlobArgs,
 ) -> Result<(), String> {
+    // Non-leader threads queue their own pending signals in the blob (only
+    // a thread may queue SI_USER/SI_TKILL siginfos onto itself); the
+    // leader's are queued by the runtime (`signals::queue_pending`).
+    let others = signals::other_thread_pending(entry.pid, image).map_err(|e| e.to_string())?;
     for t in &image.threads {
-        args.push_thread(thread_spec(ctx, t)?);
+        let mut spec = thread_spec(ctx, t)?;
+        if let Some((_, queue)) = others.iter().find(|(tid, _)| *tid == t.tid) {
+            spec.pending = queue.iter().map(|s| s.info).collect();
+        }
+        args.push_thread(spec);
     }
     let c = &entry.creds;
     args.set_creds(CredsSpec {

@@ -68,6 +68,13 @@ pub enum PlanError {
 pub enum SegmentBacking {
     /// MAP_PRIVATE | MAP_ANONYMOUS.
     Anon,
+    /// MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN, for VMAs that had
+    /// VM_GROWSDOWN (the main stack): `mremap` keeps the flags of the VMA
+    /// it moves from, and the kernel never adds VM_GROWSDOWN to an existing
+    /// VMA, so the staging mapping must have it for the target to grow on
+    /// demand. Staging never touches the guard gap below it (fills and zaps
+    /// stay inside the segment), so it never grows there.
+    AnonGrowsDown,
     /// MAP_PRIVATE of a file at `offset`; unpopulated pages read the file.
     PrivateFile { path: String, offset: u64 },
     /// MAP_SHARED | MAP_ANONYMOUS: one shmem object for all its mappers.
@@ -791,8 +798,18 @@ fn backing_of(vma: &Vma) -> SegmentBacking {
             offset: vma.offset,
         },
         (VmaKind::SharedAnon, _) => SegmentBacking::SharedAnon,
+        _ if grows_down(vma) => SegmentBacking::AnonGrowsDown,
         _ => SegmentBacking::Anon,
     }
+}
+
+/// Whether the VMA had VM_GROWSDOWN (smaps VmFlags `gd`): the main stack, or
+/// a MAP_GROWSDOWN mapping. Only anonymous private memory keeps it.
+fn grows_down(vma: &Vma) -> bool {
+    matches!(
+        vma.kind,
+        VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack
+    ) && vma.vm_flags.iter().any(|f| f == "gd")
 }
 
 fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Forest, PlanError> {
@@ -905,6 +922,7 @@ fn merge_zaps(zaps: &mut Vec<Zap>) {
 fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool {
     match (&segment.backing, backing_of(vma)) {
         (SegmentBacking::Anon, SegmentBacking::Anon) => true,
+        (SegmentBacking::AnonGrowsDown, SegmentBacking::AnonGrowsDown) => true,
         (
             SegmentBacking::PrivateFile {
                 path: a,
@@ -1032,8 +1050,15 @@ fn plan_vma(
                 push_move(&mut moves, base_move);
             }
             Want::Page(id) => {
+                // A page moved in from a segment of the other growsdown
+                // kind would split the VMA (and give or take away
+                // VM_GROWSDOWN): such a page is written instead.
+                let same_kind = |slot: Slot| {
+                    (segments[slot.segment].backing == SegmentBacking::AnonGrowsDown)
+                        == grows_down(vma)
+                };
                 match slot_of.get(id) {
-                    Some(slot) if !taken.contains(slot) => {
+                    Some(slot) if !taken.contains(slot) && same_kind(slot) => {
                         taken.insert(slot, segments);
                         let overlay = Move {
                             segment: slot.segment,

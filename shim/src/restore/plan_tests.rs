@@ -718,3 +718,102 @@ fn zero_pages_of_a_shared_object_are_allocated_by_its_holder() {
     assert!(plan.processes[1].zero_writes.is_empty());
     assert!(plan.processes[2].zero_writes.is_empty());
 }
+
+/// A [stack] VMA with VM_GROWSDOWN (smaps `gd`).
+fn stack_vma(start: u64, pages: &[Option<PageId>]) -> Vma {
+    let mut v = vma(VmaKind::Stack, start, pages);
+    v.vm_flags = ["rd", "wr", "mr", "mw", "me", "gd", "ac"]
+        .map(String::from)
+        .to_vec();
+    v
+}
+
+/// Backing of the segment every move into `[start, end)` of process `p` comes from.
+fn backings_moved_into(plan: &RestorePlan, p: usize, start: u64, end: u64) -> Vec<SegmentBacking> {
+    plan.processes[p]
+        .moves
+        .iter()
+        .filter(|m| m.target >= start && m.target < end)
+        .map(|m| plan.segments[m.segment].backing.clone())
+        .collect()
+}
+
+const S: u64 = 0x7ffc_0000_0000;
+
+#[test]
+fn growsdown_stack_is_staged_in_growsdown_segments_and_stays_shared() {
+    let base = parent_pages();
+    let stack: Vec<Option<PageId>> = (0..16).map(|i| Some(5000 + i)).collect();
+    let mut next = 1000;
+    let mut tree = vec![entry(10, 1)];
+    let mut images = vec![image(
+        10,
+        vec![vma(VmaKind::PrivateAnon, R, &base), stack_vma(S, &stack)],
+    )];
+    for c in 0..3u64 {
+        let pages = dirtied(&base, &[c], &mut next);
+        let mut own_stack = dirtied(&stack, &[15 - c], &mut next);
+        if c == 2 {
+            // This child's stack grew two pages below the parent's.
+            let mut grown = vec![Some(next), Some(next + 1)];
+            next += 2;
+            grown.extend(own_stack);
+            own_stack = grown;
+        }
+        let start = if c == 2 { S - 2 * PAGE } else { S };
+        tree.push(entry(11 + c as i32, 10));
+        images.push(image(
+            11 + c as i32,
+            vec![
+                vma(VmaKind::PrivateAnon, R, &pages),
+                stack_vma(start, &own_stack),
+            ],
+        ));
+    }
+    let (plan, _) = run_case(tree, images);
+    assert_eq!(plan.stats.pages_copied, 0, "stack pages stay shared");
+    for p in 0..4 {
+        let stack = backings_moved_into(&plan, p, S - 2 * PAGE, S + 16 * PAGE);
+        assert!(!stack.is_empty(), "process {p} moves its stack");
+        assert!(
+            stack.iter().all(|b| *b == SegmentBacking::AnonGrowsDown),
+            "process {p}: stack staged in {stack:?}"
+        );
+        let region = backings_moved_into(&plan, p, R, R + N * PAGE);
+        assert!(
+            region.iter().all(|b| *b == SegmentBacking::Anon),
+            "process {p}: plain region staged in {region:?}"
+        );
+    }
+    // Parent and same-sized children: region and stack, one VMA each.
+    assert_eq!(vma_count_per_process(&plan)[..3], [2, 2, 2]);
+}
+
+#[test]
+fn page_shared_between_growsdown_and_plain_memory_is_not_moved_across_kinds() {
+    // The child's stack holds the physical page the parent has in its plain
+    // region (which the child unmapped): moving it in from the plain
+    // segment would split the stack
+    // VMA and lose VM_GROWSDOWN there, so it is written instead.
+    let base = parent_pages();
+    let stack: Vec<Option<PageId>> = (0..8).map(|i| Some(5000 + i)).collect();
+    let mut child_stack = stack.clone();
+    child_stack[3] = Some(5); // page 5 of the parent's region
+    let tree = vec![entry(10, 1), entry(11, 10)];
+    let images = vec![
+        image(
+            10,
+            vec![vma(VmaKind::PrivateAnon, R, &base), stack_vma(S, &stack)],
+        ),
+        image(11, vec![stack_vma(S, &child_stack)]),
+    ];
+    let plan = plan(&tree, &images).expect("plan");
+    assert_eq!(plan.stats.pages_copied, 1, "{:?}", plan.stats);
+    for p in 0..2 {
+        let stack = backings_moved_into(&plan, p, S, S + 8 * PAGE);
+        assert!(
+            stack.iter().all(|b| *b == SegmentBacking::AnonGrowsDown),
+            "process {p}: stack staged in {stack:?}"
+        );
+    }
+}

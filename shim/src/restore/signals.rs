@@ -9,8 +9,8 @@
 //! queued signal must stay queued until the target code runs.
 //!
 //! Not restored here: pending signals of threads other than the leader (the
-//! blob clones those threads; [`other_thread_pending`] lists them and
-//! [`queue_pending`] refuses them for now), sigaltstack and masks (blob).
+//! blob clones those threads and each queues its own, see
+//! [`other_thread_pending`]), sigaltstack and masks (blob).
 
 use crate::image::types::ProcessImage;
 use crate::sys::restore_sys::{self, Itimer, KernelSigaction, SIGINFO_SIZE};
@@ -45,8 +45,6 @@ pub enum SignalError {
     },
     #[error("not supported: pid {pid} tid {tid}: pending signal {signal} (SIGKILL/SIGSTOP cannot be re-queued)")]
     UnqueueableSignal { pid: i32, tid: i32, signal: i32 },
-    #[error("not supported yet: pid {pid} tid {tid}: {count} thread-directed pending signal(s) of a non-leader thread")]
-    ThreadPending { pid: i32, tid: i32, count: usize },
     #[error("pid {pid}: queueing pending signal {signal} ({queue}): {source}")]
     Queue {
         pid: i32,
@@ -152,7 +150,9 @@ pub fn decode_queue(
 }
 
 /// Thread-directed pending signals of every thread but the leader, by tid,
-/// for the blob to queue once it cloned the threads (threads with none are left out).
+/// for the blob to queue once it cloned the threads (threads with none are
+/// left out). Only the thread itself may queue a siginfo with `si_code >= 0`
+/// or `SI_TKILL` onto itself, and these threads exist only in the blob.
 pub fn other_thread_pending(
     pid: i32,
     image: &ProcessImage,
@@ -173,7 +173,7 @@ pub fn other_thread_pending(
 /// process queue any `si_code` (also SI_USER/SI_KERNEL ones) to itself,
 /// which it refuses for another process. Must run in the restored
 /// process's only thread, with every signal blocked; pending signals of
-/// other threads are refused (not supported yet), before anything is queued.
+/// other threads are the blob's (see [`other_thread_pending`]).
 ///
 /// Call it after [`restore_sigactions`]: installing SIG_IGN discards that
 /// signal's pending instances, even blocked ones (a blocked signal pending
@@ -181,13 +181,6 @@ pub fn other_thread_pending(
 /// stop signals and vice versa (the kernel's generation rules), so an image
 /// pending both loses one.
 pub fn queue_pending(pid: i32, image: &ProcessImage) -> Result<(), SignalError> {
-    if let Some((tid, queue)) = other_thread_pending(pid, image)?.into_iter().next() {
-        return Err(SignalError::ThreadPending {
-            pid,
-            tid,
-            count: queue.len(),
-        });
-    }
     let shared = decode_queue(pid, pid, &image.signals.shared_pending)?;
     let leader = match image.threads.first() {
         Some(t) => decode_queue(pid, t.tid, &t.pending)?,

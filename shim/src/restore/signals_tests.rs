@@ -179,21 +179,51 @@ fn pending_signals_are_requeued_with_their_siginfo() {
 }
 
 #[test]
-fn other_threads_pending_signals_are_refused_before_queueing() {
+fn other_threads_pending_signals_are_listed_for_the_blob_not_queued_here() {
+    let usr1 = siginfo(libc::SIGUSR1, -6 /* SI_TKILL */, 1, 0, 0);
+    let rt = siginfo(40, -1 /* SI_QUEUE */, 1, 0, 0x5eed);
     let mut image = process(702, vec![]);
     image.threads = vec![
         thread(702, vec![]),
-        thread(703, vec![hex::encode(siginfo(libc::SIGUSR1, -6, 1, 0, 0))]),
+        thread(703, vec![hex::encode(usr1), hex::encode(rt)]),
+        thread(704, vec![]),
+        thread(705, vec![hex::encode(siginfo(libc::SIGUSR2, 0, 1, 0, 0))]),
     ];
     let listed = other_thread_pending(702, &image).expect("decode");
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].0, 703);
-    assert_eq!(listed[0].1[0].signal, libc::SIGUSR1);
-    // Refused before any syscall, so this is safe in the test process itself.
-    let e = queue_pending(702, &image).expect_err("refused");
+    let tids: Vec<i32> = listed.iter().map(|(tid, _)| *tid).collect();
     assert_eq!(
-        e.to_string(),
-        "not supported yet: pid 702 tid 703: 1 thread-directed pending signal(s) of a non-leader thread"
+        tids,
+        vec![703, 705],
+        "threads with pending signals, in order"
+    );
+    assert_eq!(
+        listed[0].1,
+        vec![
+            PendingSignal {
+                signal: libc::SIGUSR1,
+                info: usr1
+            },
+            PendingSignal {
+                signal: 40,
+                info: rt
+            }
+        ],
+        "oldest first, siginfo kept"
+    );
+    // The runtime queues nothing of theirs (it has no such threads): the
+    // leader's and the process-wide queues stay empty.
+    let report = in_child(|_| {
+        restore_sys::block_all_signals().map_err(|e| e.to_string())?;
+        queue_pending(702, &image).map_err(|e| e.to_string())?;
+        restore_sys::sigpending()
+            .map(|p| p.to_ne_bytes().to_vec())
+            .map_err(|e| e.to_string())
+    })
+    .expect("child");
+    let pending = u64::from_ne_bytes(report.try_into().expect("8 bytes"));
+    assert_eq!(
+        pending, 0,
+        "nothing queued for other threads by the runtime"
     );
 }
 

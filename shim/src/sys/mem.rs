@@ -37,6 +37,9 @@ pub struct Mapping {
 /// How a staging mapping is backed.
 pub enum Backing<'a> {
     Anon,
+    /// MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN (a stack's VM_GROWSDOWN
+    /// survives `mremap`, it cannot be added later).
+    AnonGrowsDown,
     /// MAP_PRIVATE of this fd at this offset.
     PrivateFile {
         fd: &'a std::os::fd::OwnedFd,
@@ -79,6 +82,11 @@ impl Mapping {
         use std::os::fd::AsRawFd;
         let (flags, fd, offset) = match backing {
             Backing::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+            Backing::AnonGrowsDown => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
+                -1,
+                0,
+            ),
             Backing::PrivateFile { fd, offset } => {
                 (libc::MAP_PRIVATE, fd.as_raw_fd(), offset as i64)
             }
@@ -206,29 +214,7 @@ pub struct SharedRegion {
 
 impl SharedRegion {
     pub fn new(len: u64) -> Result<SharedRegion, MemError> {
-        let len = len.next_multiple_of(PAGE);
-        // SAFETY: a fresh shared anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(MemError::Map {
-                addr: 0,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(SharedRegion {
-            addr: p as u64,
-            len,
-        })
+        Self::map(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1)
     }
 
     /// Maps the first `len` bytes of `fd` (a memfd another process maps
@@ -236,15 +222,20 @@ impl SharedRegion {
     /// across them (shared futexes are keyed by file and offset).
     pub fn from_fd(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> Result<SharedRegion, MemError> {
         use std::os::fd::AsRawFd;
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    fn map(len: u64, flags: i32, fd: i32) -> Result<SharedRegion, MemError> {
         let len = len.next_multiple_of(PAGE);
-        // SAFETY: a fresh shared mapping of a valid fd at a kernel-chosen address.
+        // SAFETY: a fresh shared mapping (anonymous, or of an fd the caller
+        // borrows for the call) at a kernel-chosen address.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                flags,
+                fd,
                 0,
             )
         };

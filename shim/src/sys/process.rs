@@ -85,13 +85,37 @@ pub fn get_rlimit(pid: i32, resource: u32) -> Result<(u64, u64), ProcessError> {
     // SAFETY: a NULL new limit only reads; `old` is a valid out-parameter.
     let rc = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
     if rc != 0 {
+        let source = std::io::Error::last_os_error();
+        // prlimit on a process of another uid needs CAP_SYS_RESOURCE, which
+        // a shim may lack; /proc/PID/limits tells the same to anyone.
+        if source.raw_os_error() == Some(libc::EPERM) {
+            let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"));
+            if let Some(found) = limits.ok().and_then(|t| parse_limits(&t, resource)) {
+                return Ok(found);
+            }
+        }
         return Err(ProcessError::Prlimit {
             pid,
             resource,
-            source: std::io::Error::last_os_error(),
+            source,
         });
     }
     Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// (soft, hard) of `resource` from the text of /proc/PID/limits: a header,
+/// then one row per resource in RLIMIT order, soft and hard limits in the
+/// columns starting at 26 and 47 ("unlimited" is RLIM_INFINITY).
+fn parse_limits(text: &str, resource: u32) -> Option<(u64, u64)> {
+    let row = text.lines().nth(resource as usize + 1)?;
+    let column = |from: usize| -> Option<u64> {
+        let field = row.get(from..)?.split_whitespace().next()?;
+        match field {
+            "unlimited" => Some(u64::MAX),
+            n => n.parse().ok(),
+        }
+    };
+    Some((column(26)?, column(47)?))
 }
 
 /// Names of RLIMIT_* 0..16, lowercase as in prlimit(1).
@@ -140,6 +164,27 @@ mod tests {
         mem.read_exact_at(&mut buf, data.as_ptr() as u64 + 1000)
             .expect("pread");
         assert_eq!(&buf[..], &data[1000..1050]);
+    }
+
+    #[test]
+    fn limits_file_parses_by_column() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max file size             unlimited            unlimited            bytes     \n\
+                    Max data size             unlimited            unlimited            bytes     \n\
+                    Max stack size            8388608              unlimited            bytes     \n";
+        assert_eq!(parse_limits(text, 0), Some((u64::MAX, u64::MAX)));
+        assert_eq!(parse_limits(text, 3), Some((8388608, u64::MAX)));
+        assert_eq!(parse_limits(text, 4), None);
+        let own = std::fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
+        let pid = std::process::id() as i32;
+        for resource in 0..RLIMIT_NAMES.len() as u32 {
+            assert_eq!(
+                parse_limits(&own, resource),
+                get_rlimit(pid, resource).ok(),
+                "resource {resource}"
+            );
+        }
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl BlobFailure {
     /// The step a process died in, from its exit code alone (`EXIT_BASE + step`).
     pub fn step_from_exit_code(code: i32) -> Option<u32> {
         let step = code.checked_sub(abi::EXIT_BASE)?;
-        (1..=abi::STEP_SIGRETURN as i32)
+        (1..=abi::STEP_LAST as i32)
             .contains(&step)
             .then_some(step as u32)
     }
@@ -223,6 +223,9 @@ pub struct ThreadSpec {
     pub set_tid: Vec<i32>,
     pub clear_child_tid: u64,
     pub rseq: Option<Rseq>,
+    /// Thread-directed pending signals (128-byte siginfos, oldest first)
+    /// the thread queues to itself in the blob, all signals blocked.
+    pub pending: Vec<[u8; abi::SIGINFO_SIZE]>,
 }
 
 impl ThreadSpec {
@@ -235,6 +238,7 @@ impl ThreadSpec {
             set_tid: Vec::new(),
             clear_child_tid: 0,
             rseq: None,
+            pending: Vec::new(),
         }
     }
 }
@@ -774,7 +778,12 @@ pub fn prepare(args: &BlobArgs, placement: Placement) -> Result<Prepared, BlobEr
         + 64 * (args.unmaps.len() + args.keeps.len() + 2 * args.moves.len() + 16) as u64
         + 48 * args.maps.len() as u64
         + 24 * (args.protects.len() + args.advises.len() + args.post_barrier_unmaps.len()) as u64
-        + 96 * args.threads.len() as u64
+        + 112 * args.threads.len() as u64
+        + args
+            .threads
+            .iter()
+            .map(|t| (abi::SIGINFO_SIZE * t.pending.len()) as u64 + 8)
+            .sum::<u64>()
         + args
             .filters
             .iter()
@@ -1104,6 +1113,7 @@ fn build_block(
             .copy_from_slice(bytes_of(&frame));
         let mut set_tid = [0i32; 4];
         set_tid[..t.set_tid.len()].copy_from_slice(&t.set_tid);
+        let pending = pending_table(&mut b, i, &t.pending)?;
         let (rseq_ptr, rseq_len, rseq_sig) = t
             .rseq
             .map_or((0, 0, 0), |r| (r.abi_pointer, r.abi_size, r.signature));
@@ -1123,12 +1133,39 @@ fn build_block(
             rseq_ptr,
             rseq_len,
             rseq_sig,
+            pending,
         });
     }
     h.threads = b.table(&threads);
     h.total_size = b.buf.len() as u64;
     b.buf[..size_of::<abi::ArgHeader>()].copy_from_slice(bytes_of(&h));
     Ok(b.buf)
+}
+
+/// Thread `thread`'s pending siginfos as a table of the block. Refuses a
+/// signal the kernel would not queue (outside 1..=64, SIGKILL, SIGSTOP)
+/// here rather than as a blob failure after the runtime is gone.
+fn pending_table(
+    b: &mut BlockBuf,
+    thread: usize,
+    pending: &[[u8; abi::SIGINFO_SIZE]],
+) -> Result<abi::Table, BlobError> {
+    let infos: Vec<abi::Siginfo> = pending
+        .iter()
+        .map(|bytes| abi::Siginfo { bytes: *bytes })
+        .collect();
+    for (k, info) in infos.iter().enumerate() {
+        let signo = info.signo();
+        if !(1..=64).contains(&signo) || signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            return Err(BlobError::Thread {
+                thread,
+                reason: format!(
+                    "pending siginfo #{k} names signal {signo}, which cannot be queued"
+                ),
+            });
+        }
+    }
+    Ok(b.table(&infos))
 }
 
 /// An XSAVE area as `rt_sigreturn` wants it: `sw_reserved` with MAGIC1 and

@@ -287,6 +287,31 @@ extern "C" fn target_thread(saved: *const u64) -> ! {
         &mut ids[2] as *mut u32 as u64,
         0,
     );
+    // The signals the blob queued onto this thread: the pending set, then
+    // each siginfo taken off the queue (zero timeout: they must be there).
+    let mut q = [0u8; 8 + THREAD_PENDING.len() * abi::SIGINFO_SIZE];
+    let mut set: u64 = 0;
+    raw(
+        libc::SYS_rt_sigpending,
+        &mut set as *mut u64 as u64,
+        8,
+        0,
+        0,
+    );
+    q[..8].copy_from_slice(&set.to_le_bytes());
+    let zero = [0u64; 2];
+    for (k, &(sig, _, _)) in THREAD_PENDING.iter().enumerate() {
+        let one: u64 = 1 << (sig - 1);
+        let at = 8 + k * abi::SIGINFO_SIZE;
+        raw(
+            libc::SYS_rt_sigtimedwait,
+            &one as *const u64 as u64,
+            q[at..].as_mut_ptr() as u64,
+            zero.as_ptr() as u64,
+            8,
+        );
+    }
+    send(ctx.fd, b'Q', &q, &mut buf);
     let mut words = [0u64; SAVED_WORDS + 3];
     words[..SAVED_WORDS].copy_from_slice(saved);
     words[SAVED_WORDS] = sigmask();
@@ -349,7 +374,20 @@ extern "C" fn target_main(saved: *const u64) -> ! {
     let brk = raw(libc::SYS_brk, 0, 0, 0, 0) as u64;
     // SAFETY: the rseq area is in the moved ctx region; cpu_id is at offset 4.
     let cpu = unsafe { ((ctx.rseq + 4) as *const u32).read_volatile() } as u64;
-    send(fd, b'K', words_bytes(&[sigmask(), brk, cpu]), &mut buf);
+    let mut pending: u64 = 0;
+    raw(
+        libc::SYS_rt_sigpending,
+        &mut pending as *mut u64 as u64,
+        8,
+        0,
+        0,
+    );
+    send(
+        fd,
+        b'K',
+        words_bytes(&[sigmask(), brk, cpu, pending]),
+        &mut buf,
+    );
     loop {
         raw(libc::SYS_exit_group, 0, 0, 0, 0);
     }
@@ -408,6 +446,36 @@ const XMM_MAIN: u128 = 0x1122_3344_5566_7788_99aa_bbcc_ddee_ff00;
 const XMM_THREAD: u128 = 0x0f0e_0d0c_0b0a_0908_0706_0504_0302_0100;
 const FILE_WORD: u64 = 0x454c_4946_2d64_6570; // "ped-FILE"
 const CMDLINE: &[u8] = b"cowsnap\0restored\0";
+/// Signals thread 1 has pending (and blocked) when restored: (signal,
+/// si_code, si_value). SI_TKILL and SI_USER siginfos only the thread itself may queue.
+const THREAD_PENDING: [(i32, i32, u64); 3] = [
+    (libc::SIGUSR1, -6, 0),
+    (40, -1, 0x5eed_cafe_0000_0042),
+    (41, 0, 0),
+];
+
+/// A 128-byte siginfo: signo, code, pid, uid, and a sigval (rt layout).
+fn siginfo(signo: i32, code: i32, pid: i32, value: u64) -> [u8; abi::SIGINFO_SIZE] {
+    let mut b = [0u8; abi::SIGINFO_SIZE];
+    b[0..4].copy_from_slice(&signo.to_ne_bytes());
+    b[8..12].copy_from_slice(&code.to_ne_bytes());
+    b[16..20].copy_from_slice(&pid.to_ne_bytes());
+    b[24..32].copy_from_slice(&value.to_ne_bytes());
+    b
+}
+
+fn thread_pending_infos() -> Vec<[u8; abi::SIGINFO_SIZE]> {
+    THREAD_PENDING
+        .iter()
+        .map(|&(sig, code, value)| siginfo(sig, code, 4321, value))
+        .collect()
+}
+
+fn thread_pending_mask() -> u64 {
+    THREAD_PENDING
+        .iter()
+        .fold(0, |m, &(sig, _, _)| m | 1 << (sig - 1))
+}
 
 fn regs(seed: u64, rip: u64, rsp: u64, rdi: u64, rsi: u64) -> UserRegs {
     let v = |i: u64| seed << 56 | 0x00a0_0000_0000_0000 | i;
@@ -725,7 +793,8 @@ fn child_inner(
     fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
     fx[160..176].copy_from_slice(&XMM_THREAD.to_le_bytes());
     t1.fpu = FpuState::Fxsave(fx);
-    t1.sigmask = 1 << (libc::SIGUSR1 - 1);
+    t1.sigmask = thread_pending_mask();
+    t1.pending = thread_pending_infos();
     args.push_thread(t0).push_thread(t1);
 
     // The plan as /proc/self/maps must show it afterwards.
@@ -984,11 +1053,24 @@ fn check_rebuild(case: Case) {
         assert_eq!(w[S_RSP] % 16, 0, "rsp at entry is the planned stack top");
     }
     let t = o.words(b'T');
-    assert_eq!(t[SAVED_WORDS], 1 << (libc::SIGUSR1 - 1), "thread 1 mask");
+    assert_eq!(t[SAVED_WORDS], thread_pending_mask(), "thread 1 mask");
+    // Thread 1's pending signals: queued onto it, siginfo byte for byte.
+    let q = o.msg(b'Q');
+    let pending = u64::from_le_bytes(q[..8].try_into().unwrap_or_default());
+    assert_eq!(pending, thread_pending_mask(), "thread 1 pending set");
+    for (k, want) in thread_pending_infos().iter().enumerate() {
+        let at = 8 + k * abi::SIGINFO_SIZE;
+        assert_eq!(
+            &q[at..at + abi::SIGINFO_SIZE],
+            want.as_slice(),
+            "siginfo #{k} of thread 1"
+        );
+    }
     assert_eq!(t[SAVED_WORDS + 1], 4242 | 4242 << 32, "thread 1 rgid/egid");
     let k = o.words(b'K');
     assert_eq!(k[0], 1 << (libc::SIGUSR2 - 1), "thread 0 mask");
     assert_eq!(k[1], x[3], "brk from PR_SET_MM_MAP");
+    assert_eq!(k[3], 0, "nothing pending for thread 0 or the process");
     assert!(
         k[2] < 4096,
         "rseq cpu_id written by the kernel: {:#x}",
@@ -1091,4 +1173,45 @@ fn mismatched_block_is_refused() {
         "{f}"
     );
     assert_eq!(o.exit, abi::EXIT_BASE + abi::STEP_CHECK_ARGS as i32);
+}
+
+#[test]
+fn unqueueable_pending_signal_is_refused_before_the_jump() {
+    let mut args = BlobArgs::new();
+    let mut t = ThreadSpec::new(UserRegs::default());
+    t.pending = vec![
+        siginfo(libc::SIGUSR2, -6, 1, 0),
+        siginfo(libc::SIGKILL, 0, 1, 0),
+    ];
+    args.push_thread(ThreadSpec::new(UserRegs::default()))
+        .push_thread(t);
+    let scratch = Range::default();
+    let e = build_block(&args, 0x10_0000, &[], &[], scratch, 0x10_0000, P, 0x20_0000)
+        .expect_err("SIGKILL cannot be queued");
+    assert!(
+        matches!(&e, BlobError::Thread { thread: 1, reason } if reason.contains("#1") && reason.contains("signal 9")),
+        "{e}"
+    );
+    let mut ok = BlobArgs::new();
+    let mut t = ThreadSpec::new(UserRegs::default());
+    t.pending = vec![siginfo(40, -1, 1, 7)];
+    ok.push_thread(ThreadSpec::new(UserRegs::default()))
+        .push_thread(t);
+    let block =
+        build_block(&ok, 0x10_0000, &[], &[], scratch, 0x10_0000, P, 0x20_0000).expect("block");
+    // SAFETY: the block starts with an ArgHeader (plain data, unaligned read).
+    let h: abi::ArgHeader = unsafe { (block.as_ptr() as *const abi::ArgHeader).read_unaligned() };
+    let thread = |i: u64| -> abi::Thread {
+        let at = (h.threads.offset + i * size_of::<abi::Thread>() as u64) as usize;
+        // SAFETY: the thread table lies inside the block.
+        unsafe { (block[at..].as_ptr() as *const abi::Thread).read_unaligned() }
+    };
+    assert_eq!(thread(0).pending.count, 0);
+    let p = thread(1).pending;
+    assert_eq!(p.count, 1);
+    let at = p.offset as usize;
+    assert_eq!(
+        &block[at..at + abi::SIGINFO_SIZE],
+        &siginfo(40, -1, 1, 7)[..]
+    );
 }

@@ -658,6 +658,22 @@ fn checkpoint_and_restore_loop(
     (before, ctrd.wait_status(restored, "RUNNING"))
 }
 
+/// The lines read from `pipe`, as they come, by a thread of their own
+/// (which ends at EOF).
+fn line_channel(pipe: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// 6. The restored task's life through containerd: `ctr task ls` shows it
 ///    RUNNING with the restored init (pid 1 inside, the loop's shell),
 ///    `ctr task ps` lists it, SIGTERM makes the restored shell run its
@@ -696,23 +712,34 @@ fn cowsnap_restored_task_kill_reports_exit_status() {
     );
     ctrd.wait_counter_above(&restored, before);
 
-    let events = ctrd.spawn_ctr(&["events"]);
-    // `ctr events` subscribes asynchronously; an event of its own shows it listens.
-    thread::sleep(Duration::from_millis(500));
+    // `ctr events` subscribes asynchronously: it listens once it shows an
+    // event of this task (a pause and resume).
+    let mut events = ctrd.spawn_ctr(&["events"]);
+    let lines = line_channel(events.stdout.take().expect("ctr events stdout"));
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let mut listening = false;
+    while !listening && std::time::Instant::now() < deadline {
+        ctrd.ctr_ok(&["task", "pause", &restored]);
+        ctrd.ctr_ok(&["task", "resume", &restored]);
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            listening |= line.contains("/tasks/paused") && line.contains(&restored);
+        }
+    }
+    assert!(listening, "ctr events never showed the pause of {restored}");
     ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", &restored]);
     let stopped = ctrd.wait_status(&restored, "STOPPED");
     assert_eq!(stopped.pid, task.pid, "the STOPPED task has another pid");
     let delete = ctrd.ctr(&["task", "delete", &restored]);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(events.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let events = common::wait_output(events, "ctr events");
-    let events = String::from_utf8_lossy(&events.stdout).into_owned();
-    let exit = events
-        .lines()
-        .find(|l| l.contains("/tasks/exit") && l.contains(&restored))
-        .unwrap_or_else(|| panic!("no /tasks/exit event of {restored}:\n{events}"));
+    let mut exit = None;
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        if line.contains("/tasks/exit") && line.contains(&restored) {
+            exit = Some(line);
+            break;
+        }
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    let exit = exit.unwrap_or_else(|| panic!("no /tasks/exit event of {restored}"));
     assert!(
         exit.contains(&format!("\"exit_status\":{TRAP_STATUS}")),
         "TaskExit of {restored} does not carry the trap's status {TRAP_STATUS}: {exit}"
@@ -758,17 +785,7 @@ fn cowsnap_restored_init_writes_to_the_new_stdio() {
     // returned and closed its end of the stdout fifo.
     thread::sleep(Duration::from_secs(1));
     let mut attach = ctrd.spawn_ctr(&["task", "attach", &restored]);
-    let stdout = attach.stdout.take().expect("attach stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_channel(attach.stdout.take().expect("attach stdout"));
     let mut counts: Vec<u64> = Vec::new();
     let mut other: Vec<String> = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -796,7 +813,6 @@ fn cowsnap_restored_init_writes_to_the_new_stdio() {
     ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", &restored]);
     let status = common::wait_status(&mut attach, "ctr task attach");
     drop(rx);
-    let _ = reader.join();
     assert_eq!(
         status.code(),
         Some(TRAP_STATUS),

@@ -5,8 +5,11 @@
 //! region and derives a bundle whose process is the static `cowsnap`
 //! binary (`restore-init`, bind-mounted read-only with the image under
 //! `/dev/.cowsnap`, which is runc's tmpfs, so nothing lands in the rootfs);
-//! [`finish_restore`] waits for that helper, as the container's pid 1, to
-//! rebuild the tree, releases it, and removes the helper's mounts.
+//! [`finish_restore`] runs `cowsnap restore-control`, which waits for that
+//! helper, as the container's pid 1, to rebuild the tree, releases it, and
+//! removes the helper's mounts ([`control_restore`]). The engine always
+//! runs as a child process of the shim, never in it: it ptraces, and the
+//! shim's reaper thread (`waitpid(-1)`) would take its ptrace stops.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! A failed dump must leave every task running untouched and no image behind.
 
 pub mod fds;
+pub mod files;
 pub mod memory;
 pub mod seize;
 pub mod supervise;
@@ -44,7 +45,11 @@ pub struct DumpOptions {
 /// Figures of a finished dump.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DumpSummary {
+    /// Every process of the image, zombies included.
     pub processes: usize,
+    /// Zombies recorded (exit status only).
+    #[serde(default)]
+    pub zombies: usize,
     pub threads: usize,
     pub pages_scanned: u64,
     pub pages_stored: u64,
@@ -72,9 +77,14 @@ impl fmt::Display for DumpSummary {
         };
         write!(
             f,
-            "dumped {} processes, {} threads into {}: {} pages scanned, {} stored, {} zero, \
+            "dumped {} processes{}, {} threads into {}: {} pages scanned, {} stored, {} zero, \
              {} deduplicated; {:.1} MiB written (pages compressed {:.2}x); {:.3} s total, {:.3} s frozen",
             self.processes,
+            if self.zombies > 0 {
+                format!(" ({} zombies)", self.zombies)
+            } else {
+                String::new()
+            },
             self.threads,
             self.dir.display(),
             self.pages_scanned,
@@ -267,6 +277,7 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     let stats = collected.stats;
     Ok(DumpSummary {
         processes: collected.processes,
+        zombies: collected.zombies,
         threads: collected.threads,
         pages_scanned: stats.pages_scanned,
         pages_stored: commit.pages_stored,
@@ -331,6 +342,7 @@ fn seize_cgroup(
 
 struct Collected {
     processes: usize,
+    zombies: usize,
     threads: usize,
     stats: memory::ScanStats,
 }
@@ -354,6 +366,7 @@ fn collect(
     let mut threads = 0;
     // SysV shm VMAs of every process: their segments are collected last.
     let mut sysv_vmas: Vec<(i32, crate::image::types::Vma)> = Vec::new();
+    let mut file_sizes = std::collections::BTreeMap::new();
     for p in seized.processes() {
         if interrupted() {
             return Err(DumpError::Interrupted);
@@ -376,6 +389,9 @@ fn collect(
         threads += p.tids.len();
         let ppid = if pid == options.pid { 0 } else { p.ppid };
         entries.push(tree::process_entry(pid, ppid, &p.tids, &facts, &state));
+        if let Some(entry) = entries.last() {
+            files::record(pid, &entry.exe, &vmas, &mut file_sizes);
+        }
         let image = ProcessImage {
             pid,
             mm: tree::mm_fields(&facts, state.brk),
@@ -393,6 +409,12 @@ fn collect(
                 .map(|v| (pid, v.clone())),
         );
         writer.write_process(&image)?;
+    }
+    // Zombies: identity and exit status, read while their parents are
+    // stopped (so not reaped meanwhile); an empty process file each.
+    for z in seized.zombies() {
+        entries.push(tree::zombie_entry(z.pid, z.ppid)?);
+        writer.write_process(&tree::zombie_image(z.pid))?;
     }
     let order = tree::preorder(
         options.pid,
@@ -424,6 +446,7 @@ fn collect(
     writer.write_tree(&Tree {
         processes,
         sysv_shm,
+        file_sizes,
     })?;
     let pipe_images: Vec<PipeImage> = pipes.into_images();
     writer.write_pipes(&pipe_images)?;
@@ -432,6 +455,7 @@ fn collect(
     }
     Ok(Collected {
         processes: count,
+        zombies: seized.zombies().len(),
         threads,
         stats: scanner.stats(),
     })

@@ -28,10 +28,19 @@
 //! needs no signal passed back. A stop signal makes the task group-stop; it
 //! stays stopped after detach, as it would have.
 //!
+//! **Zombies.** A descendant that has exited but is not reaped yet (found
+//! in its parent's /proc/PID/task/TID/children; with a cgroup, under a
+//! member: the kernel lists no zombie in cgroup.procs) is recorded as a
+//! [`ZombieChild`], never seized: nothing of it is left but its identity
+//! and exit status, and its parent, stopped, cannot reap it meanwhile. A
+//! process whose last threads are still exiting is looked at again until
+//! it is a plain zombie. A live process that dies while being seized is
+//! found as a zombie by the next scan.
+//!
 //! **Refused** (nothing stays seized): a pid that does not exist, a zombie
-//! (also a zombie descendant: it has no memory left to dump), a process
-//! whose thread-group leader exited before its other threads, a kernel
-//! thread, a task another tracer holds (named), and the dumper itself.
+//! as the root of the dump (there is nothing to restore it under), a
+//! process whose thread-group leader exited before its other threads, a
+//! kernel thread, a task another tracer holds (named), and the dumper itself.
 //!
 //! **Frozen cgroups** ([`SeizedTree::seize_frozen`] then, after the caller
 //! thaws, [`PendingSeize::wait_stopped`]). Checked on this machine (kernel
@@ -79,11 +88,31 @@ pub struct SeizedProcess {
     pub tids: Vec<i32>,
 }
 
+/// A zombie of the tree: recorded, not seized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZombieChild {
+    pub pid: i32,
+    /// Its parent, a seized process of the tree (which has not reaped it).
+    pub ppid: i32,
+}
+
+/// What a scanned process is, seen before it is seized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Live,
+    /// Every thread has exited; the leader waits to be reaped.
+    Zombie,
+    /// The leader has exited and its other threads are exiting too.
+    Exiting,
+    /// Gone, or being reaped right now (state X).
+    Gone,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SeizeError {
     #[error("no such process: pid {pid}")]
     NoSuchProcess { pid: i32 },
-    #[error("pid {pid} is a zombie: cannot dump")]
+    #[error("pid {pid} is a zombie: cannot dump it as the root of a tree (dump its parent)")]
     Zombie { pid: i32 },
     #[error("pid {pid}: its thread-group leader has exited while other threads run: cannot dump")]
     LeaderExited { pid: i32 },
@@ -256,6 +285,35 @@ fn comm(pid: i32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Whether `pid` runs, is a plain zombie, or is still on its way there.
+fn liveness(pid: i32) -> Result<Liveness, SeizeError> {
+    let Some(info) = task_info(pid, pid)? else {
+        return Ok(Liveness::Gone);
+    };
+    match info.state {
+        'X' => return Ok(Liveness::Gone),
+        'Z' => {}
+        _ => return Ok(Liveness::Live),
+    }
+    let Some(tids) = list_tids(pid)? else {
+        return Ok(Liveness::Gone);
+    };
+    let mut exiting = false;
+    for &tid in tids.iter().filter(|&&t| t != pid) {
+        match task_info(pid, tid)? {
+            None => {}
+            Some(t) if matches!(t.state, 'Z' | 'X') => exiting = true,
+            // A live thread under an exited leader: refused by check_process.
+            Some(_) => return Ok(Liveness::Live),
+        }
+    }
+    Ok(if exiting {
+        Liveness::Exiting
+    } else {
+        Liveness::Zombie
+    })
+}
+
 // ---------------------------------------------------------------------------
 // The seizing machinery shared by both entry points
 
@@ -341,13 +399,9 @@ impl Seizer {
             return Ok(());
         };
         if matches!(info.state, 'Z' | 'X') {
-            // An exiting non-leader thread will be gone at the next scan; a
-            // zombie leader is refused.
-            return if tid == pid {
-                self.check_process(pid).map(drop)
-            } else {
-                Ok(())
-            };
+            // An exiting thread will be gone at the next scan; a process
+            // that exited meanwhile is found there as a zombie.
+            return Ok(());
         }
         if info.tracer != 0 {
             return Err(self.already_traced(pid, tid, info.tracer));
@@ -363,8 +417,8 @@ impl Seizer {
                 return match task_info(pid, tid)? {
                     None => Ok(()),
                     Some(now) if now.tracer != 0 => Err(self.already_traced(pid, tid, now.tracer)),
-                    Some(now) if matches!(now.state, 'Z' | 'X') && tid != pid => Ok(()),
-                    Some(now) if matches!(now.state, 'Z' | 'X') => Err(SeizeError::Zombie { pid }),
+                    // Exited meanwhile: the next scan sees what became of it.
+                    Some(now) if matches!(now.state, 'Z' | 'X') => Ok(()),
                     Some(_) => Err(e.into()),
                 };
             }
@@ -469,14 +523,30 @@ impl Seizer {
                 }
             }
             Scope::Exact(pids) => {
+                let mut children = Vec::new();
                 for &pid in pids {
                     let tids = list_tids(pid)?.ok_or(SeizeError::NoSuchProcess { pid })?;
                     let info = task_info(pid, pid)?.ok_or(SeizeError::NoSuchProcess { pid })?;
+                    children.extend(list_children(pid, &tids)?);
                     out.push(SeizedProcess {
                         pid,
                         ppid: info.ppid,
                         tids,
                     });
+                }
+                // cgroup.procs lists no zombie: those of the members are
+                // found under them (a live child outside the set is not ours).
+                for child in children {
+                    if pids.contains(&child) || liveness(child)? != Liveness::Zombie {
+                        continue;
+                    }
+                    if let Some(info) = task_info(child, child)? {
+                        out.push(SeizedProcess {
+                            pid: child,
+                            ppid: info.ppid,
+                            tids: vec![child],
+                        });
+                    }
                 }
                 out = parents_first(out);
             }
@@ -485,8 +555,12 @@ impl Seizer {
     }
 
     /// Seizes everything in `scope` until a scan finds nothing new; returns
-    /// the final scan. Assumes every task seized so far has stopped.
-    fn stabilize(&mut self, scope: &Scope) -> Result<Vec<SeizedProcess>, SeizeError> {
+    /// the final scan and the zombies in it. Assumes every task seized so
+    /// far has stopped.
+    fn stabilize(
+        &mut self,
+        scope: &Scope,
+    ) -> Result<(Vec<SeizedProcess>, Vec<ZombieChild>), SeizeError> {
         let root = match scope {
             Scope::Tree(r) => *r,
             Scope::Exact(p) => p.first().copied().unwrap_or(0),
@@ -494,19 +568,46 @@ impl Seizer {
         for _ in 0..MAX_SCAN_ROUNDS {
             let scan = self.scan(scope)?;
             let mut fresh = false;
+            let mut zombies = Vec::new();
+            let mut exiting = false;
             for p in &scan {
                 if !self.tracees.contains_key(&p.pid) {
-                    // First time we see this process: refuse what cannot be dumped.
-                    self.check_process(p.pid)?;
+                    // First time we see this process: record a zombie,
+                    // refuse what cannot be dumped.
+                    match liveness(p.pid)? {
+                        Liveness::Zombie if p.pid != root => {
+                            zombies.push(ZombieChild {
+                                pid: p.pid,
+                                ppid: p.ppid,
+                            });
+                            continue;
+                        }
+                        Liveness::Exiting if p.pid != root => {
+                            exiting = true;
+                            continue;
+                        }
+                        Liveness::Gone if p.pid != root => continue,
+                        _ => {
+                            self.check_process(p.pid)?;
+                        }
+                    }
                 }
                 for &tid in &p.tids {
                     if !self.tracees.contains_key(&tid) {
                         self.seize_task(p.pid, tid)?;
-                        fresh = fresh || self.tracees.contains_key(&tid);
+                        // Seized, or a leader that exited meanwhile: either
+                        // way the tree changed and is scanned again.
+                        fresh = fresh || self.tracees.contains_key(&tid) || tid == p.pid;
                     }
                 }
             }
+            let before = self.tracees.len();
             self.wait_all()?;
+            // A task that died while stopping leaves a zombie to record.
+            fresh = fresh || exiting || self.tracees.len() != before;
+            if exiting {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             if !fresh {
                 // Nothing new was seized: the scan is complete, but a task
                 // that vanished must not be listed.
@@ -528,7 +629,9 @@ impl Seizer {
                     self.tracees.remove(&tid);
                     let _ = ptrace::detach(tid, 0);
                 }
-                return Ok(scan);
+                // A zombie belongs to the dump only under a seized parent.
+                zombies.retain(|z| scan.iter().any(|p| p.pid == z.ppid));
+                return Ok((scan, zombies));
             }
         }
         Err(SeizeError::Unstable { root })
@@ -696,6 +799,7 @@ fn parents_first(procs: Vec<SeizedProcess>) -> Vec<SeizedProcess> {
 pub struct SeizedTree {
     seizer: Seizer,
     processes: Vec<SeizedProcess>,
+    zombies: Vec<ZombieChild>,
     /// Set once detach/kill ran, so Drop does nothing more.
     released: bool,
     /// ptrace calls must come from the seizing thread.
@@ -718,9 +822,10 @@ impl SeizedTree {
         let mut seizer = Seizer::new();
         seizer.check_process(root)?;
         match seizer.stabilize(&Scope::Tree(root)) {
-            Ok(processes) => Ok(SeizedTree {
+            Ok((processes, zombies)) => Ok(SeizedTree {
                 seizer,
                 processes,
+                zombies,
                 released: false,
                 _not_send: PhantomData,
             }),
@@ -766,6 +871,11 @@ impl SeizedTree {
     /// Processes, parents before children.
     pub fn processes(&self) -> &[SeizedProcess] {
         &self.processes
+    }
+
+    /// Zombies of the tree (children of seized processes), by pid.
+    pub fn zombies(&self) -> &[ZombieChild] {
+        &self.zombies
     }
 
     /// The seized process `pid`, if it is part of the tree.
@@ -830,9 +940,10 @@ impl PendingSeize {
             .and_then(|()| self.seizer.stabilize(&scope));
         let seizer = std::mem::replace(&mut self.seizer, Seizer::new());
         match result {
-            Ok(processes) => Ok(SeizedTree {
+            Ok((processes, zombies)) => Ok(SeizedTree {
                 seizer,
                 processes,
+                zombies,
                 released: false,
                 _not_send: PhantomData,
             }),
@@ -943,30 +1054,81 @@ mod tests {
         let zombie = Child::spawn(|_| 0);
         wait_state(zombie.pid, 'Z');
         let err = SeizedTree::seize_tree(zombie.pid).err().expect("must fail");
-        assert_eq!(
-            err.to_string(),
-            format!("pid {} is a zombie: cannot dump", zombie.pid)
+        assert!(
+            matches!(err, SeizeError::Zombie { pid } if pid == zombie.pid),
+            "{err}"
         );
+        assert!(err.to_string().contains("zombie"), "{err}");
     }
 
     #[test]
-    fn error_mid_seize_leaves_nothing_traced() {
+    fn zombie_descendant_is_recorded_not_seized() {
         let child = Child::spawn(zombie_parent_body);
         assert_eq!(child.recv(1), b"Z");
         let kids = child.recv_u64s(2);
         let (live, zombie) = (kids[0] as i32, kids[1] as i32);
         assert_eq!(child.recv(1), b"r");
         wait_state(zombie, 'Z');
-        let err = SeizedTree::seize_tree(child.pid).err().expect("must fail");
-        assert!(
-            matches!(err, SeizeError::Zombie { pid } if pid == zombie),
-            "{err}"
+        let tree = SeizedTree::seize_tree(child.pid).expect("seize");
+        let pids: Vec<i32> = tree.processes().iter().map(|p| p.pid).collect();
+        assert_eq!(pids, vec![child.pid, live]);
+        assert_eq!(
+            tree.zombies(),
+            &[ZombieChild {
+                pid: zombie,
+                ppid: child.pid
+            }]
         );
-        // The root and the live child were seized before the zombie was met.
+        // The parent is stopped: the zombie stays one, untraced.
+        assert_eq!(task_state(zombie), 'Z');
+        assert_eq!(tracer_pid(child.pid), ptrace::gettid());
+        tree.detach().expect("detach");
         assert_eq!(tracer_pid(child.pid), 0);
         assert_eq!(tracer_pid(live), 0);
         child.send(b"w");
         assert_eq!(child.recv(3), [b'R', 1, b'w']);
+    }
+
+    #[test]
+    fn zombie_children_of_frozen_members_are_found() {
+        let cg = TestCgroup::create("/sys/fs/cgroup/unified", "zombie");
+        let child = Child::spawn(zombie_parent_body);
+        assert_eq!(child.recv(1), b"Z");
+        let kids = child.recv_u64s(2);
+        let (live, zombie) = (kids[0] as i32, kids[1] as i32);
+        assert_eq!(child.recv(1), b"r");
+        wait_state(zombie, 'Z');
+        for pid in [child.pid, live] {
+            cg.write("cgroup.procs", &pid.to_string());
+        }
+        cg.write("cgroup.freeze", "1");
+        cg.wait_for("cgroup.events", "frozen 1");
+        let members: Vec<i32> = cg
+            .read("cgroup.procs")
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert!(!members.contains(&zombie), "cgroup.procs lists the zombie");
+        let pending = SeizedTree::seize_frozen(&members).expect("seize frozen");
+        cg.write("cgroup.freeze", "0");
+        let tree = pending.wait_stopped().expect("wait stopped");
+        assert_eq!(tree.processes().len(), 2);
+        assert_eq!(
+            tree.zombies(),
+            &[ZombieChild {
+                pid: zombie,
+                ppid: child.pid
+            }]
+        );
+        tree.detach().expect("detach");
+        child.send(b"w");
+        assert_eq!(child.recv(3), [b'R', 1, b'w']);
+        // The cgroup can only go once its members have left it.
+        drop(child);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(live),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     #[test]

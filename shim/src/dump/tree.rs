@@ -1,15 +1,19 @@
 //! Per-process facts that /proc and prlimit report (identity, creds, caps,
 //! rlimits, links, namespaces, mm fields), turned into the image's
 //! `ProcessEntry` and `MmFields`, and the parents-first order of `tree.json`.
-//! Reads only; what needs ptrace comes from `task_state`.
+//! Reads only; what needs ptrace comes from `task_state`. A zombie's entry
+//! ([`zombie_entry`]) holds its identity and its exit status only.
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::image::types::{process_file_name, Creds, MmFields, NamespaceId, ProcessEntry, Rlimit};
+use crate::image::types::{
+    process_file_name, Creds, Itimers, MmFields, NamespaceId, ProcessEntry, ProcessImage,
+    ProcessSignals, Rlimit, ZombieExit,
+};
 use crate::sys::process::{get_rlimit, ProcessError, RLIMIT_NAMES};
 use crate::sys::procfs::{
-    proc_path, read_auxv, read_comm, read_link, read_namespaces, read_stat, read_status,
-    ProcfsError, Stat, Status,
+    parse_stat, proc_path, read_auxv, read_comm, read_link, read_namespaces, read_stat,
+    read_status, ProcfsError, Stat, Status,
 };
 
 use super::task_state::TaskState;
@@ -24,6 +28,16 @@ pub enum TreeError {
     OutsideParent { pid: i32, ppid: i32 },
     #[error("root pid {root} is not among the processes to dump")]
     RootMissing { root: i32 },
+    #[error("{path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pid {pid} was a zombie when the tree was seized but is now in state {state}")]
+    NoLongerZombie { pid: i32, state: char },
+    #[error("pid {pid}: exit_code (field 52 of /proc/PID/stat) {field:?} is not an exit status")]
+    BadExitCode { pid: i32, field: String },
 }
 
 /// What /proc says about one process, read once while it is stopped.
@@ -110,7 +124,82 @@ pub fn process_entry(
         rlimits: facts.rlimits.clone(),
         namespaces: facts.namespaces.clone(),
         file: process_file_name(pid),
+        zombie: None,
     }
+}
+
+/// `exit_code`, field 52 of /proc/PID/stat: for a zombie, its wait status.
+pub fn stat_exit_code(stat: &str) -> Option<&str> {
+    // comm may hold anything: fields start after the last ')', at field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(52 - 3)
+}
+
+/// The process file of a zombie: nothing (no memory, fds, signals, threads).
+pub fn zombie_image(pid: i32) -> ProcessImage {
+    ProcessImage {
+        pid,
+        mm: MmFields::default(),
+        vmas: Vec::new(),
+        fds: Vec::new(),
+        signals: ProcessSignals {
+            actions: Vec::new(),
+            shared_pending: Vec::new(),
+        },
+        itimers: Itimers::default(),
+        threads: Vec::new(),
+    }
+}
+
+/// `tree.json` entry of the zombie `pid` (child of `ppid` in the tree):
+/// identity, session and process group, and exit status. Its parent is
+/// stopped, so it cannot be reaped while this reads.
+pub fn zombie_entry(pid: i32, ppid: i32) -> Result<ProcessEntry, TreeError> {
+    let path = proc_path(pid, "stat");
+    let text = std::fs::read_to_string(&path).map_err(|source| TreeError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let stat = parse_stat(&path, &text)?;
+    if stat.state != 'Z' {
+        return Err(TreeError::NoLongerZombie {
+            pid,
+            state: stat.state,
+        });
+    }
+    let field = stat_exit_code(&text).unwrap_or("");
+    let zombie = field
+        .parse::<u32>()
+        .ok()
+        .and_then(ZombieExit::from_wait_status)
+        .ok_or_else(|| TreeError::BadExitCode {
+            pid,
+            field: field.to_string(),
+        })?;
+    let st = read_status(pid)?;
+    Ok(ProcessEntry {
+        pid,
+        ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        nspid: st.nspid.clone(),
+        tids: Vec::new(),
+        comm: stat.comm.clone(),
+        exe: String::new(),
+        cwd: String::new(),
+        root: String::new(),
+        umask: 0,
+        creds: Creds {
+            uids: st.uids,
+            gids: st.gids,
+            groups: st.groups,
+            ..Creds::default()
+        },
+        rlimits: Vec::new(),
+        namespaces: Vec::new(),
+        file: process_file_name(pid),
+        zombie: Some(zombie),
+    })
 }
 
 pub fn mm_fields(facts: &ProcFacts, brk: u64) -> MmFields {
@@ -193,6 +282,59 @@ mod tests {
             preorder(99, &procs),
             Err(TreeError::RootMissing { root: 99 })
         ));
+    }
+
+    #[test]
+    fn exit_code_is_field_52_whatever_comm_holds() {
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[0] = "Z".into();
+        fields[52 - 3] = "768".into();
+        let text = format!("42 (a) b) c) {}\n", fields.join(" "));
+        assert_eq!(stat_exit_code(&text), Some("768"));
+        assert_eq!(stat_exit_code("42 (x) Z 1 2"), None);
+    }
+
+    #[test]
+    fn zombie_entry_records_exit_status_and_identity() {
+        use std::os::unix::process::ExitStatusExt;
+        for (script, want) in [
+            ("exit 7", ZombieExit::Exited { code: 7 }),
+            (
+                "kill -TERM $$",
+                ZombieExit::Killed {
+                    signal: libc::SIGTERM as u8,
+                    core_dumped: false,
+                },
+            ),
+        ] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .expect("spawn sh");
+            let pid = child.id() as i32;
+            // Not reaped before the check: it stays a zombie of this process.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while read_stat(pid).map(|s| s.state).ok() != Some('Z') {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pid {pid} not a zombie"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let me = std::process::id() as i32;
+            let entry = zombie_entry(pid, me).expect("zombie entry");
+            assert_eq!(entry.zombie, Some(want), "{script}");
+            assert_eq!((entry.pid, entry.ppid), (pid, me));
+            assert_eq!(entry.nspid.last(), Some(&pid));
+            assert!(entry.tids.is_empty());
+            assert_eq!(entry.comm, "sh");
+            let stat = read_stat(me).expect("own stat");
+            assert_eq!((entry.pgid, entry.sid), (stat.pgrp, stat.session));
+            // What waitpid reports is what was recorded.
+            let status = child.wait().expect("wait");
+            assert_eq!(status.into_raw() as u32, want.wait_status(), "{script}");
+            assert!(zombie_entry(pid, me).is_err(), "reaped: no entry");
+        }
     }
 
     #[test]

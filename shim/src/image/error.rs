@@ -119,6 +119,24 @@ pub enum ImageError {
     RootPidMismatch { root_pid: i32, first: i32 },
     #[error("tree.json: pid {pid} comes before its parent {ppid} (parents must come first)")]
     ParentAfterChild { pid: i32, ppid: i32 },
+    #[error(
+        "tree.json: the root, pid {pid}, is a zombie (a zombie is restored only under its parent)"
+    )]
+    ZombieRoot { pid: i32 },
+    #[error("tree.json: pid {pid} names zombie {zombie} as its parent (a zombie has no children)")]
+    ZombieParent { pid: i32, zombie: i32 },
+    #[error(
+        "{file}: pid {pid} is a zombie but has {what} (a zombie has nothing but its exit status)"
+    )]
+    ZombieNotEmpty {
+        file: String,
+        pid: i32,
+        what: String,
+    },
+    #[error(
+        "tree.json: zombie pid {pid} was killed by signal {signal}, which cannot end a process"
+    )]
+    ZombieSignal { pid: i32, signal: u8 },
     #[error("tree.json: pid {pid} names file {file:?}, which manifest.json does not list")]
     ProcessFileMissing { pid: i32, file: String },
     #[error("{file}: field pid is {found}, tree.json says {expected}")]

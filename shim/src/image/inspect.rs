@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::types::{FormatVersion, PageRun};
+use super::types::{FormatVersion, PageRun, ZombieExit};
 use super::{Image, ImageError};
 
 /// Everything `cowsnap inspect` reports.
@@ -44,11 +44,16 @@ pub struct ProcessReport {
     pub pages_zero: u64,
     /// Pages neither present nor swapped.
     pub pages_absent: u64,
+    /// Set for a zombie (exited, not yet reaped by its parent): how it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zombie: Option<ZombieExit>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Totals {
+    /// Zombies included.
     pub processes: usize,
+    pub zombies: usize,
     pub threads: usize,
     /// References to stored pages, summed over every process and address.
     pub pages_referenced: u64,
@@ -94,6 +99,12 @@ pub fn inspect_report(image: &Image) -> InspectReport {
     let mut processes = Vec::with_capacity(image.processes.len());
     let mut totals = Totals {
         processes: image.processes.len(),
+        zombies: image
+            .tree
+            .processes
+            .iter()
+            .filter(|p| p.zombie.is_some())
+            .count(),
         threads: 0,
         pages_referenced: 0,
         unique_pages_stored: image.index.page_count,
@@ -152,6 +163,7 @@ pub fn inspect_report(image: &Image) -> InspectReport {
             pages_stored: stored,
             pages_zero: zero,
             pages_absent: absent,
+            zombie: entry.zombie,
         });
     }
     let mut histogram = std::collections::BTreeMap::<u64, u64>::new();
@@ -243,7 +255,15 @@ fn render_text(r: &InspectReport) -> String {
         r.page_size,
         r.created_unix
     );
-    let _ = writeln!(out, "processes ({}, root {}):", t.processes, r.root_pid);
+    let zombies = match t.zombies {
+        0 => String::new(),
+        n => format!(", {n} zombies"),
+    };
+    let _ = writeln!(
+        out,
+        "processes ({}{zombies}, root {}):",
+        t.processes, r.root_pid
+    );
     let _ = writeln!(
         out,
         "  {:<16} {:>7} {:>7} {:>5} {:>10} {:>10} {:>10}  comm",
@@ -254,7 +274,14 @@ fn render_text(r: &InspectReport) -> String {
         let _ = writeln!(
             out,
             "  {:<16} {:>7} {:>7} {:>5} {:>10} {:>10} {:>10}  {}",
-            pid, p.ppid, p.threads, p.vmas, p.pages_stored, p.pages_zero, p.pages_absent, p.comm
+            pid,
+            p.ppid,
+            p.threads,
+            p.vmas,
+            p.pages_stored,
+            p.pages_zero,
+            p.pages_absent,
+            comm_column(p)
         );
     }
     let _ = writeln!(out, "totals:");
@@ -287,6 +314,22 @@ fn render_text(r: &InspectReport) -> String {
         let _ = writeln!(out, "  {:>4} processes: {} pages", b.processes, b.pages);
     }
     out
+}
+
+/// `comm`, and for a zombie how it ended (what its parent's wait will report).
+fn comm_column(p: &ProcessReport) -> String {
+    match p.zombie {
+        None => p.comm.clone(),
+        Some(ZombieExit::Exited { code }) => format!("{} <zombie: exited {code}>", p.comm),
+        Some(ZombieExit::Killed {
+            signal,
+            core_dumped,
+        }) => format!(
+            "{} <zombie: killed by signal {signal}{}>",
+            p.comm,
+            if core_dumped { ", core dumped" } else { "" }
+        ),
+    }
 }
 
 /// Full integrity check: every file, checksum, frame and page reference.
@@ -409,6 +452,30 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&inspect(&dir, true).unwrap()).unwrap();
         assert_eq!(json["totals"]["pages_shared"], 2);
         assert_eq!(json["processes"][1]["pid"], testutil::CHILD);
+    }
+
+    #[test]
+    fn inspect_shows_zombies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        testutil::edit_json(&dir, crate::image::types::TREE_FILE, |v| {
+            v["processes"][1]["tids"] = serde_json::json!([]);
+            v["processes"][1]["zombie"] = serde_json::json!({"how": "exited", "code": 7});
+        });
+        testutil::edit_json(&dir, "proc-101.json", |v| {
+            v["vmas"] = serde_json::json!([]);
+            v["fds"] = serde_json::json!([]);
+            v["threads"] = serde_json::json!([]);
+            v["signals"] = serde_json::json!({"actions": [], "shared_pending": []});
+        });
+        let text = inspect(&dir, false).unwrap();
+        assert!(text.contains("proc101 <zombie: exited 7>"), "{text}");
+        assert!(text.contains("(2, 1 zombies, root 100)"), "{text}");
+        assert!(!text.contains("proc100 <zombie"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&inspect(&dir, true).unwrap()).unwrap();
+        assert_eq!(json["totals"]["zombies"], 1);
+        assert_eq!(json["processes"][1]["zombie"]["code"], 7);
+        assert!(json["processes"][0].get("zombie").is_none());
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //!   ids not dense, frame page counts off, bytes after the last frame;
 //! - `tree.json`: empty, duplicate pids, root not first, a child before its
 //!   parent, a process file not in the manifest or naming another pid;
+//!   a zombie as the root, as a parent, with threads, or killed by a signal
+//!   that cannot end a process; a zombie's process file that is not empty
+//!   (any VMA, fd, thread, signal action or pending signal);
 //! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
 //!   runs unaligned, empty or not covering their VMA exactly, page ids past
 //!   the store;
@@ -33,8 +36,8 @@ use xxhash_rust::xxh3::{xxh3_128, Xxh3Default};
 use super::pagestore::{validate_index, PageStoreReader};
 use super::types::{
     FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
-    FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE,
-    PIPES_FILE, TREE_FILE,
+    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
+    PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
 };
 use super::ImageError;
 
@@ -129,6 +132,9 @@ impl Image {
                     expected: entry.pid,
                     found: process.pid,
                 });
+            }
+            if entry.zombie.is_some() {
+                check_zombie_image(&entry.file, &process)?;
             }
             check_process(&entry.file, &process, manifest.page_size, index.page_count)?;
             processes.push(process);
@@ -249,10 +255,41 @@ fn check_tree(tree: &Tree, manifest: &Manifest) -> Result<(), ImageError> {
     }
     let all: HashSet<i32> = tree.processes.iter().map(|p| p.pid).collect();
     let listed: HashSet<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    if first.zombie.is_some() {
+        return Err(ImageError::ZombieRoot { pid: first.pid });
+    }
+    let zombies: HashSet<i32> = tree
+        .processes
+        .iter()
+        .filter(|p| p.zombie.is_some())
+        .map(|p| p.pid)
+        .collect();
     let mut seen = HashSet::new();
     for entry in &tree.processes {
         if !seen.insert(entry.pid) {
             return Err(ImageError::DuplicatePid { pid: entry.pid });
+        }
+        if zombies.contains(&entry.ppid) {
+            return Err(ImageError::ZombieParent {
+                pid: entry.pid,
+                zombie: entry.ppid,
+            });
+        }
+        match entry.zombie {
+            Some(_) if !entry.tids.is_empty() => {
+                return Err(ImageError::ZombieNotEmpty {
+                    file: TREE_FILE.into(),
+                    pid: entry.pid,
+                    what: format!("threads {:?}", entry.tids),
+                })
+            }
+            Some(ZombieExit::Killed { signal, .. }) if !signal_ends_process(signal) => {
+                return Err(ImageError::ZombieSignal {
+                    pid: entry.pid,
+                    signal,
+                })
+            }
+            _ => {}
         }
         // A parent outside the dump (the root's, or a reaper outside the
         // tree) is fine; a parent inside it must come first.
@@ -270,6 +307,42 @@ fn check_tree(tree: &Tree, manifest: &Manifest) -> Result<(), ImageError> {
         }
     }
     Ok(())
+}
+
+/// Whether a process can die of `signal` (SIGKILL, or a signal whose
+/// default action terminates it, with or without a core dump).
+pub fn signal_ends_process(signal: u8) -> bool {
+    let stop_or_ignore = [
+        libc::SIGCHLD,
+        libc::SIGCONT,
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGURG,
+        libc::SIGWINCH,
+    ];
+    (1..=64).contains(&signal) && !stop_or_ignore.contains(&i32::from(signal))
+}
+
+/// A zombie's process file holds nothing: what would it be restored into?
+fn check_zombie_image(file: &str, process: &ProcessImage) -> Result<(), ImageError> {
+    let what = if !process.vmas.is_empty() {
+        format!("{} VMAs", process.vmas.len())
+    } else if !process.fds.is_empty() {
+        format!("{} fds", process.fds.len())
+    } else if !process.threads.is_empty() {
+        format!("{} threads", process.threads.len())
+    } else if !process.signals.actions.is_empty() || !process.signals.shared_pending.is_empty() {
+        "signal state".into()
+    } else {
+        return Ok(());
+    };
+    Err(ImageError::ZombieNotEmpty {
+        file: file.into(),
+        pid: process.pid,
+        what,
+    })
 }
 
 /// VMAs sorted and disjoint, page runs page aligned and covering each VMA
@@ -1083,6 +1156,126 @@ mod tests {
                 ppid: 103
             }
         ));
+    }
+
+    /// Makes pid 101 a zombie killed by `signal` (an empty process file,
+    /// no threads), then lets `f` break it.
+    fn zombie_image(dir: &Path, signal: u8, f: impl FnOnce(&mut serde_json::Value)) {
+        edit_json(dir, TREE_FILE, |v| {
+            v["processes"][1]["tids"] = json!([]);
+            v["processes"][1]["zombie"] =
+                json!({"how": "killed", "signal": signal, "core_dumped": false});
+        });
+        edit_json(dir, "proc-101.json", |v| {
+            v["vmas"] = json!([]);
+            v["fds"] = json!([]);
+            v["threads"] = json!([]);
+            v["signals"] = json!({"actions": [], "shared_pending": []});
+            f(v);
+        });
+    }
+
+    #[test]
+    fn zombie_with_empty_process_file_loads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, 15, |_| {});
+        let image = Image::open(&dir).expect("a zombie opens");
+        assert_eq!(
+            image.tree.processes[1].zombie,
+            Some(ZombieExit::Killed {
+                signal: 15,
+                core_dumped: false
+            })
+        );
+        assert!(image.processes[1].threads.is_empty());
+        // Without the field (images of older cowsnaps) no process is a zombie.
+        assert_eq!(image.tree.processes[0].zombie, None);
+        assert!(!std::fs::read_to_string(dir.join("tree.json"))
+            .unwrap()
+            .contains("\"zombie\":null"));
+    }
+
+    #[test]
+    fn refuses_zombie_with_memory_fds_or_threads() {
+        for (key, what) in [("vmas", "VMAs"), ("fds", "fds"), ("threads", "threads")] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = build(tmp.path());
+            let full = testutil::process(testutil::CHILD);
+            let value = serde_json::to_value(&full).unwrap();
+            zombie_image(&dir, 9, |v| v[key] = value[key].clone());
+            assert!(
+                matches!(
+                    open_err(&dir),
+                    ImageError::ZombieNotEmpty { pid: 101, what: ref w, ref file }
+                        if w.ends_with(what) && file == "proc-101.json"
+                ),
+                "{key}"
+            );
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, 9, |_| {});
+        edit_json(&dir, TREE_FILE, |v| {
+            v["processes"][1]["tids"] = json!([101])
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieNotEmpty { pid: 101, .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_zombie_root_parent_or_signal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, TREE_FILE, |v| {
+            v["processes"][0]["zombie"] = json!({"how": "exited", "code": 0});
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieRoot { pid: 100 }
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, 9, |_| {});
+        edit_json(&dir, TREE_FILE, |v| {
+            let mut grandchild = v["processes"][0].clone();
+            grandchild["pid"] = json!(102);
+            grandchild["ppid"] = json!(101);
+            grandchild["file"] = json!("proc-100.json");
+            v["processes"].as_array_mut().unwrap().push(grandchild);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieParent {
+                pid: 102,
+                zombie: 101
+            }
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, libc::SIGCHLD as u8, |_| {});
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieSignal { pid: 101, signal } if i32::from(signal) == libc::SIGCHLD
+        ));
+    }
+
+    #[test]
+    fn wait_status_round_trip() {
+        for status in [0u32, 7 << 8, 255 << 8, 9, 15, 11 | 0x80, 64] {
+            let exit = ZombieExit::from_wait_status(status).expect("final status");
+            assert_eq!(exit.wait_status(), status);
+        }
+        // Stopped, continued and garbage are not exits.
+        for status in [0x137f, 0xffff, 0x1_0000, 0x10f] {
+            assert_eq!(ZombieExit::from_wait_status(status), None, "{status:#x}");
+        }
+        assert!(signal_ends_process(9) && signal_ends_process(15) && signal_ends_process(40));
+        assert!(!signal_ends_process(0) && !signal_ends_process(19) && !signal_ends_process(65));
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn entry(pid: i32, ppid: i32) -> ProcessEntry {
             inode: 4026531836,
         }],
         file: process_file_name(pid),
+        zombie: None,
     }
 }
 
@@ -78,6 +79,7 @@ pub fn tree() -> Tree {
     Tree {
         processes: vec![entry(ROOT, 0), entry(CHILD, ROOT)],
         sysv_shm: Vec::new(),
+        file_sizes: Default::default(),
     }
 }
 

@@ -21,6 +21,8 @@
 //! siginfo, pipe data, seccomp programs) are lowercase hex strings.
 //! Rules a reader enforces: see `image::reader`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The `format` field of every manifest.
@@ -88,6 +90,12 @@ pub struct Tree {
     /// Absent in images written before cowsnap restored SysV shm.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sysv_shm: Vec<SysvShmSegment>,
+    /// Size at dump time of every executable and mapped file the tree
+    /// uses, by path (as the processes saw it): restore refuses a file that
+    /// has another size now. Absent in older images (then only existence
+    /// is checked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_sizes: BTreeMap<String, u64>,
 }
 
 /// One SysV shared memory segment, as `/proc/sysvipc/shm` and `IPC_STAT`
@@ -142,6 +150,59 @@ pub struct ProcessEntry {
     pub namespaces: Vec<NamespaceId>,
     /// The per-process metadata file, [`process_file_name`].
     pub file: String,
+    /// Set for a zombie: a child that has exited and that its parent has
+    /// not reaped yet. Nothing of it but its identity (pid, nspid, ppid,
+    /// pgid, sid, comm) and this exit status exists: `tids` is empty and its
+    /// process file is an empty [`ProcessImage`]. Never the root. Absent in
+    /// images written before cowsnap dumped zombies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zombie: Option<ZombieExit>,
+}
+
+/// How a zombie ended: what its parent's `waitpid` will report. The dump
+/// reads it from `exit_code` (field 52) of /proc/PID/stat, which for a
+/// zombie is the wait status (`exit(3)` shows 768, death by SIGTERM 15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum ZombieExit {
+    /// `_exit(code)`: WIFEXITED, WEXITSTATUS = code.
+    Exited { code: u8 },
+    /// Killed by `signal` (WIFSIGNALED); `core_dumped` is WCOREDUMP.
+    Killed { signal: u8, core_dumped: bool },
+}
+
+impl ZombieExit {
+    /// Decodes a wait status; `None` for anything that is not a final one
+    /// (a stop or continue report, or stray high bits).
+    pub fn from_wait_status(status: u32) -> Option<ZombieExit> {
+        if status > 0xffff {
+            return None;
+        }
+        let signal = (status & 0x7f) as u8;
+        match signal {
+            0 => Some(ZombieExit::Exited {
+                code: (status >> 8) as u8,
+            }),
+            // 0x7f marks a stopped child, not a dead one.
+            0x7f => None,
+            _ if status >> 8 != 0 => None,
+            _ => Some(ZombieExit::Killed {
+                signal,
+                core_dumped: status & 0x80 != 0,
+            }),
+        }
+    }
+
+    /// The wait status `waitpid` reports for this exit.
+    pub fn wait_status(self) -> u32 {
+        match self {
+            ZombieExit::Exited { code } => u32::from(code) << 8,
+            ZombieExit::Killed {
+                signal,
+                core_dumped,
+            } => u32::from(signal) | if core_dumped { 0x80 } else { 0 },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -189,6 +189,7 @@ mod tests {
             ],
             namespaces: vec![],
             file: "proc-900.json".into(),
+            zombie: None,
         }
     }
 

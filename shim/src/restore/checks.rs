@@ -159,6 +159,7 @@ impl StatCache {
 /// - cwd and root: directories;
 /// - every private or shared file mapping: a regular file longer than the
 ///   mapping's offset (a deleted one is not supported);
+/// - executables and mapped files: the size the dump recorded, if it did;
 /// - every fd: regular files exist with the dumped size (deleted: not
 ///   supported), directories and devices exist with their kind, and no fd is
 ///   of an unsupported kind (socket, eventfd, ...). Ttys are not checked:
@@ -166,13 +167,14 @@ impl StatCache {
 pub fn check_files(image: &Image) -> Result<(), CheckError> {
     let mut cache = StatCache::default();
     for (entry, process) in image.tree.processes.iter().zip(&image.processes) {
-        check_process(&mut cache, entry, process)?;
+        check_process(&mut cache, &image.tree.file_sizes, entry, process)?;
     }
     Ok(())
 }
 
 fn check_process(
     cache: &mut StatCache,
+    sizes: &std::collections::BTreeMap<String, u64>,
     entry: &ProcessEntry,
     process: &ProcessImage,
 ) -> Result<(), CheckError> {
@@ -186,7 +188,8 @@ fn check_process(
         if exe.ends_with(DELETED_SUFFIX) {
             return Err(deleted("executable", exe));
         }
-        cache.check(pid, "executable", exe, Expect::Regular)?;
+        let meta = cache.check(pid, "executable", exe, Expect::Regular)?;
+        same_size(pid, "executable", exe, &meta, sizes)?;
     }
     for (what, dir) in [("cwd", &entry.cwd), ("root", &entry.root)] {
         if dir.ends_with(DELETED_SUFFIX) {
@@ -208,6 +211,7 @@ fn check_process(
             });
         }
         let meta = cache.check(pid, "mapped file", path, Expect::Regular)?;
+        same_size(pid, "mapped file", path, &meta, sizes)?;
         if meta.len() <= vma.offset {
             return Err(CheckError::MappingPastEnd {
                 pid,
@@ -254,6 +258,26 @@ fn check_process(
         }
     }
     Ok(())
+}
+
+/// A file whose size the dump recorded must have it still.
+fn same_size(
+    pid: i32,
+    what: &str,
+    path: &str,
+    meta: &Metadata,
+    sizes: &std::collections::BTreeMap<String, u64>,
+) -> Result<(), CheckError> {
+    match sizes.get(path) {
+        Some(&image) if image != meta.len() => Err(CheckError::SizeChanged {
+            pid,
+            what: what.to_string(),
+            path: path.to_string(),
+            image,
+            now: meta.len(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// For a restore into the current pid namespace: every pid (and tid) to be

@@ -53,6 +53,7 @@ fn fixture() -> Fixture {
         rlimits: vec![],
         namespaces: vec![],
         file: crate::image::types::process_file_name(PID),
+        zombie: None,
     };
     let mut proc_image = process(
         PID,
@@ -106,6 +107,8 @@ fn fixture() -> Fixture {
     w.write_tree(&Tree {
         processes: vec![entry],
         sysv_shm: Vec::new(),
+        // As the dump records them: the executable and the mapped file.
+        file_sizes: [(p("exe"), 4), (p("lib.so"), 8192)].into_iter().collect(),
     })
     .expect("tree");
     w.write_process(&proc_image).expect("process");
@@ -139,7 +142,10 @@ fn missing_mapped_file_is_named() {
 fn mapped_file_shorter_than_its_offset_is_refused() {
     let f = fixture();
     std::fs::write(f.path("lib.so"), vec![0u8; 4096]).expect("truncate");
-    let e = check_files(&f.open()).expect_err("too short");
+    // An image without recorded sizes (written before they were).
+    let mut image = f.open();
+    image.tree.file_sizes.clear();
+    let e = check_files(&image).expect_err("too short");
     assert!(
         matches!(
             &e,
@@ -150,6 +156,28 @@ fn mapped_file_shorter_than_its_offset_is_refused() {
                 ..
             }
         ),
+        "{e}"
+    );
+}
+
+#[test]
+fn executable_or_mapped_file_with_another_size_is_refused() {
+    let f = fixture();
+    std::fs::write(f.path("lib.so"), vec![0u8; 12288]).expect("grow lib.so");
+    let e = check_files(&f.open()).expect_err("lib.so changed");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: mapped file {} size changed: image 8192, now 12288",
+            f.path("lib.so")
+        )
+    );
+    let f = fixture();
+    std::fs::write(f.path("exe"), b"\x7fELF, but longer").expect("replace exe");
+    let e = check_files(&f.open()).expect_err("exe changed");
+    assert!(
+        e.to_string()
+            .contains(&format!("executable {} size changed", f.path("exe"))),
         "{e}"
     );
 }

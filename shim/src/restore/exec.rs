@@ -1182,8 +1182,14 @@ impl<'a> Watch<'a> {
             return None;
         }
         let len = self.control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
-        let message =
-            String::from_utf8_lossy(&self.control.read_bytes(slot(i) + 12, len)).into_owned();
+        let bytes = self.control.read_bytes(slot(i) + 12, len);
+        let message = String::from_utf8_lossy(&bytes);
+        // Errors that already name the process (checks) are not prefixed twice.
+        let prefix = format!("pid {}: ", self.dumped[i]);
+        let message = message
+            .strip_prefix(&prefix)
+            .unwrap_or(&message)
+            .to_string();
         Some(RestoreError::Process {
             pid: self.dumped[i],
             message,

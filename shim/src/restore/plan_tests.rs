@@ -227,6 +227,7 @@ fn entry(pid: i32, ppid: i32) -> ProcessEntry {
         rlimits: vec![],
         namespaces: vec![],
         file: format!("proc-{pid}.json"),
+        zombie: None,
     }
 }
 

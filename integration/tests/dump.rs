@@ -619,3 +619,122 @@ fn dump_exit_of_a_namespace_init_ends_its_namespace() {
     let output = cowsnap(&["verify", path_str(&images)]);
     assert!(output.status.success(), "verify:\n{}", describe(&output));
 }
+
+// ------------------------------------------------------------ zombies
+
+/// `ZOMBIE <pid>` lines of a `zombie`-mode tree: (exited 7, killed by SIGTERM).
+fn zombies_of(tree: &RefTree) -> (i32, i32) {
+    let pids: Vec<i32> = tree
+        .report_text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("ZOMBIE ")?.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "zombie mode reports two zombies: {pids:?}");
+    (pids[0], pids[1])
+}
+
+/// `REAPED <pid> <status>` lines of `report` after byte `offset`, by pid.
+fn reaped_after(report: &Path, offset: usize) -> std::collections::BTreeMap<i32, String> {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    text.get(offset..)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("REAPED ")?.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn dump_records_zombies_with_their_exit_status() {
+    use cowsnap::image::types::ZombieExit;
+    let tree = RefTree::start(TreeSpec::small("zombie"));
+    let (exited, killed) = zombies_of(&tree);
+    for z in [exited, killed] {
+        assert!(task_state(z).starts_with('Z'), "pid {z} is not a zombie");
+    }
+    let (_out, images) = image_dir("zombies");
+    let output = dump_ok(&tree, &images, &[]);
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("(2 zombies)"),
+        "{}",
+        describe(&output)
+    );
+
+    let image = cowsnap::image::Image::open(&images).expect("the image opens");
+    let live = tree.spec.children as usize + 1;
+    assert_eq!(image.tree.processes.len(), live + 2);
+    let entry = |pid: i32| {
+        image
+            .process(pid)
+            .unwrap_or_else(|| panic!("pid {pid} is not in the image"))
+    };
+    for (pid, want) in [
+        (exited, ZombieExit::Exited { code: 7 }),
+        (
+            killed,
+            ZombieExit::Killed {
+                signal: libc::SIGTERM as u8,
+                core_dumped: false,
+            },
+        ),
+    ] {
+        let (e, p) = entry(pid);
+        assert_eq!(e.zombie, Some(want), "pid {pid}");
+        assert_eq!(e.ppid, tree.root, "pid {pid}");
+        assert!(e.tids.is_empty() && p.threads.is_empty() && p.vmas.is_empty() && p.fds.is_empty());
+        assert_eq!(e.nspid.last(), Some(&pid));
+    }
+    let live_entries = image.tree.processes.iter().filter(|e| e.zombie.is_none());
+    assert_eq!(live_entries.count(), live);
+    let text = cowsnap(&["inspect", path_str(&images)]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("<zombie: exited 7>"), "{text}");
+    assert!(text.contains("<zombie: killed by signal 15>"), "{text}");
+    let verify = cowsnap(&["verify", path_str(&images)]);
+    assert!(verify.status.success(), "{}", describe(&verify));
+
+    // Untouched: still zombies of the root, which runs on untraced.
+    for z in [exited, killed] {
+        assert!(task_state(z).starts_with('Z'), "pid {z} was reaped");
+        assert_eq!(ppid(z), tree.root);
+    }
+    let live_pids: Vec<i32> = tree
+        .pids()
+        .into_iter()
+        .filter(|&p| p != exited && p != killed)
+        .collect();
+    for &pid in &live_pids {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert_eq!(status_field(&status, "TracerPid:").as_deref(), Some("0"));
+    }
+
+    // A zombie is never the root of a dump.
+    let (out, images) = image_dir("zombie-root");
+    let output = cowsnap(&[
+        "dump",
+        "--pid",
+        &exited.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert_failed_cleanly(&output, &format!("pid {exited} is a zombie"), out.path());
+
+    // The root reaps them on SIGUSR1, with the statuses the image recorded.
+    let offset = fs::metadata(&tree.report).map_or(0, |m| m.len()) as usize;
+    let targets: Vec<(i32, i32)> = live_pids.iter().map(|&p| (p, p)).collect();
+    assert_processes_verify(&tree.report, &targets, "zombie mode after the dump");
+    let reaped = reaped_after(&tree.report, offset);
+    let expect = |pid: i32| {
+        entry(pid)
+            .0
+            .zombie
+            .map(|z| z.wait_status().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(reaped.get(&exited), Some(&expect(exited)), "{reaped:?}");
+    assert_eq!(reaped.get(&killed), Some(&expect(killed)), "{reaped:?}");
+    assert_eq!(expect(exited), (7 << 8).to_string());
+    assert_eq!(expect(killed), libc::SIGTERM.to_string());
+}

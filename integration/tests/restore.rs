@@ -1465,3 +1465,117 @@ fn restored_stacks_keep_growsdown_and_grow_on_demand() {
         );
     }
 }
+
+// ------------------------------------------------------------ zombies
+
+/// `REAPED <pid> <status>` lines of `report` after byte `offset`, by pid.
+fn reaped_after(report: &Path, offset: usize) -> BTreeMap<i32, String> {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    text.get(offset..)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("REAPED ")?.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.to_string()))
+        })
+        .collect()
+}
+
+fn report_len(report: &Path) -> usize {
+    fs::metadata(report).map_or(0, |m| m.len()) as usize
+}
+
+#[test]
+fn restore_brings_zombies_back_and_the_root_reaps_them() {
+    let tree = RefTree::start(TreeSpec::small("zombie"));
+    let zombies: Vec<i32> = tree
+        .report_text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("ZOMBIE ")?.trim().parse().ok())
+        .collect();
+    assert_eq!(zombies.len(), 2, "zombie mode reports two zombies");
+    let live: Vec<i32> = tree
+        .pids()
+        .into_iter()
+        .filter(|p| !zombies.contains(p))
+        .collect();
+    let original = TreeView::take(&live);
+    let (dir, images) = image_dir("restore-zombies");
+    dump_ok(&tree, &images, &[]);
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &["--pid-ns", "new"]);
+    eprintln!("zombie: {}", String::from_utf8_lossy(&output.stdout).trim());
+    restored.assert_in_new_namespace(original.root);
+    let context = "zombie, restored into a new pid namespace";
+
+    // Zombies again: same pids, same parent, not reaped by anybody.
+    let all = restored.pids();
+    let restored_zombies: Vec<i32> = all
+        .iter()
+        .copied()
+        .filter(|&p| zombies.contains(&ns_pid(p)))
+        .collect();
+    assert_eq!(
+        restored_zombies.len(),
+        2,
+        "{context}: zombies of the restored tree {all:?}"
+    );
+    for &z in &restored_zombies {
+        assert!(
+            task_state(z).starts_with('Z'),
+            "{context}: pid {z} ({}) is in state {:?}",
+            ns_pid(z),
+            task_state(z)
+        );
+        assert_eq!(ppid(z), restored.root, "{context}: parent of zombie {z}");
+        let stat = fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+        assert!(state.is_some_and(|s| s.starts_with('Z')), "{stat}");
+    }
+    let live_restored: Vec<i32> = all
+        .iter()
+        .copied()
+        .filter(|p| !restored_zombies.contains(p))
+        .collect();
+    let view = TreeView::take(&live_restored);
+    assert_same_structure(&original, &view, context);
+    assert_same_maps(&original, &view, context);
+
+    // Every live process verifies; the restored root reaps both zombies on
+    // that SIGUSR1, with the statuses they died with.
+    let offset = report_len(&tree.report);
+    let targets: Vec<(i32, i32)> = live_restored.iter().map(|&p| (p, ns_pid(p))).collect();
+    assert_processes_verify(&tree.report, &targets, context);
+    let from_restored = reaped_after(&tree.report, offset);
+    for &z in &restored_zombies {
+        let gone = !Path::new(&format!("/proc/{z}")).exists();
+        assert!(gone, "{context}: zombie {z} still there after the reap");
+    }
+    // What is left is the live tree, running (the zombies left on purpose).
+    let mut left = restored.pids();
+    left.sort_unstable();
+    let mut want = live_restored.clone();
+    want.sort_unstable();
+    assert_eq!(left, want, "{context}: the tree after the reap");
+    for &pid in &left {
+        let state = task_state(pid);
+        assert!(
+            state.starts_with(['S', 'R']),
+            "{context}, after the reap: pid {pid} in state {state:?}"
+        );
+    }
+
+    // The original root, asked the same, reaps its own with the same statuses.
+    let offset = report_len(&tree.report);
+    let targets: Vec<(i32, i32)> = live.iter().map(|&p| (p, p)).collect();
+    assert_processes_verify(&tree.report, &targets, "zombie: the original");
+    let from_original = reaped_after(&tree.report, offset);
+    let expected: BTreeMap<i32, String> = [
+        (zombies[0], (7 << 8).to_string()),
+        (zombies[1], libc::SIGTERM.to_string()),
+    ]
+    .into();
+    assert_eq!(from_original, expected, "the original's zombies");
+    assert_eq!(from_restored, from_original, "{context}: reaped statuses");
+}

@@ -37,6 +37,13 @@
 //!   its [stack] VMA started, and answers BAD unless the VMA grew that far
 //!   (without VM_GROWSDOWN the process dies of SIGSEGV instead).
 //!
+//! - `zombie` mode: like `plain`, and the root forks two more children that
+//!   end at once, one with `exit(7)`, one killed by SIGTERM, and leaves them
+//!   zombies (it reports `ZOMBIE <pid>` for each before the ready file). On
+//!   the first SIGUSR1 it reaps them (before its OK/BAD line) and reports
+//!   `REAPED <pid> <wait-status-decimal>` for each; it reaps nothing else
+//!   before that.
+//!
 //! This is a test program: it talks to the kernel through raw libc calls and
 //! dies with a message on any unexpected failure.
 
@@ -78,6 +85,8 @@ enum Mode {
     ThreadSignals,
     /// Plus a stack shared with the children that must grow on demand after a restore.
     StackGrowth,
+    /// Plus two children of the root that exited (exit 7, SIGTERM), unreaped until SIGUSR1.
+    Zombie,
 }
 
 #[derive(Parser, Debug)]
@@ -141,6 +150,10 @@ static GOT_USR1: AtomicBool = AtomicBool::new(false);
 /// (and so consumes) its pending signals.
 static TAKE_PENDING: AtomicBool = AtomicBool::new(false);
 static GOT_TERM: AtomicBool = AtomicBool::new(false);
+/// `zombie` mode: the root's children that exited and are not reaped yet.
+static ZOMBIES: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// Exit code of the first zombie of `zombie` mode (the second dies of SIGTERM).
+const ZOMBIE_EXIT_CODE: libc::c_int = 7;
 
 extern "C" fn on_signal(signal: libc::c_int) {
     // Only atomic stores: async-signal-safe.
@@ -780,6 +793,9 @@ impl Tree {
                 }
             }
             if GOT_USR1.swap(false, Ordering::SeqCst) {
+                if root.is_some() {
+                    self.reap_zombies();
+                }
                 let line = match self.verify(role) {
                     Ok(()) => format!("OK {pid}\n"),
                     Err((addr, what)) => format!("BAD {pid} {addr:#x} {what}\n"),
@@ -789,10 +805,80 @@ impl Tree {
                     TAKE_PENDING.store(true, Ordering::SeqCst);
                 }
             }
-            if root.is_some() {
+            // In zombie mode nothing is reaped before the zombies are.
+            let zombies_left = ZOMBIES.lock().is_ok_and(|z| !z.is_empty());
+            if root.is_some() && !zombies_left {
                 reap_exited();
             }
             sleep_interruptible(1);
+        }
+    }
+}
+
+impl Tree {
+    /// `zombie` mode, root: forks the two children that end at once and
+    /// waits until both are zombies (without reaping them).
+    fn make_zombies(&self) {
+        for killed in [false, true] {
+            // SAFETY: the child only resets a signal, signals itself and exits.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                die("fork (zombie)");
+            }
+            if pid == 0 {
+                if killed {
+                    // SAFETY: default action for SIGTERM (the root's handler
+                    // was inherited), unblocked, then sent to ourselves.
+                    unsafe {
+                        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                        set_mask(libc::SIG_UNBLOCK, &signal_set(&[libc::SIGTERM]));
+                        libc::kill(libc::getpid(), libc::SIGTERM);
+                    }
+                }
+                // SAFETY: _exit skips atexit handlers shared with the parent.
+                unsafe { libc::_exit(ZOMBIE_EXIT_CODE) };
+            }
+            // SAFETY: siginfo_t is plain data; WNOWAIT leaves the child a zombie.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            loop {
+                // SAFETY: info is a valid out-pointer; pid is our child.
+                let r = unsafe {
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    )
+                };
+                if r == 0 {
+                    break;
+                }
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    die("waitid (zombie)");
+                }
+            }
+            if let Ok(mut zombies) = ZOMBIES.lock() {
+                zombies.push(pid);
+            }
+            self.report(&format!("ZOMBIE {pid}\n"));
+        }
+    }
+
+    /// Reaps the zombies of `zombie` mode, reporting what waitpid returned.
+    fn reap_zombies(&self) {
+        let zombies = ZOMBIES
+            .lock()
+            .map(|mut z| std::mem::take(&mut *z))
+            .unwrap_or_default();
+        for pid in zombies {
+            let mut status = 0;
+            // SAFETY: status is a valid out-pointer; pid is our child.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                self.report(&format!("REAPED {pid} {status}\n"));
+            } else {
+                self.report(&format!("REAPED {pid} none\n"));
+            }
         }
     }
 }
@@ -1228,6 +1314,9 @@ fn main() {
         }
     }
 
+    if tree.args.mode == Mode::Zombie {
+        tree.make_zombies();
+    }
     tree.start_threads(&root_role);
     tree.report_regions(&root_role);
     if tree.args.mode == Mode::SysvShm {

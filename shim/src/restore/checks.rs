@@ -166,7 +166,9 @@ impl StatCache {
 ///   the stdio policy may replace them.
 pub fn check_files(image: &Image) -> Result<(), CheckError> {
     let mut cache = StatCache::default();
-    for (entry, process) in image.tree.processes.iter().zip(&image.processes) {
+    // A zombie needs no file: it has no executable, directories or mappings.
+    let live = image.tree.processes.iter().zip(&image.processes);
+    for (entry, process) in live.filter(|(e, _)| e.zombie.is_none()) {
         check_process(&mut cache, &image.tree.file_sizes, entry, process)?;
     }
     Ok(())

@@ -12,6 +12,15 @@
 //! errno) or dies, the controller kills everything it created and names the
 //! process and step.
 //!
+//! A zombie of the image is forked by its parent like any child, takes its
+//! process group and session, marks its slot `STATE_ZOMBIE` and ends the
+//! way it ended (`_exit(code)`, or its signal's default action). It has no
+//! blob and no thread at the barrier; its parent waits until it is a zombie
+//! with the recorded wait status before it goes on, and reaps it only once
+//! released (SIGCHLD stays pending until then). Not reproduced: the
+//! core-dumped bit of a zombie killed by a core-dumping signal (no core of
+//! the restore runtime is ever written).
+//!
 //! Control region (MAP_SHARED, created before the first fork):
 //!
 //! ```text
@@ -28,7 +37,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::image::types::{PageId, ProcessEntry, ProcessImage, ThreadImage, UserRegs, VmaKind};
+use crate::image::types::{
+    PageId, ProcessEntry, ProcessImage, ThreadImage, UserRegs, VmaKind, ZombieExit,
+};
 use crate::image::{Image, ImageError};
 use crate::sys::clone::{self, CloneError, Forked};
 use crate::sys::mem::{self, Backing, MemError, SharedRegion, Staging};
@@ -152,6 +163,8 @@ const SLOT_BLOB: u64 = 448;
 const STATE_STARTED: u32 = 1;
 const STATE_JUMPING: u32 = 2;
 const STATE_FAILED: u32 = 3;
+/// A zombie of the image, about to end as it ended: no blob, no barrier.
+const STATE_ZOMBIE: u32 = 4;
 const PAGE: u64 = 4096;
 
 /// Everything a restored process needs, copied into it by fork.
@@ -203,12 +216,16 @@ fn open_and_plan(
     Ok((image, plan))
 }
 
-/// Every thread of the tree, counted once per process at least.
+/// Every thread of the tree, counted once per live process at least:
+/// what the blob's barrier waits for (zombies never reach it).
 fn total_threads(image: &Image) -> u32 {
     image
+        .tree
         .processes
         .iter()
-        .map(|p| p.threads.len().max(1) as u32)
+        .zip(&image.processes)
+        .filter(|(e, _)| e.zombie.is_none())
+        .map(|(_, p)| p.threads.len().max(1) as u32)
         .sum()
 }
 
@@ -236,6 +253,12 @@ fn context(
         let mut all: Vec<i32> = Vec::new();
         for p in &image.processes {
             all.extend(p.threads.iter().map(|t| pick(&t.nstid, t.tid)));
+        }
+        // A zombie has no thread, but its pid must be free too.
+        for (k, e) in image.tree.processes.iter().enumerate() {
+            if e.zombie.is_some() {
+                all.push(target_pid[k]);
+            }
         }
         if mode == PidNs::Container {
             all.retain(|&pid| pid != 1);
@@ -342,6 +365,9 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
 /// Takes the restorer's region out of every process of the released tree.
 fn release_restorer(watch: &Watch) -> Result<(), RestoreError> {
     for i in 0..watch.dumped.len() {
+        if watch.zombie[i] {
+            continue; // no blob: it ended before the barrier
+        }
         let raw = watch.control.read_bytes(slot(i) + SLOT_BLOB, 16);
         let start = u64::from_ne_bytes(raw[..8].try_into().unwrap_or_default());
         let len = u64::from_ne_bytes(raw[8..].try_into().unwrap_or_default());
@@ -484,7 +510,10 @@ pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> Resto
 
 /// Refuses, before anything is created, what this version cannot restore.
 fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
-    for p in &image.processes {
+    for (entry, p) in image.tree.processes.iter().zip(&image.processes) {
+        if entry.zombie.is_some() {
+            continue; // nothing but an exit status (the reader checked)
+        }
         for v in &p.vmas {
             let why = match v.kind {
                 VmaKind::SysvShm if v.vm_flags.iter().any(|f| f == "ht") => {
@@ -600,10 +629,101 @@ fn record_failure(control: &SharedRegion, i: usize, message: &str) {
         .store(STATE_FAILED, Ordering::Release);
 }
 
+/// The message of a failure process `i` recorded in its slot, if any.
+fn slot_failure(control: &SharedRegion, i: usize) -> Option<String> {
+    if control.word(slot(i) + 4).load(Ordering::Acquire) != STATE_FAILED {
+        return None;
+    }
+    let len = control.word(slot(i) + 8).load(Ordering::Acquire) as u64;
+    Some(String::from_utf8_lossy(&control.read_bytes(slot(i) + 12, len)).into_owned())
+}
+
+/// Restored process `i` is a zombie of the image: it takes its process
+/// group and session, says so in its slot, and ends as it ended.
+fn become_zombie(ctx: &Ctx, i: usize, exit: ZombieExit) -> ! {
+    if let Ok(pid) = clone::outer_pid() {
+        ctx.control
+            .word(slot(i))
+            .store(pid as u32, Ordering::Release);
+    }
+    block_all_signals();
+    if let Err(e) = session(ctx, i) {
+        fail_slot(ctx, i, &format!("session/process group: {e}"));
+    }
+    // What `ps` shows of it; a failure only costs the name.
+    let _ = crate::sys::restore_sys::set_thread_name(&ctx.image.tree.processes[i].comm);
+    ctx.control
+        .word(slot(i) + 4)
+        .store(STATE_ZOMBIE, Ordering::Release);
+    match exit {
+        ZombieExit::Exited { code } => clone::exit_now(i32::from(code)),
+        ZombieExit::Killed { signal, .. } => die_of_signal(i32::from(signal)),
+    }
+}
+
+/// Dies of `signal`'s default action, without a core dump (the image
+/// checked that the signal ends a process).
+fn die_of_signal(signal: i32) -> ! {
+    use crate::sys::restore_sys::{rt_sigaction, set_rlimit, set_signal_mask, KernelSigaction};
+    // Not dumpable: no core, whatever core_pattern says (a pipe handler
+    // ignores RLIMIT_CORE 0); the limit as well, for the file case.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let _ = set_rlimit(libc::RLIMIT_CORE, 0, 0);
+    if signal != libc::SIGKILL {
+        let _ = rt_sigaction(signal, Some(&KernelSigaction::default()));
+    }
+    let _ = set_signal_mask(!(1u64 << (signal - 1)));
+    let _ = crate::sys::ptrace::kill(nix::unistd::getpid().as_raw(), signal);
+    // Unreachable unless the signal did not kill: the parent sees the
+    // wrong status and fails the restore.
+    clone::exit_now(128 + signal)
+}
+
+/// In the parent of zombie `child` (pid `pid` here): waits until it is a
+/// zombie and checks it ended with the recorded wait status (field 52 of
+/// /proc/PID/stat, read without reaping it).
+fn await_zombie(ctx: &Ctx, child: usize, pid: i32) -> Result<(), String> {
+    let entry = &ctx.image.tree.processes[child];
+    let want = entry.zombie.map_or(0, ZombieExit::wait_status);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let path = format!("/proc/{pid}/stat");
+    loop {
+        let stat = std::fs::read_to_string(&path)
+            .map_err(|e| format!("zombie pid {}: {path}: {e}", entry.pid))?;
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        if state == Some('Z') {
+            if let Some(message) = slot_failure(&ctx.control, child) {
+                return Err(format!("zombie pid {}: {message}", entry.pid));
+            }
+            let got = crate::dump::tree::stat_exit_code(&stat).and_then(|f| f.parse::<u32>().ok());
+            // The core-dumped bit is not reproduced (see the module doc).
+            return match got {
+                Some(got) if got == want & !0x80 => Ok(()),
+                got => Err(format!(
+                    "zombie pid {} ended with wait status {got:?}, the image says {want:#x}",
+                    entry.pid
+                )),
+            };
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "zombie pid {} is still in state {state:?} after 30 s",
+                entry.pid
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// The life of restored process `i` until it jumps into the blob. The
 /// root creates the pipe set; descendants get the one they inherited, and
 /// the staging mappings their ancestors made.
 fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Staging) -> ! {
+    if let Some(exit) = ctx.image.tree.processes[i].zombie {
+        become_zombie(ctx, i, exit)
+    }
     // Until the release, this process dies with its parent: a restore
     // killed half way leaves nothing parked behind (the kill cascades down
     // the tree; the blob disarms it once past the barrier).
@@ -683,6 +803,11 @@ fn build_process(
     for &child in &me.children {
         match clone::clone3(&[ctx.target_pid[child]], false) {
             Ok(Forked::Child) => run_process(ctx, child, Some(pipes), staging.clone()),
+            // Before the next sibling, which may join a process group the
+            // zombie leads.
+            Ok(Forked::Parent(pid)) if ctx.image.tree.processes[child].zombie.is_some() => {
+                await_zombie(ctx, child, pid)?
+            }
             Ok(Forked::Parent(_)) => {}
             Err(e) => {
                 return Err(format!(
@@ -1151,6 +1276,8 @@ struct Watch<'a> {
     control: &'a SharedRegion,
     /// Dumped pid per tree index, to name processes in errors.
     dumped: Vec<i32>,
+    /// Per tree index: a zombie of the image (no blob, never at the barrier).
+    zombie: Vec<bool>,
     total_threads: u32,
     /// Set when the slots hold pids of a container's namespace, which the
     /// controller (the shim, outside) cannot use as they are.
@@ -1162,6 +1289,12 @@ impl<'a> Watch<'a> {
         Watch {
             control,
             dumped: image.tree.processes.iter().map(|e| e.pid).collect(),
+            zombie: image
+                .tree
+                .processes
+                .iter()
+                .map(|e| e.zombie.is_some())
+                .collect(),
             total_threads: total_threads(image),
             host,
         }
@@ -1284,7 +1417,8 @@ fn wait_in_place(watch: &Watch, child: Option<i32>) -> Result<(), RestoreError> 
                 return Err(RestoreError::Blob { pid, failure });
             }
             let started = watch.control.word(slot(i)).load(Ordering::Acquire) > 0;
-            if state != 0 && started {
+            // A zombie is dead on purpose; its parent checked how it ended.
+            if state != 0 && state != STATE_ZOMBIE && started {
                 let outer = watch.pid(i);
                 if outer <= 0 || !alive(outer) {
                     return Err(RestoreError::Died {

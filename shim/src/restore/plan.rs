@@ -25,6 +25,10 @@
 //! one `mremap`, and the restored VMA layout matches the original.
 //! Modifications always happen after a process has forked its children, so
 //! children see exactly what the holder populated.
+//!
+//! Zombies take no part: they have no memory (the reader refuses one that
+//! has), so they reference no page, hold nothing and get an empty plan; they
+//! are leaves, forked by their parent like any child.
 
 use std::collections::HashMap;
 
@@ -47,6 +51,10 @@ pub enum PlanError {
     SeveralRoots(Vec<i32>),
     #[error("tree.json: process {pid} listed before its parent {ppid}")]
     ParentAfterChild { pid: i32, ppid: i32 },
+    #[error(
+        "tree.json: process {pid} has zombie {zombie} as its parent (a zombie has no children)"
+    )]
+    ZombieParent { pid: i32, zombie: i32 },
     #[error(
         "proc-{pid}.json: processes and tree disagree (tree has pid {tree_pid} at this position)"
     )]
@@ -826,6 +834,14 @@ fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<For
             });
         }
         let in_image = tree.iter().any(|e| e.pid == entry.ppid);
+        if let Some(&pi) = index.get(&entry.ppid) {
+            if tree[pi].zombie.is_some() {
+                return Err(PlanError::ZombieParent {
+                    pid: entry.pid,
+                    zombie: entry.ppid,
+                });
+            }
+        }
         match index.get(&entry.ppid) {
             Some(&pi) => {
                 parent.push(Some(pi));

@@ -544,6 +544,56 @@ fn private_file_mapping_with_cow_pages_and_absent_pages() {
 }
 
 #[test]
+fn zombies_are_leaves_with_empty_plans() {
+    let base = parent_pages();
+    let mut next = 1000;
+    let zombie = |pid: i32, ppid: i32| ProcessEntry {
+        tids: vec![],
+        zombie: Some(crate::image::types::ZombieExit::Exited { code: 7 }),
+        ..entry(pid, ppid)
+    };
+    let mut tree = vec![entry(10, 1), zombie(11, 10)];
+    let mut images = vec![
+        image(10, vec![vma(VmaKind::PrivateAnon, R, &base)]),
+        image(11, vec![]),
+    ];
+    let pages = dirtied(&base, &[1, 2], &mut next);
+    tree.push(entry(12, 10));
+    images.push(image(12, vec![vma(VmaKind::PrivateAnon, R, &pages)]));
+    tree.push(zombie(13, 12));
+    images.push(image(13, vec![]));
+    let (planned, unique) = run_case(tree.clone(), images.clone());
+    assert_eq!(unique, 48 + 2);
+    // Forked by their parents like any child, with nothing to do.
+    assert_eq!(planned.processes[0].children, vec![1, 2]);
+    assert_eq!(planned.processes[2].children, vec![3]);
+    for z in [1, 3] {
+        let p = &planned.processes[z];
+        assert!(p.children.is_empty() && p.creates.is_empty() && p.moves.is_empty());
+        assert!(p.writes.is_empty() && p.pre_fork_writes.is_empty() && p.zaps.is_empty());
+        assert!(planned.segments.iter().all(|s| s.holder != z));
+    }
+    // The sharing of the live processes is what it is without the zombies.
+    let live: Vec<usize> = vec![0, 2];
+    let (plain, _) = run_case(
+        live.iter().map(|&i| tree[i].clone()).collect(),
+        live.iter().map(|&i| images[i].clone()).collect(),
+    );
+    assert_eq!(planned.stats, plain.stats);
+
+    // A zombie is never a parent.
+    tree.push(entry(14, 13));
+    images.push(image(14, vec![]));
+    assert_eq!(
+        plan(&tree, &images),
+        Err(PlanError::ZombieParent {
+            pid: 14,
+            zombie: 13
+        })
+    );
+}
+
+#[test]
 fn tree_errors_are_precise() {
     let images = vec![image(10, vec![]), image(11, vec![])];
     let tree = vec![entry(10, 1), entry(11, 99)];

@@ -633,19 +633,6 @@ fn zombies_of(tree: &RefTree) -> (i32, i32) {
     (pids[0], pids[1])
 }
 
-/// `REAPED <pid> <status>` lines of `report` after byte `offset`, by pid.
-fn reaped_after(report: &Path, offset: usize) -> std::collections::BTreeMap<i32, String> {
-    let text = fs::read_to_string(report).unwrap_or_default();
-    text.get(offset..)
-        .unwrap_or("")
-        .lines()
-        .filter_map(|l| {
-            let mut words = l.strip_prefix("REAPED ")?.split_whitespace();
-            Some((words.next()?.parse().ok()?, words.next()?.to_string()))
-        })
-        .collect()
-}
-
 #[test]
 fn dump_records_zombies_with_their_exit_status() {
     use cowsnap::image::types::ZombieExit;

@@ -1468,19 +1468,6 @@ fn restored_stacks_keep_growsdown_and_grow_on_demand() {
 
 // ------------------------------------------------------------ zombies
 
-/// `REAPED <pid> <status>` lines of `report` after byte `offset`, by pid.
-fn reaped_after(report: &Path, offset: usize) -> BTreeMap<i32, String> {
-    let text = fs::read_to_string(report).unwrap_or_default();
-    text.get(offset..)
-        .unwrap_or("")
-        .lines()
-        .filter_map(|l| {
-            let mut words = l.strip_prefix("REAPED ")?.split_whitespace();
-            Some((words.next()?.parse().ok()?, words.next()?.to_string()))
-        })
-        .collect()
-}
-
 fn report_len(report: &Path) -> usize {
     fs::metadata(report).map_or(0, |m| m.len()) as usize
 }

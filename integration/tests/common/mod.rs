@@ -1393,3 +1393,17 @@ pub fn is_traced(pid: i32) -> bool {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status_field(&status, "TracerPid:").is_some_and(|t| t != "0")
 }
+
+/// `REAPED <pid> <status>` lines (the zombie mode's reaping) of `report`
+/// after byte `offset`, by pid.
+pub fn reaped_after(report: &Path, offset: usize) -> BTreeMap<i32, String> {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    text.get(offset..)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("REAPED ")?.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.to_string()))
+        })
+        .collect()
+}

@@ -13,6 +13,7 @@
 //! +--------------------------+ header_size
 //! | table entries and data   |  Range / Move / Map / Protect / Advise /
 //! |                          |  Thread / u32 groups / sock_filter / auxv /
+//! |                          |  populate Ranges /
 //! |                          |  Siginfo (pending signals per thread)
 //! +--------------------------+ (64-byte aligned)
 //! | rt_sigframe + xsave      |  one per thread, each 64-byte aligned
@@ -25,7 +26,7 @@
 /// `"cowsnapB"` little endian.
 pub const ARGS_MAGIC: u64 = u64::from_le_bytes(*b"cowsnapB");
 /// Bumped on every incompatible change of any struct in this file.
-pub const ARGS_VERSION: u32 = 3;
+pub const ARGS_VERSION: u32 = 4;
 
 /// The blob exits with `EXIT_BASE + step` when a step fails.
 pub const EXIT_BASE: i32 = 64;
@@ -267,8 +268,10 @@ pub const STEP_BARRIER: u32 = 27;
 pub const STEP_POST_UNMAP: u32 = 28;
 pub const STEP_SIGRETURN: u32 = 29;
 pub const STEP_SIGQUEUE: u32 = 30;
+/// Best effort: a failure is ignored, the step only shows where the blob is.
+pub const STEP_POPULATE: u32 = 31;
 /// The highest step number.
-pub const STEP_LAST: u32 = STEP_SIGQUEUE;
+pub const STEP_LAST: u32 = STEP_POPULATE;
 
 /// Human name of a step, for "restorer failed at step X: errno Y".
 pub fn step_name(step: u32) -> &'static str {
@@ -303,6 +306,7 @@ pub fn step_name(step: u32) -> &'static str {
         STEP_POST_UNMAP => "post-barrier-unmap",
         STEP_SIGRETURN => "rt_sigreturn",
         STEP_SIGQUEUE => "rt_tgsigqueueinfo",
+        STEP_POPULATE => "madvise-populate-read",
         _ => "unknown",
     }
 }
@@ -352,6 +356,10 @@ pub struct ArgHeader {
     /// [`Range`]s unmapped by the last thread of this process past the barrier
     /// (e.g. the shared barrier and status pages).
     pub post_barrier_unmaps: Table,
+    /// [`Range`]s of file mappings to fault in (`MADV_POPULATE_READ`) once
+    /// every mapping is in place: the file pages the original had mapped.
+    /// Best effort: an error is ignored.
+    pub populates: Table,
     /// Written by the blob: threads of this process past the barrier.
     pub threads_passed: u32,
     pub _pad1: u32,

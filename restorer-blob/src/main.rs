@@ -48,6 +48,8 @@ global_asm!(
 const MAP_FIXED: u32 = 0x10;
 const MREMAP_MAYMOVE: u64 = 1;
 const MREMAP_FIXED: u64 = 2;
+/// Linux 5.14+.
+const MADV_POPULATE_READ: u64 = 22;
 const SIG_SETMASK: u64 = 2;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const PR_SET_MM: u64 = 35;
@@ -272,6 +274,17 @@ extern "C" fn blob_main(h: *mut ArgHeader) -> ! {
         b.check_ok(res, STEP_MADVISE, 0, i, a.start);
     }
 
+    // Fault the original's file pages back in so memory use (PSS) matches.
+    // Best effort: a file shorter than at dump time, or a PROT_NONE range,
+    // fails here and the pages fault in on use instead, as without this.
+    b.step(STEP_POPULATE, 0);
+    for i in 0..hd.populates.count {
+        let r: Range = b.get(hd.populates, i);
+        // SAFETY: MADV_POPULATE_READ only faults pages in, read-only; it
+        // changes no contents and no mapping.
+        let _ = unsafe { syscall(SYS_MADVISE, r.start, r.len, MADV_POPULATE_READ, 0) };
+    }
+
     if hd.mm_valid != 0 {
         b.step(STEP_MM_MAP, 0);
         // SAFETY: `mm` is a prctl_mm_map inside the block; the kernel only reads it.
@@ -310,7 +323,7 @@ fn check(b: &Block) {
     {
         b.fail(STEP_CHECK_ARGS, EBADMSG, 0, 0, b.base());
     }
-    let tables: [(Table, usize); 9] = [
+    let tables: [(Table, usize); 10] = [
         (h.unmaps, size_of::<Range>()),
         (h.moves, size_of::<Move>()),
         (h.maps, size_of::<Map>()),
@@ -320,6 +333,7 @@ fn check(b: &Block) {
         (h.creds.groups, size_of::<u32>()),
         (h.filters, size_of::<Filter>()),
         (h.post_barrier_unmaps, size_of::<Range>()),
+        (h.populates, size_of::<Range>()),
     ];
     for (i, (t, sz)) in tables.iter().enumerate() {
         if !table_fits(h, *t, *sz) {

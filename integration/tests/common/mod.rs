@@ -987,7 +987,7 @@ impl ImageFiles {
                         ImagePage::Stored(first + (addr - start) / PAGE)
                     }
                     PageRun::Zero { .. } => ImagePage::Zero,
-                    PageRun::Absent { .. } => ImagePage::Absent,
+                    PageRun::Absent { .. } | PageRun::Mapped { .. } => ImagePage::Absent,
                 };
             }
         }
@@ -1164,7 +1164,7 @@ pub fn check_image(
                         }
                     }
                     PageRun::Zero { pages, .. } => zero += pages,
-                    PageRun::Absent { .. } => {}
+                    PageRun::Absent { .. } | PageRun::Mapped { .. } => {}
                 }
             }
         }

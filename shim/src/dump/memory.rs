@@ -164,6 +164,8 @@ enum Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Absent,
+    /// A file page present in the page tables, contents from the file.
+    Mapped,
     Zero,
     Stored(PageId),
     /// Waiting for the read of entry `i` of the chunk's read list.
@@ -289,7 +291,10 @@ impl MemoryScanner {
         let total = (m.end - m.start) / ps;
         let mut runs = RunBuilder::default();
         let empty = m.rss_kb == Some(0) && m.swap_kb.unwrap_or(0) == 0;
-        if keep == Keep::Nothing || empty || m.start >= 1 << 47 {
+        // File mappings: present page-cache pages are recorded as `Mapped`
+        // so restore maps them again (their share of PSS comes back).
+        let file = matches!(classify(m), VmaKind::PrivateFile | VmaKind::SharedFile);
+        if (keep == Keep::Nothing && !file) || empty || m.start >= 1 << 47 {
             runs.push_n(m.start, total, Outcome::Absent, ps);
             return Ok(runs.runs);
         }
@@ -309,7 +314,7 @@ impl MemoryScanner {
             for i in 0..n {
                 let e = ctx.entries[i];
                 let addr = chunk_start + i as u64 * ps;
-                let outcome = self.classify_page(e, keep, addr, &mut ctx.reads);
+                let outcome = self.classify_page(e, keep, file, addr, &mut ctx.reads);
                 ctx.outcomes.push(outcome);
             }
             // Read what must be read, in batches, resolving the dedup slots.
@@ -340,6 +345,7 @@ impl MemoryScanner {
         &mut self,
         e: PagemapEntry,
         keep: Keep,
+        file: bool,
         addr: u64,
         reads: &mut Vec<(u64, Option<u64>)>,
     ) -> Outcome {
@@ -349,7 +355,11 @@ impl MemoryScanner {
             Keep::CowCopies => (e.present() && !e.file_or_shared_anon()) || e.swapped(),
         };
         if !wanted {
-            return Outcome::Absent;
+            return if file && e.present() && e.file_or_shared_anon() {
+                Outcome::Mapped
+            } else {
+                Outcome::Absent
+            };
         }
         self.stats.pages_scanned += 1;
         let key = match (e.pfn(), e.swap_entry()) {
@@ -533,6 +543,10 @@ impl RunBuilder {
                     *pages += n;
                     return;
                 }
+                (PageRun::Mapped { pages, .. }, Outcome::Mapped) if contiguous => {
+                    *pages += n;
+                    return;
+                }
                 (PageRun::Stored { pages, first, .. }, Outcome::Stored(id))
                     if contiguous && n == 1 && *first + *pages == id =>
                 {
@@ -548,6 +562,10 @@ impl RunBuilder {
                 pages: n,
             },
             Outcome::Absent | Outcome::Read(_) => PageRun::Absent {
+                start: addr,
+                pages: n,
+            },
+            Outcome::Mapped => PageRun::Mapped {
                 start: addr,
                 pages: n,
             },
@@ -858,6 +876,41 @@ mod tests {
             classify(&m("anon_inode:dmabuf", true, false)),
             VmaKind::Other
         );
+    }
+
+    /// The code this test runs is a present page-cache page of the test
+    /// binary's text: recorded as `Mapped` (restore maps it again), never
+    /// stored, and the VMA's runs still cover it exactly.
+    #[test]
+    fn present_file_pages_are_recorded_as_mapped() {
+        let ps = page_size();
+        let here = present_file_pages_are_recorded_as_mapped as *const () as u64;
+        let pid = std::process::id() as i32;
+        let maps: Vec<MapsEntry> = read_smaps(pid)
+            .expect("smaps")
+            .into_iter()
+            .filter(|m| m.start <= here && here < m.end)
+            .collect();
+        assert_eq!(maps.len(), 1, "one VMA holds this function");
+        assert_eq!(classify(&maps[0]), VmaKind::PrivateFile);
+        let mut scanner = MemoryScanner::new(ps, zero_page_pfn().ok().flatten());
+        let mut sink = VecSink {
+            page_size: ps as usize,
+            ..VecSink::default()
+        };
+        let vmas = scanner.scan_process(pid, &maps, &mut sink).expect("scan");
+        let page = here & !(ps - 1);
+        let run = vmas[0]
+            .pages
+            .iter()
+            .find(|r| r.start() <= page && page < r.start() + r.pages() * ps)
+            .expect("a run covers the page");
+        assert!(matches!(run, PageRun::Mapped { .. }), "{run:?}");
+        assert_eq!(
+            count_kind(&vmas, |r| matches!(r, PageRun::Stored { .. })),
+            0
+        );
+        assert_eq!(sink.next_id(), 0, "nothing stored for a text mapping");
     }
 
     #[test]

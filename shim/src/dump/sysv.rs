@@ -211,7 +211,7 @@ fn compose(len: u64, page: u64, vmas: &[&Vma]) -> Option<Vec<PageRun>> {
                 let s = match *run {
                     PageRun::Stored { first, .. } => Seen::Stored(first + i),
                     PageRun::Zero { .. } => Seen::Zero,
-                    PageRun::Absent { .. } => Seen::Absent,
+                    PageRun::Absent { .. } | PageRun::Mapped { .. } => Seen::Absent,
                 };
                 *slot = Some(slot.map_or(s, |old| old.max(s)));
             }
@@ -420,10 +420,12 @@ fn scan_attachment(
                 start: start - base,
                 pages,
             },
-            PageRun::Absent { start, pages } => PageRun::Absent {
-                start: start - base,
-                pages,
-            },
+            PageRun::Absent { start, pages } | PageRun::Mapped { start, pages } => {
+                PageRun::Absent {
+                    start: start - base,
+                    pages,
+                }
+            }
         })
         .collect())
 }

@@ -69,6 +69,8 @@ pub struct Totals {
     /// Zero pages that were not stored.
     pub pages_zero: u64,
     pub pages_absent: u64,
+    /// File pages present at dump time, mapped again from the file on restore.
+    pub pages_mapped: u64,
     /// Size of the `pages` file.
     pub bytes_stored: u64,
     /// Unique pages times the page size.
@@ -113,6 +115,7 @@ pub fn inspect_report(image: &Image) -> InspectReport {
         sharing_histogram: Vec::new(),
         pages_zero: 0,
         pages_absent: 0,
+        pages_mapped: 0,
         bytes_stored: image.index.frames.iter().map(|f| f.compressed_len).sum(),
         bytes_unique_uncompressed: image.index.page_count * image.index.page_size,
         compression_ratio: 0.0,
@@ -128,7 +131,7 @@ pub fn inspect_report(image: &Image) -> InspectReport {
         .enumerate()
     {
         let tag = i as u32 + 1;
-        let (mut stored, mut zero, mut absent) = (0, 0, 0);
+        let (mut stored, mut zero, mut absent, mut mapped) = (0, 0, 0, 0);
         for run in process.vmas.iter().flat_map(|v| &v.pages) {
             match *run {
                 PageRun::Stored { pages, first, .. } => {
@@ -147,12 +150,14 @@ pub fn inspect_report(image: &Image) -> InspectReport {
                 }
                 PageRun::Zero { pages, .. } => zero += pages,
                 PageRun::Absent { pages, .. } => absent += pages,
+                PageRun::Mapped { pages, .. } => mapped += pages,
             }
         }
         totals.threads += process.threads.len();
         totals.pages_referenced += stored;
         totals.pages_zero += zero;
         totals.pages_absent += absent;
+        totals.pages_mapped += mapped;
         processes.push(ProcessReport {
             pid: entry.pid,
             ppid: entry.ppid,
@@ -285,7 +290,7 @@ fn render_text(r: &InspectReport) -> String {
         );
     }
     let _ = writeln!(out, "totals:");
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("threads", t.threads.to_string()),
         ("pages referenced", t.pages_referenced.to_string()),
         ("unique pages stored", t.unique_pages_stored.to_string()),
@@ -293,6 +298,7 @@ fn render_text(r: &InspectReport) -> String {
         ("pages unreferenced", t.pages_unreferenced.to_string()),
         ("zero pages skipped", t.pages_zero.to_string()),
         ("absent pages", t.pages_absent.to_string()),
+        ("mapped file pages", t.pages_mapped.to_string()),
         ("frames", t.frames.to_string()),
         ("bytes stored (pages)", t.bytes_stored.to_string()),
         (

@@ -350,6 +350,11 @@ pub enum PageRun {
     Zero { start: u64, pages: u64 },
     /// Not present and not swapped. For file mappings: comes from the file.
     Absent { start: u64, pages: u64 },
+    /// File mappings only: present at dump time as the file's own page-cache
+    /// pages (not COW copies), so nothing is stored; restore maps them again
+    /// from the file so the restored tree's memory use (PSS) matches.
+    /// Contents-wise the same as `Absent`. Not in images written before.
+    Mapped { start: u64, pages: u64 },
 }
 
 impl PageRun {
@@ -357,14 +362,16 @@ impl PageRun {
         match *self {
             PageRun::Stored { start, .. }
             | PageRun::Zero { start, .. }
-            | PageRun::Absent { start, .. } => start,
+            | PageRun::Absent { start, .. }
+            | PageRun::Mapped { start, .. } => start,
         }
     }
     pub fn pages(&self) -> u64 {
         match *self {
             PageRun::Stored { pages, .. }
             | PageRun::Zero { pages, .. }
-            | PageRun::Absent { pages, .. } => pages,
+            | PageRun::Absent { pages, .. }
+            | PageRun::Mapped { pages, .. } => pages,
         }
     }
 }

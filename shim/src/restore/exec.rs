@@ -1147,6 +1147,13 @@ fn blob_memory(
             };
             args.push_madvise(v.start, v.len(), advice);
         }
+        if matches!(v.kind, VmaKind::PrivateFile | VmaKind::SharedFile) {
+            for run in &v.pages {
+                if let crate::image::types::PageRun::Mapped { start, pages } = *run {
+                    args.push_populate(start, pages * ctx.image.page_size());
+                }
+            }
+        }
     }
     let mm = &image.mm;
     let exe = std::fs::File::open(&mm.exe_file)

@@ -217,7 +217,7 @@ fn page_wants(vma: &Vma) -> impl Iterator<Item = (u64, Want)> + '_ {
             let want = match *run {
                 PageRun::Stored { first, .. } => Want::Page(first + i),
                 PageRun::Zero { .. } => Want::Zero,
-                PageRun::Absent { .. } => Want::Absent,
+                PageRun::Absent { .. } | PageRun::Mapped { .. } => Want::Absent,
             };
             (addr, want)
         })

@@ -297,6 +297,7 @@ pub struct BlobArgs {
     clear_pdeathsig: bool,
     status: Option<u64>,
     post_barrier_unmaps: Vec<Range>,
+    populates: Vec<Range>,
     drop_rseq: bool,
 }
 
@@ -468,6 +469,20 @@ impl BlobArgs {
     /// Ranges the last thread past the barrier unmaps (status, barrier pages).
     pub fn push_post_barrier_unmap(&mut self, start: u64, len: u64) -> &mut Self {
         self.post_barrier_unmaps.push(Range { start, len });
+        self
+    }
+
+    /// A file range the blob faults in (`MADV_POPULATE_READ`, best effort)
+    /// once every mapping is in place; merged with the previous range when
+    /// adjacent, to keep the table short.
+    pub fn push_populate(&mut self, start: u64, len: u64) -> &mut Self {
+        if len == 0 {
+            return self;
+        }
+        match self.populates.last_mut() {
+            Some(last) if last.start + last.len == start => last.len += len,
+            _ => self.populates.push(Range { start, len }),
+        }
         self
     }
 
@@ -778,6 +793,7 @@ pub fn prepare(args: &BlobArgs, placement: Placement) -> Result<Prepared, BlobEr
         + 64 * (args.unmaps.len() + args.keeps.len() + 2 * args.moves.len() + 16) as u64
         + 48 * args.maps.len() as u64
         + 24 * (args.protects.len() + args.advises.len() + args.post_barrier_unmaps.len()) as u64
+        + 16 * args.populates.len() as u64
         + 112 * args.threads.len() as u64
         + args
             .threads
@@ -1079,6 +1095,7 @@ fn build_block(
         };
     }
     h.post_barrier_unmaps = b.table(&args.post_barrier_unmaps);
+    h.populates = b.table(&args.populates);
 
     // Frames, then the thread table that points at them.
     let mut threads = Vec::new();

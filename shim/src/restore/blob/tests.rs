@@ -256,6 +256,31 @@ fn read_file(path: &[u8], out: &mut [u8]) -> usize {
     n
 }
 
+/// This process's /proc/self/pagemap entry of `addr` (0 if unreadable).
+fn pagemap_entry(addr: u64) -> u64 {
+    let fd = raw(
+        libc::SYS_open,
+        c"/proc/self/pagemap".as_ptr() as u64,
+        libc::O_RDONLY as u64,
+        0,
+        0,
+    );
+    if fd < 0 {
+        return 0;
+    }
+    let mut entry: u64 = 0;
+    let ps = 4096u64;
+    raw(
+        libc::SYS_pread64,
+        fd as u64,
+        &mut entry as *mut u64 as u64,
+        8,
+        addr / ps * 8,
+    );
+    raw(libc::SYS_close, fd as u64, 0, 0, 0);
+    entry
+}
+
 fn words_bytes(w: &[u64]) -> &[u8] {
     // SAFETY: u64s viewed as their bytes, same lifetime.
     unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 8) }
@@ -359,6 +384,10 @@ extern "C" fn target_main(saved: *const u64) -> ! {
     let mut buf = [0u8; 40000];
     let mut text = [0u8; 32768];
     send(fd, b'R', words_bytes(saved), &mut buf);
+    // Before anything reads them: the file page mapped without a populate
+    // entry (checks[5]) and the one with (checks[7]).
+    let mapped = [pagemap_entry(ctx.checks[5]), pagemap_entry(ctx.checks[7])];
+    send(fd, b'G', words_bytes(&mapped), &mut buf);
     let mut vals = [0u64; 8];
     for (i, v) in vals.iter_mut().enumerate().take(ctx.nchecks as usize) {
         // SAFETY: the parent listed addresses the plan maps readable.
@@ -623,6 +652,9 @@ fn child_inner(
     let a = w + 160 * P;
     let brk = w + 200 * P;
     let vdso_to = w + 300 * P;
+    // Two pages of the one-page file, both asked to be populated: the first
+    // must be mapped by the blob, the second (past EOF) fails and is ignored.
+    let populated = w + 400 * P;
     for (addr, word) in [
         (x_src, 0x5858_5858u64),
         (y_src, 0x5959_5959),
@@ -649,7 +681,7 @@ fn child_inner(
                 z_dst + P + 16,
                 heap.start,
                 a + P,
-                0,
+                populated,
             ],
             rseq: y_dst + 2048,
         });
@@ -665,19 +697,22 @@ fn child_inner(
         FILE_WORD,
     ];
 
-    let fd = {
+    let open_file = || -> Result<i32, String> {
         let c = std::ffi::CString::new(file.as_os_str().to_string_lossy().as_bytes())
             .map_err(|e| e.to_string())?;
         // SAFETY: a NUL-terminated path.
-        unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) }
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) };
+        if fd < 0 {
+            return Err(format!(
+                "open {}: {}",
+                file.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(fd)
     };
-    if fd < 0 {
-        return Err(format!(
-            "open {}: {}",
-            file.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
+    let fd = open_file()?;
+    let populated_fd = open_file()?;
 
     let mut args = BlobArgs::new();
     // Keep the code the target runs: every file mapping of the runtime.
@@ -720,6 +755,19 @@ fn child_inner(
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE,
         )
+        .push_map_file(
+            populated,
+            2 * P,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            MapFd {
+                fd: populated_fd,
+                offset: 0,
+                close: true,
+            },
+        )
+        .push_populate(populated, P)
+        .push_populate(populated + P, P)
         .push_mprotect(a, P, libc::PROT_READ)
         .push_madvise(x_dst + P, P, libc::MADV_DONTNEED)
         .set_vdso(vdso_to)
@@ -817,6 +865,11 @@ fn child_inner(
     expect.push((
         heap.start,
         heap.start + P,
+        perms_str(libc::PROT_READ, false),
+    ));
+    expect.push((
+        populated,
+        populated + 2 * P,
         perms_str(libc::PROT_READ, false),
     ));
     let vdso_at = runtime
@@ -1082,6 +1135,12 @@ fn check_rebuild(case: Case) {
         "memory contents"
     );
     assert_eq!(o.msg(b'C'), CMDLINE, "cmdline from arg_start/arg_end");
+    // MADV_POPULATE_READ mapped the populated file page; the file page
+    // without a populate entry stayed unmapped until first use.
+    let g = o.words(b'G');
+    const PRESENT: u64 = 1 << 63;
+    assert_eq!(g[0] & PRESENT, 0, "unpopulated file page: {:#x}", g[0]);
+    assert_ne!(g[1] & PRESENT, 0, "populated file page: {:#x}", g[1]);
 
     let status = o.text(b'S');
     for want in [
@@ -1213,5 +1272,27 @@ fn unqueueable_pending_signal_is_refused_before_the_jump() {
     assert_eq!(
         &block[at..at + abi::SIGINFO_SIZE],
         &siginfo(40, -1, 1, 7)[..]
+    );
+}
+
+#[test]
+fn adjacent_populate_ranges_merge() {
+    let mut args = BlobArgs::new();
+    args.push_populate(0x1000, 0x1000)
+        .push_populate(0x2000, 0x2000)
+        .push_populate(0x5000, 0x1000)
+        .push_populate(0x6000, 0);
+    assert_eq!(
+        args.populates,
+        vec![
+            Range {
+                start: 0x1000,
+                len: 0x3000
+            },
+            Range {
+                start: 0x5000,
+                len: 0x1000
+            },
+        ]
     );
 }

@@ -1562,3 +1562,80 @@ fn restore_brings_zombies_back_and_the_root_reaps_them() {
     assert_eq!(from_original, expected, "the original's zombies");
     assert_eq!(from_restored, from_original, "{context}: reaped statuses");
 }
+
+// ------------------------------------------------------------ shared file descriptions
+
+/// `FILE <pid> <shared-fd> <own-fd>` lines of `shared-file` mode.
+fn file_lines(report: &Path) -> BTreeMap<i32, (i32, i32)> {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("FILE ")?.split(' ');
+            let mut next = || w.next()?.parse::<i32>().ok();
+            Some((next()?, (next()?, next()?)))
+        })
+        .collect()
+}
+
+fn fd_pos(pid: i32, fd: i32) -> Option<u64> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("pos:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `a` and `b` (pid, fd) are one open file description, per kcmp.
+fn same_description(a: (i32, i32), b: (i32, i32)) -> bool {
+    cowsnap::sys::kcmp::same_file(a.0, a.1, b.0, b.1)
+        .unwrap_or_else(|e| panic!("kcmp {a:?} {b:?}: {e}"))
+}
+
+/// Asserts every process's shared fd is the root's description at pos 5,
+/// and every own fd is a description of its own.
+fn assert_file_sharing(files: &BTreeMap<i32, (i32, i32)>, root: i32, context: &str) {
+    let (root_shared, root_own) = files[&root];
+    for (&pid, &(shared, own)) in files {
+        assert_eq!(
+            fd_pos(pid, shared),
+            Some(5),
+            "{context}: pid {pid} fd {shared} pos"
+        );
+        assert!(
+            same_description((root, root_shared), (pid, shared)),
+            "{context}: pid {pid} fd {shared} is not the root's shared-file description"
+        );
+        if pid != root {
+            assert!(
+                !same_description((root, root_own), (pid, own)),
+                "{context}: pid {pid} own-file fd {own} shares the root's description"
+            );
+        }
+    }
+}
+
+#[test]
+fn restore_shares_inherited_file_descriptions_only() {
+    let mut tree = RefTree::start(TreeSpec::small("shared-file"));
+    let files = file_lines(&tree.report);
+    assert_eq!(
+        files.len(),
+        tree.pids().len(),
+        "FILE lines: {}",
+        tree.report_text()
+    );
+    assert_file_sharing(&files, tree.root, "shared-file, original");
+    let original = TreeView::take(&tree.pids());
+    let (dir, images) = image_dir("restore-shared-file");
+    dump_ok(&tree, &images, &["--exit"]);
+    tree.wait_exited("after dump --exit");
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, _output) = restore_ok(&images, &pidfile, &[]);
+    let context = "shared-file, restored into the current pid namespace";
+    assert_eq!(restored.root, tree.root, "{context}: root pid");
+    restored.assert_running(original.procs.len(), context);
+    assert_file_sharing(&files, restored.root, context);
+    restored.assert_verifies(&tree.report, context);
+}

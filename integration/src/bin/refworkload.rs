@@ -44,6 +44,12 @@
 //!   `REAPED <pid> <wait-status-decimal>` for each; it reaps nothing else
 //!   before that.
 //!
+//! - `shared-file` mode: like `plain`, and before forking the root opens
+//!   `shared-file` next to the report file (O_RDWR, not close-on-exec) and
+//!   writes 5 bytes, so every process holds that one open file description;
+//!   after forking each process also opens `own-file` there itself. Each
+//!   process reports `FILE <pid> <shared-fd> <own-fd>` after setup.
+//!
 //! This is a test program: it talks to the kernel through raw libc calls and
 //! dies with a message on any unexpected failure.
 
@@ -87,6 +93,8 @@ enum Mode {
     StackGrowth,
     /// Plus two children of the root that exited (exit 7, SIGTERM), unreaped until SIGUSR1.
     Zombie,
+    /// Plus a file opened by the root before forking (one shared description) and one per process.
+    SharedFile,
 }
 
 #[derive(Parser, Debug)]
@@ -152,6 +160,8 @@ static TAKE_PENDING: AtomicBool = AtomicBool::new(false);
 static GOT_TERM: AtomicBool = AtomicBool::new(false);
 /// `zombie` mode: the root's children that exited and are not reaped yet.
 static ZOMBIES: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// `shared-file` mode: the fd of the file the root opened before forking.
+static SHARED_FILE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 /// Exit code of the first zombie of `zombie` mode (the second dies of SIGTERM).
 const ZOMBIE_EXIT_CODE: libc::c_int = 7;
 
@@ -543,6 +553,11 @@ impl Tree {
                 "REGION {pid} shared {:#x} {}\n",
                 region.base, region.len
             ));
+        }
+        if self.args.mode == Mode::SharedFile {
+            let own = open_next_to_report(&self.args.report, "own-file");
+            let shared = SHARED_FILE_FD.load(Ordering::SeqCst);
+            self.report(&format!("FILE {pid} {shared} {own}\n"));
         }
     }
 
@@ -1103,6 +1118,24 @@ fn open_report(path: &Option<PathBuf>) -> RawFd {
     fd
 }
 
+/// `shared-file` mode: opens (creating) `name` in the report file's
+/// directory, read-write, inheritable.
+fn open_next_to_report(report: &Option<PathBuf>, name: &str) -> RawFd {
+    let Some(dir) = report.as_ref().and_then(|r| r.parent()) else {
+        die("shared-file mode needs --report")
+    };
+    let path = dir.join(name);
+    let Ok(cpath) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        die("shared-file path contains NUL")
+    };
+    // SAFETY: valid C string path.
+    let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+    if fd < 0 {
+        die(&format!("open {}", path.display()));
+    }
+    fd
+}
+
 fn write_ready(path: &Option<PathBuf>, pid: i32) {
     let Some(path) = path else { return };
     let tmp = path.with_extension("tmp");
@@ -1141,6 +1174,15 @@ fn main() {
     // SAFETY: pipe_fds is a valid 2-element array.
     if unsafe { libc::pipe2(pipe_fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         die("pipe2");
+    }
+
+    if args.mode == Mode::SharedFile {
+        let fd = open_next_to_report(&args.report, "shared-file");
+        // SAFETY: 5 bytes from a valid buffer.
+        if unsafe { libc::write(fd, b"head\n".as_ptr().cast(), 5) } != 5 {
+            die("write shared-file");
+        }
+        SHARED_FILE_FD.store(fd, Ordering::SeqCst);
     }
 
     let private = map_private_region(len, page);

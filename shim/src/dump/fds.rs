@@ -1,12 +1,15 @@
 //! File descriptors of a dumped process, from /proc/PID/fd and fdinfo:
 //! regular files, directories, devices, ttys, pipes (with their buffered
 //! data, read without consuming it, once per pipe), and everything else
-//! recorded as unsupported by its link text. Never changes a target's fds.
+//! recorded as unsupported by its link text; which regular-file fds of the
+//! tree share one open file description ([`assign_descriptions`], by kcmp).
+//! Never changes a target's fds.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::image::types::{Fd, FdKind, PipeImage};
+use crate::sys::kcmp;
 use crate::sys::pipe::{peek_pipe, PipeError};
 use crate::sys::procfs::{list_fds, proc_path, read_fdinfo, read_link, ProcfsError};
 
@@ -29,6 +32,15 @@ pub enum FdError {
         inode: u64,
         #[source]
         source: PipeError,
+    },
+    #[error("kcmp(KCMP_FILE) of pid {pid1} fd {fd1} and pid {pid2} fd {fd2}: {source}")]
+    Kcmp {
+        pid1: i32,
+        fd1: i32,
+        pid2: i32,
+        fd2: i32,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -101,6 +113,7 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
                     pos: info.pos,
                     size: meta.size(),
                     deleted,
+                    description: None,
                 }
             } else if ft.is_dir() {
                 FdKind::Directory { path }
@@ -127,6 +140,102 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
         });
     }
     Ok(out)
+}
+
+/// A regular-file fd as description grouping sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFd<'a> {
+    pub pid: i32,
+    pub fd: i32,
+    pub path: &'a str,
+    pub pos: u64,
+    /// fdinfo flags; O_CLOEXEC is per fd, not per description, and ignored.
+    pub flags: u32,
+}
+
+impl FileFd<'_> {
+    /// Fds of one description necessarily agree on this: only fds with the
+    /// same key are compared by `same`.
+    fn key(&self) -> (&str, u64, u32) {
+        (self.path, self.pos, self.flags & !(libc::O_CLOEXEC as u32))
+    }
+}
+
+/// Pure: which of `fds` are one open file description, as decided by
+/// `same(a, b)` (kcmp in a dump), asked only between fds with the same path,
+/// pos and flags and only against the first member of each group. Returns,
+/// for each fd in order, its description id when the description has at
+/// least two fds; ids count from 0 in order of each group's first fd.
+pub fn group_descriptions<E>(
+    fds: &[FileFd],
+    mut same: impl FnMut(&FileFd, &FileFd) -> Result<bool, E>,
+) -> Result<Vec<Option<u32>>, E> {
+    // Groups as indices into `fds`; first member is the representative.
+    let mut buckets: BTreeMap<(&str, u64, u32), Vec<Vec<usize>>> = BTreeMap::new();
+    for (i, f) in fds.iter().enumerate() {
+        let groups = buckets.entry(f.key()).or_default();
+        let mut joined = false;
+        for g in groups.iter_mut() {
+            if same(&fds[g[0]], f)? {
+                g.push(i);
+                joined = true;
+                break;
+            }
+        }
+        if !joined {
+            groups.push(vec![i]);
+        }
+    }
+    let mut shared: Vec<&Vec<usize>> = buckets
+        .values()
+        .flatten()
+        .filter(|g| g.len() >= 2)
+        .collect();
+    shared.sort_by_key(|g| g[0]);
+    let mut out = vec![None; fds.len()];
+    for (id, g) in shared.into_iter().enumerate() {
+        for &i in g {
+            out[i] = Some(id as u32);
+        }
+    }
+    Ok(out)
+}
+
+/// Sets `description` on every regular-file fd of `tables` (pid, fds) whose
+/// open file description another fd of the tree shares, comparing with
+/// kcmp. The processes must be stopped (their fd tables must not change).
+pub fn assign_descriptions(tables: &mut [(i32, Vec<Fd>)]) -> Result<(), FdError> {
+    let mut at: Vec<(usize, usize)> = Vec::new();
+    let mut files: Vec<FileFd> = Vec::new();
+    for (t, (pid, fds)) in tables.iter().enumerate() {
+        for (j, fd) in fds.iter().enumerate() {
+            if let FdKind::File { path, pos, .. } = &fd.kind {
+                at.push((t, j));
+                files.push(FileFd {
+                    pid: *pid,
+                    fd: fd.fd,
+                    path,
+                    pos: *pos,
+                    flags: fd.flags,
+                });
+            }
+        }
+    }
+    let ids = group_descriptions(&files, |a, b| {
+        kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| FdError::Kcmp {
+            pid1: a.pid,
+            fd1: a.fd,
+            pid2: b.pid,
+            fd2: b.fd,
+            source,
+        })
+    })?;
+    for ((t, j), id) in at.into_iter().zip(ids) {
+        if let FdKind::File { description, .. } = &mut tables[t].1[j].kind {
+            *description = id;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -173,6 +282,7 @@ mod tests {
                 pos,
                 size,
                 deleted,
+                ..
             } => {
                 assert_eq!(path, &fpath.to_string_lossy());
                 assert_eq!((*pos, *size, *deleted), (123, 1000, false));
@@ -232,5 +342,95 @@ mod tests {
             matches!(&f.kind, FdKind::File { path, deleted: true, .. } if path == &fpath.to_string_lossy()),
             "{f:?}"
         );
+    }
+
+    fn ff(pid: i32, fd: i32, path: &'static str, pos: u64, flags: i32) -> FileFd<'static> {
+        FileFd {
+            pid,
+            fd,
+            path,
+            pos,
+            flags: flags as u32,
+        }
+    }
+
+    #[test]
+    fn grouping_asks_only_same_key_and_numbers_shared_groups() {
+        let fds = [
+            ff(1, 3, "/log", 10, libc::O_WRONLY),
+            ff(1, 4, "/data", 0, libc::O_RDWR),
+            ff(2, 3, "/log", 10, libc::O_WRONLY | libc::O_CLOEXEC),
+            ff(2, 4, "/data", 0, libc::O_RDWR),
+            ff(3, 4, "/data", 0, libc::O_RDWR),
+            ff(3, 5, "/log", 10, libc::O_RDONLY),
+            ff(3, 6, "/alone", 0, libc::O_RDONLY),
+        ];
+        // The "kernel": which object each (pid, fd) refers to. /data of pid 2
+        // is its own open; pids 1 and 3 share theirs.
+        let object = |f: &FileFd| match (f.pid, f.fd) {
+            (1, 3) | (2, 3) | (3, 5) => 100,
+            (1, 4) | (3, 4) => 200,
+            _ => 300 + f.pid,
+        };
+        let mut asked = Vec::new();
+        let got = group_descriptions(&fds, |a, b| {
+            asked.push(((a.pid, a.fd), (b.pid, b.fd)));
+            Ok::<_, ()>(object(a) == object(b))
+        })
+        .expect("group");
+        assert_eq!(
+            got,
+            vec![Some(0), Some(1), Some(0), None, Some(1), None, None]
+        );
+        // (3, 5) differs in flags from the /log group: never compared to it.
+        assert_eq!(
+            asked,
+            vec![((1, 3), (2, 3)), ((1, 4), (2, 4)), ((1, 4), (3, 4))]
+        );
+
+        let err = group_descriptions(&fds, |_, _| Err::<bool, _>("kcmp failed"));
+        assert_eq!(err, Err("kcmp failed"));
+    }
+
+    #[test]
+    fn inherited_and_dup_share_a_description_separate_opens_do_not() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fpath = dir.path().join("shared.log");
+        let mut inherited = std::fs::File::create(&fpath).expect("create");
+        inherited.write_all(b"abc").expect("write");
+        let dup = inherited.try_clone().expect("dup");
+        // Each child also opens the file itself: same path, pos and flags
+        // in both, but two descriptions.
+        let open_own = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&fpath)
+                .map_or(-1, |f| i64::from(f.into_raw_fd()))
+        };
+        let a = TestChild::fork(open_own);
+        let b = TestChild::fork(open_own);
+        let (own_a, own_b) = (a.value as i32, b.value as i32);
+        assert!(own_a >= 0 && own_b >= 0, "children could not open");
+        let mut pipes = PipeCollector::default();
+        let mut tables = vec![
+            (a.pid, collect_fds(a.pid, &mut pipes).expect("collect a")),
+            (b.pid, collect_fds(b.pid, &mut pipes).expect("collect b")),
+        ];
+        assign_descriptions(&mut tables).expect("assign");
+        let description = |t: usize, fd: i32| {
+            let f = tables[t].1.iter().find(|f| f.fd == fd).expect("fd listed");
+            match &f.kind {
+                FdKind::File { description, .. } => *description,
+                other => panic!("{other:?}"),
+            }
+        };
+        let id = description(0, inherited.as_raw_fd());
+        assert!(id.is_some(), "inherited fd not marked shared");
+        assert_eq!(description(0, dup.as_raw_fd()), id);
+        assert_eq!(description(1, inherited.as_raw_fd()), id);
+        assert_eq!(description(1, dup.as_raw_fd()), id);
+        assert_eq!(description(0, own_a), None, "own open marked shared");
+        assert_eq!(description(1, own_b), None, "own open marked shared");
     }
 }

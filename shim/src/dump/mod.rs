@@ -367,16 +367,25 @@ fn collect(
     // SysV shm VMAs of every process: their segments are collected last.
     let mut sysv_vmas: Vec<(i32, crate::image::types::Vma)> = Vec::new();
     let mut file_sizes = std::collections::BTreeMap::new();
+    // Fds of every process first: one restore cannot reopen fails the dump
+    // before the (long) memory scan, and no image that cannot be restored
+    // is written; finding shared file descriptions needs every fd table.
+    let mut fd_tables: Vec<(i32, Vec<crate::image::types::Fd>)> = Vec::new();
+    for p in seized.processes() {
+        let fds = collect_fds(p.pid, &mut pipes)?;
+        refuse_unsupported_fds(p.pid, &fds)?;
+        fd_tables.push((p.pid, fds));
+    }
+    fds::assign_descriptions(&mut fd_tables)?;
+    let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
+        fd_tables.into_iter().collect();
     for p in seized.processes() {
         if interrupted() {
             return Err(DumpError::Interrupted);
         }
         let pid = p.pid;
         let facts = tree::read_facts(pid)?;
-        // Fds first: one restore cannot reopen fails the dump before the
-        // (long) memory scan, and no image that cannot be restored is written.
-        let fds = collect_fds(pid, &mut pipes)?;
-        refuse_unsupported_fds(pid, &fds)?;
+        let fds = fd_tables.remove(&pid).unwrap_or_default();
         // Before the memory scan: collect maps and unmaps a scratch page.
         let state = task_state::collect(seized, pid)?;
         let maps = read_smaps(pid)?;

@@ -393,6 +393,11 @@ pub enum FdKind {
         pos: u64,
         size: u64,
         deleted: bool,
+        /// Set when this fd's open file description is shared with at least
+        /// one other fd of the tree (inherited through fork, or dup'ed): all
+        /// fds with the same id are one description, opened once on restore.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<u32>,
     },
     Directory {
         path: String,

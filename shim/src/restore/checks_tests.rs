@@ -75,6 +75,7 @@ fn fixture() -> Fixture {
                     pos: 4,
                     size: 10,
                     deleted: false,
+                    description: None,
                 },
             },
             Fd {

@@ -1,14 +1,16 @@
-//! The fd table of a restored process: pipes created once for the whole tree
-//! ([`PipeSet`]), then per process ([`install`]) every image fd placed at its
-//! number, the stdio policy applied, and every other fd closed.
+//! The fd table of a restored process: pipes and shared file descriptions
+//! created once for the whole tree ([`PipeSet`]), then per process
+//! ([`install`]) every image fd placed at its number, the stdio policy
+//! applied, and every other fd closed.
 //!
 //! Fd numbers are split in two bands by `fd_base` (above every fd of the
 //! image, see [`fd_base`]):
 //!
 //! ```text
 //!   0 .. fd_base        the image's fds, at their exact numbers, after install
-//!   fd_base .. ∞        the runtime's: PipeSet ends, inherited stdio, the
-//!                       caller's `keep` fds, and fds staged during install
+//!   fd_base .. ∞        the runtime's: PipeSet ends and shared files,
+//!                       inherited stdio, the caller's `keep` fds, and fds
+//!                       staged during install
 //! ```
 //!
 //! [`install`] never clobbers a source it still needs: every fd it installs
@@ -17,10 +19,12 @@
 //! target numbers are simply replaced. Finally every fd outside the image
 //! and `keep` is closed (phase 3).
 //!
-//! What is not restored: sharing of an open file description between
-//! processes for files, directories and devices (each process reopens by
-//! path, so a file offset shared by parent and child after restore is
-//! two offsets); pipe ends held outside the tree (the pipe is recreated
+//! Regular files whose open file description the dump found shared (the
+//! `description` id of [`FdKind::File`]) are opened once by the root, before
+//! it forks, and every holder dups that one description: the offset stays
+//! shared. What is not restored: sharing of an open file description for
+//! directories and devices (each process reopens by path); sharing with
+//! processes outside the tree; pipe ends held outside the tree (the pipe is recreated
 //! with its data, the outside end is gone, unless the stdio policy applies);
 //! O_ASYNC owners; packet boundaries of pipe data in O_DIRECT mode.
 //! This module never changes the flags of the inherited stdio fds (they are
@@ -69,6 +73,8 @@ pub enum FdError {
     DeletedFile { pid: i32, fd: RawFd, path: String },
     #[error("pid {pid} fd {fd}: pipe {inode} is not in the PipeSet (created from other images?)")]
     PipeMissing { pid: i32, fd: RawFd, inode: u64 },
+    #[error("pid {pid} fd {fd}: shared file description {id} was not opened (created from other images?)")]
+    FileMissing { pid: i32, fd: RawFd, id: u32 },
     #[error("pid {pid}: fd {fd} appears twice in the image")]
     DuplicateFd { pid: i32, fd: RawFd },
     #[error("pid {pid}: image fd {fd} is not below fd_base {fd_base}")]
@@ -145,8 +151,10 @@ pub fn max_fd(processes: &[ProcessImage]) -> RawFd {
 }
 
 /// The `fd_base` to use for `processes`: above every image fd, at least
-/// [`MIN_FD_BASE`]. (The runtime's RLIMIT_NOFILE soft limit must exceed it
-/// by the number of fds held in the upper band.)
+/// [`MIN_FD_BASE`]. It is only the lower bound of the upper band: the
+/// PipeSet's pipe ends and shared files go to the lowest free numbers above
+/// it, however many there are. (The runtime's RLIMIT_NOFILE soft limit must
+/// exceed it by the number of fds held in the upper band.)
 pub fn fd_base(processes: &[ProcessImage]) -> RawFd {
     (max_fd(processes) + 1).max(MIN_FD_BASE)
 }
@@ -205,6 +213,26 @@ fn pipe_usage(processes: &[ProcessImage]) -> Result<BTreeMap<u64, PipeUsage>, Fd
     Ok(usage)
 }
 
+/// Every regular file whose description is shared, by description id: the
+/// pid and fd of its first holder in image order (whose path, flags and pos
+/// open it). Deleted files are left out: [`plan`] refuses them.
+fn shared_files(processes: &[ProcessImage]) -> BTreeMap<u32, (i32, &Fd)> {
+    let mut out = BTreeMap::new();
+    for p in processes {
+        for fd in &p.fds {
+            if let FdKind::File {
+                description: Some(id),
+                deleted: false,
+                ..
+            } = fd.kind
+            {
+                out.entry(id).or_insert((p.pid, fd));
+            }
+        }
+    }
+    out
+}
+
 /// Both ends of a recreated pipe, at numbers >= fd_base, close-on-exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PipeEnds {
@@ -212,22 +240,26 @@ pub struct PipeEnds {
     pub write: RawFd,
 }
 
-/// Every pipe of the tree, recreated once in the tree's root before it forks
-/// so that all descendants inherit the same pipes. It holds raw fd numbers
-/// and closes nothing on drop: [`install`] closes them in each restored
-/// process; on a failed restore call [`PipeSet::close_all`].
+/// Every pipe and every shared regular-file description of the tree,
+/// recreated once in the tree's root before it forks so that all
+/// descendants inherit the same objects. It holds raw fd numbers and closes
+/// nothing on drop: [`install`] closes them in each restored process; on a
+/// failed restore call [`PipeSet::close_all`].
 #[derive(Debug)]
 pub struct PipeSet {
     ends: BTreeMap<u64, PipeEnds>,
     /// Pipes with only one end held in the tree (the other end was outside it).
     external: BTreeSet<u64>,
+    /// Shared file descriptions by description id, each at an fd >= fd_base.
+    files: BTreeMap<u32, RawFd>,
 }
 
 impl PipeSet {
     /// Creates one kernel pipe per pipe inode any Fd of kind Pipe uses:
     /// capacity set, buffered data written back, status flags (O_NONBLOCK,
     /// O_DIRECT) set from the first fd holding each end, both ends moved to
-    /// numbers >= `fd_base`.
+    /// numbers >= `fd_base`; then one open file description per shared
+    /// regular file (opened by path with its flags, seeked to its pos).
     pub fn create(
         pipes: &[PipeImage],
         processes: &[ProcessImage],
@@ -241,6 +273,7 @@ impl PipeSet {
                 .filter(|(_, u)| u.external())
                 .map(|(inode, _)| *inode)
                 .collect(),
+            files: BTreeMap::new(),
         };
         for (&inode, u) in &usage {
             let image = pipes.iter().find(|p| p.inode == inode);
@@ -254,7 +287,26 @@ impl PipeSet {
                 }
             }
         }
+        for (id, (pid, fd)) in shared_files(processes) {
+            let FdKind::File { path, pos, .. } = &fd.kind else {
+                continue;
+            };
+            match open_staged(pid, fd.fd, path, reopen_flags(fd), *pos, fd_base) {
+                Ok(staged) => {
+                    set.files.insert(id, staged);
+                }
+                Err(e) => {
+                    set.close_all();
+                    return Err(e);
+                }
+            }
+        }
         Ok(set)
+    }
+
+    /// The fd holding shared file description `id`.
+    pub fn file(&self, id: u32) -> Option<RawFd> {
+        self.files.get(&id).copied()
     }
 
     /// The ends of pipe `inode`.
@@ -264,7 +316,11 @@ impl PipeSet {
 
     /// Every fd number the set holds (for a caller that must keep them).
     pub fn fds(&self) -> Vec<RawFd> {
-        self.ends.values().flat_map(|e| [e.read, e.write]).collect()
+        self.ends
+            .values()
+            .flat_map(|e| [e.read, e.write])
+            .chain(self.files.values().copied())
+            .collect()
     }
 
     /// Whether only one end of pipe `inode` is held in the tree.
@@ -431,6 +487,17 @@ fn plan<'a>(
                     path: path.clone(),
                 })
             }
+            (
+                _,
+                FdKind::File {
+                    description: Some(id),
+                    ..
+                },
+            ) => Source::Dup(pipes.file(*id).ok_or(FdError::FileMissing {
+                pid,
+                fd: fd.fd,
+                id: *id,
+            })?),
             (_, FdKind::File { path, pos, .. }) => Source::Open {
                 path,
                 flags: reopen_flags(fd),
@@ -493,33 +560,48 @@ fn stage(pid: i32, p: &Placement, fd_base: RawFd) -> Result<RawFd, FdError> {
         Source::Dup(src) => {
             restore_sys::dup_at_least(src, fd_base).map_err(place("F_DUPFD_CLOEXEC"))
         }
-        Source::Open { path, flags, pos } => {
-            let opened =
-                restore_sys::open_raw(Path::new(path), flags).map_err(|source| FdError::Open {
-                    pid,
-                    fd: p.fd,
-                    path: path.to_string(),
-                    flags,
-                    source,
-                })?;
-            let staged = restore_sys::dup_at_least(opened, fd_base);
-            let _ = restore_sys::close_fd(opened);
-            let staged = staged.map_err(place("F_DUPFD_CLOEXEC"))?;
-            if pos != 0 {
-                if let Err(source) = restore_sys::seek_to(staged, pos) {
-                    let _ = restore_sys::close_fd(staged);
-                    return Err(FdError::Seek {
-                        pid,
-                        fd: p.fd,
-                        path: path.to_string(),
-                        pos,
-                        source,
-                    });
-                }
-            }
-            Ok(staged)
+        Source::Open { path, flags, pos } => open_staged(pid, p.fd, path, flags, pos, fd_base),
+    }
+}
+
+/// Opens `path` with `flags` into a fresh fd >= fd_base, seeked to `pos`
+/// when it is not 0; `pid` and `fd` name the image fd in errors.
+fn open_staged(
+    pid: i32,
+    fd: RawFd,
+    path: &str,
+    flags: i32,
+    pos: u64,
+    fd_base: RawFd,
+) -> Result<RawFd, FdError> {
+    let opened = restore_sys::open_raw(Path::new(path), flags).map_err(|source| FdError::Open {
+        pid,
+        fd,
+        path: path.to_string(),
+        flags,
+        source,
+    })?;
+    let staged = restore_sys::dup_at_least(opened, fd_base);
+    let _ = restore_sys::close_fd(opened);
+    let staged = staged.map_err(|source| FdError::Place {
+        pid,
+        fd,
+        op: "F_DUPFD_CLOEXEC",
+        source,
+    })?;
+    if pos != 0 {
+        if let Err(source) = restore_sys::seek_to(staged, pos) {
+            let _ = restore_sys::close_fd(staged);
+            return Err(FdError::Seek {
+                pid,
+                fd,
+                path: path.to_string(),
+                pos,
+                source,
+            });
         }
     }
+    Ok(staged)
 }
 
 /// Closes every fd not in `wanted` (sorted, unique, non-negative).

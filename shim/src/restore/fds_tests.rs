@@ -73,6 +73,10 @@ fn fake_pipes(processes: &[ProcessImage]) -> PipeSet {
             .filter(|(_, u)| u.external())
             .map(|(i, _)| *i)
             .collect(),
+        files: shared_files(processes)
+            .keys()
+            .map(|&id| (id, 2000 + id as RawFd))
+            .collect(),
     }
 }
 
@@ -186,6 +190,7 @@ fn plan_keeps_cloexec_and_drops_creation_flags() {
                     pos: 77,
                     size: 100,
                     deleted: false,
+                    description: None,
                 },
             ),
             fd(
@@ -243,6 +248,7 @@ fn plan_refusals_name_pid_and_fd() {
             pos: 0,
             size: 0,
             deleted: true,
+            description: None,
         },
     ));
     let e = plan(42, &deleted, &pipes, &INHERIT, 64, &[]).expect_err("deleted");
@@ -389,6 +395,7 @@ fn install_builds_the_exact_table_over_colliding_runtime_fds() {
                     pos: 5,
                     size: 10,
                     deleted: false,
+                    description: None,
                 },
             ),
             fd(
@@ -514,5 +521,139 @@ fn pipe_set_refuses_data_larger_than_capacity() {
             }
         ),
         "{e}"
+    );
+}
+
+fn shared_file(path: &str, pos: u64, description: Option<u32>) -> FdKind {
+    FdKind::File {
+        path: path.into(),
+        pos,
+        size: 100,
+        deleted: false,
+        description,
+    }
+}
+
+#[test]
+fn shared_descriptions_are_dups_of_the_set_and_unshared_files_reopen() {
+    let parent = process(
+        10,
+        vec![
+            fd(
+                3,
+                libc::O_WRONLY | libc::O_APPEND,
+                shared_file("/tmp/log", 40, Some(0)),
+            ),
+            // A dup of the same description inside one process.
+            fd(
+                5,
+                libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC,
+                shared_file("/tmp/log", 40, Some(0)),
+            ),
+            fd(6, libc::O_RDONLY, shared_file("/tmp/own", 7, None)),
+        ],
+    );
+    let child = process(
+        11,
+        vec![
+            fd(
+                3,
+                libc::O_WRONLY | libc::O_APPEND,
+                shared_file("/tmp/log", 40, Some(0)),
+            ),
+            fd(4, libc::O_RDWR, shared_file("/tmp/data", 0, Some(1))),
+        ],
+    );
+    let other = process(
+        12,
+        vec![fd(9, libc::O_RDWR, shared_file("/tmp/data", 0, Some(1)))],
+    );
+    let tree = vec![parent, child, other];
+    let set = fake_pipes(&tree);
+    assert_eq!(
+        (set.file(0), set.file(1), set.file(2)),
+        (Some(2000), Some(2001), None)
+    );
+    let got = plan(10, &tree[0], &set, &INHERIT, 64, &[]).expect("plan parent");
+    assert_eq!(
+        sources(&got),
+        vec![
+            (3, Source::Dup(2000)),
+            (5, Source::Dup(2000)),
+            (
+                6,
+                Source::Open {
+                    path: "/tmp/own",
+                    flags: libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+                    pos: 7
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        (got[0].cloexec, got[1].cloexec),
+        (false, true),
+        "cloexec stays per fd"
+    );
+    let got = plan(11, &tree[1], &set, &INHERIT, 64, &[]).expect("plan child");
+    assert_eq!(
+        sources(&got),
+        vec![(3, Source::Dup(2000)), (4, Source::Dup(2001))]
+    );
+    let got = plan(12, &tree[2], &set, &INHERIT, 64, &[]).expect("plan other");
+    assert_eq!(sources(&got), vec![(9, Source::Dup(2001))]);
+
+    // An id the set does not hold is refused, naming pid and fd.
+    let stray = process(
+        13,
+        vec![fd(3, libc::O_RDONLY, shared_file("/tmp/x", 0, Some(7)))],
+    );
+    let e = plan(13, &stray, &set, &INHERIT, 64, &[]).expect_err("missing");
+    assert!(
+        matches!(
+            e,
+            FdError::FileMissing {
+                pid: 13,
+                fd: 3,
+                id: 7
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn pipe_set_opens_each_shared_description_once_at_its_pos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    std::fs::write(&path, b"0123456789").expect("write");
+    let path_s = path.to_string_lossy().into_owned();
+    let tree = vec![
+        process(
+            1,
+            vec![fd(3, libc::O_RDWR, shared_file(&path_s, 4, Some(0)))],
+        ),
+        process(
+            2,
+            vec![fd(3, libc::O_RDWR, shared_file(&path_s, 4, Some(0)))],
+        ),
+        process(3, vec![fd(3, libc::O_RDWR, shared_file(&path_s, 2, None))]),
+    ];
+    let set = PipeSet::create(&[], &tree, 300).expect("create");
+    let shared = set.file(0).expect("description 0 opened");
+    assert!(shared >= 300, "{shared} below fd_base");
+    assert_eq!(
+        set.fds(),
+        vec![shared],
+        "one fd for the shared description only"
+    );
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{shared}")).expect("fdinfo");
+    let info = crate::sys::procfs::parse_fdinfo(Path::new("fdinfo"), &info).expect("parse");
+    assert_eq!(info.pos, 4);
+    assert_eq!(info.flags as i32 & libc::O_ACCMODE, libc::O_RDWR);
+    set.close_all();
+    assert!(
+        std::fs::read_link(format!("/proc/self/fd/{shared}")).is_err(),
+        "closed"
     );
 }

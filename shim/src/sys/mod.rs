@@ -6,6 +6,7 @@ pub mod clone;
 pub mod console;
 pub mod inject;
 pub mod interrupt;
+pub mod kcmp;
 pub mod mem;
 pub mod ns;
 pub mod pagemap;

@@ -45,18 +45,13 @@ pub enum CleanupError {
 /// A process that exited since the release (a restored `sleep` ends at
 /// once) has nothing left to unmap: that is not a failure.
 pub fn unmap_restorer(pid: i32, start: u64, len: u64) -> Result<(), CleanupError> {
-    unmap_in_live(pid, start, len).or_else(|e| if exited(pid) { Ok(()) } else { Err(e) })
-}
-
-/// Whether `pid` is gone or a zombie (its memory is gone with it).
-fn exited(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X')),
-        Err(_) => true,
-    }
+    unmap_in_live(pid, start, len).or_else(|e| {
+        if crate::sys::procfs::is_alive(pid) {
+            Err(e)
+        } else {
+            Ok(())
+        }
+    })
 }
 
 fn unmap_in_live(pid: i32, start: u64, len: u64) -> Result<(), CleanupError> {

@@ -43,6 +43,7 @@ use crate::image::types::{
 use crate::image::{Image, ImageError};
 use crate::sys::clone::{self, CloneError, Forked};
 use crate::sys::mem::{self, Backing, MemError, SharedRegion, Staging};
+use crate::sys::procfs;
 
 use super::blob::{
     self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
@@ -1392,14 +1393,10 @@ impl HostPids {
             {
                 continue;
             }
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                continue;
-            };
-            if let Some(last) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|ids| ids.split_whitespace().last())
-                .and_then(|id| id.parse::<i32>().ok())
+            if let Some(&last) = procfs::read_status(pid)
+                .ok()
+                .as_ref()
+                .and_then(|st| st.nspid.last())
             {
                 known.insert(last, pid);
             }
@@ -1427,7 +1424,7 @@ fn wait_in_place(watch: &Watch, child: Option<i32>) -> Result<(), RestoreError> 
             // A zombie is dead on purpose; its parent checked how it ended.
             if state != 0 && state != STATE_ZOMBIE && started {
                 let outer = watch.pid(i);
-                if outer <= 0 || !alive(outer) {
+                if outer <= 0 || !procfs::is_alive(outer) {
                     return Err(RestoreError::Died {
                         pid,
                         how: format!("outer pid {outer} is gone"),
@@ -1447,7 +1444,9 @@ fn wait_in_place(watch: &Watch, child: Option<i32>) -> Result<(), RestoreError> 
                 Ok(status) => Some(format!("{status:?}")),
             },
             // The shim reaps the container's init; look at it instead.
-            (None, Some(host)) => (!alive(host.init)).then(|| "the container's init exited".into()),
+            (None, Some(host)) => {
+                (!procfs::is_alive(host.init)).then(|| "the container's init exited".into())
+            }
             (None, None) => None,
         };
         if let Some(how) = died {
@@ -1476,17 +1475,6 @@ fn inherit_stdio(fd_base: i32) -> Result<fds::Stdio, String> {
     Ok(fds::Stdio::Inherit { fds })
 }
 
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next()),
-            Some('Z' | 'X')
-        ),
-        Err(_) => false,
-    }
-}
-
 /// Kills everything this restore created: the namespace's init (which
 /// takes the whole namespace with it) or every registered process.
 fn kill_all(watch: &Watch, child: i32) {
@@ -1501,7 +1489,7 @@ fn kill_all(watch: &Watch, child: i32) {
         let mut any = false;
         for i in 0..watch.dumped.len() {
             let pid = watch.pid(i);
-            if pid > 0 && alive(pid) {
+            if pid > 0 && procfs::is_alive(pid) {
                 kill(pid);
                 any = true;
             }

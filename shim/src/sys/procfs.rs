@@ -143,6 +143,12 @@ pub fn parse_stat(path: &Path, text: &str) -> Result<Stat, ProcfsError> {
     })
 }
 
+/// Whether `pid` exists and is neither a zombie nor dead (its memory,
+/// fds and threads still exist).
+pub fn is_alive(pid: i32) -> bool {
+    read_stat(pid).is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
+}
+
 pub fn read_stat(pid: i32) -> Result<Stat, ProcfsError> {
     let path = proc_path(pid, "stat");
     parse_stat(&path, &read_string(&path)?)

@@ -809,19 +809,15 @@ pub fn scan(pid: i32, start: u64, pages: u64, include_file: bool) -> Vec<PageSta
         .collect()
 }
 
-/// Whether frame `pfn` is a kernel zero page (KPF_ZERO_PAGE, bit 24 of
-/// /proc/kpageflags).
+/// Whether frame `pfn` is a kernel zero page (through the library's
+/// KPF_ZERO_PAGE check); an unreadable /proc/kpageflags fails the test.
 fn is_kernel_zero_frame(pfn: u64) -> bool {
-    use std::os::unix::fs::FileExt;
     static FLAGS: OnceLock<std::fs::File> = OnceLock::new();
     let flags = FLAGS.get_or_init(|| {
         std::fs::File::open("/proc/kpageflags").expect("open /proc/kpageflags (root?)")
     });
-    let mut word = [0u8; 8];
-    flags
-        .read_exact_at(&mut word, pfn * 8)
-        .unwrap_or_else(|e| panic!("/proc/kpageflags at pfn {pfn:#x}: {e}"));
-    u64::from_ne_bytes(word) >> 24 & 1 == 1
+    cowsnap::sys::pagemap::is_kernel_zero_frame(flags, pfn)
+        .unwrap_or_else(|| panic!("/proc/kpageflags at pfn {pfn:#x} unreadable"))
 }
 
 /// What the kernel says about the tree's memory, at one moment.

@@ -157,7 +157,7 @@ pub fn prepare_restore(
     terminal: bool,
 ) -> Result<PreparedRestore, CrError> {
     let failed = |what: String| CrError::Failed(format!("restore of task {id}: {what}"));
-    let mut restore = ContainerRestore::prepare(checkpoint).map_err(|e| match e {
+    let fd = ContainerRestore::prepare(checkpoint).map_err(|e| match e {
         crate::restore::RestoreError::NotSupported(m) => CrError::NotSupported(m),
         e => failed(e.to_string()),
     })?;
@@ -184,9 +184,6 @@ pub fn prepare_restore(
     let out = dir.join("config.json");
     let bytes = serde_json::to_vec_pretty(&derived).map_err(|e| failed(e.to_string()))?;
     std::fs::write(&out, bytes).map_err(|e| failed(format!("{}: {e}", out.display())))?;
-    let fd = restore
-        .take_fd()
-        .ok_or_else(|| failed("control region already taken".into()))?;
     let control = fd
         .try_clone()
         .map_err(|e| failed(format!("duplicating the control region's fd: {e}")))?;

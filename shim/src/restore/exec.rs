@@ -380,22 +380,24 @@ fn release_restorer(watch: &Watch) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// A container restore as its two halves see it: the shim prepares the
-/// control region (a memfd the helper gets as an extra fd), the helper
-/// ([`restore_as_init`]) rebuilds the tree as the container's pid 1, and
-/// the shim ([`ContainerRestore::control`]) releases it.
+/// The controller of a container restore. The shim prepares the control
+/// region ([`ContainerRestore::prepare`], a memfd the helper gets as an
+/// extra fd), the helper ([`restore_as_init`]) rebuilds the tree as the
+/// container's pid 1, and `cowsnap restore-control`, a child of the shim,
+/// attaches to the region ([`ContainerRestore::attach`]) and releases the
+/// tree ([`ContainerRestore::control`]).
 pub struct ContainerRestore {
     image: Image,
     plan: RestorePlan,
     control: SharedRegion,
-    fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl ContainerRestore {
-    /// Opens and checks the image on the host side (before the container
-    /// exists) and creates the control region.
-    pub fn prepare(images: &Path) -> Result<ContainerRestore, RestoreError> {
-        let (image, plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+    /// The shim's side, before the container exists: opens, checks and
+    /// plans the image (so what cannot be restored is refused now) and
+    /// returns the control region, a memfd for the helper and the controller.
+    pub fn prepare(images: &Path) -> Result<std::os::fd::OwnedFd, RestoreError> {
+        let (image, _plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
         if image.tree.processes[0].nspid.last() != Some(&1) {
             return Err(RestoreError::NotSupported(format!(
                 "image {}: its root (pid {}) was not a pid namespace init, so it was not a container",
@@ -403,18 +405,13 @@ impl ContainerRestore {
                 image.tree.processes[0].pid
             )));
         }
-        let len = control_len(image.processes.len());
-        let fd = mem::memfd("cowsnap-control", len)?;
-        let control = SharedRegion::from_fd(std::os::fd::AsFd::as_fd(&fd), len)?;
-        Ok(ContainerRestore {
-            image,
-            plan,
-            control,
-            fd: Some(fd),
-        })
+        Ok(mem::memfd(
+            "cowsnap-control",
+            control_len(image.processes.len()),
+        )?)
     }
 
-    /// The controller's side in another process than [`prepare`]'s: the
+    /// The controller's side, in another process than [`prepare`]'s: the
     /// image opened again, the control region mapped from `fd`.
     ///
     /// [`prepare`]: ContainerRestore::prepare
@@ -429,13 +426,7 @@ impl ContainerRestore {
             image,
             plan,
             control,
-            fd: None,
         })
-    }
-
-    /// The control region's fd, for the helper (once).
-    pub fn take_fd(&mut self) -> Option<std::os::fd::OwnedFd> {
-        self.fd.take()
     }
 
     /// Waits until the helper (host pid `init_pid`) and every process it

@@ -91,14 +91,7 @@ fn check_verify_and_inspect(images: &Path, image: &ImageFiles) {
         describe(&output)
     );
 
-    let output = cowsnap(&["inspect", path_str(images), "--json"]);
-    assert!(
-        output.status.success(),
-        "cowsnap inspect --json failed:\n{}",
-        describe(&output)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", describe(&output)));
+    let json = inspect_json(images);
     let totals = &json["totals"];
     assert_eq!(
         totals["unique_pages_stored"].as_u64(),

@@ -50,23 +50,14 @@ const INIT_COMM: &str = "cowsnap-init";
 
 // ------------------------------------------------------------ helpers
 
-/// `totals.pages_zero` of `cowsnap inspect --json`: present all-zero pages,
-/// which the image does not store and a restore does not allocate.
+/// `totals.pages_zero` of `cowsnap inspect --json`: pages that were the
+/// kernel's zero page, which the image does not store and a restore does
+/// not allocate.
 fn zero_pages(images: &Path) -> u64 {
-    let output = cowsnap(&["inspect", path_str(images), "--json"]);
-    assert!(
-        output.status.success(),
-        "cowsnap inspect --json failed:\n{}",
-        describe(&output)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", describe(&output)));
-    json["totals"]["pages_zero"].as_u64().unwrap_or_else(|| {
-        panic!(
-            "inspect --json has no totals.pages_zero:\n{}",
-            describe(&output)
-        )
-    })
+    let json = inspect_json(images);
+    json["totals"]["pages_zero"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("inspect --json has no totals.pages_zero: {json}"))
 }
 
 /// Starts `cowsnap restore -q --images IMAGES --pidfile PIDFILE EXTRA`.
@@ -202,15 +193,7 @@ impl Restored {
 
     /// Pids (as seen from here), root first, parents before children.
     fn pids(&self) -> Vec<i32> {
-        let pids = descendants(self.root);
-        if let Ok(mut seen) = self.seen.lock() {
-            for &pid in &pids {
-                if !seen.contains(&pid) {
-                    seen.push(pid);
-                }
-            }
-        }
-        pids
+        descendants_seen(self.root, &self.seen)
     }
 
     /// (pid as seen from here, pid the process reports) for every process.

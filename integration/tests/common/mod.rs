@@ -282,15 +282,7 @@ impl RefTree {
     /// Pids of the tree, parents before children (walks
     /// /proc/PID/task/TID/children, so reparented processes are found under the root).
     pub fn pids(&self) -> Vec<i32> {
-        let pids = descendants(self.root);
-        if let Ok(mut seen) = self.seen.lock() {
-            for &pid in &pids {
-                if !seen.contains(&pid) {
-                    seen.push(pid);
-                }
-            }
-        }
-        pids
+        descendants_seen(self.root, &self.seen)
     }
 
     pub fn report_text(&self) -> String {
@@ -1402,4 +1394,30 @@ pub fn reaped_after(report: &Path, offset: usize) -> BTreeMap<i32, String> {
             Some((words.next()?.parse().ok()?, words.next()?.to_string()))
         })
         .collect()
+}
+
+/// [`descendants`] of `root`, also added to `seen` (every pid a tree ever
+/// had, for its final SIGKILL).
+pub fn descendants_seen(root: i32, seen: &Mutex<Vec<i32>>) -> Vec<i32> {
+    let pids = descendants(root);
+    if let Ok(mut seen) = seen.lock() {
+        for &pid in &pids {
+            if !seen.contains(&pid) {
+                seen.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// `cowsnap inspect DIR --json`, which must succeed and print JSON.
+pub fn inspect_json(images: &Path) -> serde_json::Value {
+    let output = cowsnap(&["inspect", path_str(images), "--json"]);
+    assert!(
+        output.status.success(),
+        "cowsnap inspect --json failed:\n{}",
+        describe(&output)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", describe(&output)))
 }

@@ -30,6 +30,16 @@ enum Command {
         /// Kill the tree once the image is complete.
         #[arg(long)]
         exit: bool,
+        /// Carry established TCP connections over (TCP_REPAIR): their packets
+        /// are dropped by an nftables table from the dump until the restore
+        /// ends, so the peers see neither a reset nor lost bytes. Without it,
+        /// dump refuses an established connection.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Reset connections still waiting in a listening socket's accept
+        /// queue and drop queued UDP datagrams instead of refusing the dump.
+        #[arg(long)]
+        skip_in_flight: bool,
         /// Freeze this cgroup (v1 freezer directory or v2 cgroup directory) while seizing.
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -95,6 +105,8 @@ fn main() -> ExitCode {
             pid,
             images,
             exit,
+            tcp_established,
+            skip_in_flight,
             cgroup,
             quiet,
         } => {
@@ -104,6 +116,10 @@ fn main() -> ExitCode {
                 exit,
                 cgroup,
                 progress: !quiet,
+                sockets: cowsnap::dump::sockets::SocketPolicy {
+                    tcp_established,
+                    skip_in_flight,
+                },
             };
             cowsnap::dump::supervise::dump_supervised(&options)
                 .map(|summary| println!("{summary}"))

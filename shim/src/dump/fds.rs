@@ -70,6 +70,11 @@ fn pipe_inode(link: &str) -> Option<u64> {
     link.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// Parses `socket:[12345]`.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// Every open fd of `pid`, ascending; pipes' data goes into `pipes`.
 pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdError> {
     let mut out = Vec::new();
@@ -92,8 +97,13 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
                 });
             }
             FdKind::Pipe { inode }
+        } else if let Some(inode) = socket_inode(&link) {
+            FdKind::Socket { inode }
+        } else if link == "anon_inode:[eventpoll]" {
+            // Numbered by `dump::epoll` (every anon inode has one number).
+            FdKind::Epoll { id: 0 }
         } else if !link.starts_with('/') {
-            // socket:[N], anon_inode:[eventfd], anon_inode:inotify, ...
+            // anon_inode:[eventfd], anon_inode:inotify, ...
             FdKind::Unsupported { link }
         } else {
             let meta = std::fs::metadata(&link_path).map_err(|source| FdError::Stat {
@@ -247,7 +257,7 @@ mod tests {
     use crate::sys::testing::TestChild;
 
     #[test]
-    fn file_devnull_pipe_and_socket_of_a_child() {
+    fn file_devnull_pipe_and_socket_of_a_child_are_told_apart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fpath = dir.path().join("data.bin");
         let mut file = std::fs::File::create(&fpath).expect("create");
@@ -305,9 +315,10 @@ mod tests {
             ref other => panic!("pipe: {other:?}"),
         };
         assert_eq!(by_fd(fds[3]).kind, FdKind::Pipe { inode });
-        assert!(
-            matches!(&by_fd(fds[4]).kind, FdKind::Unsupported { link } if link.starts_with("socket:["))
-        );
+        let sock_ino = std::fs::metadata(format!("/proc/self/fd/{}", fds[4]))
+            .expect("stat socket")
+            .ino();
+        assert_eq!(by_fd(fds[4]).kind, FdKind::Socket { inode: sock_ino });
         // The child also inherits the harness's pipes: look at ours only.
         let images: Vec<PipeImage> = pipes
             .into_images()

@@ -2,10 +2,12 @@
 //! state and memory with each physical page stored once, write an image.
 //! A failed dump must leave every task running untouched and no image behind.
 
+pub mod epoll;
 pub mod fds;
 pub mod files;
 pub mod memory;
 pub mod seize;
+pub mod sockets;
 pub mod supervise;
 pub mod sysv;
 pub mod task_state;
@@ -40,6 +42,8 @@ pub struct DumpOptions {
     pub cgroup: Option<PathBuf>,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// What to do with established TCP connections and in-flight connections.
+    pub sockets: sockets::SocketPolicy,
 }
 
 /// Figures of a finished dump.
@@ -119,6 +123,10 @@ pub enum DumpError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Fds(#[from] FdError),
+    #[error(transparent)]
+    Sockets(#[from] sockets::SocketError),
+    #[error(transparent)]
+    Epoll(#[from] epoll::EpollError),
     #[error(transparent)]
     Sysv(#[from] sysv::SysvError),
     #[error(transparent)]
@@ -216,7 +224,7 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
         );
     }
 
-    let collected = match collect(options, &tree, &mut writer, zero_pfn) {
+    let mut collected = match collect(options, &tree, &mut writer, zero_pfn) {
         Ok(c) => c,
         Err(e) => {
             drop(writer); // removes what it wrote
@@ -238,7 +246,14 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     let mut stopped = Some(tree);
     let mut resumed: Result<(), seize::SeizeError> = Ok(());
     let mut seconds_frozen = 0.0;
+    // Dropped on a failure below: connections leave repair mode, packets flow.
+    let socket_dump = std::mem::replace(&mut collected.sockets, sockets::SocketsDump::none());
+    let mut socket_dump = Some(socket_dump);
     if !options.exit {
+        // Before the tree runs: a socket in repair mode would take its writes wrongly.
+        if let Some(s) = socket_dump.take() {
+            s.resume();
+        }
         if let Some(tree) = stopped.take() {
             resumed = tree.detach();
         }
@@ -267,6 +282,11 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     watchdog.committed();
     if let Some(tree) = stopped.take() {
         resumed = tree.kill();
+        // Killed in repair mode: the connections closed silently; their
+        // packets stay dropped until restore removes the table.
+        if let Some(s) = socket_dump.take() {
+            s.hand_over();
+        }
         seconds_frozen = t_stop.elapsed().as_secs_f64();
         if let Some(h) = hold.as_mut() {
             resume_cgroup(h, &watchdog, true);
@@ -341,6 +361,8 @@ fn seize_cgroup(
 }
 
 struct Collected {
+    /// Established connections in repair mode and their packet lock.
+    sockets: sockets::SocketsDump,
     processes: usize,
     zombies: usize,
     threads: usize,
@@ -371,12 +393,37 @@ fn collect(
     // before the (long) memory scan, and no image that cannot be restored
     // is written; finding shared file descriptions needs every fd table.
     let mut fd_tables: Vec<(i32, Vec<crate::image::types::Fd>)> = Vec::new();
+    let mut refusals = Vec::new();
     for p in seized.processes() {
         let fds = collect_fds(p.pid, &mut pipes)?;
-        refuse_unsupported_fds(p.pid, &fds)?;
+        refuse_unsupported_fds(p.pid, &fds, &mut refusals);
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
+    let epolls = epoll::collect(&mut fd_tables, &mut refusals)?;
+    let lock_name = format!(
+        "cowsnap_{}_{}",
+        options.pid,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let mut socket_dump = sockets::collect(
+        options.pid,
+        &fd_tables,
+        options.sockets,
+        &lock_name,
+        &mut refusals,
+    )?;
+    if !refusals.is_empty() {
+        return Err(DumpError::NotSupported(format!(
+            "{} fd(s) cannot be restored: {}",
+            refusals.len(),
+            refusals.join("; ")
+        )));
+    }
+    socket_dump.image.epolls = epolls;
+    writer.write_sockets(&socket_dump.image)?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
         fd_tables.into_iter().collect();
     for p in seized.processes() {
@@ -463,6 +510,7 @@ fn collect(
         return Err(DumpError::Interrupted);
     }
     Ok(Collected {
+        sockets: socket_dump,
         processes: count,
         zombies: seized.zombies().len(),
         threads,
@@ -470,18 +518,17 @@ fn collect(
     })
 }
 
-/// Refuses an fd of a kind restore cannot reopen (sockets, eventfds,
-/// inotify, named FIFOs, ...), naming pid, fd and what it is.
-fn refuse_unsupported_fds(pid: i32, fds: &[crate::image::types::Fd]) -> Result<(), DumpError> {
+/// Lists every fd of a kind restore cannot reopen (eventfds, inotify,
+/// named FIFOs, ...), naming pid, fd and what it is.
+fn refuse_unsupported_fds(pid: i32, fds: &[crate::image::types::Fd], refusals: &mut Vec<String>) {
     for fd in fds {
         if let crate::image::types::FdKind::Unsupported { link } = &fd.kind {
-            return Err(DumpError::NotSupported(format!(
+            refusals.push(format!(
                 "pid {pid} fd {} is {link}: fds of this kind cannot be restored yet",
                 fd.fd
-            )));
+            ));
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -582,6 +629,7 @@ mod tests {
             exit: false,
             cgroup: None,
             progress: false,
+            sockets: sockets::SocketPolicy::default(),
         }
     }
 

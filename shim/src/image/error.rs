@@ -110,6 +110,19 @@ pub enum ImageError {
         source: serde_json::Error,
     },
 
+    // --- sockets.json ---
+    #[error("sockets.json: socket {inode}: {detail}")]
+    BadSocket { inode: u64, detail: String },
+    #[error("sockets.json: epoll {id}: {detail}")]
+    BadEpoll { id: u32, detail: String },
+    #[error("{file}: pid {pid} fd {fd} is {what}, which sockets.json does not describe")]
+    FdObjectMissing {
+        file: String,
+        pid: i32,
+        fd: i32,
+        what: String,
+    },
+
     // --- tree.json and proc-<pid>.json ---
     #[error("tree.json: pid {pid} listed twice")]
     DuplicatePid { pid: i32 },

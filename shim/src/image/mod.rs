@@ -6,6 +6,7 @@ pub mod error;
 pub mod inspect;
 pub mod pagestore;
 pub mod reader;
+pub mod sockets;
 #[cfg(test)]
 mod testutil;
 pub mod types;

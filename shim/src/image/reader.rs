@@ -39,6 +39,10 @@ use super::types::{
     ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
     PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
 };
+use super::sockets::{
+    EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_FILE,
+};
+use super::types::FdKind;
 use super::ImageError;
 
 /// Chunk size for hashing the `pages` file: large enough to run at memory speed.
@@ -51,6 +55,8 @@ pub struct Image {
     /// Same order as `tree.processes`.
     pub processes: Vec<ProcessImage>,
     pub pipes: Vec<PipeImage>,
+    /// `sockets.json` (empty for an image without one).
+    pub sockets: SocketsImage,
     pub index: PageIndex,
 }
 
@@ -141,6 +147,13 @@ impl Image {
         }
         check_sysv_shm(&tree, &processes, manifest.page_size, index.page_count)?;
         let pipes: Vec<PipeImage> = parse_json(PIPES_FILE, &take(PIPES_FILE))?;
+        // Optional: images of format 1.0 have no sockets.
+        let sockets: SocketsImage = if manifest.files.iter().any(|f| f.name == SOCKETS_FILE) {
+            parse_json(SOCKETS_FILE, &take(SOCKETS_FILE))?
+        } else {
+            SocketsImage::default()
+        };
+        check_sockets(&sockets, &processes, &pipes)?;
 
         Ok(Image {
             dir: dir.into(),
@@ -148,6 +161,7 @@ impl Image {
             tree,
             processes,
             pipes,
+            sockets,
             index,
         })
     }
@@ -446,6 +460,94 @@ pub(crate) fn check_process(
 /// SysV shm records: unique ids, page runs covering each segment's pages
 /// (offsets from 0) with ids in the store; every SysV shm VMA's segment
 /// recorded and large enough for the VMA's window.
+/// Every socket and epoll fd names an object of `sockets.json`, every object
+/// is described once, connected unix sockets name each other, queued data
+/// is hex, and epoll registrations name objects of the image.
+fn check_sockets(
+    sockets: &SocketsImage,
+    processes: &[ProcessImage],
+    pipes: &[PipeImage],
+) -> Result<(), ImageError> {
+    let mut by_inode = std::collections::BTreeMap::new();
+    for s in &sockets.sockets {
+        let bad = |detail: String| ImageError::BadSocket {
+            inode: s.inode,
+            detail,
+        };
+        if by_inode.insert(s.inode, s).is_some() {
+            return Err(bad("described twice".into()));
+        }
+        if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&s.sock_type) {
+            return Err(bad(format!("socket type {} is not supported", s.sock_type)));
+        }
+        if let SocketKind::Unix { queue, .. } = &s.kind {
+            if let Some(m) = queue.iter().find(|m| hex::decode(m).is_err()) {
+                return Err(bad(format!("queued message is not hex: {m:.40}")));
+            }
+        }
+    }
+    for s in &sockets.sockets {
+        if let SocketKind::Unix {
+            state: UnixState::Connected { peer },
+            ..
+        } = &s.kind
+        {
+            let Some(other) = by_inode.get(peer) else {
+                return Err(ImageError::BadSocket {
+                    inode: s.inode,
+                    detail: format!("peer {peer} is not described"),
+                });
+            };
+            let back = matches!(&other.kind, SocketKind::Unix { state: UnixState::Connected { peer }, .. } if *peer == s.inode);
+            if s.sock_type != libc::SOCK_DGRAM && !back {
+                return Err(ImageError::BadSocket {
+                    inode: s.inode,
+                    detail: format!("peer {peer} is not connected back to it"),
+                });
+            }
+        }
+    }
+    let epoll_ids: HashSet<u32> = sockets.epolls.iter().map(|e| e.id).collect();
+    if epoll_ids.len() != sockets.epolls.len() {
+        return Err(ImageError::BadEpoll {
+            id: sockets.epolls.first().map_or(0, |e| e.id),
+            detail: "an epoll id is described twice".into(),
+        });
+    }
+    for e in &sockets.epolls {
+        for t in &e.targets {
+            let known = match t.object {
+                EpollObject::Socket { inode } => by_inode.contains_key(&inode),
+                EpollObject::Pipe { inode, .. } => pipes.iter().any(|p| p.inode == inode),
+            };
+            if !known {
+                return Err(ImageError::BadEpoll {
+                    id: e.id,
+                    detail: format!("registration of fd {} names {:?}, which the image does not hold", t.tfd, t.object),
+                });
+            }
+        }
+    }
+    for p in processes {
+        for fd in &p.fds {
+            let missing = match fd.kind {
+                FdKind::Socket { inode } => (!by_inode.contains_key(&inode)).then(|| format!("socket {inode}")),
+                FdKind::Epoll { id } => (!epoll_ids.contains(&id)).then(|| format!("epoll {id}")),
+                _ => None,
+            };
+            if let Some(what) = missing {
+                return Err(ImageError::FdObjectMissing {
+                    file: crate::image::types::process_file_name(p.pid),
+                    pid: p.pid,
+                    fd: fd.fd,
+                    what,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_sysv_shm(
     tree: &Tree,
     processes: &[ProcessImage],

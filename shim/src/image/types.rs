@@ -12,6 +12,8 @@
 //!   proc-<pid>.json      ProcessImage: VMAs with their page runs, mm fields, fds,
 //!                        signals, threads (registers, xsave, ...)
 //!   pipes.json           PipeImage list: buffered data of pipes seen in the tree
+//!   sockets.json         SocketsImage: sockets and epoll instances (since 1.1;
+//!                        an image without it has none), see `image::sockets`
 //!   pages.index.json     PageIndex: frame offsets, sizes, checksums
 //!   pages                page store: concatenated independent zstd frames,
 //!                        each holding `pages_per_frame` whole pages (the last fewer)
@@ -30,7 +32,8 @@ pub const FORMAT_NAME: &str = "cowsnap-image";
 /// Major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u32 = 1;
 /// Minor version: a reader refuses a newer minor (it may carry data it would drop).
-pub const FORMAT_MINOR: u32 = 0;
+/// 1: `sockets.json` (sockets and epoll), optional for a reader.
+pub const FORMAT_MINOR: u32 = 1;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
@@ -418,7 +421,16 @@ pub enum FdKind {
         path: String,
         rdev: u64,
     },
-    /// Anything else (socket, eventfd, epoll, ...); restore refuses it naming `link`.
+    /// A socket of `sockets.json`, by its inode (one socket, however many fds hold it).
+    Socket {
+        inode: u64,
+    },
+    /// An epoll instance of `sockets.json`; `id` numbers the instances of
+    /// the tree (found by kcmp: anon inodes share one inode number).
+    Epoll {
+        id: u32,
+    },
+    /// Anything else (eventfd, signalfd, ...); restore refuses it naming `link`.
     Unsupported {
         link: String,
     },

@@ -138,6 +138,12 @@ impl ImageWriter {
     pub fn write_pipes(&mut self, pipes: &[PipeImage]) -> Result<(), ImageError> {
         self.write_json(PIPES_FILE, &pipes, true)
     }
+    pub fn write_sockets(
+        &mut self,
+        sockets: &crate::image::sockets::SocketsImage,
+    ) -> Result<(), ImageError> {
+        self.write_json(crate::image::sockets::SOCKETS_FILE, sockets, true)
+    }
 
     /// Finishes the page store, writes `manifest.json` last and makes the image visible.
     pub fn commit(mut self, root_pid: i32) -> Result<CommitSummary, ImageError> {

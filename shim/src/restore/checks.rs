@@ -249,7 +249,7 @@ fn check_process(
             FdKind::Device { path, .. } => {
                 cache.check(pid, &what("device"), path, Expect::Device)?;
             }
-            FdKind::Pipe { .. } | FdKind::Tty { .. } => {}
+            FdKind::Pipe { .. } | FdKind::Tty { .. } | FdKind::Socket { .. } | FdKind::Epoll { .. } => {}
             FdKind::Unsupported { link } => {
                 return Err(CheckError::UnsupportedFd {
                     pid,

@@ -769,7 +769,12 @@ fn build_process(
     let pipes = match inherited {
         Some(p) => p,
         None => {
-            created = fds::PipeSet::create(&ctx.image.pipes, &ctx.image.processes, ctx.fd_base)
+            created = fds::PipeSet::create(
+                &ctx.image.pipes,
+                &ctx.image.sockets,
+                &ctx.image.processes,
+                ctx.fd_base,
+            )
                 .map_err(|e| e.to_string())?;
             &created
         }

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use crate::image::sockets::SocketsImage;
 use crate::image::types::{Fd, FdKind, PipeImage, ProcessImage};
 use crate::sys::restore_sys;
 
@@ -130,6 +131,14 @@ pub enum FdError {
         op: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Socket(#[from] super::sockets::SocketError),
+    #[error("pid {pid} fd {fd}: {what} was not created (created from other images?)")]
+    ObjectMissing {
+        pid: i32,
+        fd: RawFd,
+        what: String,
     },
     #[error("pipes.json: pipe {inode}: buffered data is not hex: {detail}")]
     PipeData { inode: u64, detail: String },
@@ -252,6 +261,8 @@ pub struct PipeSet {
     external: BTreeSet<u64>,
     /// Shared file descriptions by description id, each at an fd >= fd_base.
     files: BTreeMap<u32, RawFd>,
+    /// Every socket and epoll instance.
+    sockets: super::sockets::SocketSet,
 }
 
 impl PipeSet {
@@ -262,6 +273,7 @@ impl PipeSet {
     /// regular file (opened by path with its flags, seeked to its pos).
     pub fn create(
         pipes: &[PipeImage],
+        sockets: &SocketsImage,
         processes: &[ProcessImage],
         fd_base: RawFd,
     ) -> Result<PipeSet, FdError> {
@@ -274,6 +286,7 @@ impl PipeSet {
                 .map(|(inode, _)| *inode)
                 .collect(),
             files: BTreeMap::new(),
+            sockets: Default::default(),
         };
         for (&inode, u) in &usage {
             let image = pipes.iter().find(|p| p.inode == inode);
@@ -301,7 +314,29 @@ impl PipeSet {
                 }
             }
         }
+        let ends = set.ends.clone();
+        let pipe_end = |inode: u64, write_end: bool| {
+            ends.get(&inode)
+                .map(|e| if write_end { e.write } else { e.read })
+        };
+        match super::sockets::create(sockets, pipe_end, fd_base) {
+            Ok(created) => set.sockets = created,
+            Err(e) => {
+                set.close_all();
+                return Err(e.into());
+            }
+        }
         Ok(set)
+    }
+
+    /// The fd holding socket `inode`.
+    pub fn socket(&self, inode: u64) -> Option<RawFd> {
+        self.sockets.sockets.get(&inode).copied()
+    }
+
+    /// The fd holding epoll instance `id`.
+    pub fn epoll(&self, id: u32) -> Option<RawFd> {
+        self.sockets.epolls.get(&id).copied()
     }
 
     /// The fd holding shared file description `id`.
@@ -320,6 +355,7 @@ impl PipeSet {
             .values()
             .flat_map(|e| [e.read, e.write])
             .chain(self.files.values().copied())
+            .chain(self.sockets.fds())
             .collect()
     }
 
@@ -528,6 +564,20 @@ fn plan<'a>(
                     PipeEnd::Read => Source::Dup(ends.read),
                     PipeEnd::Write => Source::Dup(ends.write),
                 }
+            }
+            (_, FdKind::Socket { inode }) => {
+                Source::Dup(pipes.socket(*inode).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("socket {inode}"),
+                })?)
+            }
+            (_, FdKind::Epoll { id }) => {
+                Source::Dup(pipes.epoll(*id).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("epoll {id}"),
+                })?)
             }
             (_, FdKind::Unsupported { link }) => {
                 return Err(FdError::NotSupported {

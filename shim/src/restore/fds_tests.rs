@@ -316,7 +316,7 @@ fn plan_refusals_name_pid_and_fd() {
 #[test]
 fn read_write_pipe_is_refused_before_any_pipe_exists() {
     let tree = vec![process(5, vec![fd(4, libc::O_RDWR, pipe(1))])];
-    let e = PipeSet::create(&[], &tree, 64).expect_err("rdwr pipe");
+    let e = PipeSet::create(&[], &Default::default(), &tree, 64).expect_err("rdwr pipe");
     assert!(
         e.to_string()
             .starts_with("not supported: pid 5 fd 4: pipe 1 opened read-write"),
@@ -434,7 +434,7 @@ fn install_builds_the_exact_table_over_colliding_runtime_fds() {
             fds: [stdout, stdout, stdout],
         };
         let image = &image;
-        let set = PipeSet::create(&pipes, std::slice::from_ref(image), fd_base)
+        let set = PipeSet::create(&pipes, &Default::default(), std::slice::from_ref(image), fd_base)
             .map_err(|e| e.to_string())?;
         if set.fds().iter().any(|&f| f < fd_base) {
             return Err(format!("pipe set below fd_base: {:?}", set.fds()));
@@ -510,7 +510,7 @@ fn pipe_set_refuses_data_larger_than_capacity() {
         data: hex::encode(vec![1u8; 8192]),
         capacity: 4096,
     }];
-    let e = PipeSet::create(&pipes, &tree, 64).expect_err("overfull");
+    let e = PipeSet::create(&pipes, &Default::default(), &tree, 64).expect_err("overfull");
     assert!(
         matches!(
             e,
@@ -639,7 +639,7 @@ fn pipe_set_opens_each_shared_description_once_at_its_pos() {
         ),
         process(3, vec![fd(3, libc::O_RDWR, shared_file(&path_s, 2, None))]),
     ];
-    let set = PipeSet::create(&[], &tree, 300).expect("create");
+    let set = PipeSet::create(&[], &Default::default(), &tree, 300).expect("create");
     let shared = set.file(0).expect("description 0 opened");
     assert!(shared >= 300, "{shared} below fd_base");
     assert_eq!(

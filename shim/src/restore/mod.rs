@@ -11,6 +11,7 @@ pub mod exec;
 pub mod fds;
 pub mod plan;
 pub mod signals;
+pub mod sockets;
 pub mod sysv;
 
 pub use exec::{

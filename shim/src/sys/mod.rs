@@ -8,6 +8,7 @@ pub mod inject;
 pub mod interrupt;
 pub mod kcmp;
 pub mod mem;
+pub mod netfilter;
 pub mod ns;
 pub mod pagemap;
 pub mod pipe;
@@ -16,7 +17,10 @@ pub mod procfs;
 pub mod ptrace;
 pub mod restore_sys;
 pub mod shm;
+pub mod sock_diag;
+pub mod socket;
 pub mod spawn;
+pub mod tcp_repair;
 #[cfg(test)]
 pub mod testing;
 pub mod watchdog;

@@ -478,6 +478,64 @@ pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo, ProcfsError> {
     parse_fdinfo(&path, &read_string(&path)?)
 }
 
+/// One registration of an epoll fd, as its fdinfo prints it
+/// (`tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpollEntry {
+    pub tfd: i32,
+    pub events: u32,
+    pub data: u64,
+    /// Inode and device (kernel-internal encoding) of the watched file.
+    pub ino: u64,
+    pub sdev: u32,
+}
+
+/// The `tfd:` lines of an epoll fd's fdinfo.
+pub fn parse_epoll_fdinfo(path: &Path, text: &str) -> Result<Vec<EpollEntry>, ProcfsError> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+        let mut fields = std::collections::BTreeMap::new();
+        // "tfd:        5 events:       19 data: ... pos:0 ino:3a sdev:8"
+        let mut words = line.split_whitespace().peekable();
+        while let Some(w) = words.next() {
+            if let Some((key, value)) = w.split_once(':') {
+                let value = if value.is_empty() {
+                    words.next().unwrap_or("")
+                } else {
+                    value
+                };
+                fields.insert(key, value);
+            }
+        }
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .copied()
+                .ok_or_else(|| parse_err(path, name, format!("missing in {line:?}")))
+        };
+        let hex = |name: &str| {
+            let v = field(name)?;
+            u64::from_str_radix(v, 16).map_err(|e| parse_err(path, name, format!("{v:?}: {e}")))
+        };
+        let tfd = field("tfd")?;
+        out.push(EpollEntry {
+            tfd: tfd
+                .parse()
+                .map_err(|e| parse_err(path, "tfd", format!("{tfd:?}: {e}")))?,
+            events: hex("events")? as u32,
+            data: hex("data")?,
+            ino: hex("ino")?,
+            sdev: hex("sdev")? as u32,
+        });
+    }
+    Ok(out)
+}
+
+pub fn read_epoll_fdinfo(pid: i32, fd: i32) -> Result<Vec<EpollEntry>, ProcfsError> {
+    let path = proc_path(pid, &format!("fdinfo/{fd}"));
+    parse_epoll_fdinfo(&path, &read_string(&path)?)
+}
+
 /// Open fd numbers of `pid`, ascending.
 pub fn list_fds(pid: i32) -> Result<Vec<i32>, ProcfsError> {
     list_numeric_dir(&proc_path(pid, "fd"))
@@ -579,6 +637,25 @@ pub fn read_comm(pid: i32) -> Result<String, ProcfsError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn epoll_fdinfo_lines() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
+tfd:        5 events:       19 data:     7f0000000005  pos:0 ino:3a1b sdev:8\n\
+tfd:       12 events: 80000001 data:                c  pos:0 ino:9 sdev:d\n";
+        let got = parse_epoll_fdinfo(Path::new("fdinfo/4"), text).expect("parse");
+        assert_eq!(
+            got,
+            vec![
+                EpollEntry { tfd: 5, events: 0x19, data: 0x7f0000000005, ino: 0x3a1b, sdev: 8 },
+                EpollEntry { tfd: 12, events: 0x8000_0001, data: 0xc, ino: 9, sdev: 0xd },
+            ]
+        );
+        let bad = "tfd:        5 events: zz data: 1  pos:0 ino:3 sdev:8\n";
+        assert!(parse_epoll_fdinfo(Path::new("x"), bad).is_err());
+        assert_eq!(parse_epoll_fdinfo(Path::new("x"), "pos: 0\n").expect("none"), vec![]);
+    }
+
     use super::*;
 
     fn p() -> &'static Path {

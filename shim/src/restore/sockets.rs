@@ -1,0 +1,557 @@
+//! Sockets and epoll instances of a restored tree, created once by the
+//! tree's root before it forks (so every holder inherits the same socket,
+//! as the master and workers of a preforking server shared one listening
+//! socket), each moved to an fd >= fd_base for [`super::fds::install`] to
+//! duplicate.
+//!
+//! Order: inet sockets (bound, listening, connected; established TCP
+//! through TCP_REPAIR), then unix sockets (named ones bound and listening,
+//! connected pairs as socketpairs, queued messages sent back into them),
+//! then epoll instances, whose targets must exist: each registration is
+//! made with the target's file at the fd number it was registered under
+//! (the kernel keys a registration by file and number).
+//!
+//! Not restored: the credentials a socket's creator had (sockets belong to
+//! the restoring root: SO_PEERCRED of a recreated pair names it), the
+//! names of accepted unix connections (pairs come back unnamed), queued
+//! fds (dump refuses them).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use crate::image::sockets::{
+    EpollImage, EpollObject, InetProtocol, InetState, SocketImage, SocketKind, SocketOptions,
+    SocketsImage, UnixName, UnixState,
+};
+use crate::sys::restore_sys;
+use crate::sys::socket::{self as sock, Address};
+use crate::sys::tcp_repair;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("socket {inode} ({what}): {op}: {source}")]
+    Sys {
+        inode: u64,
+        what: String,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket {inode}: cannot bind {address}: address already in use")]
+    AddressInUse { inode: u64, address: String },
+    #[error("socket {inode} ({what}): {source}")]
+    Repair {
+        inode: u64,
+        what: String,
+        #[source]
+        source: tcp_repair::TcpRepairError,
+    },
+    #[error("socket {inode}: peer socket {peer} is not in the image")]
+    PeerMissing { inode: u64, peer: u64 },
+    #[error("socket {inode}: {detail}")]
+    Image { inode: u64, detail: String },
+    #[error("epoll {id}: registering fd {tfd} (events {events:#x}): {source}")]
+    Epoll {
+        id: u32,
+        tfd: i32,
+        events: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("epoll {id}: watched {object:?} was not created")]
+    EpollTarget { id: u32, object: EpollObject },
+}
+
+/// Every socket and epoll instance of the image, at fds >= fd_base.
+#[derive(Debug, Default)]
+pub struct SocketSet {
+    pub sockets: BTreeMap<u64, RawFd>,
+    pub epolls: BTreeMap<u32, RawFd>,
+}
+
+impl SocketSet {
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.sockets.values().chain(self.epolls.values()).copied()
+    }
+}
+
+/// Creates every object of `image`. `pipe_end(inode, write_end)` gives the
+/// fd of a pipe end the caller created (for epoll registrations). On error
+/// everything created so far is closed.
+pub fn create(
+    image: &SocketsImage,
+    pipe_end: impl Fn(u64, bool) -> Option<RawFd>,
+    fd_base: RawFd,
+) -> Result<SocketSet, SocketError> {
+    let mut made: BTreeMap<u64, OwnedFd> = BTreeMap::new();
+    let by_inode: BTreeMap<u64, &SocketImage> =
+        image.sockets.iter().map(|s| (s.inode, s)).collect();
+    for s in &image.sockets {
+        if made.contains_key(&s.inode) {
+            continue;
+        }
+        match &s.kind {
+            SocketKind::Inet {
+                v6,
+                protocol,
+                local,
+                state,
+            } => {
+                let fd = create_inet(s, *v6, *protocol, *local, state)?;
+                made.insert(s.inode, fd);
+            }
+            SocketKind::Unix { .. } => create_unix(s, &by_inode, &mut made)?,
+        }
+    }
+    // Connections to named sockets and queued datagrams, once every name is bound.
+    for s in &image.sockets {
+        if let SocketKind::Unix {
+            state: UnixState::Connected { peer },
+            ..
+        } = &s.kind
+        {
+            if let Some(fd) = made.get(&s.inode) {
+                connect_by_name(s, fd.as_fd(), *peer, &by_inode)?;
+            }
+        }
+    }
+    for s in &image.sockets {
+        send_queue(s, &by_inode, &made)?;
+    }
+    for s in &image.sockets {
+        if let (SocketKind::Unix { shutdown, .. }, Some(fd)) = (&s.kind, made.get(&s.inode)) {
+            sock::shutdown_bits(fd.as_fd(), *shutdown)
+                .map_err(sys(s, "shutdown"))?;
+        }
+        if let Some(fd) = made.get(&s.inode) {
+            let status = s.flags as i32 & libc::O_NONBLOCK;
+            sock::set_status_flags(fd.as_fd(), status).map_err(sys(s, "F_SETFL"))?;
+        }
+    }
+    let mut set = SocketSet::default();
+    for (inode, fd) in &made {
+        let high = restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(|source| {
+            SocketError::Sys {
+                inode: *inode,
+                what: "moving above fd_base".into(),
+                op: "F_DUPFD_CLOEXEC".into(),
+                source,
+            }
+        });
+        match high {
+            Ok(h) => {
+                set.sockets.insert(*inode, h);
+            }
+            Err(e) => {
+                close_set(&set);
+                return Err(e);
+            }
+        }
+    }
+    drop(made);
+    for e in &image.epolls {
+        match create_epoll(e, &set, &pipe_end, fd_base) {
+            Ok(fd) => {
+                set.epolls.insert(e.id, fd);
+            }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
+    Ok(set)
+}
+
+fn close_set(set: &SocketSet) {
+    for fd in set.fds() {
+        let _ = restore_sys::close_fd(fd);
+    }
+}
+
+fn describe(s: &SocketImage) -> String {
+    match &s.kind {
+        SocketKind::Inet {
+            protocol,
+            local,
+            state,
+            ..
+        } => {
+            let p = match protocol {
+                InetProtocol::Tcp => "tcp",
+                InetProtocol::Udp => "udp",
+            };
+            let l = local.map_or_else(|| "unbound".to_string(), |a| a.to_string());
+            match state {
+                InetState::Listening { .. } => format!("{p} listener {l}"),
+                InetState::Established { connection } => {
+                    format!("{p} {} -> {}", connection.local, connection.remote)
+                }
+                InetState::UdpConnected { remote } => format!("{p} {l} -> {remote}"),
+                InetState::Open => format!("{p} {l}"),
+            }
+        }
+        SocketKind::Unix { name, .. } => match name {
+            Some(UnixName::Path { path, .. }) => format!("unix {path}"),
+            Some(UnixName::Abstract { name }) => format!("unix @{name}"),
+            None => "unix, unnamed".into(),
+        },
+    }
+}
+
+fn sys<'a>(s: &'a SocketImage, op: &'a str) -> impl FnOnce(std::io::Error) -> SocketError + 'a {
+    move |source| SocketError::Sys {
+        inode: s.inode,
+        what: describe(s),
+        op: op.to_string(),
+        source,
+    }
+}
+
+/// Options that must be in place before bind/listen, then the rest.
+fn apply_options(fd: BorrowedFd<'_>, s: &SocketImage, v6: bool) -> Result<(), SocketError> {
+    let o: &SocketOptions = &s.options;
+    let set = |level, name, value: i32, op: &'static str| {
+        sock::set_int(fd, level, name, value).map_err(sys(s, op))
+    };
+    let on = i32::from;
+    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, on(o.reuseaddr), "SO_REUSEADDR")?;
+    set(libc::SOL_SOCKET, libc::SO_REUSEPORT, on(o.reuseport), "SO_REUSEPORT")?;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, on(o.keepalive), "SO_KEEPALIVE")?;
+    if o.broadcast {
+        set(libc::SOL_SOCKET, libc::SO_BROADCAST, 1, "SO_BROADCAST")?;
+    }
+    if o.passcred {
+        set(libc::SOL_SOCKET, libc::SO_PASSCRED, 1, "SO_PASSCRED")?;
+    }
+    // getsockopt reports twice what setsockopt was given.
+    if let Some(v) = o.rcvbuf {
+        set(libc::SOL_SOCKET, libc::SO_RCVBUF, v / 2, "SO_RCVBUF")?;
+    }
+    if let Some(v) = o.sndbuf {
+        set(libc::SOL_SOCKET, libc::SO_SNDBUF, v / 2, "SO_SNDBUF")?;
+    }
+    if let Some(v) = o.rcvlowat {
+        set(libc::SOL_SOCKET, libc::SO_RCVLOWAT, v, "SO_RCVLOWAT")?;
+    }
+    if let Some(l) = o.linger {
+        sock::set_linger(fd, l).map_err(sys(s, "SO_LINGER"))?;
+    }
+    if let Some(dev) = &o.bind_device {
+        sock::set_bytes(fd, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_bytes())
+            .map_err(sys(s, "SO_BINDTODEVICE"))?;
+    }
+    if o.freebind {
+        if v6 {
+            set(libc::SOL_IPV6, libc::IPV6_FREEBIND, 1, "IPV6_FREEBIND")?;
+        } else {
+            set(libc::SOL_IP, libc::IP_FREEBIND, 1, "IP_FREEBIND")?;
+        }
+    }
+    if let (true, Some(only)) = (v6, o.v6only) {
+        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, on(only), "IPV6_V6ONLY")?;
+    }
+    if let Some(t) = &o.tcp {
+        let tcp = |name, value, op| set(libc::IPPROTO_TCP, name, value, op);
+        tcp(libc::TCP_NODELAY, on(t.nodelay), "TCP_NODELAY")?;
+        if t.defer_accept > 0 {
+            tcp(libc::TCP_DEFER_ACCEPT, t.defer_accept, "TCP_DEFER_ACCEPT")?;
+        }
+        if t.keepidle > 0 {
+            tcp(libc::TCP_KEEPIDLE, t.keepidle, "TCP_KEEPIDLE")?;
+        }
+        if t.keepintvl > 0 {
+            tcp(libc::TCP_KEEPINTVL, t.keepintvl, "TCP_KEEPINTVL")?;
+        }
+        if t.keepcnt > 0 {
+            tcp(libc::TCP_KEEPCNT, t.keepcnt, "TCP_KEEPCNT")?;
+        }
+        if t.user_timeout > 0 {
+            tcp(libc::TCP_USER_TIMEOUT, t.user_timeout, "TCP_USER_TIMEOUT")?;
+        }
+    }
+    Ok(())
+}
+
+fn create_inet(
+    s: &SocketImage,
+    v6: bool,
+    protocol: InetProtocol,
+    local: Option<std::net::SocketAddr>,
+    state: &InetState,
+) -> Result<OwnedFd, SocketError> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let proto = match protocol {
+        InetProtocol::Tcp => libc::IPPROTO_TCP,
+        InetProtocol::Udp => libc::IPPROTO_UDP,
+    };
+    if let InetState::Established { connection } = state {
+        let fd = tcp_repair::restore(connection, 0).map_err(|source| SocketError::Repair {
+            inode: s.inode,
+            what: describe(s),
+            source,
+        })?;
+        // Buffers stay as the connection negotiated (dump did not record them).
+        apply_options(fd.as_fd(), s, v6)?;
+        return Ok(fd);
+    }
+    let fd = sock::socket(family, s.sock_type, proto).map_err(sys(s, "socket"))?;
+    apply_options(fd.as_fd(), s, v6)?;
+    if let Some(addr) = local {
+        sock::bind(fd.as_fd(), &Address::Inet(addr)).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EADDRINUSE) {
+                SocketError::AddressInUse {
+                    inode: s.inode,
+                    address: format!("{} {addr}", if proto == libc::IPPROTO_TCP { "tcp" } else { "udp" }),
+                }
+            } else {
+                sys(s, "bind")(source)
+            }
+        })?;
+    }
+    match state {
+        InetState::Listening { backlog } => {
+            sock::listen(fd.as_fd(), *backlog).map_err(sys(s, "listen"))?;
+            if let Some(t) = s.options.tcp.as_ref().filter(|t| t.fastopen > 0) {
+                sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_FASTOPEN, t.fastopen)
+                    .map_err(sys(s, "TCP_FASTOPEN"))?;
+            }
+        }
+        InetState::UdpConnected { remote } => {
+            sock::connect(fd.as_fd(), &Address::Inet(*remote)).map_err(sys(s, "connect"))?;
+        }
+        InetState::Open | InetState::Established { .. } => {}
+    }
+    Ok(fd)
+}
+
+fn unix_address(name: &UnixName, inode: u64) -> Result<Address, SocketError> {
+    match name {
+        UnixName::Path { path, .. } => Ok(Address::Unix(path.as_bytes().to_vec())),
+        UnixName::Abstract { name } => {
+            let mut raw = vec![0u8];
+            raw.extend(hex::decode(name).map_err(|e| SocketError::Image {
+                inode,
+                detail: format!("abstract name is not hex: {e}"),
+            })?);
+            Ok(Address::Unix(raw))
+        }
+    }
+}
+
+/// Binds `fd` to `name`. A socket file left at the path by the dumped
+/// program (nobody listens on it) is removed first, as restarting the
+/// program would do; a path a live socket answers on is in use.
+fn bind_unix(s: &SocketImage, fd: BorrowedFd<'_>, name: &UnixName) -> Result<(), SocketError> {
+    let address = unix_address(name, s.inode)?;
+    if let UnixName::Path { path, .. } = name {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() && !someone_listens(path, s.sock_type) {
+                std::fs::remove_file(path).map_err(sys(s, "removing the stale socket file"))?;
+            }
+        }
+    }
+    sock::bind(fd, &address).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EADDRINUSE) {
+            SocketError::AddressInUse {
+                inode: s.inode,
+                address: describe(s),
+            }
+        } else {
+            sys(s, "bind")(source)
+        }
+    })?;
+    if let UnixName::Path {
+        path,
+        mode,
+        uid,
+        gid,
+        unlinked,
+    } = name
+    {
+        if *unlinked {
+            std::fs::remove_file(path).map_err(sys(s, "unlinking the socket file"))?;
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+                .map_err(sys(s, "chmod of the socket file"))?;
+            std::os::unix::fs::lchown(path, Some(*uid), Some(*gid))
+                .map_err(sys(s, "chown of the socket file"))?;
+        }
+    }
+    Ok(())
+}
+
+fn someone_listens(path: &str, sock_type: i32) -> bool {
+    let Ok(probe) = sock::socket(libc::AF_UNIX, sock_type, 0) else {
+        return false;
+    };
+    sock::connect(probe.as_fd(), &Address::Unix(path.as_bytes().to_vec())).is_ok()
+}
+
+fn create_unix(
+    s: &SocketImage,
+    by_inode: &BTreeMap<u64, &SocketImage>,
+    made: &mut BTreeMap<u64, OwnedFd>,
+) -> Result<(), SocketError> {
+    let SocketKind::Unix { name, state, .. } = &s.kind else {
+        return Ok(());
+    };
+    match state {
+        UnixState::Connected { peer } => {
+            let other = by_inode.get(peer).ok_or(SocketError::PeerMissing {
+                inode: s.inode,
+                peer: *peer,
+            })?;
+            let mutual = matches!(&other.kind, SocketKind::Unix { state: UnixState::Connected { peer }, .. } if *peer == s.inode);
+            let named = |x: &SocketImage| matches!(&x.kind, SocketKind::Unix { name: Some(_), .. });
+            if mutual && (s.sock_type != libc::SOCK_DGRAM || (!named(s) && !named(other))) {
+                let (a, b) = sock::unix_pair(s.sock_type).map_err(sys(s, "socketpair"))?;
+                made.insert(s.inode, a);
+                made.insert(other.inode, b);
+                return Ok(());
+            }
+            // A datagram socket connected to a named one: bound now,
+            // connected once every name exists.
+            let fd = sock::socket(libc::AF_UNIX, s.sock_type, 0).map_err(sys(s, "socket"))?;
+            if let Some(n) = name {
+                bind_unix(s, fd.as_fd(), n)?;
+            }
+            made.insert(s.inode, fd);
+        }
+        UnixState::PeerClosed => {
+            let (a, b) = sock::unix_pair(s.sock_type).map_err(sys(s, "socketpair"))?;
+            if let SocketKind::Unix { queue, .. } = &s.kind {
+                for m in queue {
+                    let data = decode(s, m)?;
+                    sock::send_all(b.as_fd(), &data).map_err(sys(s, "writing queued data"))?;
+                }
+            }
+            drop(b);
+            made.insert(s.inode, a);
+        }
+        UnixState::Open | UnixState::Listening { .. } => {
+            let fd = sock::socket(libc::AF_UNIX, s.sock_type, 0).map_err(sys(s, "socket"))?;
+            if let Some(n) = name {
+                bind_unix(s, fd.as_fd(), n)?;
+            }
+            if let UnixState::Listening { backlog } = state {
+                sock::listen(fd.as_fd(), *backlog).map_err(sys(s, "listen"))?;
+            }
+            made.insert(s.inode, fd);
+        }
+    }
+    Ok(())
+}
+
+fn connect_by_name(
+    s: &SocketImage,
+    fd: BorrowedFd<'_>,
+    peer: u64,
+    by_inode: &BTreeMap<u64, &SocketImage>,
+) -> Result<(), SocketError> {
+    if s.sock_type != libc::SOCK_DGRAM {
+        return Ok(());
+    }
+    if sock::peer_address(fd).is_ok() {
+        return Ok(()); // a socketpair
+    }
+    let other = by_inode.get(&peer).ok_or(SocketError::PeerMissing {
+        inode: s.inode,
+        peer,
+    })?;
+    let SocketKind::Unix {
+        name: Some(name), ..
+    } = &other.kind
+    else {
+        return Err(SocketError::Image {
+            inode: s.inode,
+            detail: format!("connected to unnamed datagram socket {peer}"),
+        });
+    };
+    let address = unix_address(name, other.inode)?;
+    sock::connect(fd, &address).map_err(sys(s, "connect"))
+}
+
+fn decode(s: &SocketImage, m: &str) -> Result<Vec<u8>, SocketError> {
+    hex::decode(m).map_err(|e| SocketError::Image {
+        inode: s.inode,
+        detail: format!("queued message is not hex: {e}"),
+    })
+}
+
+/// Sends `s`'s queued messages back into it: from its peer for a pair,
+/// from a fresh unbound socket to its name otherwise.
+fn send_queue(
+    s: &SocketImage,
+    by_inode: &BTreeMap<u64, &SocketImage>,
+    made: &BTreeMap<u64, OwnedFd>,
+) -> Result<(), SocketError> {
+    let SocketKind::Unix {
+        state, queue, name, ..
+    } = &s.kind
+    else {
+        return Ok(());
+    };
+    if queue.is_empty() || matches!(state, UnixState::PeerClosed) {
+        return Ok(());
+    }
+    if let UnixState::Connected { peer } = state {
+        let own_peer = made.get(&s.inode).and_then(|fd| sock::peer_address(fd.as_fd()).ok());
+        let pair = matches!(&by_inode.get(peer).map(|p| &p.kind), Some(SocketKind::Unix { state: UnixState::Connected { peer: back }, .. }) if *back == s.inode);
+        if let (true, Some(_), Some(from)) = (pair, own_peer, made.get(peer)) {
+            for m in queue {
+                let data = decode(s, m)?;
+                sock::send_all(from.as_fd(), &data).map_err(sys(s, "writing queued data"))?;
+            }
+            return Ok(());
+        }
+    }
+    let Some(name) = name else {
+        return Err(SocketError::Image {
+            inode: s.inode,
+            detail: "messages queued in an unnamed socket without a peer".into(),
+        });
+    };
+    let address = unix_address(name, s.inode)?;
+    let from = sock::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0).map_err(sys(s, "socket"))?;
+    for m in queue {
+        let data = decode(s, m)?;
+        sock::connect(from.as_fd(), &address).map_err(sys(s, "connect to queue data"))?;
+        sock::send_all(from.as_fd(), &data).map_err(sys(s, "writing queued data"))?;
+    }
+    Ok(())
+}
+
+fn create_epoll(
+    e: &EpollImage,
+    set: &SocketSet,
+    pipe_end: &impl Fn(u64, bool) -> Option<RawFd>,
+    fd_base: RawFd,
+) -> Result<RawFd, SocketError> {
+    let err = |tfd: i32, events: u32| {
+        move |source| SocketError::Epoll {
+            id: e.id,
+            tfd,
+            events,
+            source,
+        }
+    };
+    let ep = sock::epoll_create().map_err(err(-1, 0))?;
+    for t in &e.targets {
+        let file = match t.object {
+            EpollObject::Socket { inode } => set.sockets.get(&inode).copied(),
+            EpollObject::Pipe { inode, write_end } => pipe_end(inode, write_end),
+        }
+        .ok_or(SocketError::EpollTarget {
+            id: e.id,
+            object: t.object,
+        })?;
+        sock::with_file_at(file, t.tfd, || {
+            sock::epoll_add(ep.as_fd(), t.tfd, t.events, t.data)
+        })
+        .map_err(err(t.tfd, t.events))?;
+    }
+    restore_sys::dup_at_least(ep.as_raw_fd(), fd_base).map_err(err(-1, 0))
+}

@@ -116,7 +116,15 @@ fn find_target(
                     inode,
                     write_end: fd.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY,
                 },
-                FdKind::Epoll { .. } | FdKind::Unsupported { .. } | FdKind::Tty { .. }
+                FdKind::Eventfd { id } => {
+                    if kcmp::is_epoll_target(*cand_pid, fd.fd, pid, epfd, tfd).unwrap_or(false) {
+                        return Ok(Ok(EpollObject::Eventfd { id }));
+                    }
+                    continue;
+                }
+                FdKind::Epoll { .. }
+                | FdKind::Unsupported { .. }
+                | FdKind::Tty { .. }
                 | FdKind::Device { .. } => {
                     // Inode numbers of these may collide with the target's:
                     // only a kcmp match says it is this one.
@@ -129,15 +137,16 @@ fn find_target(
                 }
                 _ => continue,
             };
-            let same = kcmp::is_epoll_target(*cand_pid, fd.fd, pid, epfd, tfd).map_err(|source| {
-                EpollError::Kcmp {
-                    pid1: *cand_pid,
-                    fd1: fd.fd,
-                    pid2: pid,
-                    fd2: epfd,
-                    source,
-                }
-            })?;
+            let same =
+                kcmp::is_epoll_target(*cand_pid, fd.fd, pid, epfd, tfd).map_err(|source| {
+                    EpollError::Kcmp {
+                        pid1: *cand_pid,
+                        fd1: fd.fd,
+                        pid2: pid,
+                        fd2: epfd,
+                        source,
+                    }
+                })?;
             if same {
                 return Ok(Ok(object));
             }

@@ -72,7 +72,10 @@ fn pipe_inode(link: &str) -> Option<u64> {
 
 /// Parses `socket:[12345]`.
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Every open fd of `pid`, ascending; pipes' data goes into `pipes`.
@@ -99,6 +102,10 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
             FdKind::Pipe { inode }
         } else if let Some(inode) = socket_inode(&link) {
             FdKind::Socket { inode }
+        } else if link == "anon_inode:[eventfd]" {
+            FdKind::Eventfd {
+                id: crate::sys::procfs::read_eventfd_fdinfo(pid, fd)?.id,
+            }
         } else if link == "anon_inode:[eventpoll]" {
             // Numbered by `dump::epoll` (every anon inode has one number).
             FdKind::Epoll { id: 0 }

@@ -3,6 +3,7 @@
 //! A failed dump must leave every task running untouched and no image behind.
 
 pub mod epoll;
+pub mod eventfd;
 pub mod fds;
 pub mod files;
 pub mod memory;
@@ -423,6 +424,7 @@ fn collect(
         )));
     }
     socket_dump.image.epolls = epolls;
+    socket_dump.image.eventfds = eventfd::collect(&fd_tables)?;
     writer.write_sockets(&socket_dump.image)?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
         fd_tables.into_iter().collect();

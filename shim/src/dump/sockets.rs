@@ -161,13 +161,16 @@ pub fn collect(
     }
     let root_netns = netns_of(root);
     for (pid, fds) in tables {
-        if fds.iter().any(|f| matches!(f.kind, FdKind::Socket { .. })) && netns_of(*pid) != root_netns {
+        if fds.iter().any(|f| matches!(f.kind, FdKind::Socket { .. }))
+            && netns_of(*pid) != root_netns
+        {
             refusals.push(format!(
                 "pid {pid} holds sockets in another network namespace than the root {root}"
             ));
         }
     }
-    let diag = SockDiag::open_in_netns_of(root).map_err(|source| SocketError::Diag { pid: root, source })?;
+    let diag = SockDiag::open_in_netns_of(root)
+        .map_err(|source| SocketError::Diag { pid: root, source })?;
     let unix = diag
         .unix_sockets()
         .map_err(|source| SocketError::Diag { pid: root, source })?;
@@ -185,13 +188,20 @@ pub fn collect(
                 source,
             }
         };
-        let domain = sock::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(sys("SO_DOMAIN"))?;
-        let sock_type = sock::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(sys("SO_TYPE"))?;
-        let protocol = sock::get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(sys("SO_PROTOCOL"))?;
+        let domain =
+            sock::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(sys("SO_DOMAIN"))?;
+        let sock_type =
+            sock::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(sys("SO_TYPE"))?;
+        let protocol =
+            sock::get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(sys("SO_PROTOCOL"))?;
         let refuse = |refusals: &mut Vec<String>, why: String| {
-            refusals.push(format!("pid {} fd {} is socket:[{inode}]: {why}", h.pid, h.fd));
+            refusals.push(format!(
+                "pid {} fd {} is socket:[{inode}]: {why}",
+                h.pid, h.fd
+            ));
         };
-        let mut options = read_options(fd, domain, sock_type, protocol).map_err(sys("getsockopt"))?;
+        let mut options =
+            read_options(fd, domain, sock_type, protocol).map_err(sys("getsockopt"))?;
         let kind = match (domain, sock_type, protocol) {
             (libc::AF_UNIX, _, _) => {
                 let Some(d) = unix.get(&inode) else {
@@ -207,8 +217,8 @@ pub fn collect(
                 }
             }
             (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP) => {
-                let info: libc::tcp_info =
-                    sock::get_struct(fd, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(sys("TCP_INFO"))?;
+                let info: libc::tcp_info = sock::get_struct(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+                    .map_err(sys("TCP_INFO"))?;
                 let local = inet_local(fd).map_err(sys("getsockname"))?;
                 let state = match info.tcpi_state {
                     TCP_LISTEN => {
@@ -374,7 +384,9 @@ pub fn collect(
 }
 
 fn inode_of(fd: &OwnedFd) -> Option<u64> {
-    nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd)).ok().map(|st| st.st_ino)
+    nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd))
+        .ok()
+        .map(|st| st.st_ino)
 }
 
 fn netns_of(pid: i32) -> Option<u64> {
@@ -388,7 +400,12 @@ fn netns_of(pid: i32) -> Option<u64> {
 fn copy_fd(pid: i32, fd: i32) -> Result<OwnedFd, SocketError> {
     let err = |op: &str| {
         let op = op.to_string();
-        move |source| SocketError::Sys { pid, fd, op, source }
+        move |source| SocketError::Sys {
+            pid,
+            fd,
+            op,
+            source,
+        }
     };
     let pidfd = sock::pidfd_open(pid).map_err(err("pidfd_open"))?;
     sock::pidfd_getfd(pidfd.as_fd(), fd).map_err(err("pidfd_getfd"))
@@ -457,7 +474,8 @@ fn read_options(
         reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT)?,
         keepalive: flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE)?,
         broadcast: flag(libc::SOL_SOCKET, libc::SO_BROADCAST)?,
-        passcred: flag(libc::SOL_SOCKET, libc::SO_PASSCRED)?,
+        // Only unix (and netlink) sockets take SO_PASSCRED on current kernels.
+        passcred: domain == libc::AF_UNIX && flag(libc::SOL_SOCKET, libc::SO_PASSCRED)?,
         linger: sock::get_linger(fd)?,
         ..SocketOptions::default()
     };
@@ -546,7 +564,9 @@ fn unix_kind(
         }
         if sock_type == libc::SOCK_DGRAM {
             let back = all.get(&peer).and_then(|p| p.peer) == Some(d.inode);
-            let peer_named = all.get(&peer).is_some_and(|p| p.name.as_ref().is_some_and(|n| !n.is_empty()));
+            let peer_named = all
+                .get(&peer)
+                .is_some_and(|p| p.name.as_ref().is_some_and(|n| !n.is_empty()));
             if !back && !peer_named {
                 return Err(format!(
                     "datagram socket connected one-way to unnamed socket:[{peer}]"
@@ -568,7 +588,10 @@ fn unix_kind(
             return Err("file descriptors or credentials (SCM_RIGHTS/SCM_CREDENTIALS) are queued in it; not supported".into());
         }
         if !peeked.is_empty() && options.passcred {
-            return Err("messages are queued with SO_PASSCRED set (their credentials cannot be restored)".into());
+            return Err(
+                "messages are queued with SO_PASSCRED set (their credentials cannot be restored)"
+                    .into(),
+            );
         }
         if !peeked.is_empty()
             && sock_type == libc::SOCK_DGRAM
@@ -617,14 +640,17 @@ fn unix_name(pid: i32, raw: &[u8], vfs: Option<(u64, u32)>) -> Result<UnixName, 
     let path = if text.starts_with('/') {
         text.to_string()
     } else {
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-            .map_err(|e| format!("reading the cwd of pid {pid} for relative socket path {text:?}: {e}"))?;
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).map_err(|e| {
+            format!("reading the cwd of pid {pid} for relative socket path {text:?}: {e}")
+        })?;
         cwd.join(text).to_string_lossy().into_owned()
     };
     use std::os::unix::fs::MetadataExt;
     let in_root = format!("/proc/{pid}/root{path}");
     let (mode, uid, gid, unlinked) = match std::fs::symlink_metadata(&in_root) {
-        Ok(m) if vfs.is_none_or(|(ino, _)| ino == m.ino()) => (m.mode() & 0o7777, m.uid(), m.gid(), false),
+        Ok(m) if vfs.is_none_or(|(ino, _)| ino == m.ino()) => {
+            (m.mode() & 0o7777, m.uid(), m.gid(), false)
+        }
         _ => (0o755, 0, 0, true),
     };
     Ok(UnixName::Path {

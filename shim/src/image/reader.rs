@@ -34,15 +34,13 @@ use serde::de::DeserializeOwned;
 use xxhash_rust::xxh3::{xxh3_128, Xxh3Default};
 
 use super::pagestore::{validate_index, PageStoreReader};
+use super::sockets::{EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_FILE};
+use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
     ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
     PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
 };
-use super::sockets::{
-    EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_FILE,
-};
-use super::types::FdKind;
 use super::ImageError;
 
 /// Chunk size for hashing the `pages` file: large enough to run at memory speed.
@@ -519,11 +517,15 @@ fn check_sockets(
             let known = match t.object {
                 EpollObject::Socket { inode } => by_inode.contains_key(&inode),
                 EpollObject::Pipe { inode, .. } => pipes.iter().any(|p| p.inode == inode),
+                EpollObject::Eventfd { id } => sockets.eventfds.iter().any(|e| e.id == id),
             };
             if !known {
                 return Err(ImageError::BadEpoll {
                     id: e.id,
-                    detail: format!("registration of fd {} names {:?}, which the image does not hold", t.tfd, t.object),
+                    detail: format!(
+                        "registration of fd {} names {:?}, which the image does not hold",
+                        t.tfd, t.object
+                    ),
                 });
             }
         }
@@ -531,8 +533,13 @@ fn check_sockets(
     for p in processes {
         for fd in &p.fds {
             let missing = match fd.kind {
-                FdKind::Socket { inode } => (!by_inode.contains_key(&inode)).then(|| format!("socket {inode}")),
+                FdKind::Socket { inode } => {
+                    (!by_inode.contains_key(&inode)).then(|| format!("socket {inode}"))
+                }
                 FdKind::Epoll { id } => (!epoll_ids.contains(&id)).then(|| format!("epoll {id}")),
+                FdKind::Eventfd { id } => {
+                    (!sockets.eventfds.iter().any(|e| e.id == id)).then(|| format!("eventfd {id}"))
+                }
                 _ => None,
             };
             if let Some(what) = missing {

@@ -8,6 +8,7 @@
 //! sockets.json
 //!   sockets[]   SocketImage: inode, type, file status flags, options, and
 //!               per family what it is bound/connected to and what it queues
+//!   eventfds[]  EventfdImage: id, counter, EFD_SEMAPHORE, flags
 //!   epolls[]    EpollImage: id and every registration (target fd number,
 //!               events, data, and which object of this file it watches)
 //!   connection_lock   name of the nftables table that drops the packets of
@@ -27,6 +28,8 @@ pub const SOCKETS_FILE: &str = "sockets.json";
 pub struct SocketsImage {
     pub sockets: Vec<SocketImage>,
     pub epolls: Vec<EpollImage>,
+    #[serde(default)]
+    pub eventfds: Vec<EventfdImage>,
     /// Set when dump left an nftables table (family inet) in place that
     /// blocks the established connections' packets: restore removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +177,16 @@ pub struct TcpOptions {
     pub fastopen: i32,
 }
 
+/// An eventfd: its counter and mode; fds name it by the kernel's `eventfd-id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventfdImage {
+    pub id: u64,
+    pub count: u64,
+    pub semaphore: bool,
+    /// File status flags of its file (O_NONBLOCK).
+    pub flags: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpollImage {
     /// The `id` of [`FdKind::Epoll`](super::types::FdKind::Epoll).
@@ -196,7 +209,15 @@ pub struct EpollTarget {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EpollObject {
-    Socket { inode: u64 },
+    Socket {
+        inode: u64,
+    },
     /// One end of a pipe of `pipes.json`.
-    Pipe { inode: u64, write_end: bool },
+    Pipe {
+        inode: u64,
+        write_end: bool,
+    },
+    Eventfd {
+        id: u64,
+    },
 }

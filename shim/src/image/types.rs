@@ -430,7 +430,11 @@ pub enum FdKind {
     Epoll {
         id: u32,
     },
-    /// Anything else (eventfd, signalfd, ...); restore refuses it naming `link`.
+    /// An eventfd of `sockets.json`, by the kernel's `eventfd-id`.
+    Eventfd {
+        id: u64,
+    },
+    /// Anything else (signalfd, timerfd, ...); restore refuses it naming `link`.
     Unsupported {
         link: String,
     },

@@ -249,7 +249,11 @@ fn check_process(
             FdKind::Device { path, .. } => {
                 cache.check(pid, &what("device"), path, Expect::Device)?;
             }
-            FdKind::Pipe { .. } | FdKind::Tty { .. } | FdKind::Socket { .. } | FdKind::Epoll { .. } => {}
+            FdKind::Pipe { .. }
+            | FdKind::Tty { .. }
+            | FdKind::Socket { .. }
+            | FdKind::Epoll { .. }
+            | FdKind::Eventfd { .. } => {}
             FdKind::Unsupported { link } => {
                 return Err(CheckError::UnsupportedFd {
                     pid,

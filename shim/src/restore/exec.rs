@@ -775,7 +775,7 @@ fn build_process(
                 &ctx.image.processes,
                 ctx.fd_base,
             )
-                .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
             &created
         }
     };

@@ -135,11 +135,7 @@ pub enum FdError {
     #[error(transparent)]
     Socket(#[from] super::sockets::SocketError),
     #[error("pid {pid} fd {fd}: {what} was not created (created from other images?)")]
-    ObjectMissing {
-        pid: i32,
-        fd: RawFd,
-        what: String,
-    },
+    ObjectMissing { pid: i32, fd: RawFd, what: String },
     #[error("pipes.json: pipe {inode}: buffered data is not hex: {detail}")]
     PipeData { inode: u64, detail: String },
     #[error("pipe {inode}: {len} buffered bytes do not fit its capacity {capacity}")]
@@ -332,6 +328,11 @@ impl PipeSet {
     /// The fd holding socket `inode`.
     pub fn socket(&self, inode: u64) -> Option<RawFd> {
         self.sockets.sockets.get(&inode).copied()
+    }
+
+    /// The fd holding eventfd `id`.
+    pub fn eventfd(&self, id: u64) -> Option<RawFd> {
+        self.sockets.eventfds.get(&id).copied()
     }
 
     /// The fd holding epoll instance `id`.
@@ -570,6 +571,13 @@ fn plan<'a>(
                     pid,
                     fd: fd.fd,
                     what: format!("socket {inode}"),
+                })?)
+            }
+            (_, FdKind::Eventfd { id }) => {
+                Source::Dup(pipes.eventfd(*id).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("eventfd {id}"),
                 })?)
             }
             (_, FdKind::Epoll { id }) => {

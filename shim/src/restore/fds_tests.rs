@@ -434,8 +434,13 @@ fn install_builds_the_exact_table_over_colliding_runtime_fds() {
             fds: [stdout, stdout, stdout],
         };
         let image = &image;
-        let set = PipeSet::create(&pipes, &Default::default(), std::slice::from_ref(image), fd_base)
-            .map_err(|e| e.to_string())?;
+        let set = PipeSet::create(
+            &pipes,
+            &Default::default(),
+            std::slice::from_ref(image),
+            fd_base,
+        )
+        .map_err(|e| e.to_string())?;
         if set.fds().iter().any(|&f| f < fd_base) {
             return Err(format!("pipe set below fd_base: {:?}", set.fds()));
         }

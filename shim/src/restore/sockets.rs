@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::image::sockets::{
-    EpollImage, EpollObject, InetProtocol, InetState, SocketImage, SocketKind, SocketOptions,
-    SocketsImage, UnixName, UnixState,
+    EpollImage, EpollObject, EventfdImage, InetProtocol, InetState, SocketImage, SocketKind,
+    SocketOptions, SocketsImage, UnixName, UnixState,
 };
 use crate::sys::restore_sys;
 use crate::sys::socket::{self as sock, Address};
@@ -58,6 +58,13 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("eventfd {id}: {op}: {source}")]
+    Eventfd {
+        id: u64,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("epoll {id}: watched {object:?} was not created")]
     EpollTarget { id: u32, object: EpollObject },
 }
@@ -67,11 +74,16 @@ pub enum SocketError {
 pub struct SocketSet {
     pub sockets: BTreeMap<u64, RawFd>,
     pub epolls: BTreeMap<u32, RawFd>,
+    pub eventfds: BTreeMap<u64, RawFd>,
 }
 
 impl SocketSet {
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.sockets.values().chain(self.epolls.values()).copied()
+        self.sockets
+            .values()
+            .chain(self.epolls.values())
+            .chain(self.eventfds.values())
+            .copied()
     }
 }
 
@@ -120,8 +132,7 @@ pub fn create(
     }
     for s in &image.sockets {
         if let (SocketKind::Unix { shutdown, .. }, Some(fd)) = (&s.kind, made.get(&s.inode)) {
-            sock::shutdown_bits(fd.as_fd(), *shutdown)
-                .map_err(sys(s, "shutdown"))?;
+            sock::shutdown_bits(fd.as_fd(), *shutdown).map_err(sys(s, "shutdown"))?;
         }
         if let Some(fd) = made.get(&s.inode) {
             let status = s.flags as i32 & libc::O_NONBLOCK;
@@ -130,14 +141,13 @@ pub fn create(
     }
     let mut set = SocketSet::default();
     for (inode, fd) in &made {
-        let high = restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(|source| {
-            SocketError::Sys {
+        let high =
+            restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(|source| SocketError::Sys {
                 inode: *inode,
                 what: "moving above fd_base".into(),
                 op: "F_DUPFD_CLOEXEC".into(),
                 source,
-            }
-        });
+            });
         match high {
             Ok(h) => {
                 set.sockets.insert(*inode, h);
@@ -149,6 +159,17 @@ pub fn create(
         }
     }
     drop(made);
+    for e in &image.eventfds {
+        match create_eventfd(e, fd_base) {
+            Ok(fd) => {
+                set.eventfds.insert(e.id, fd);
+            }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
     for e in &image.epolls {
         match create_epoll(e, &set, &pipe_end, fd_base) {
             Ok(fd) => {
@@ -215,9 +236,24 @@ fn apply_options(fd: BorrowedFd<'_>, s: &SocketImage, v6: bool) -> Result<(), So
         sock::set_int(fd, level, name, value).map_err(sys(s, op))
     };
     let on = i32::from;
-    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, on(o.reuseaddr), "SO_REUSEADDR")?;
-    set(libc::SOL_SOCKET, libc::SO_REUSEPORT, on(o.reuseport), "SO_REUSEPORT")?;
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, on(o.keepalive), "SO_KEEPALIVE")?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        on(o.reuseaddr),
+        "SO_REUSEADDR",
+    )?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEPORT,
+        on(o.reuseport),
+        "SO_REUSEPORT",
+    )?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        on(o.keepalive),
+        "SO_KEEPALIVE",
+    )?;
     if o.broadcast {
         set(libc::SOL_SOCKET, libc::SO_BROADCAST, 1, "SO_BROADCAST")?;
     }
@@ -249,7 +285,12 @@ fn apply_options(fd: BorrowedFd<'_>, s: &SocketImage, v6: bool) -> Result<(), So
         }
     }
     if let (true, Some(only)) = (v6, o.v6only) {
-        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, on(only), "IPV6_V6ONLY")?;
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            on(only),
+            "IPV6_V6ONLY",
+        )?;
     }
     if let Some(t) = &o.tcp {
         let tcp = |name, value, op| set(libc::IPPROTO_TCP, name, value, op);
@@ -302,7 +343,14 @@ fn create_inet(
             if source.raw_os_error() == Some(libc::EADDRINUSE) {
                 SocketError::AddressInUse {
                     inode: s.inode,
-                    address: format!("{} {addr}", if proto == libc::IPPROTO_TCP { "tcp" } else { "udp" }),
+                    address: format!(
+                        "{} {addr}",
+                        if proto == libc::IPPROTO_TCP {
+                            "tcp"
+                        } else {
+                            "udp"
+                        }
+                    ),
                 }
             } else {
                 sys(s, "bind")(source)
@@ -313,8 +361,13 @@ fn create_inet(
         InetState::Listening { backlog } => {
             sock::listen(fd.as_fd(), *backlog).map_err(sys(s, "listen"))?;
             if let Some(t) = s.options.tcp.as_ref().filter(|t| t.fastopen > 0) {
-                sock::set_int(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_FASTOPEN, t.fastopen)
-                    .map_err(sys(s, "TCP_FASTOPEN"))?;
+                sock::set_int(
+                    fd.as_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_FASTOPEN,
+                    t.fastopen,
+                )
+                .map_err(sys(s, "TCP_FASTOPEN"))?;
             }
         }
         InetState::UdpConnected { remote } => {
@@ -498,7 +551,9 @@ fn send_queue(
         return Ok(());
     }
     if let UnixState::Connected { peer } = state {
-        let own_peer = made.get(&s.inode).and_then(|fd| sock::peer_address(fd.as_fd()).ok());
+        let own_peer = made
+            .get(&s.inode)
+            .and_then(|fd| sock::peer_address(fd.as_fd()).ok());
         let pair = matches!(&by_inode.get(peer).map(|p| &p.kind), Some(SocketKind::Unix { state: UnixState::Connected { peer: back }, .. }) if *back == s.inode);
         if let (true, Some(_), Some(from)) = (pair, own_peer, made.get(peer)) {
             for m in queue {
@@ -524,6 +579,33 @@ fn send_queue(
     Ok(())
 }
 
+/// An eventfd with the dumped counter (written after creation: eventfd()
+/// takes only 32 bits) and mode, above fd_base.
+fn create_eventfd(e: &EventfdImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
+    let err = |op| {
+        move |source| SocketError::Eventfd {
+            id: e.id,
+            op,
+            source,
+        }
+    };
+    let mut flags = libc::EFD_CLOEXEC | libc::EFD_NONBLOCK;
+    if e.semaphore {
+        flags |= libc::EFD_SEMAPHORE;
+    }
+    let fd = restore_sys::eventfd(flags).map_err(err("eventfd"))?;
+    let result = (|| {
+        if e.count > 0 {
+            restore_sys::write_all(fd.as_raw_fd(), &e.count.to_ne_bytes())
+                .map_err(err("writing the counter"))?;
+        }
+        sock::set_status_flags(fd.as_fd(), e.flags as i32 & libc::O_NONBLOCK)
+            .map_err(err("F_SETFL"))?;
+        restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
+    })();
+    result
+}
+
 fn create_epoll(
     e: &EpollImage,
     set: &SocketSet,
@@ -538,11 +620,18 @@ fn create_epoll(
             source,
         }
     };
-    let ep = sock::epoll_create().map_err(err(-1, 0))?;
+    let low = sock::epoll_create().map_err(err(-1, 0))?;
+    // Above fd_base at once: registrations borrow low numbers for their
+    // targets, which must never be the epoll fd itself.
+    let high = restore_sys::dup_at_least(low.as_raw_fd(), fd_base).map_err(err(-1, 0))?;
+    drop(low);
+    // SAFETY: `high` was just created by us and is owned by nothing else.
+    let ep = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(high) };
     for t in &e.targets {
         let file = match t.object {
             EpollObject::Socket { inode } => set.sockets.get(&inode).copied(),
             EpollObject::Pipe { inode, write_end } => pipe_end(inode, write_end),
+            EpollObject::Eventfd { id } => set.eventfds.get(&id).copied(),
         }
         .ok_or(SocketError::EpollTarget {
             id: e.id,
@@ -553,5 +642,5 @@ fn create_epoll(
         })
         .map_err(err(t.tfd, t.events))?;
     }
-    restore_sys::dup_at_least(ep.as_raw_fd(), fd_base).map_err(err(-1, 0))
+    Ok(std::os::fd::IntoRawFd::into_raw_fd(ep))
 }

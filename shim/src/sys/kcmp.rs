@@ -42,7 +42,13 @@ struct KcmpEpollSlot {
 
 /// Whether fd `fd` of `pid` is the file that epoll fd `epfd` of `epoll_pid`
 /// watches under registration number `tfd` (`kcmp(KCMP_EPOLL_TFD)`).
-pub fn is_epoll_target(pid: i32, fd: RawFd, epoll_pid: i32, epfd: RawFd, tfd: RawFd) -> io::Result<bool> {
+pub fn is_epoll_target(
+    pid: i32,
+    fd: RawFd,
+    epoll_pid: i32,
+    epfd: RawFd,
+    tfd: RawFd,
+) -> io::Result<bool> {
     let slot = KcmpEpollSlot {
         efd: epfd as u32,
         tfd: tfd as u32,
@@ -94,14 +100,23 @@ mod tests {
         // SAFETY: plain syscalls on fds this test owns.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         assert!(ep >= 0);
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 1 };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 1,
+        };
         // SAFETY: ev is valid for the call.
-        assert_eq!(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) }, 0);
+        assert_eq!(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) },
+            0
+        );
         let me = std::process::id() as i32;
         let tfd = r.as_raw_fd();
         assert!(is_epoll_target(me, r.as_raw_fd(), me, ep, tfd).expect("kcmp r"));
         assert!(!is_epoll_target(me, w.as_raw_fd(), me, ep, tfd).expect("kcmp w"));
-        assert!(is_epoll_target(me, r.as_raw_fd(), me, ep, w.as_raw_fd()).is_err(), "no such registration");
+        assert!(
+            is_epoll_target(me, r.as_raw_fd(), me, ep, w.as_raw_fd()).is_err(),
+            "no such registration"
+        );
         // SAFETY: closing the epoll fd this test created.
         unsafe { libc::close(ep) };
     }

@@ -34,7 +34,10 @@ pub enum NetfilterError {
     #[error("nft table name {0:?}: only [A-Za-z0-9_], 1 to 64 characters")]
     BadName(String),
     #[error("connection {local} -> {remote}: local and remote are of different address families")]
-    MixedFamilies { local: SocketAddr, remote: SocketAddr },
+    MixedFamilies {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
     #[error("nft table inet {table}: {op}: running {tool}: {source}")]
     Spawn {
         table: String,
@@ -251,7 +254,9 @@ fn run_nft(
         None => Command::new(&nft),
         Some(pid) => {
             let mut c = Command::new(tool("nsenter"));
-            c.arg(format!("--net=/proc/{pid}/ns/net")).arg("--").arg(&nft);
+            c.arg(format!("--net=/proc/{pid}/ns/net"))
+                .arg("--")
+                .arg(&nft);
             c
         }
     };
@@ -318,9 +323,15 @@ pub(crate) mod tests {
         // The rules are there, both directions, in both chains.
         let listing = run_nft(None, &name, "list", &["list", "table", "inet", &name], None)
             .expect("list table");
-        assert!(listing.contains("tcp sport 4001 tcp dport 4002 drop"), "{listing}");
+        assert!(
+            listing.contains("tcp sport 4001 tcp dport 4002 drop"),
+            "{listing}"
+        );
         assert!(listing.contains("ip6 saddr ::1 ip6 daddr ::1"), "{listing}");
-        assert!(listing.contains("tcp sport 4005 tcp dport 4004 drop"), "{listing}");
+        assert!(
+            listing.contains("tcp sport 4005 tcp dport 4004 drop"),
+            "{listing}"
+        );
         assert_eq!(listing.matches(" drop").count(), 12, "{listing}");
         // A second lock of the same name is refused and leaves the first alone.
         assert!(matches!(
@@ -331,7 +342,9 @@ pub(crate) mod tests {
         lock.release().expect("release");
         assert!(!ConnectionLock::exists(&name).expect("exists"));
         // Gone already: still Ok.
-        ConnectionLock::adopt(&name).release().expect("release again");
+        ConnectionLock::adopt(&name)
+            .release()
+            .expect("release again");
     }
 
     #[test]
@@ -339,9 +352,15 @@ pub(crate) mod tests {
         let name = unique_name("keep");
         let kept = ConnectionLock::block(&name, &[]).expect("block").keep();
         assert_eq!(kept, name);
-        assert!(ConnectionLock::exists(&name).expect("exists"), "keep leaves it");
+        assert!(
+            ConnectionLock::exists(&name).expect("exists"),
+            "keep leaves it"
+        );
         drop(ConnectionLock::adopt(&kept));
-        assert!(!ConnectionLock::exists(&name).expect("exists"), "drop deletes");
+        assert!(
+            !ConnectionLock::exists(&name).expect("exists"),
+            "drop deletes"
+        );
     }
 
     #[test]

@@ -531,6 +531,38 @@ pub fn parse_epoll_fdinfo(path: &Path, text: &str) -> Result<Vec<EpollEntry>, Pr
     Ok(out)
 }
 
+/// An eventfd's fdinfo: `eventfd-count` (hex), `eventfd-id`, `eventfd-semaphore`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventfdInfo {
+    pub count: u64,
+    pub id: u64,
+    pub semaphore: bool,
+}
+
+pub fn parse_eventfd_fdinfo(path: &Path, text: &str) -> Result<EventfdInfo, ProcfsError> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .ok_or_else(|| parse_err(path, name, "missing"))
+    };
+    let count = field("eventfd-count:")?;
+    let id = field("eventfd-id:")?;
+    let semaphore = field("eventfd-semaphore:")?;
+    Ok(EventfdInfo {
+        count: u64::from_str_radix(count, 16)
+            .map_err(|e| parse_err(path, "eventfd-count", format!("{count:?}: {e}")))?,
+        id: id
+            .parse()
+            .map_err(|e| parse_err(path, "eventfd-id", format!("{id:?}: {e}")))?,
+        semaphore: semaphore == "1",
+    })
+}
+
+pub fn read_eventfd_fdinfo(pid: i32, fd: i32) -> Result<EventfdInfo, ProcfsError> {
+    let path = proc_path(pid, &format!("fdinfo/{fd}"));
+    parse_eventfd_fdinfo(&path, &read_string(&path)?)
+}
+
 pub fn read_epoll_fdinfo(pid: i32, fd: i32) -> Result<Vec<EpollEntry>, ProcfsError> {
     let path = proc_path(pid, &format!("fdinfo/{fd}"));
     parse_epoll_fdinfo(&path, &read_string(&path)?)
@@ -639,6 +671,22 @@ pub fn read_comm(pid: i32) -> Result<String, ProcfsError> {
 mod tests {
 
     #[test]
+    fn eventfd_fdinfo_fields() {
+        let text = "pos:\t0\nflags:\t02004002\nmnt_id:\t17\nino:\t1038\n\
+eventfd-count:               2a\neventfd-id: 3\neventfd-semaphore: 1\n";
+        let got = parse_eventfd_fdinfo(Path::new("fdinfo/9"), text).expect("parse");
+        assert_eq!(
+            got,
+            EventfdInfo {
+                count: 42,
+                id: 3,
+                semaphore: true
+            }
+        );
+        assert!(parse_eventfd_fdinfo(Path::new("x"), "pos: 0\n").is_err());
+    }
+
+    #[test]
     fn epoll_fdinfo_lines() {
         let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
 tfd:        5 events:       19 data:     7f0000000005  pos:0 ino:3a1b sdev:8\n\
@@ -647,13 +695,28 @@ tfd:       12 events: 80000001 data:                c  pos:0 ino:9 sdev:d\n";
         assert_eq!(
             got,
             vec![
-                EpollEntry { tfd: 5, events: 0x19, data: 0x7f0000000005, ino: 0x3a1b, sdev: 8 },
-                EpollEntry { tfd: 12, events: 0x8000_0001, data: 0xc, ino: 9, sdev: 0xd },
+                EpollEntry {
+                    tfd: 5,
+                    events: 0x19,
+                    data: 0x7f0000000005,
+                    ino: 0x3a1b,
+                    sdev: 8
+                },
+                EpollEntry {
+                    tfd: 12,
+                    events: 0x8000_0001,
+                    data: 0xc,
+                    ino: 9,
+                    sdev: 0xd
+                },
             ]
         );
         let bad = "tfd:        5 events: zz data: 1  pos:0 ino:3 sdev:8\n";
         assert!(parse_epoll_fdinfo(Path::new("x"), bad).is_err());
-        assert_eq!(parse_epoll_fdinfo(Path::new("x"), "pos: 0\n").expect("none"), vec![]);
+        assert_eq!(
+            parse_epoll_fdinfo(Path::new("x"), "pos: 0\n").expect("none"),
+            vec![]
+        );
     }
 
     use super::*;

@@ -58,6 +58,14 @@ pub fn dup_to(old: RawFd, new: RawFd, cloexec: bool) -> io::Result<()> {
     cvt(unsafe { libc::dup3(old, new, flags) }).map(|_| ())
 }
 
+/// `eventfd(0, flags)`.
+pub fn eventfd(flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: integer arguments; the returned fd is ours.
+    let fd = cvt(unsafe { libc::eventfd(0, flags) })?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// `close(fd)`.
 pub fn close_fd(fd: RawFd) -> io::Result<()> {
     // SAFETY: closing an fd number; callers only close numbers they placed themselves.

@@ -40,9 +40,7 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// description as `fd` of the process (close-on-exec). Needs ptrace access.
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: integer arguments only; a returned fd is ours to own.
-    let got = cvt_long(unsafe {
-        libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0)
-    })?;
+    let got = cvt_long(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
@@ -172,7 +170,8 @@ fn from_storage(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Addre
     match storage.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: ss_family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Address::Inet(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
                 u16::from_be(a.sin_port),
@@ -180,7 +179,9 @@ fn from_storage(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Addre
         }
         libc::AF_INET6 => {
             // SAFETY: ss_family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             Address::Inet(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(a.sin6_addr.s6_addr),
                 u16::from_be(a.sin6_port),
@@ -190,7 +191,8 @@ fn from_storage(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Addre
         }
         libc::AF_UNIX => {
             // SAFETY: ss_family says the storage holds a sockaddr_un.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_un>() };
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_un>() };
             let header = size_of::<libc::sa_family_t>();
             let n = (len as usize).saturating_sub(header).min(a.sun_path.len());
             let mut path: Vec<u8> = a.sun_path[..n].iter().map(|&c| c as u8).collect();
@@ -212,7 +214,9 @@ fn to_storage(addr: &Address) -> io::Result<(libc::sockaddr_storage, libc::sockl
     let len = match addr {
         Address::Inet(SocketAddr::V4(v4)) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let a = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
             a.sin_family = libc::AF_INET as libc::sa_family_t;
             a.sin_port = v4.port().to_be();
             a.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
@@ -220,7 +224,9 @@ fn to_storage(addr: &Address) -> io::Result<(libc::sockaddr_storage, libc::sockl
         }
         Address::Inet(SocketAddr::V6(v6)) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-            let a = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             a.sin6_port = v6.port().to_be();
             a.sin6_addr.s6_addr = v6.ip().octets();
@@ -230,11 +236,16 @@ fn to_storage(addr: &Address) -> io::Result<(libc::sockaddr_storage, libc::sockl
         }
         Address::Unix(path) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_un.
-            let a = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_un>() };
+            let a = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_un>()
+            };
             if path.len() > a.sun_path.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("unix socket name of {} bytes is longer than sun_path", path.len()),
+                    format!(
+                        "unix socket name of {} bytes is longer than sun_path",
+                        path.len()
+                    ),
                 ));
             }
             a.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -253,11 +264,8 @@ fn to_storage(addr: &Address) -> io::Result<(libc::sockaddr_storage, libc::sockl
     Ok((storage, len as libc::socklen_t))
 }
 
-type NameCall = unsafe extern "C" fn(
-    libc::c_int,
-    *mut libc::sockaddr,
-    *mut libc::socklen_t,
-) -> libc::c_int;
+type NameCall =
+    unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int;
 
 fn name_of(fd: BorrowedFd<'_>, call: NameCall) -> io::Result<Address> {
     // SAFETY: all-zero is a valid sockaddr_storage.
@@ -583,11 +591,16 @@ mod tests {
         }
         let s6 = socket(libc::AF_INET6, libc::SOCK_DGRAM, 0).expect("socket6");
         bind(s6.as_fd(), &Address::Inet("[::1]:0".parse().expect("addr"))).expect("bind6");
-        assert!(matches!(local_address(s6.as_fd()), Ok(Address::Inet(SocketAddr::V6(a))) if *a.ip() == Ipv6Addr::LOCALHOST));
+        assert!(
+            matches!(local_address(s6.as_fd()), Ok(Address::Inet(SocketAddr::V6(a))) if *a.ip() == Ipv6Addr::LOCALHOST)
+        );
         let abstract_name = format!("\0cowsnap-test-{}", std::process::id()).into_bytes();
         let u = socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0).expect("unix");
         bind(u.as_fd(), &Address::Unix(abstract_name.clone())).expect("bind abstract");
-        assert_eq!(local_address(u.as_fd()).expect("name"), Address::Unix(abstract_name));
+        assert_eq!(
+            local_address(u.as_fd()).expect("name"),
+            Address::Unix(abstract_name)
+        );
         assert_eq!(
             peer_address(u.as_fd()).map_err(|e| e.raw_os_error()),
             Err(Some(libc::ENOTCONN))
@@ -604,7 +617,10 @@ mod tests {
         let data: Vec<&[u8]> = got.iter().map(|p| p.data.as_slice()).collect();
         assert_eq!(data, vec![&b"one"[..], b"two!", b"three"]);
         assert!(got.iter().all(|p| !p.ancillary));
-        assert_eq!(get_int(b.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF).expect("off"), -1);
+        assert_eq!(
+            get_int(b.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF).expect("off"),
+            -1
+        );
         let mut buf = [0u8; 16];
         // SAFETY: buf is writable.
         let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), 16, 0) };

@@ -340,8 +340,7 @@ impl Sock<'_> {
                 Ok(n) => off += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
-                    if !raised
-                        && matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) =>
+                    if !raised && matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) =>
                 {
                     raised = true;
                     let cur = self
@@ -464,9 +463,7 @@ fn dump_recv_queue(sock: &Sock<'_>) -> Result<(u32, Vec<u8>), TcpRepairError> {
         let seq = sock
             .get_int(libc::SOL_TCP, libc::TCP_QUEUE_SEQ)
             .map_err(sock.os("getsockopt(TCP_QUEUE_SEQ, recv)"))? as u32;
-        let inq = sock
-            .ioctl_int(SIOCINQ)
-            .map_err(sock.os("ioctl(SIOCINQ)"))?;
+        let inq = sock.ioctl_int(SIOCINQ).map_err(sock.os("ioctl(SIOCINQ)"))?;
         Ok((seq, inq.max(0) as usize))
     };
     for _ in 0..DUMP_TRIES {
@@ -628,11 +625,19 @@ pub fn restore(conn: &TcpConnection, flags: i32) -> Result<OwnedFd, TcpRepairErr
     let recv_start = conn.recv_seq.wrapping_sub(conn.recv_queue.len() as u32);
     let send_start = conn.send_seq.wrapping_sub(conn.send_queue.len() as u32);
     sock.queue(TCP_RECV_QUEUE)?;
-    sock.set_int(libc::SOL_TCP, libc::TCP_QUEUE_SEQ, recv_start as libc::c_int)
-        .map_err(os("setsockopt(TCP_QUEUE_SEQ, recv)"))?;
+    sock.set_int(
+        libc::SOL_TCP,
+        libc::TCP_QUEUE_SEQ,
+        recv_start as libc::c_int,
+    )
+    .map_err(os("setsockopt(TCP_QUEUE_SEQ, recv)"))?;
     sock.queue(TCP_SEND_QUEUE)?;
-    sock.set_int(libc::SOL_TCP, libc::TCP_QUEUE_SEQ, send_start as libc::c_int)
-        .map_err(os("setsockopt(TCP_QUEUE_SEQ, send)"))?;
+    sock.set_int(
+        libc::SOL_TCP,
+        libc::TCP_QUEUE_SEQ,
+        send_start as libc::c_int,
+    )
+    .map_err(os("setsockopt(TCP_QUEUE_SEQ, send)"))?;
 
     let (addr, len) = sockaddr_of(&conn.local);
     // SAFETY: addr is a sockaddr of `len` bytes for this family, alive across the call.
@@ -684,11 +689,17 @@ pub fn restore(conn: &TcpConnection, flags: i32) -> Result<OwnedFd, TcpRepairErr
             )
         };
         if rc != 0 {
-            return Err(os("setsockopt(TCP_REPAIR_OPTIONS)")(io::Error::last_os_error()));
+            return Err(os("setsockopt(TCP_REPAIR_OPTIONS)")(
+                io::Error::last_os_error(),
+            ));
         }
     }
-    sock.set_int(libc::SOL_TCP, libc::TCP_TIMESTAMP, conn.timestamp as libc::c_int)
-        .map_err(os("setsockopt(TCP_TIMESTAMP)"))?;
+    sock.set_int(
+        libc::SOL_TCP,
+        libc::TCP_TIMESTAMP,
+        conn.timestamp as libc::c_int,
+    )
+    .map_err(os("setsockopt(TCP_TIMESTAMP)"))?;
 
     sock.queue(TCP_RECV_QUEUE)?;
     sock.write_all(&conn.recv_queue, libc::SO_RCVBUF, "send(TCP_RECV_QUEUE)")?;
@@ -724,8 +735,13 @@ fn addresses(fd: BorrowedFd<'_>) -> Result<(SocketAddr, SocketAddr), TcpRepairEr
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: ss is writable for len bytes; the kernel writes at most
         // that much and updates len.
-        if unsafe { f(fd.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) }
-            != 0
+        if unsafe {
+            f(
+                fd.as_raw_fd(),
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        } != 0
         {
             return Err(TcpRepairError::Addresses {
                 fd: fd.as_raw_fd(),
@@ -753,7 +769,8 @@ fn socket_addr_of(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in;
             // sockaddr_storage is large and aligned enough for it.
-            let sin = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 u32::from_be(sin.sin_addr.s_addr).into(),
                 u16::from_be(sin.sin_port),
@@ -781,7 +798,9 @@ fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for a
             // sockaddr_in, and all-zero is a valid one.
-            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
             sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
@@ -789,8 +808,9 @@ fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
         SocketAddr::V6(a) => {
             // SAFETY: as above, for sockaddr_in6.
-            let sin6 =
-                unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
             sin6.sin6_addr.s6_addr = a.ip().octets();
@@ -833,6 +853,3 @@ mod hex_bytes {
         hex::decode(text).map_err(serde::de::Error::custom)
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -77,6 +77,7 @@ fn fake_pipes(processes: &[ProcessImage]) -> PipeSet {
             .keys()
             .map(|&id| (id, 2000 + id as RawFd))
             .collect(),
+        sockets: Default::default(),
     }
 }
 

@@ -60,46 +60,6 @@ fn zero_pages(images: &Path) -> u64 {
         .unwrap_or_else(|| panic!("inspect --json has no totals.pages_zero: {json}"))
 }
 
-/// Starts `cowsnap restore -q --images IMAGES --pidfile PIDFILE EXTRA`.
-/// Its stdout and stderr go to files beside the pid file, not to pipes: a
-/// pipe only reaches end-of-file when every process holding it is gone,
-/// and the restored tree outlives the command (see
-/// `restore_leaves_callers_stdio_alone` for that property on its own).
-fn spawn_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Child {
-    let out = fs::File::create(pidfile.with_extension("stdout")).expect("restore stdout file");
-    let err = fs::File::create(pidfile.with_extension("stderr")).expect("restore stderr file");
-    Command::new(cowsnap_bin())
-        .args([
-            "restore",
-            "-q",
-            "--images",
-            path_str(images),
-            "--pidfile",
-            path_str(pidfile),
-        ])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn cowsnap restore")
-}
-
-/// Waits for a restore started by [`spawn_restore`] (at most [`PATIENCE`]).
-fn wait_restore(mut child: Child, pidfile: &Path) -> Output {
-    let status = wait_status(&mut child, "cowsnap restore");
-    Output {
-        status,
-        stdout: fs::read(pidfile.with_extension("stdout")).unwrap_or_default(),
-        stderr: fs::read(pidfile.with_extension("stderr")).unwrap_or_default(),
-    }
-}
-
-fn run_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Output {
-    let child = spawn_restore(images, pidfile, extra);
-    wait_restore(child, pidfile)
-}
-
 /// `root pid N` of the restore's summary line.
 fn summary_root(output: &Output) -> Option<i32> {
     let text = String::from_utf8_lossy(&output.stdout);

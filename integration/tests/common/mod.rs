@@ -150,6 +150,46 @@ pub fn dump_ok(tree: &RefTree, images: &Path, extra: &[&str]) -> Output {
     output
 }
 
+/// Starts `cowsnap restore -q --images IMAGES --pidfile PIDFILE EXTRA`.
+/// Its stdout and stderr go to files beside the pid file, not to pipes: a
+/// pipe only reaches end-of-file when every process holding it is gone,
+/// and the restored tree outlives the command (see
+/// `restore_leaves_callers_stdio_alone` for that property on its own).
+pub fn spawn_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Child {
+    let out = std::fs::File::create(pidfile.with_extension("stdout")).expect("restore stdout file");
+    let err = std::fs::File::create(pidfile.with_extension("stderr")).expect("restore stderr file");
+    Command::new(cowsnap_bin())
+        .args([
+            "restore",
+            "-q",
+            "--images",
+            path_str(images),
+            "--pidfile",
+            path_str(pidfile),
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn cowsnap restore")
+}
+
+/// Waits for a restore started by [`spawn_restore`] (at most [`PATIENCE`]).
+pub fn wait_restore(mut child: Child, pidfile: &Path) -> Output {
+    let status = wait_status(&mut child, "cowsnap restore");
+    Output {
+        status,
+        stdout: std::fs::read(pidfile.with_extension("stdout")).unwrap_or_default(),
+        stderr: std::fs::read(pidfile.with_extension("stderr")).unwrap_or_default(),
+    }
+}
+
+pub fn run_restore(images: &Path, pidfile: &Path, extra: &[&str]) -> Output {
+    let child = spawn_restore(images, pidfile, extra);
+    wait_restore(child, pidfile)
+}
+
 /// Waits for a spawned command with piped stdout/stderr, failing the test
 /// if it does not end within [`PATIENCE`].
 pub fn wait_output(mut child: Child, what: &str) -> Output {

@@ -9,7 +9,7 @@
 //! change is repair mode on established connections, which [`SocketsDump`]
 //! undoes on every path where the tree goes on running.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -56,7 +56,7 @@ pub enum SocketError {
         local: SocketAddr,
         remote: SocketAddr,
         #[source]
-        source: tcp_repair::TcpRepairError,
+        source: Box<tcp_repair::TcpRepairError>,
     },
 }
 
@@ -77,7 +77,9 @@ pub struct SocketPolicy {
 /// takes every connection out of repair mode and removes the table.
 pub struct SocketsDump {
     pub image: SocketsImage,
-    repaired: Vec<OwnedFd>,
+    /// Copies of the connections in repair mode, with what dump read (its
+    /// SO_REUSEADDR is put back when they leave repair mode).
+    repaired: Vec<(OwnedFd, tcp_repair::TcpConnection)>,
     lock: Option<ConnectionLock>,
 }
 
@@ -107,8 +109,8 @@ impl SocketsDump {
     }
 
     fn undo(&mut self) {
-        for fd in self.repaired.drain(..) {
-            if let Err(e) = tcp_repair::leave_repair(fd.as_fd()) {
+        for (fd, conn) in self.repaired.drain(..) {
+            if let Err(e) = tcp_repair::leave_repair_as_dumped(fd.as_fd(), &conn) {
                 eprintln!("cowsnap: taking a connection out of repair mode: {e}");
             }
         }
@@ -356,17 +358,16 @@ pub fn collect(
     out.lock = Some(ConnectionLock::block_in_netns_of(root, lock_name, &pairs)?);
     out.image.connection_lock = Some(lock_name.to_string());
     for (h, copy, local, remote) in established {
+        // A failed dump leaves repair mode itself.
         let connection = tcp_repair::dump(copy.as_fd()).map_err(|source| SocketError::Repair {
             pid: h.pid,
             fd: h.fd,
             local,
             remote,
-            source,
-        });
-        // In repair mode from here, even if reading it failed.
-        out.repaired.push(copy);
-        let connection = connection?;
-        let inode = inode_of(&out.repaired[out.repaired.len() - 1]);
+            source: Box::new(source),
+        })?;
+        let inode = inode_of(&copy);
+        out.repaired.push((copy, connection.clone()));
         if let Some(s) = out
             .image
             .sockets
@@ -660,17 +661,4 @@ fn unix_name(pid: i32, raw: &[u8], vfs: Option<(u64, u32)>) -> Result<UnixName, 
         gid,
         unlinked,
     })
-}
-
-/// The socket and epoll fds of every process, for the refusal check: the
-/// set of socket inodes the tree holds.
-pub fn socket_inodes(tables: &[(i32, Vec<Fd>)]) -> BTreeSet<u64> {
-    tables
-        .iter()
-        .flat_map(|(_, fds)| fds.iter())
-        .filter_map(|f| match f.kind {
-            FdKind::Socket { inode } => Some(inode),
-            _ => None,
-        })
-        .collect()
 }

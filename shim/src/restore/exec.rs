@@ -294,6 +294,14 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         }
     };
     let (image, plan) = open_and_plan(&options.images, Files::Check, &progress)?;
+    // The packets of the tree's established connections were dropped since
+    // the dump; on every path out of here they flow again (after the
+    // release on success; on failure the connections are lost anyway).
+    let lock = image
+        .sockets
+        .connection_lock
+        .as_deref()
+        .map(crate::sys::netfilter::ConnectionLock::adopt);
     let root = &image.tree.processes[0];
     let root_is_ns_init = root.nspid.last() == Some(&1);
     let mode = options.pid_ns.unwrap_or(if root_is_ns_init {
@@ -352,6 +360,14 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             path: path.clone(),
             source,
         })?;
+    }
+    if let Some(lock) = lock {
+        let name = lock.name().to_string();
+        lock.release().map_err(|e| RestoreError::Process {
+            pid: root_pid,
+            message: format!("the tree runs, but its connections' packets are still dropped by nftables table inet {name}: {e}"),
+        })?;
+        progress(format_args!("connection lock {name} released"));
     }
     Ok(RestoreSummary {
         root_pid,

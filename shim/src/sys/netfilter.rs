@@ -12,6 +12,11 @@
 //! `[A-Za-z0-9_]`, at most 64 characters; addresses are formatted from typed
 //! values).
 //!
+//! What a drop looks like to the endpoints: a packet from the peer is
+//! dropped on input and the peer retransmits it later; a packet a local
+//! socket sends into the lock fails at the output hook, which TCP takes as
+//! "not sent" and retries on its timers. Either way no RST is generated.
+//!
 //! Network namespace: nft acts on the namespace it runs in. A lock made with
 //! `*_in_netns_of(pid, ..)` runs every nft command as
 //! `nsenter --net=/proc/PID/ns/net nft ..`, so PID must stay alive (and keep
@@ -268,11 +273,11 @@ fn run_nft(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let tool = format!("{:?}", cmd.get_program());
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let spawn_err = |source| NetfilterError::Spawn {
         table: table.to_string(),
         op,
-        tool: tool.clone(),
+        tool: program.clone(),
         source,
     };
     let mut child = cmd.spawn().map_err(spawn_err)?;

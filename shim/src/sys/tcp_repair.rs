@@ -10,7 +10,7 @@
 //! no socket exists. It must never let a dumped socket leave repair mode by
 //! accident: a socket closed in repair mode vanishes silently (no FIN, no
 //! RST), which is what a dump that kills its tree needs; [`leave_repair`]
-//! is the one way back.
+//! (or [`leave_repair_as_dumped`]) is the one way back.
 //!
 //! Repair mode needs CAP_NET_ADMIN in the socket's network namespace and an
 //! ESTABLISHED socket; other states (half-closed, listening, connecting) are
@@ -91,6 +91,10 @@ pub struct TcpConnection {
     pub window: RepairWindow,
     pub nodelay: bool,
     pub cork: bool,
+    /// SO_REUSEADDR as it was before repair mode (which overrides it while
+    /// on and clears it when turned off); put back when repair mode ends.
+    #[serde(default)]
+    pub reuseaddr: bool,
 }
 
 /// `struct tcp_repair_window` from linux/tcp.h.
@@ -263,6 +267,16 @@ impl Sock<'_> {
             })
     }
 
+    /// Repair mode off (with a window probe), then SO_REUSEADDR as it was.
+    fn leave_repair(&self, reuseaddr: bool) -> Result<(), TcpRepairError> {
+        self.repair(TCP_REPAIR_OFF, "setsockopt(TCP_REPAIR, off)")?;
+        if reuseaddr {
+            self.set_int(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+                .map_err(self.os("setsockopt(SO_REUSEADDR)"))?;
+        }
+        Ok(())
+    }
+
     fn queue(&self, q: libc::c_int) -> Result<(), TcpRepairError> {
         self.set_int(libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, q)
             .map_err(self.os("setsockopt(TCP_REPAIR_QUEUE)"))
@@ -381,17 +395,21 @@ pub fn dump(fd: BorrowedFd<'_>) -> Result<TcpConnection, TcpRepairError> {
             state,
         });
     }
+    let reuseaddr = sock
+        .get_int(libc::SOL_SOCKET, libc::SO_REUSEADDR)
+        .map_err(sock.os("getsockopt(SO_REUSEADDR)"))?
+        != 0;
     sock.repair(TCP_REPAIR_ON, "setsockopt(TCP_REPAIR, on)")?;
-    let res = dump_in_repair(&sock);
+    let res = dump_in_repair(&sock, reuseaddr);
     if res.is_err() {
         // Best effort: the dump has failed already; a socket left in repair
         // mode would stall its connection. The error being returned matters more.
-        let _ = sock.repair(TCP_REPAIR_OFF, "setsockopt(TCP_REPAIR, off)");
+        let _ = sock.leave_repair(reuseaddr);
     }
     res
 }
 
-fn dump_in_repair(sock: &Sock<'_>) -> Result<TcpConnection, TcpRepairError> {
+fn dump_in_repair(sock: &Sock<'_>, reuseaddr: bool) -> Result<TcpConnection, TcpRepairError> {
     let (recv_seq, recv_queue) = dump_recv_queue(sock)?;
     let (send_seq, send_queue, unsent) = dump_send_queue(sock)?;
     sock.queue(TCP_NO_QUEUE)?;
@@ -452,6 +470,7 @@ fn dump_in_repair(sock: &Sock<'_>) -> Result<TcpConnection, TcpRepairError> {
         window,
         nodelay,
         cork,
+        reuseaddr,
     })
 }
 
@@ -548,10 +567,23 @@ fn peek_send_queue(sock: &Sock<'_>, outq: usize) -> Result<Vec<u8>, TcpRepairErr
 /// Takes a socket out of repair mode again (the dump's tree keeps running:
 /// dump without --exit, or a failed dump). The kernel sends the peer a
 /// window probe, which makes it re-announce its window. The kernel also
-/// clears SO_REUSEADDR when repair mode ends.
+/// clears SO_REUSEADDR when repair mode ends; [`leave_repair_as_dumped`]
+/// puts it back.
 pub fn leave_repair(fd: BorrowedFd<'_>) -> Result<(), TcpRepairError> {
     let (local, remote) = addresses(fd)?;
     Sock { fd, local, remote }.repair(TCP_REPAIR_OFF, "setsockopt(TCP_REPAIR, off)")
+}
+
+/// [`leave_repair`] for a socket whose dump is `conn`: also restores the
+/// SO_REUSEADDR the socket had before [`dump`] (an accepted socket inherits
+/// its listener's, and without it a new listener on that port could not be
+/// bound while the connection lives).
+pub fn leave_repair_as_dumped(
+    fd: BorrowedFd<'_>,
+    conn: &TcpConnection,
+) -> Result<(), TcpRepairError> {
+    let (local, remote) = addresses(fd)?;
+    Sock { fd, local, remote }.leave_repair(conn.reuseaddr)
 }
 
 /// Creates a new socket that continues `conn` and returns it (blocking
@@ -560,7 +592,12 @@ pub fn leave_repair(fd: BorrowedFd<'_>) -> Result<(), TcpRepairError> {
 ///
 /// The local address must be bindable here: the old socket closed (in repair
 /// mode, so it left no TIME_WAIT) or in another network namespace. Repair
-/// mode lets the new socket share its port with a listener.
+/// mode lets the new socket share its port with a listener. On failure the
+/// half-built socket is closed in repair mode, so the peer sees nothing.
+///
+/// A queue that does not fit the new socket's default buffer raises that
+/// buffer with SO_SNDBUFFORCE/SO_RCVBUFFORCE, which pins its size (the
+/// kernel stops autotuning it).
 pub fn restore(conn: &TcpConnection, flags: i32) -> Result<OwnedFd, TcpRepairError> {
     let os = |op: &'static str| {
         let (local, remote) = (conn.local, conn.remote);
@@ -715,10 +752,15 @@ pub fn restore(conn: &TcpConnection, flags: i32) -> Result<OwnedFd, TcpRepairErr
     sock.set_int(libc::SOL_TCP, libc::TCP_CORK, conn.cork.into())
         .map_err(os("setsockopt(TCP_CORK)"))?;
     // Off with a window probe: the peer answers with its current window.
-    sock.repair(TCP_REPAIR_OFF, "setsockopt(TCP_REPAIR, off)")?;
+    sock.leave_repair(conn.reuseaddr)?;
 
     // Never sent before: ordinary new data from here on.
-    sock.write_all(unsent_bytes, libc::SO_SNDBUF, "send(unsent data)")?;
+    if let Err(e) = sock.write_all(unsent_bytes, libc::SO_SNDBUF, "send(unsent data)") {
+        // Back into repair mode so that dropping the socket closes it
+        // silently; the error being returned matters more than this one.
+        let _ = sock.repair(TCP_REPAIR_ON, "setsockopt(TCP_REPAIR, on)");
+        return Err(e);
+    }
     Ok(owned)
 }
 
@@ -851,5 +893,508 @@ mod hex_bytes {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text: String = serde::Deserialize::deserialize(d)?;
         hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::netfilter::tests::unique_name;
+    use crate::sys::netfilter::ConnectionLock;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    /// Deterministic bytes, different for every `tag`.
+    fn pattern(tag: u32, n: usize) -> Vec<u8> {
+        let mut x = tag.wrapping_mul(0x9e37_79b9) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn pair(ip: &str) -> (TcpListener, TcpStream, TcpStream) {
+        let listener = TcpListener::bind((ip, 0)).expect("listen");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        }
+        (listener, client, server)
+    }
+
+    fn ioctl_of(s: &impl AsFd, req: libc::Ioctl) -> usize {
+        let sock = Sock {
+            fd: s.as_fd(),
+            local: "0.0.0.0:0".parse().expect("addr"),
+            remote: "0.0.0.0:0".parse().expect("addr"),
+        };
+        sock.ioctl_int(req).expect("ioctl") as usize
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Exactly `n` bytes, or the test fails (EOF, reset and timeout included).
+    fn read_n(s: &mut TcpStream, n: usize, who: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        if let Err(e) = s.read_exact(&mut buf) {
+            panic!("{who}: reading {n} bytes: {e}");
+        }
+        buf
+    }
+
+    /// Nothing to read, and neither EOF nor an error pending.
+    fn assert_quiet(s: &mut TcpStream, who: &str) {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("{who}: expected nothing to read, got {other:?}"),
+        }
+        s.set_nonblocking(false).expect("blocking");
+    }
+
+    /// Writes up to `limit` bytes of `data` without blocking; how many went.
+    fn write_nonblocking(s: &mut TcpStream, data: &[u8]) -> usize {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut off = 0;
+        while off < data.len() {
+            match s.write(&data[off..(off + 16384).min(data.len())]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        s.set_nonblocking(false).expect("blocking");
+        off
+    }
+
+    /// A table of its own dropping TCP packets from `src` to `dst` at input
+    /// only, deleted on drop.
+    struct InputDrop(String);
+
+    impl InputDrop {
+        fn new(src: SocketAddr, dst: SocketAddr) -> InputDrop {
+            let name = unique_name("in");
+            let (proto, s, d) = match (src, dst) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                    ("ip", s.ip().to_string(), d.ip().to_string())
+                }
+                _ => ("ip6", src.ip().to_string(), dst.ip().to_string()),
+            };
+            nft_script(&format!(
+                "add table inet {name}\n\
+                 add chain inet {name} input {{ type filter hook input priority -300; }}\n\
+                 add rule inet {name} input {proto} saddr {s} {proto} daddr {d} \
+                 tcp sport {} tcp dport {} drop\n",
+                src.port(),
+                dst.port()
+            ));
+            InputDrop(name)
+        }
+    }
+
+    impl Drop for InputDrop {
+        fn drop(&mut self) {
+            nft_script(&format!("delete table inet {}\n", self.0));
+        }
+    }
+
+    fn nft_script(script: &str) {
+        let mut child = std::process::Command::new("/usr/sbin/nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("script");
+        assert!(child.wait().expect("nft").success(), "nft: {script}");
+    }
+
+    /// The server end of a loopback connection is dumped under the lock,
+    /// closed silently, restored, and the stream goes on in both directions
+    /// with nothing lost or repeated.
+    fn move_server_socket(ip: &str) {
+        let (_listener, mut client, mut server) = pair(ip);
+
+        // Round trip before, read in full on both sides.
+        let a1 = pattern(1, 10_000);
+        client.write_all(&a1).expect("write a1");
+        assert_eq!(read_n(&mut server, a1.len(), "server"), a1);
+        let b1 = pattern(2, 10_000);
+        server.write_all(&b1).expect("write b1");
+        assert_eq!(read_n(&mut client, b1.len(), "client"), b1);
+
+        // Left unread in the server's receive queue.
+        let a2 = pattern(3, 7_000);
+        client.write_all(&a2).expect("write a2");
+        wait_until("a2 in the server's receive queue", || {
+            ioctl_of(&server, SIOCINQ) == a2.len()
+        });
+        // Everything acknowledged both ways, so the queues hold what the test says.
+        wait_until("acks", || {
+            ioctl_of(&server, SIOCOUTQ) == 0 && ioctl_of(&client, SIOCOUTQ) == 0
+        });
+
+        let local = server.local_addr().expect("addr");
+        let remote = server.peer_addr().expect("addr");
+
+        // The client's packets (its ACKs too) are dropped on their way in,
+        // so what the server sends now reaches the client but stays
+        // unacknowledged; past the client's window it is not sent at all.
+        // (The connection lock drops a local sender's packets at output,
+        // where TCP counts them as not sent, so it alone makes no
+        // sent-but-unacked data.)
+        let acks = InputDrop::new(remote, local);
+        let b2 = pattern(4, 256 * 1024);
+        let b2 = b2[..write_nonblocking(&mut server, &b2)].to_vec();
+        // Dropped too; the client will retransmit them.
+        let a3 = pattern(5, 3_000);
+        client.write_all(&a3).expect("write a3");
+        std::thread::sleep(Duration::from_millis(50));
+        let lock = ConnectionLock::block(&unique_name("mv"), &[(local, remote)]).expect("lock");
+        drop(acks);
+
+        // The client holds some of it (unread) although its ACKs never came.
+        let client_holds = ioctl_of(&client, SIOCINQ);
+        let conn = dump(server.as_fd()).expect("dump");
+        eprintln!(
+            "queued {} unsent {} client holds {client_holds} window {:?} mss {} wscale {}/{}",
+            conn.send_queue.len(),
+            conn.unsent,
+            conn.window,
+            conn.mss,
+            conn.snd_wscale,
+            conn.rcv_wscale
+        );
+        assert!(client_holds > 0 && client_holds <= b2.len() - conn.unsent as usize);
+        assert_eq!((conn.local, conn.remote), (local, remote));
+        assert_eq!(conn.recv_queue, a2);
+        assert_eq!(conn.send_queue, b2);
+        assert!(
+            conn.unsent > 0 && (conn.unsent as usize) < b2.len(),
+            "both sent and unsent data: {} of {}",
+            conn.unsent,
+            b2.len()
+        );
+        assert!(conn.timestamps && conn.sack && conn.wscale_ok, "{conn:?}");
+        assert!(conn.mss > 0);
+        // What restore gets is what the image holds.
+        let json = serde_json::to_string(&conn).expect("to json");
+        let conn2: TcpConnection = serde_json::from_str(&json).expect("from json");
+        assert_eq!(conn2, conn);
+
+        drop(server); // in repair mode: no FIN, no RST
+        let restored = restore(&conn2, 0).expect("restore");
+        lock.release().expect("release");
+        let mut server = TcpStream::from(restored);
+        server.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        assert_eq!(server.local_addr().expect("addr"), local);
+        assert_eq!(server.peer_addr().expect("addr"), remote);
+
+        // The restored receive queue, then what the client retransmits.
+        let got = read_n(&mut server, a2.len() + a3.len(), "restored server");
+        assert_eq!(&got[..a2.len()], &a2[..]);
+        assert_eq!(&got[a2.len()..], &a3[..]);
+        // Exactly the bytes the old socket had queued, sent or not.
+        assert_eq!(read_n(&mut client, b2.len(), "client"), b2);
+
+        let (mut from_client, mut from_server) = (a3.len(), 0);
+        for i in 0..5u32 {
+            let q = pattern(100 + i, 1_000 + 777 * i as usize);
+            client.write_all(&q).expect("client write");
+            assert_eq!(read_n(&mut server, q.len(), "restored server"), q);
+            let r: Vec<u8> = q.iter().rev().copied().collect();
+            server.write_all(&r).expect("server write");
+            assert_eq!(read_n(&mut client, r.len(), "client"), r);
+            from_client += q.len();
+            from_server += r.len();
+        }
+
+        // The restored socket's sequence numbers continue the original's.
+        wait_until("acks", || ioctl_of(&server, SIOCOUTQ) == 0);
+        let again = dump(server.as_fd()).expect("dump restored");
+        assert_eq!(
+            again.recv_seq,
+            conn.recv_seq.wrapping_add(from_client as u32)
+        );
+        assert_eq!(
+            again.send_seq,
+            conn.send_seq.wrapping_add(from_server as u32)
+        );
+        assert!(again.recv_queue.is_empty() && again.send_queue.is_empty());
+        assert_eq!(again.timestamps, conn.timestamps);
+        assert_eq!(
+            (again.snd_wscale, again.rcv_wscale),
+            (conn.snd_wscale, conn.rcv_wscale)
+        );
+        // A dump without exit: the socket goes back to work.
+        leave_repair_as_dumped(server.as_fd(), &again).expect("leave repair");
+        client.write_all(b"ping").expect("ping");
+        assert_eq!(read_n(&mut server, 4, "server"), b"ping");
+        server.write_all(b"pong").expect("pong");
+        assert_eq!(read_n(&mut client, 4, "client"), b"pong");
+
+        assert_quiet(&mut client, "client");
+        assert_quiet(&mut server, "server");
+        assert_eq!(tcp_state(client.as_fd()).expect("state"), TCP_ESTABLISHED);
+    }
+
+    /// Queues far bigger than a new socket's default buffers (both peers
+    /// wrote until their sockets would block, neither read).
+    #[test]
+    fn move_full_queues() {
+        let (_listener, mut client, mut server) = pair("127.0.0.1");
+        // A bulk transfer each way first: receive buffers grow (autotuning)
+        // only while the application reads.
+        let bulk = pattern(6, 16 << 20);
+        for _ in 0..2 {
+            let sender = {
+                let (mut c, bulk) = (client.try_clone().expect("dup"), bulk.clone());
+                std::thread::spawn(move || c.write_all(&bulk).expect("bulk write"))
+            };
+            assert!(read_n(&mut server, bulk.len(), "server") == bulk);
+            sender.join().expect("sender");
+            std::mem::swap(&mut client, &mut server);
+        }
+        let limit = 16 << 20;
+        let up = pattern(7, limit);
+        let down = pattern(8, limit);
+        let mut up_n = 0;
+        let mut down_n = 0;
+        // A few rounds: the kernel grows buffers as they fill.
+        for _ in 0..20 {
+            up_n += write_nonblocking(&mut client, &up[up_n..]);
+            down_n += write_nonblocking(&mut server, &down[down_n..]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (local, remote) = (
+            server.local_addr().expect("addr"),
+            server.peer_addr().expect("addr"),
+        );
+        let lock = ConnectionLock::block(&unique_name("full"), &[(local, remote)]).expect("lock");
+        let conn = dump(server.as_fd()).expect("dump");
+        eprintln!(
+            "full: up {up_n} down {down_n} recv queue {} send queue {} unsent {}",
+            conn.recv_queue.len(),
+            conn.send_queue.len(),
+            conn.unsent
+        );
+        assert!(conn.recv_queue.len() > 1 << 20 && conn.send_queue.len() > 1 << 20);
+        drop(server);
+        let mut server = TcpStream::from(restore(&conn, 0).expect("restore"));
+        lock.release().expect("release");
+        server.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let reader = std::thread::spawn(move || {
+            let got = read_n(&mut client, down_n, "client");
+            (client, got)
+        });
+        assert!(read_n(&mut server, up_n, "restored server") == up[..up_n]);
+        let (mut client, got) = reader.join().expect("client thread");
+        assert!(got == down[..down_n]);
+        assert_quiet(&mut client, "client");
+    }
+
+    #[test]
+    fn move_established_ipv4() {
+        move_server_socket("127.0.0.1");
+    }
+
+    #[test]
+    fn move_established_ipv6() {
+        move_server_socket("::1");
+    }
+
+    /// With the lock, a peer talking to a connection whose socket is gone
+    /// gets no reset; without it (control) it does.
+    #[test]
+    fn lock_prevents_reset() {
+        let silent_close = |server: TcpStream| {
+            dump(server.as_fd()).expect("dump");
+            drop(server);
+        };
+
+        // Control first: closing in repair mode is silent by itself...
+        let (_listener, mut client, server) = pair("127.0.0.1");
+        silent_close(server);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(tcp_state(client.as_fd()).expect("state"), TCP_ESTABLISHED);
+        assert_quiet(&mut client, "client after silent close");
+        // ...but the next segment from the peer meets no socket: reset.
+        client.write_all(b"anyone?").expect("write");
+        wait_until("reset", || {
+            tcp_state(client.as_fd()).expect("state") == TCP_CLOSE
+        });
+        let mut b = [0u8; 1];
+        let err = client.read(&mut b).expect_err("reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+
+        // Locked: the peer just retransmits into the void.
+        let (_listener, mut client, server) = pair("127.0.0.1");
+        let tuple = (
+            server.local_addr().expect("addr"),
+            server.peer_addr().expect("addr"),
+        );
+        let lock = ConnectionLock::block(&unique_name("rst"), &[tuple]).expect("lock");
+        silent_close(server);
+        client.write_all(b"anyone?").expect("write");
+        // Long enough for a few retransmissions (RTO starts at 200 ms).
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(tcp_state(client.as_fd()).expect("state"), TCP_ESTABLISHED);
+        assert_quiet(&mut client, "client behind the lock");
+        lock.release().expect("release");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_repair() {
+        // A listening socket is not an established connection.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        assert!(matches!(
+            dump(listener.as_fd()),
+            Err(TcpRepairError::Addresses { .. })
+        ));
+        // Half closed: FIN_WAIT2 on one side, CLOSE_WAIT on the other.
+        let (_l, client, server) = pair("127.0.0.1");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        wait_until("close wait", || {
+            tcp_state(server.as_fd()).expect("state") != TCP_ESTABLISHED
+        });
+        let err = dump(server.as_fd()).expect_err("half closed");
+        assert!(
+            matches!(err, TcpRepairError::NotEstablished { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(" -> "), "{err}");
+        // Mixed families in an image.
+        let mut conn = TcpConnection {
+            local: "127.0.0.1:1".parse().expect("addr"),
+            remote: "[::1]:2".parse().expect("addr"),
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: vec![],
+            unsent: 0,
+            recv_queue: vec![],
+            mss: 0,
+            snd_wscale: 0,
+            rcv_wscale: 0,
+            sack: false,
+            timestamps: false,
+            wscale_ok: false,
+            timestamp: 0,
+            window: RepairWindow {
+                snd_wl1: 0,
+                snd_wnd: 0,
+                max_window: 0,
+                rcv_wnd: 0,
+                rcv_wup: 0,
+            },
+            nodelay: false,
+            cork: false,
+            reuseaddr: false,
+        };
+        assert!(matches!(
+            restore(&conn, 0),
+            Err(TcpRepairError::Inconsistent { .. })
+        ));
+        conn.remote = "127.0.0.1:2".parse().expect("addr");
+        conn.unsent = 1;
+        assert!(matches!(
+            restore(&conn, 0),
+            Err(TcpRepairError::Inconsistent { .. })
+        ));
+    }
+
+    /// Repair mode clears SO_REUSEADDR on its way out; the dump's record of
+    /// it brings it back, on the original and on the restored socket.
+    #[test]
+    fn reuseaddr_survives() {
+        let reuse = |s: &TcpStream| {
+            let sock = Sock {
+                fd: s.as_fd(),
+                local: "0.0.0.0:0".parse().expect("addr"),
+                remote: "0.0.0.0:0".parse().expect("addr"),
+            };
+            sock.get_int(libc::SOL_SOCKET, libc::SO_REUSEADDR)
+                .expect("SO_REUSEADDR")
+                != 0
+        };
+        let set_reuse = |s: &TcpStream| {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt reads one int from `one`, alive across the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+        };
+        let (_l, mut client, server) = pair("127.0.0.1");
+        assert!(
+            reuse(&server),
+            "inherited from std's listener, which sets it"
+        );
+        let conn = dump(server.as_fd()).expect("dump");
+        assert!(conn.reuseaddr);
+        leave_repair(server.as_fd()).expect("leave");
+        assert!(!reuse(&server), "the kernel clears it");
+        let conn = dump(server.as_fd()).expect("dump");
+        assert!(!conn.reuseaddr);
+        leave_repair(server.as_fd()).expect("leave");
+        set_reuse(&server);
+        let conn = dump(server.as_fd()).expect("dump");
+        leave_repair_as_dumped(server.as_fd(), &conn).expect("leave");
+        assert!(reuse(&server));
+
+        let conn = dump(server.as_fd()).expect("dump");
+        drop(server);
+        let mut server = TcpStream::from(restore(&conn, libc::SOCK_NONBLOCK).expect("restore"));
+        assert!(reuse(&server));
+        // SOCK_NONBLOCK was applied.
+        let mut b = [0u8; 1];
+        assert_eq!(
+            server.read(&mut b).expect_err("nothing yet").kind(),
+            io::ErrorKind::WouldBlock
+        );
+        server.set_nonblocking(false).expect("blocking");
+        server.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        client.write_all(b"hi").expect("write");
+        assert_eq!(read_n(&mut server, 2, "server"), b"hi");
+    }
+
+    #[test]
+    fn queues_are_hex_in_json() {
+        let (_l, _client, server) = pair("127.0.0.1");
+        let conn = dump(server.as_fd()).expect("dump");
+        leave_repair(server.as_fd()).expect("leave");
+        let mut v: serde_json::Value = serde_json::to_value(&conn).expect("json");
+        assert_eq!(v["send_queue"], "");
+        v["recv_queue"] = "00ff10".into();
+        let back: TcpConnection = serde_json::from_value(v.clone()).expect("back");
+        assert_eq!(back.recv_queue, vec![0, 0xff, 0x10]);
+        v["recv_queue"] = "xyz".into();
+        assert!(serde_json::from_value::<TcpConnection>(v).is_err());
     }
 }

@@ -1,0 +1,868 @@
+//! Real servers checkpointed and restored from the CLI on the host: nginx
+//! (Debian's package, a master and 4 workers) and a preforking Python HTTP
+//! server (Debian's python3, standard library only), with their listening
+//! socket shared by every worker; unix socketpairs and epoll sets; refusals
+//! of sockets that cannot be restored.
+//!
+//! Every test asks the servers real requests before and after and compares
+//! the answers, checks that every worker still accepts (each answering
+//! worker is stopped in turn, so the next request must reach another one),
+//! and compares the tree's PSS before and after.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const PYTHON: &str = "/usr/bin/python3";
+const NGINX: &str = "/usr/sbin/nginx";
+
+fn workload(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("workloads")
+        .join(name)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One HTTP/1.0 GET, the body of a 200 answer, or why not.
+fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header in {answer:?}"))?;
+    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
+        return Err(format!("not a 200 answer: {head:?}"));
+    }
+    Ok(body.to_string())
+}
+
+/// Stops each worker that answers `path` (its body starts with the pid)
+/// until every one of `workers` has answered: only a worker that still
+/// accepts on the shared socket can. Continues them all afterwards.
+fn every_worker_accepts(addr: SocketAddr, path: &str, workers: &[i32], context: &str) {
+    let mut answered = BTreeSet::new();
+    let mut stopped = Vec::new();
+    let mut failure = None;
+    for _ in 0..workers.len() * 3 {
+        if answered.len() == workers.len() {
+            break;
+        }
+        match get(addr, path) {
+            Ok(body) => {
+                let pid = pid_in(&body);
+                match pid {
+                    Some(pid) if workers.contains(&pid) => {
+                        answered.insert(pid);
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                        stopped.push(pid);
+                    }
+                    _ => {
+                        failure = Some(format!("answer {body:?} names no worker of {workers:?}"));
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    for pid in stopped {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+    }
+    if let Some(f) = failure {
+        panic!("{context}: after workers {answered:?} answered: {f}");
+    }
+    assert_eq!(
+        answered.len(),
+        workers.len(),
+        "{context}: only workers {answered:?} of {workers:?} accepted"
+    );
+}
+
+fn pid_in(body: &str) -> Option<i32> {
+    let t = body.trim();
+    t.strip_prefix("pid=")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or(t)
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && task_state(pid) != "Z"
+}
+
+fn dump_exit(root: i32, images: &Path, extra: &[&str]) -> Output {
+    let root = root.to_string();
+    let mut args = vec![
+        "dump",
+        "--exit",
+        "--pid",
+        &root,
+        "--images",
+        path_str(images),
+    ];
+    args.extend_from_slice(extra);
+    let out = cowsnap(&args);
+    assert!(out.status.success(), "dump failed:\n{}", describe(&out));
+    out
+}
+
+/// `cowsnap restore` with its output in files beside the image (the
+/// restored tree keeps the command's stdio, so a pipe would never end).
+fn restore(images: &Path) -> Output {
+    let out = run_restore(images, &images.with_extension("pid"), &[]);
+    assert!(out.status.success(), "restore failed:\n{}", describe(&out));
+    out
+}
+
+/// Waits until none of `pids` is alive (the dump --exit killed them; our
+/// own child is reaped by `child`).
+fn wait_gone(pids: &[i32], child: Option<&mut Child>, context: &str) {
+    if let Some(c) = child {
+        wait_status(c, context);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "{context}: {pids:?} still alive");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_pss_close(before: u64, after: u64, context: &str) {
+    let ratio = after as f64 / before as f64;
+    eprintln!(
+        "{context}: PSS {:.1} MiB before, {:.1} MiB after (x{ratio:.4})",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    assert!(
+        (0.99..=1.01).contains(&ratio),
+        "{context}: PSS after restore is x{ratio:.4} of before ({before} -> {after} bytes)"
+    );
+}
+
+/// Kills a restored tree at the end of a test (it is nobody's child).
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+// ------------------------------------------------------------ Python prefork
+
+struct Prefork {
+    child: Child,
+    root: i32,
+    addr: SocketAddr,
+    model: String,
+}
+
+fn start_prefork(mib: u32, workers: u32) -> Prefork {
+    let port = free_port();
+    let mut child = Command::new(PYTHON)
+        .arg(workload("prefork_server.py"))
+        .args([port.to_string(), mib.to_string(), workers.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start python3 prefork_server.py (is python3 installed?)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let model = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("model="))
+        .unwrap_or_else(|| panic!("prefork server did not start: {line:?}"))
+        .to_string();
+    Prefork {
+        root: child.id() as i32,
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        model,
+    }
+}
+
+#[test]
+fn prefork_python_server_restored_with_its_sharing() {
+    require_root();
+    let mut server = start_prefork(64, 4);
+    let _cleanup = KillOnDrop(vec![server.root]);
+    let workers = descendants(server.root)
+        .into_iter()
+        .filter(|&p| p != server.root)
+        .collect::<Vec<_>>();
+    assert_eq!(workers.len(), 4, "4 workers");
+    every_worker_accepts(server.addr, "/", &workers, "before the dump");
+    let body = get(server.addr, "/").expect("request before");
+    assert!(body.contains(&format!("model={}", server.model)), "{body}");
+    let pids = descendants(server.root);
+    let pss_before = pss_total(&pids);
+
+    let (_dir, images) = image_dir("prefork");
+    dump_exit(server.root, &images, &[]);
+    wait_gone(&pids, Some(&mut server.child), "prefork after dump --exit");
+    assert!(
+        get(server.addr, "/").is_err(),
+        "nothing listens while the tree is down"
+    );
+
+    restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+    let restored = descendants(server.root);
+    assert_eq!(restored, pids, "the same pids");
+    // The same answer: the model checksum the master computed before forking.
+    for _ in 0..8 {
+        let body = get(server.addr, "/").expect("request after restore");
+        assert!(
+            body.contains(&format!("model={}", server.model)),
+            "answer after restore: {body}"
+        );
+    }
+    every_worker_accepts(server.addr, "/", &workers, "after the restore");
+    // One listening socket, shared: the same inode in every process.
+    let inodes: BTreeSet<String> = pids.iter().flat_map(|p| socket_links(*p)).collect();
+    assert_eq!(
+        inodes.len(),
+        1,
+        "one listening socket for the whole tree: {inodes:?}"
+    );
+    assert_pss_close(pss_before, pss_total(&pids), "prefork");
+}
+
+fn socket_links(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .filter(|l| l.starts_with("socket:"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------ nginx
+
+struct Nginx {
+    child: Child,
+    root: i32,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+fn start_nginx() -> Nginx {
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-nginx-")
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    // Workers run as nobody: they must read the tree.
+    std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::create_dir_all(d.join("html")).expect("html");
+    std::fs::create_dir_all(d.join("logs")).expect("logs");
+    std::fs::write(d.join("html/index.html"), "hello from a restored nginx\n").expect("index");
+    let port = free_port();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 4;\npid {d}/nginx.pid;\n\
+         error_log {d}/logs/error.log;\nevents {{ worker_connections 64; }}\n\
+         http {{\n  access_log {d}/logs/access.log;\n  client_body_temp_path {d}/tmp;\n\
+         proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n\
+         scgi_temp_path {d}/tmp;\n  server {{\n    listen 127.0.0.1:{port};\n    root {d}/html;\n\
+         location /pid {{ return 200 \"$pid\\n\"; }}\n  }}\n}}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).expect("conf");
+    let child = Command::new(NGINX)
+        .args([
+            "-p",
+            &d.to_string_lossy(),
+            "-c",
+            &d.join("nginx.conf").to_string_lossy(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start nginx (is the nginx package installed?)");
+    let root = child.id() as i32;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while descendants(root).len() < 5 || get(addr, "/").is_err() {
+        assert!(Instant::now() < deadline, "nginx did not come up");
+        thread::sleep(Duration::from_millis(50));
+    }
+    Nginx {
+        child,
+        root,
+        addr,
+        dir,
+    }
+}
+
+#[test]
+fn nginx_master_and_workers_restored() {
+    require_root();
+    let mut nginx = start_nginx();
+    let _cleanup = KillOnDrop(vec![nginx.root]);
+    let pids = descendants(nginx.root);
+    let workers: Vec<i32> = pids.iter().copied().filter(|&p| p != nginx.root).collect();
+    assert_eq!(workers.len(), 4);
+    let page = get(nginx.addr, "/").expect("index before");
+    assert_eq!(page, "hello from a restored nginx\n");
+    every_worker_accepts(nginx.addr, "/pid", &workers, "nginx before the dump");
+    let pss_before = pss_total(&pids);
+
+    let (_dir, images) = image_dir("nginx");
+    dump_exit(nginx.root, &images, &[]);
+    wait_gone(&pids, Some(&mut nginx.child), "nginx after dump --exit");
+    let out = restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(descendants(nginx.root), pids, "the same pids");
+    for _ in 0..5 {
+        assert_eq!(get(nginx.addr, "/").expect("index after"), page);
+    }
+    every_worker_accepts(nginx.addr, "/pid", &workers, "nginx after the restore");
+    assert_pss_close(pss_before, pss_total(&pids), "nginx");
+    // The master still runs its workers: a graceful reload through its
+    // signal handler starts a new generation that serves too.
+    let _ = kill(Pid::from_raw(nginx.root), Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: BTreeSet<i32> = descendants(nginx.root).into_iter().collect();
+        if now.len() == 5 && workers.iter().all(|w| !now.contains(w)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not replace its workers after SIGHUP: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(nginx.addr, "/").expect("index after reload"), page);
+    drop(nginx.dir);
+}
+
+// ------------------------------------------------------------ unix sockets, epoll
+
+#[test]
+fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-sockets-")
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    let mut child = Command::new(PYTHON)
+        .arg(workload("sockets.py"))
+        .arg(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sockets.py");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready");
+    assert_eq!(line.trim(), "ready");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let ports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("ports.json")).expect("ports"))
+            .expect("ports json");
+    let kid = ports["child"].as_i64().expect("child pid") as i32;
+    let pids = vec![root, kid];
+
+    let (_img, images) = image_dir("sockets");
+    dump_exit(root, &images, &[]);
+    wait_gone(&pids, Some(&mut child), "sockets.py after dump --exit");
+    // The socket file stays behind, as after any crash: restore must cope.
+    assert!(d.join("listen.sock").exists());
+    restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+
+    let report = |pid: i32, role: &str| -> serde_json::Value {
+        let path = d.join(format!("report-{role}.json"));
+        let _ = kill(Pid::from_raw(pid), Signal::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "no report from {role} {pid}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("report")).expect("json")
+    };
+    // Parent first: the epoll set is shared and edge-triggered.
+    let parent = report(root, "parent");
+    let childr = report(kid, "child");
+    for (r, me, peer) in [(&parent, "parent", "child"), (&childr, "child", "parent")] {
+        assert_eq!(
+            r["stream"].as_str().expect("stream"),
+            format!("{peer}-stream-").repeat(1000),
+            "{me}: the stream bytes its peer had written"
+        );
+        let msgs =
+            |kind: &str| -> Vec<String> { (0..3).map(|i| format!("{peer}-{kind}-{i}")).collect() };
+        assert_eq!(
+            r["dgram"],
+            serde_json::json!(msgs("dgram")),
+            "{me}: datagrams in order"
+        );
+        assert_eq!(
+            r["seqpacket"],
+            serde_json::json!(msgs("seq")),
+            "{me}: seqpackets in order"
+        );
+        assert_eq!(r["named_accept"], "ping", "{me}: named listener accepts");
+        assert_eq!(r["tcp6"]["v6only"], 1, "{me}: IPV6_V6ONLY");
+        assert_eq!(r["tcp6"]["nodelay"], 1, "{me}: TCP_NODELAY");
+        assert_eq!(r["tcp6"]["reuseaddr"], 1, "{me}: SO_REUSEADDR");
+        assert!(
+            r["tcp6"]["defer_accept"].as_i64().unwrap_or(0) > 0,
+            "{me}: TCP_DEFER_ACCEPT"
+        );
+        assert_eq!(r["tcp6"]["port"], ports["tcp6"], "{me}: the same port");
+        assert_eq!(r["udp_broadcast"], 1, "{me}: SO_BROADCAST");
+    }
+    // The shared epoll set: the parent's stream end and the registration
+    // whose fd number was closed both report the queued data; edge
+    // triggered, the child then sees nothing new.
+    let stream_fd = parent["stream_fd"].as_i64().expect("fd");
+    let ghost_fd = parent["ghost_fd"].as_i64().expect("fd");
+    assert_eq!(
+        parent["epoll"],
+        serde_json::json!([stream_fd, ghost_fd]),
+        "parent's epoll events"
+    );
+    assert_eq!(
+        childr["epoll"],
+        serde_json::json!([]),
+        "child's epoll events"
+    );
+    let mode = std::fs::metadata(d.join("listen.sock")).expect("socket file");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o640,
+        "socket file mode"
+    );
+}
+
+#[test]
+fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
+    require_root();
+    // A netlink socket, a packet socket and an established TCP connection
+    // (without --tcp-established).
+    let script = "import socket,sys,time\n\
+        n=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\n\
+        p=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,0)\n\
+        l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen(1)\n\
+        c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
+        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),flush=True)\n\
+        time.sleep(600)\n";
+    let mut child = Command::new(PYTHON)
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("fds");
+    let fds: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fds.len(), 4, "{line}");
+    let (_dir, images) = image_dir("refuse-sockets");
+    let out = cowsnap(&[
+        "dump",
+        "--pid",
+        &root.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(
+        !out.status.success(),
+        "dump should refuse:\n{}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (fd, what) in [
+        (fds[0], "netlink"),
+        (fds[1], "packet"),
+        (fds[2], "established TCP connection"),
+        (fds[3], "established TCP connection"),
+    ] {
+        let needle = format!("pid {root} fd {fd} is socket:[");
+        assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
+        assert!(err.contains(what), "message lacks {what:?}: {err}");
+    }
+    assert!(err.contains("--tcp-established"), "message says how: {err}");
+    assert!(!images.exists(), "no image after a refused dump");
+    assert!(alive(root), "tree still runs");
+    assert!(!is_traced(root), "tree no longer traced");
+    assert_ne!(task_state(root), "T", "tree not stopped");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn restore_with_the_port_taken_fails_naming_it_and_leaves_nothing() {
+    require_root();
+    let mut server = start_prefork(8, 2);
+    let _cleanup = KillOnDrop(vec![server.root]);
+    let pids = descendants(server.root);
+    let (_dir, images) = image_dir("port-taken");
+    dump_exit(server.root, &images, &[]);
+    wait_gone(&pids, Some(&mut server.child), "prefork after dump --exit");
+    let squatter = TcpListener::bind(server.addr).expect("take the port");
+    let out = run_restore(&images, &images.with_extension("pid"), &[]);
+    assert!(
+        !out.status.success(),
+        "restore should fail:\n{}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("tcp {}", server.addr)) && err.contains("in use"),
+        "the error names the address: {err}"
+    );
+    thread::sleep(Duration::from_millis(300));
+    for p in &pids {
+        assert!(
+            !alive(*p),
+            "pid {p} was left running after a failed restore"
+        );
+    }
+    drop(squatter);
+    // With the port free again the same image restores.
+    restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+    let body = get(server.addr, "/").expect("request after restore");
+    assert!(body.contains(&server.model), "{body}");
+}
+
+// ------------------------------------------------------------ established TCP
+
+/// The test's end of the connection: a reader thread that checks the
+/// server's counters arrive in order with nothing lost or doubled, and a
+/// writer thread that sends the client's own counters.
+struct StreamClient {
+    /// Counters received in order so far; u64::MAX once something broke.
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl StreamClient {
+    fn connect(addr: SocketAddr) -> StreamClient {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stream = TcpStream::connect(addr).expect("connect to the tree's server");
+        let received = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut reader = stream.try_clone().expect("clone");
+        reader
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let (r, e, s) = (received.clone(), error.clone(), stop.clone());
+        let read_thread = thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut carry: Vec<u8> = Vec::new();
+            let mut next = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                match reader.read(&mut buf) {
+                    Ok(0) => {
+                        *e.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("EOF after {next} counters"));
+                        return;
+                    }
+                    Ok(n) => {
+                        carry.extend_from_slice(&buf[..n]);
+                        let whole = carry.len() / 8 * 8;
+                        for c in carry[..whole].chunks(8) {
+                            let v = u64::from_be_bytes(c.try_into().unwrap_or_default());
+                            if v != next {
+                                *e.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(format!("expected counter {next}, got {v}"));
+                                return;
+                            }
+                            next += 1;
+                        }
+                        carry.drain(..whole);
+                        r.store(next, Ordering::Relaxed);
+                    }
+                    Err(err)
+                        if err.kind() == std::io::ErrorKind::WouldBlock
+                            || err.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(err) => {
+                        *e.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("read after {next} counters: {err}"));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut writer = stream;
+        let (w, e, s) = (sent.clone(), error.clone(), stop.clone());
+        let write_thread = thread::spawn(move || {
+            let mut next = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let chunk: Vec<u8> = (next..next + 128).flat_map(|v| v.to_be_bytes()).collect();
+                if let Err(err) = writer.write_all(&chunk) {
+                    *e.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("write after {next} counters: {err}"));
+                    return;
+                }
+                next += 128;
+                w.store(next, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        StreamClient {
+            received,
+            sent,
+            error,
+            stop,
+            threads: vec![read_thread, write_thread],
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn wait_for_more(&self, than: u64, context: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.received() <= than + 1000 {
+            if let Some(e) = self.error() {
+                panic!("{context}: the client's stream broke: {e}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{context}: the stream did not go on (stuck at {} counters)",
+                self.received()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn start_tcp_stream(dir: &Path) -> (Child, SocketAddr) {
+    let port = free_port();
+    let mut child = Command::new(PYTHON)
+        .arg(workload("tcp_stream.py"))
+        .arg(port.to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tcp_stream.py");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    assert_eq!(line.trim(), "listening");
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn nft_table_exists(name: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn connection_lock(images: &Path) -> String {
+    let sockets: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(images.join("sockets.json")).expect("sockets.json"),
+    )
+    .expect("json");
+    sockets["connection_lock"]
+        .as_str()
+        .expect("an image with an established connection names its nft table")
+        .to_string()
+}
+
+#[test]
+fn established_tcp_connection_streams_on_across_dump_exit_and_restore() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-tcp-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut child, addr) = start_tcp_stream(dir.path());
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let client = StreamClient::connect(addr);
+    client.wait_for_more(0, "before the dump");
+
+    let (_img, images) = image_dir("tcp-established");
+    dump_exit(root, &images, &["--tcp-established"]);
+    wait_gone(&[root], Some(&mut child), "tcp_stream.py after dump --exit");
+    let at_dump = client.received();
+    let table = connection_lock(&images);
+    assert!(
+        nft_table_exists(&table),
+        "packets are blocked while the tree is down"
+    );
+    // The client keeps sending into the void for a while: no reset comes.
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        client.error(),
+        None,
+        "the client saw an error while the tree was down"
+    );
+
+    restore(&images);
+    let _restored = KillOnDrop(vec![root]);
+    assert!(!nft_table_exists(&table), "restore removed table {table}");
+    client.wait_for_more(at_dump, "after the restore");
+    // The server saw every client counter in order, from before the dump
+    // through after the restore (asked while the client still runs: its
+    // end of file would end the server).
+    let report = dir.path().join("report.json");
+    let _ = kill(Pid::from_raw(root), Signal::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !report.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no report from the restored server"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let sent = client.stop();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(r["gap"], serde_json::Value::Null, "server side: {r}");
+    let got = r["received"].as_u64().expect("received");
+    assert!(
+        got > 0 && got <= sent,
+        "server received {got} of the {sent} counters the client sent"
+    );
+}
+
+#[test]
+fn failed_restore_of_an_established_connection_removes_the_lock() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-tcp-fail-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut child, addr) = start_tcp_stream(dir.path());
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let client = StreamClient::connect(addr);
+    client.wait_for_more(0, "before the dump");
+    let (_img, images) = image_dir("tcp-fail");
+    dump_exit(root, &images, &["--tcp-established"]);
+    wait_gone(&[root], Some(&mut child), "after dump --exit");
+    let table = connection_lock(&images);
+    assert!(nft_table_exists(&table));
+    // Someone else listens on the server's port now.
+    let squatter = TcpListener::bind(addr).expect("take the port");
+    let out = run_restore(&images, &images.with_extension("pid"), &[]);
+    assert!(
+        !out.status.success(),
+        "restore should fail:\n{}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("tcp {addr}")),
+        "names the address: {err}"
+    );
+    assert!(
+        !nft_table_exists(&table),
+        "a failed restore left table {table}"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(!alive(root), "a failed restore left pid {root} running");
+    drop(squatter);
+    client.stop();
+}
+
+#[test]
+fn dump_without_exit_takes_connections_out_of_repair_mode() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-tcp-live-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut child, addr) = start_tcp_stream(dir.path());
+    let root = child.id() as i32;
+    let client = StreamClient::connect(addr);
+    client.wait_for_more(0, "before the dump");
+    let (_img, images) = image_dir("tcp-live");
+    let out = cowsnap(&[
+        "dump",
+        "--tcp-established",
+        "--pid",
+        &root.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(out.status.success(), "dump failed:\n{}", describe(&out));
+    let table = connection_lock(&images);
+    assert!(
+        !nft_table_exists(&table),
+        "the tree runs on: no lock may stay"
+    );
+    // The original goes on streaming both ways.
+    client.wait_for_more(client.received(), "after a dump without --exit");
+    assert_eq!(client.error(), None);
+    client.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+}

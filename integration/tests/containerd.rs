@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use common::{assert_processes_verify, ns_pid};
 use harness::{
-    Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_WORKLOAD,
-    RUNC_RUNTIME,
+    Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_NGINX_CONF,
+    IMAGE_NGINX_PAGE, IMAGE_NGINX_PORT, IMAGE_WORKLOAD, NGINX_BIN, RUNC_RUNTIME,
 };
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// Long enough for several iterations of the 0.1 s counter loop: a counter
 /// that stays put this long while paused is not advancing.
@@ -445,28 +447,209 @@ fn cowsnap_failed_checkpoint_leaves_container_running() {
     ctrd.kill_and_delete(&id);
 }
 
-/// 4b. A listening socket, which restore cannot reopen: the dump refuses
-///     it (naming the socket), so no image that cannot be restored is stored.
+/// 4b. An fd of a kind restore cannot reopen yet (busybox inotifyd's
+///     inotify fd): the dump refuses it, naming it, so no image that cannot
+///     be restored is stored.
 #[test]
-fn cowsnap_checkpoint_refuses_socket() {
-    let ctrd = Containerd::start_cowsnap("ckpt-socket");
+fn cowsnap_checkpoint_refuses_an_unsupported_fd() {
+    let ctrd = Containerd::start_cowsnap("ckpt-unsupported");
     let image = ctrd.import_reference_image();
-    // The id must not contain "socket": ctr's message names the container's paths.
-    let id = ctrd.container_id("listener");
-    let script = format!("nc -l -p 7777 & {COUNTER_LOOP}");
+    let id = ctrd.container_id("watcher");
+    let script = format!("inotifyd true /tmp & {COUNTER_LOOP}");
     let task = ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
     ctrd.wait_counter_above(&id, 0);
-    let nc = only_process_named(&ctrd, &id, "nc");
-    let socket_fds = fs::read_dir(format!("/proc/{nc}/fd"))
-        .map(|fds| {
-            fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("socket:"))
-                .count()
-        })
-        .unwrap_or(0);
-    assert!(socket_fds > 0, "nc {nc} holds no socket");
-    assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, nc, "socket");
+    let watcher = only_process_named(&ctrd, &id, "inotifyd");
+    assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, watcher, "inotify");
     ctrd.kill_and_delete(&id);
+}
+
+/// Runs `f` on a thread that entered the network namespace of `pid`
+/// (sockets it creates live there: the container's own loopback).
+fn in_netns_of<T: Send + 'static>(pid: i32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::spawn(move || {
+        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+            .unwrap_or_else(|e| panic!("open the netns of {pid}: {e}"));
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns into the netns of {pid}: {e}"));
+        // A fresh container netns has its loopback down.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `GET path` from nginx inside the container of `pid`, through the
+/// container's loopback; the body of the answer.
+fn container_get(pid: i32, path: &'static str) -> Result<String, String> {
+    in_netns_of(pid, move || {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], IMAGE_NGINX_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+        match answer.split_once("\r\n\r\n") {
+            Some((head, body)) if head.contains(" 200 ") => Ok(body.to_string()),
+            _ => Err(format!("not a 200 answer: {answer:?}")),
+        }
+    })
+}
+
+/// The nginx workers (host pids) of container `id`, and every worker's
+/// answer to /pid (its pid inside the container) once each answering
+/// worker is stopped in turn: only a worker that accepts can answer.
+fn nginx_workers_answering(ctrd: &Containerd, id: &str, init: i32) -> (Vec<i32>, Vec<i32>) {
+    let workers: Vec<i32> = ctrd
+        .pids_named(id, "nginx")
+        .into_iter()
+        .filter(|&p| p != init && common::ppid(p) == init)
+        .collect();
+    let mut answered = Vec::new();
+    let mut stopped = Vec::new();
+    for _ in 0..workers.len() * 3 {
+        if answered.len() == workers.len() {
+            break;
+        }
+        let Ok(body) = container_get(init, "/pid") else {
+            break;
+        };
+        let Ok(ns) = body.trim().parse::<i32>() else {
+            break;
+        };
+        if let Some(&host) = workers.iter().find(|&&w| ns_pid(w) == ns) {
+            answered.push(ns);
+            let _ = kill(Pid::from_raw(host), Signal::SIGSTOP);
+            stopped.push(host);
+        }
+    }
+    for host in stopped {
+        let _ = kill(Pid::from_raw(host), Signal::SIGCONT);
+    }
+    answered.sort_unstable();
+    (workers, answered)
+}
+
+/// Per process of `id` (pid inside the container): Pss of each mapping
+/// with more than 16 KiB, for a failure message.
+fn smaps_breakdown(ctrd: &Containerd, id: &str) -> String {
+    let mut out = String::new();
+    for pid in ctrd.cgroup_pids(id) {
+        out.push_str(&format!("\n  pid {} {}:", ns_pid(pid), common::comm(pid)));
+        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut name = String::new();
+        for line in smaps.lines() {
+            if line.contains('-') && !line.contains(':')
+                || line.split_whitespace().next().is_some_and(|w| {
+                    w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+                })
+            {
+                name = line
+                    .split_whitespace()
+                    .skip(5)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if name.is_empty() {
+                    name = format!("[anon {}]", line.split_whitespace().next().unwrap_or(""));
+                }
+            } else if let Some(v) = line.strip_prefix("Pss:") {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                if kb > 16 {
+                    out.push_str(&format!(" {name}={kb}k"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// 4c. nginx (a master and 4 workers sharing one listening socket, each
+///     worker with its epoll set and eventfd) in a container: `ctr container
+///     checkpoint --task` + `ctr container restore --live` bring it back in
+///     a new container whose network namespace runc made anew; the page is
+///     served again, every worker accepts, the PSS is within 1%.
+#[test]
+fn cowsnap_nginx_container_checkpoint_restore() {
+    let ctrd = Containerd::start_cowsnap("nginx");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("nginx");
+    let task = ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &[
+            NGINX_BIN,
+            "-e",
+            "/tmp/nginx-error.log",
+            "-c",
+            IMAGE_NGINX_CONF,
+        ],
+    );
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while ctrd.pids_named(&id, "nginx").len() < 5 || container_get(task.pid, "/").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx in {id} did not come up: {:?}; error log: {:?}",
+            container_get(task.pid, "/"),
+            fs::read_to_string(ctrd.host_path(&id, "/tmp/nginx-error.log"))
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        container_get(task.pid, "/").as_deref(),
+        Ok(IMAGE_NGINX_PAGE)
+    );
+    let (workers, answered) = nginx_workers_answering(&ctrd, &id, task.pid);
+    assert_eq!(workers.len(), 4, "nginx workers in {id}");
+    let mut ns_workers: Vec<i32> = workers.iter().map(|&w| ns_pid(w)).collect();
+    ns_workers.sort_unstable();
+    assert_eq!(
+        answered, ns_workers,
+        "every worker accepts before the checkpoint"
+    );
+    let pss_original = ctrd.paused_pss(&id);
+    let breakdown_original = smaps_breakdown(&ctrd, &id);
+
+    let reference = "cowsnap.test/nginx-checkpoint:1";
+    // --rw: nginx holds its logs and pid file in /tmp of the writable layer.
+    ctrd.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, reference]);
+    ctrd.kill_and_delete(&id);
+
+    let restored = ctrd.container_id("nginx-restored");
+    ctrd.track(&restored);
+    let out = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        out.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&out),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    for _ in 0..3 {
+        assert_eq!(
+            container_get(task.pid, "/").as_deref(),
+            Ok(IMAGE_NGINX_PAGE),
+            "the restored nginx serves the page"
+        );
+    }
+    let (workers_after, answered_after) = nginx_workers_answering(&ctrd, &restored, task.pid);
+    assert_eq!(workers_after.len(), 4, "nginx workers after the restore");
+    assert_eq!(answered_after, ns_workers, "every restored worker accepts");
+    let pss_restored = ctrd.paused_pss(&restored);
+    let diff = pss_restored.abs_diff(pss_original);
+    eprintln!("nginx container PSS: {pss_original} B before, {pss_restored} B after");
+    assert!(
+        diff * 100 <= pss_original,
+        "restored nginx container's PSS {pss_restored} B is not within 1% of the original's {pss_original} B\n\
+         before: {breakdown_original}\nafter: {}",
+        smaps_breakdown(&ctrd, &restored)
+    );
+    ctrd.kill_and_delete(&restored);
 }
 
 /// Identity (see [`harness::process_identity`]) of every long-lived process

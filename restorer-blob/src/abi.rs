@@ -26,7 +26,7 @@
 /// `"cowsnapB"` little endian.
 pub const ARGS_MAGIC: u64 = u64::from_le_bytes(*b"cowsnapB");
 /// Bumped on every incompatible change of any struct in this file.
-pub const ARGS_VERSION: u32 = 4;
+pub const ARGS_VERSION: u32 = 5;
 
 /// The blob exits with `EXIT_BASE + step` when a step fails.
 pub const EXIT_BASE: i32 = 64;
@@ -360,6 +360,11 @@ pub struct ArgHeader {
     /// every mapping is in place: the file pages the original had mapped.
     /// Best effort: an error is ignored.
     pub populates: Table,
+    /// [`Range`]s of file mappings the original had no page of, dropped
+    /// (`MADV_DONTNEED`) after the populates: faulting a page in also maps
+    /// its cached neighbours ("fault-around"), which the original may not
+    /// have had. Only ranges without anonymous (written) pages.
+    pub unpopulates: Table,
     /// Written by the blob: threads of this process past the barrier.
     pub threads_passed: u32,
     pub _pad1: u32,

@@ -50,6 +50,7 @@ const MREMAP_MAYMOVE: u64 = 1;
 const MREMAP_FIXED: u64 = 2;
 /// Linux 5.14+.
 const MADV_POPULATE_READ: u64 = 22;
+const MADV_DONTNEED: u64 = 4;
 const SIG_SETMASK: u64 = 2;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const PR_SET_MM: u64 = 35;
@@ -284,6 +285,12 @@ extern "C" fn blob_main(h: *mut ArgHeader) -> ! {
         // changes no contents and no mapping.
         let _ = unsafe { syscall(SYS_MADVISE, r.start, r.len, MADV_POPULATE_READ, 0) };
     }
+    for i in 0..hd.unpopulates.count {
+        let r: Range = b.get(hd.unpopulates, i);
+        // SAFETY: these file ranges hold no written (anonymous) page: a
+        // dropped page faults back in from the file unchanged.
+        let _ = unsafe { syscall(SYS_MADVISE, r.start, r.len, MADV_DONTNEED, 0) };
+    }
 
     if hd.mm_valid != 0 {
         b.step(STEP_MM_MAP, 0);
@@ -323,7 +330,7 @@ fn check(b: &Block) {
     {
         b.fail(STEP_CHECK_ARGS, EBADMSG, 0, 0, b.base());
     }
-    let tables: [(Table, usize); 10] = [
+    let tables: [(Table, usize); 11] = [
         (h.unmaps, size_of::<Range>()),
         (h.moves, size_of::<Move>()),
         (h.maps, size_of::<Map>()),
@@ -334,6 +341,7 @@ fn check(b: &Block) {
         (h.filters, size_of::<Filter>()),
         (h.post_barrier_unmaps, size_of::<Range>()),
         (h.populates, size_of::<Range>()),
+        (h.unpopulates, size_of::<Range>()),
     ];
     for (i, (t, sz)) in tables.iter().enumerate() {
         if !table_fits(h, *t, *sz) {

@@ -40,6 +40,13 @@ pub const COWSNAP_RUNTIME: &str = "io.containerd.cowsnap.v1";
 pub const SHIM_BIN_NAME: &str = "containerd-shim-cowsnap-v1";
 /// The name [`Containerd::import_reference_image`] gives the test image.
 pub const IMAGE_REF: &str = "cowsnap.test/ref:1";
+/// nginx in the reference image: Debian's binary at the same path, a
+/// configuration with a master and 4 workers on port IMAGE_NGINX_PORT of
+/// every address, and the page it serves at /.
+pub const NGINX_BIN: &str = "/usr/sbin/nginx";
+pub const IMAGE_NGINX_CONF: &str = "/etc/nginx/cowsnap.conf";
+pub const IMAGE_NGINX_PORT: u16 = 8080;
+pub const IMAGE_NGINX_PAGE: &str = "hello from nginx in a container\n";
 /// Where the reference workload lives in the image.
 pub const IMAGE_WORKLOAD: &str = "/bin/cowsnap-refworkload";
 /// Shell loop that writes an increasing counter to /tmp/count ten times a second.
@@ -1149,6 +1156,33 @@ fn shared_libraries(binary: &str) -> Vec<String> {
     libs
 }
 
+/// Adds the shared libraries `binary` needs at the paths ldd gives, with
+/// their directories (each directory once, remembered in `made_dirs`).
+fn add_libraries(tar: &mut TarWriter, made_dirs: &mut Vec<String>, binary: &str) {
+    for lib in shared_libraries(binary) {
+        let rel = lib.trim_start_matches('/');
+        let mut parent = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            parent = if parent.is_empty() {
+                part.to_string()
+            } else {
+                format!("{parent}/{part}")
+            };
+            if !made_dirs.contains(&parent) {
+                tar.dir(&parent, 0o755);
+                made_dirs.push(parent.clone());
+            }
+        }
+        if made_dirs.iter().any(|d| d == rel) {
+            continue;
+        }
+        made_dirs.push(rel.to_string());
+        let bytes = fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
+        tar.file(rel, 0o755, &bytes);
+    }
+}
+
 /// The image layer: static busybox with a link per applet in /bin, the
 /// reference workload at [`IMAGE_WORKLOAD`] with the libraries it needs at
 /// the paths ldd gives, the usual mount-point directories and /etc/passwd.
@@ -1184,37 +1218,51 @@ pub fn reference_layer() -> Vec<u8> {
         &workload_bytes,
     );
     let mut made_dirs: Vec<String> = Vec::new();
-    for lib in shared_libraries(workload) {
-        let rel = lib.trim_start_matches('/');
-        let mut parent = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
-            if !made_dirs.contains(&parent) {
-                tar.dir(&parent, 0o755);
-                made_dirs.push(parent.clone());
-            }
+    add_libraries(&mut tar, &mut made_dirs, workload);
+    // nginx (Debian's), for the socket tests: the binary, its libraries,
+    // a configuration of its own and a page to serve.
+    let nginx_bytes = fs::read(NGINX_BIN)
+        .unwrap_or_else(|e| panic!("read {NGINX_BIN}: {e} (install nginx: .ci/install does)"));
+    add_libraries(&mut tar, &mut made_dirs, NGINX_BIN);
+    for dir in ["usr/sbin", "etc/nginx", "var", "var/www"] {
+        if !made_dirs.iter().any(|d| d == dir) {
+            tar.dir(dir, 0o755);
+            made_dirs.push(dir.to_string());
         }
-        let bytes = fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
-        tar.file(rel, 0o755, &bytes);
     }
+    tar.file(NGINX_BIN.trim_start_matches('/'), 0o755, &nginx_bytes);
+    tar.file(
+        IMAGE_NGINX_CONF.trim_start_matches('/'),
+        0o644,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 4;\npid /tmp/nginx.pid;\n\
+             error_log /tmp/nginx-error.log;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  access_log /tmp/nginx-access.log;\n  client_body_temp_path /tmp;\n\
+             proxy_temp_path /tmp;\n  fastcgi_temp_path /tmp;\n  uwsgi_temp_path /tmp;\n\
+             scgi_temp_path /tmp;\n  server {{\n    listen 0.0.0.0:{IMAGE_NGINX_PORT};\n\
+             root /var/www;\n    location /pid {{ return 200 \"$pid\\n\"; }}\n  }}\n}}\n"
+        )
+        .as_bytes(),
+    );
+    tar.file("var/www/index.html", 0o644, IMAGE_NGINX_PAGE.as_bytes());
     // A user of its own for processes that are not root, with a
     // supplementary group (both show in /proc/PID/status).
     tar.file(
         "etc/passwd",
         0o644,
-        format!("root:x:0:0:root:/root:/bin/sh\n{APP_USER}:x:{APP_UID}:{APP_UID}::/tmp:/bin/sh\n")
-            .as_bytes(),
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\n{APP_USER}:x:{APP_UID}:{APP_UID}::/tmp:/bin/sh\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+        )
+        .as_bytes(),
     );
     tar.file(
         "etc/group",
         0o644,
-        format!("root:x:0:\n{APP_USER}:x:{APP_UID}:\nextra:x:{APP_EXTRA_GID}:{APP_USER}\n")
-            .as_bytes(),
+        format!(
+            "root:x:0:\n{APP_USER}:x:{APP_UID}:\nextra:x:{APP_EXTRA_GID}:{APP_USER}\nnogroup:x:65534:\n"
+        )
+        .as_bytes(),
     );
     tar.finish()
 }

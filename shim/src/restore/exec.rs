@@ -1161,9 +1161,20 @@ fn blob_memory(
             args.push_madvise(v.start, v.len(), advice);
         }
         if matches!(v.kind, VmaKind::PrivateFile | VmaKind::SharedFile) {
+            use crate::image::types::PageRun;
+            let ps = ctx.image.page_size();
+            let populated = v.pages.iter().any(|r| matches!(r, PageRun::Mapped { .. }));
             for run in &v.pages {
-                if let crate::image::types::PageRun::Mapped { start, pages } = *run {
-                    args.push_populate(start, pages * ctx.image.page_size());
+                match *run {
+                    PageRun::Mapped { start, pages } => {
+                        args.push_populate(start, pages * ps);
+                    }
+                    // What the populates' fault-around maps beyond the
+                    // original's pages is dropped again.
+                    PageRun::Absent { start, pages } if populated => {
+                        args.push_unpopulate(start, pages * ps);
+                    }
+                    _ => {}
                 }
             }
         }

@@ -298,6 +298,7 @@ pub struct BlobArgs {
     status: Option<u64>,
     post_barrier_unmaps: Vec<Range>,
     populates: Vec<Range>,
+    unpopulates: Vec<Range>,
     drop_rseq: bool,
 }
 
@@ -482,6 +483,19 @@ impl BlobArgs {
         match self.populates.last_mut() {
             Some(last) if last.start + last.len == start => last.len += len,
             _ => self.populates.push(Range { start, len }),
+        }
+        self
+    }
+
+    /// A file range with no page of the original's, dropped after the
+    /// populates (their fault-around maps cached neighbours too).
+    pub fn push_unpopulate(&mut self, start: u64, len: u64) -> &mut Self {
+        if len == 0 {
+            return self;
+        }
+        match self.unpopulates.last_mut() {
+            Some(last) if last.start + last.len == start => last.len += len,
+            _ => self.unpopulates.push(Range { start, len }),
         }
         self
     }
@@ -793,7 +807,7 @@ pub fn prepare(args: &BlobArgs, placement: Placement) -> Result<Prepared, BlobEr
         + 64 * (args.unmaps.len() + args.keeps.len() + 2 * args.moves.len() + 16) as u64
         + 48 * args.maps.len() as u64
         + 24 * (args.protects.len() + args.advises.len() + args.post_barrier_unmaps.len()) as u64
-        + 16 * args.populates.len() as u64
+        + 16 * (args.populates.len() + args.unpopulates.len()) as u64
         + 112 * args.threads.len() as u64
         + args
             .threads
@@ -1096,6 +1110,7 @@ fn build_block(
     }
     h.post_barrier_unmaps = b.table(&args.post_barrier_unmaps);
     h.populates = b.table(&args.populates);
+    h.unpopulates = b.table(&args.unpopulates);
 
     // Frames, then the thread table that points at them.
     let mut threads = Vec::new();

@@ -447,19 +447,19 @@ fn cowsnap_failed_checkpoint_leaves_container_running() {
     ctrd.kill_and_delete(&id);
 }
 
-/// 4b. An fd of a kind restore cannot reopen yet (busybox inotifyd's
-///     inotify fd): the dump refuses it, naming it, so no image that cannot
-///     be restored is stored.
+/// 4b. An fd of a kind restore cannot reopen (busybox uevent's netlink
+///     socket): the dump refuses it, naming it, so no image that cannot be
+///     restored is stored.
 #[test]
 fn cowsnap_checkpoint_refuses_an_unsupported_fd() {
     let ctrd = Containerd::start_cowsnap("ckpt-unsupported");
     let image = ctrd.import_reference_image();
     let id = ctrd.container_id("watcher");
-    let script = format!("inotifyd true /tmp & {COUNTER_LOOP}");
+    let script = format!("uevent true & {COUNTER_LOOP}");
     let task = ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
     ctrd.wait_counter_above(&id, 0);
-    let watcher = only_process_named(&ctrd, &id, "inotifyd");
-    assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, watcher, "inotify");
+    let watcher = only_process_named(&ctrd, &id, "uevent");
+    assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, watcher, "netlink");
     ctrd.kill_and_delete(&id);
 }
 
@@ -525,6 +525,12 @@ fn nginx_workers_answering(ctrd: &Containerd, id: &str, init: i32) -> (Vec<i32>,
         if let Some(&host) = workers.iter().find(|&&w| ns_pid(w) == ns) {
             answered.push(ns);
             let _ = kill(Pid::from_raw(host), Signal::SIGSTOP);
+            // Until it is stopped it may still take the next connection.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !common::task_state(host).starts_with('T') && std::time::Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(2));
+            }
             stopped.push(host);
         }
     }

@@ -75,7 +75,7 @@ fn every_worker_accepts(addr: SocketAddr, path: &str, workers: &[i32], context: 
                 match pid {
                     Some(pid) if workers.contains(&pid) => {
                         answered.insert(pid);
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                        stop_and_wait(pid);
                         stopped.push(pid);
                     }
                     _ => {
@@ -103,6 +103,16 @@ fn every_worker_accepts(addr: SocketAddr, path: &str, workers: &[i32], context: 
     );
 }
 
+/// SIGSTOP, then wait until `pid` is stopped: until then it may still be
+/// in epoll_wait and take (and sit on) the next connection.
+fn stop_and_wait(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !task_state(pid).starts_with('T') && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn pid_in(body: &str) -> Option<i32> {
     let t = body.trim();
     t.strip_prefix("pid=")
@@ -112,8 +122,9 @@ fn pid_in(body: &str) -> Option<i32> {
         .ok()
 }
 
+/// The pid is in use (a zombie still holds it).
 fn alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists() && task_state(pid) != "Z"
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn dump_exit(root: i32, images: &Path, extra: &[&str]) -> Output {
@@ -379,6 +390,17 @@ fn nginx_master_and_workers_restored() {
 
 #[test]
 fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
+    sockets_workload_restored(false);
+}
+
+/// The same, with an established loopback TCP connection between parent
+/// and child (both ends in the tree) carrying data both ways.
+#[test]
+fn loopback_tcp_connection_inside_the_tree_restored_as_a_pair() {
+    sockets_workload_restored(true);
+}
+
+fn sockets_workload_restored(tcp: bool) {
     require_root();
     let dir = tempfile::Builder::new()
         .prefix("cowsnap-sockets-")
@@ -388,6 +410,7 @@ fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
     let mut child = Command::new(PYTHON)
         .arg(workload("sockets.py"))
         .arg(d)
+        .args(if tcp { &["--tcp"][..] } else { &[] })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -407,7 +430,11 @@ fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
     let pids = vec![root, kid];
 
     let (_img, images) = image_dir("sockets");
-    dump_exit(root, &images, &[]);
+    dump_exit(
+        root,
+        &images,
+        if tcp { &["--tcp-established"][..] } else { &[] },
+    );
     wait_gone(&pids, Some(&mut child), "sockets.py after dump --exit");
     // The socket file stays behind, as after any crash: restore must cope.
     assert!(d.join("listen.sock").exists());
@@ -455,6 +482,13 @@ fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
         );
         assert_eq!(r["tcp6"]["port"], ports["tcp6"], "{me}: the same port");
         assert_eq!(r["udp_broadcast"], 1, "{me}: SO_BROADCAST");
+        if tcp {
+            assert_eq!(
+                r["tcp"].as_str().expect("tcp"),
+                format!("{peer}-tcp-").repeat(1000),
+                "{me}: the TCP bytes its peer had written"
+            );
+        }
     }
     // The shared epoll set: the parent's stream end and the registration
     // whose fd number was closed both report the queued data; edge
@@ -483,16 +517,30 @@ fn unix_socketpairs_listeners_and_epoll_restored_with_data_in_flight() {
 fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     require_root();
     // A netlink socket, a packet socket and an established TCP connection
-    // (without --tcp-established).
-    let script = "import socket,sys,time\n\
+    // (without --tcp-established); a signalfd, a timerfd, an inotify fd
+    // and a named FIFO.
+    let fifo_dir = tempfile::Builder::new()
+        .prefix("cowsnap-refuse-")
+        .tempdir()
+        .expect("tempdir");
+    let fifo = fifo_dir.path().join("fifo");
+    let script = format!(
+        "import ctypes,os,socket,sys,time\n\
+        libc=ctypes.CDLL(None,use_errno=True)\n\
         n=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\n\
         p=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,0)\n\
         l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen(1)\n\
         c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
-        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),flush=True)\n\
-        time.sleep(600)\n";
+        mask=(ctypes.c_ulong*16)(); mask[0]=1<<(10-1)\n\
+        sfd=libc.signalfd(-1,mask,0)\n\
+        tfd=libc.timerfd_create(1,0)\n\
+        ifd=libc.inotify_init1(0)\n\
+        os.mkfifo({fifo:?}); ffd=os.open({fifo:?},os.O_RDWR)\n\
+        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,flush=True)\n\
+        time.sleep(600)\n"
+    );
     let mut child = Command::new(PYTHON)
-        .args(["-c", script])
+        .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -504,7 +552,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         .read_line(&mut line)
         .expect("fds");
     let fds: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fds.len(), 4, "{line}");
+    assert_eq!(fds.len(), 8, "{line}");
     let (_dir, images) = image_dir("refuse-sockets");
     let out = cowsnap(&[
         "dump",
@@ -520,20 +568,33 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     for (fd, what) in [
-        (fds[0], "netlink"),
-        (fds[1], "packet"),
-        (fds[2], "established TCP connection"),
-        (fds[3], "established TCP connection"),
+        (fds[0], "is socket:[".to_string()),
+        (fds[1], "is socket:[".to_string()),
+        (fds[2], "is socket:[".to_string()),
+        (fds[3], "is socket:[".to_string()),
+        (fds[4], "is anon_inode:[signalfd]".to_string()),
+        (fds[5], "is anon_inode:[timerfd]".to_string()),
+        (fds[6], "is anon_inode:inotify".to_string()),
+        (fds[7], format!("is {}", fifo.display())),
     ] {
-        let needle = format!("pid {root} fd {fd} is socket:[");
+        let needle = format!("pid {root} fd {fd} {what}");
         assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
+    }
+    for what in ["netlink", "packet", "established TCP connection"] {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
+    assert!(
+        err.contains("8 fd(s) cannot be restored"),
+        "counts them: {err}"
+    );
     assert!(err.contains("--tcp-established"), "message says how: {err}");
     assert!(!images.exists(), "no image after a refused dump");
-    assert!(alive(root), "tree still runs");
+    assert!(
+        alive(root) && !task_state(root).starts_with('Z'),
+        "tree still runs"
+    );
     assert!(!is_traced(root), "tree no longer traced");
-    assert_ne!(task_state(root), "T", "tree not stopped");
+    assert!(!task_state(root).starts_with('T'), "tree not stopped");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Socket and epoll shapes a restore must bring back, standard library only.
 
-Usage: sockets.py DIR
+Usage: sockets.py DIR [--tcp]
 
 A parent and one child share:
   - unix socketpairs (stream, datagram, seqpacket) with data in flight in
@@ -13,6 +13,9 @@ A parent and one child share:
   - an epoll set created before the fork (so both hold it) watching the
     stream pair's parent end with EPOLLET, and a registration whose fd was
     closed after a dup (its file is still open under another number).
+With --tcp, parent and child also hold the two ends of an established
+loopback TCP connection with data in flight both ways (dump it with
+--tcp-established).
 On SIGUSR1 each process drains what it holds and writes DIR/report-<role>.json;
 the parent writes DIR/ports.json at start (ports of its listeners).
 """
@@ -50,6 +53,16 @@ udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 udp.bind(("127.0.0.1", 0))
 
+tcp_pair = None
+if "--tcp" in sys.argv[2:]:
+    lis = socket.socket()
+    lis.bind(("127.0.0.1", 0))
+    lis.listen(1)
+    client = socket.create_connection(lis.getsockname())
+    server, _ = lis.accept()
+    lis.close()
+    tcp_pair = (server, client)
+
 ep = select.epoll()
 ep.register(pairs["stream"][0].fileno(), select.EPOLLIN | select.EPOLLET)
 # A registration whose fd number is closed: the file lives on under `moved`.
@@ -64,10 +77,16 @@ if pid == 0:
     mine = {k: v[1] for k, v in pairs.items()}
     for v in pairs.values():
         v[0].close()
+    if tcp_pair:
+        tcp_pair[0].close()
+        mine["tcp"] = tcp_pair[1]
 else:
     mine = {k: v[0] for k, v in pairs.items()}
     for v in pairs.values():
         v[1].close()
+    if tcp_pair:
+        tcp_pair[1].close()
+        mine["tcp"] = tcp_pair[0]
     with open(os.path.join(out, "ports.json"), "w") as f:
         json.dump(
             {
@@ -81,6 +100,8 @@ else:
 
 # Data in flight both ways: each side writes, nobody reads until SIGUSR1.
 mine["stream"].sendall(f"{role}-stream-".encode() * 1000)
+if "tcp" in mine:
+    mine["tcp"].sendall(f"{role}-tcp-".encode() * 1000)
 for i in range(3):
     mine["dgram"].send(f"{role}-dgram-{i}".encode())
     mine["seqpacket"].send(f"{role}-seq-{i}".encode())
@@ -109,6 +130,17 @@ def report(*_):
     r["stream"] = drain(mine["stream"], True)
     r["dgram"] = drain(mine["dgram"], False)
     r["seqpacket"] = drain(mine["seqpacket"], False)
+    if "tcp" in mine:
+        # All of it: the peer's bytes may still be on their way (loopback).
+        want = len(("parent" if role == "child" else "child") + "-tcp-") * 1000
+        got = b""
+        mine["tcp"].settimeout(10)
+        while len(got) < want:
+            chunk = mine["tcp"].recv(want - len(got))
+            if not chunk:
+                break
+            got += chunk
+        r["tcp"] = got.decode()
     r["tcp6"] = {
         "v6only": tcp6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
         "nodelay": tcp6.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),

@@ -461,7 +461,7 @@ pub(crate) fn check_process(
 /// Every socket and epoll fd names an object of `sockets.json`, every object
 /// is described once, connected unix sockets name each other, queued data
 /// is hex, and epoll registrations name objects of the image.
-fn check_sockets(
+pub(crate) fn check_sockets(
     sockets: &SocketsImage,
     processes: &[ProcessImage],
     pipes: &[PipeImage],

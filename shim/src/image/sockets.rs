@@ -221,3 +221,184 @@ pub enum EpollObject {
         id: u64,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::reader::check_sockets;
+    use crate::image::testutil;
+    use crate::image::types::{Fd, FdKind, PipeImage, ProcessImage};
+    use crate::image::{Image, ImageError};
+
+    fn unix(inode: u64, sock_type: i32, state: UnixState, queue: &[&str]) -> SocketImage {
+        SocketImage {
+            inode,
+            sock_type,
+            flags: libc::O_RDWR as u32,
+            options: SocketOptions::default(),
+            kind: SocketKind::Unix {
+                name: None,
+                state,
+                queue: queue.iter().map(|q| q.to_string()).collect(),
+                shutdown: 0,
+            },
+        }
+    }
+
+    fn holder(fds: &[FdKind]) -> ProcessImage {
+        let mut p = testutil::process(10);
+        p.fds = fds
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| Fd {
+                fd: 3 + i as i32,
+                flags: libc::O_RDWR as u32,
+                kind: kind.clone(),
+            })
+            .collect();
+        p
+    }
+
+    /// A pair, a listener, an eventfd and an epoll watching one end of the
+    /// pair and a pipe: what a valid sockets.json holds.
+    fn valid() -> (SocketsImage, Vec<ProcessImage>, Vec<PipeImage>) {
+        let stream = libc::SOCK_STREAM;
+        let image = SocketsImage {
+            sockets: vec![
+                unix(1, stream, UnixState::Connected { peer: 2 }, &["6869"]),
+                unix(2, stream, UnixState::Connected { peer: 1 }, &[]),
+                unix(3, stream, UnixState::Listening { backlog: 5 }, &[]),
+            ],
+            epolls: vec![EpollImage {
+                id: 0,
+                targets: vec![
+                    EpollTarget {
+                        tfd: 3,
+                        events: libc::EPOLLIN as u32,
+                        data: 7,
+                        object: EpollObject::Socket { inode: 1 },
+                    },
+                    EpollTarget {
+                        tfd: 9,
+                        events: libc::EPOLLIN as u32,
+                        data: 8,
+                        object: EpollObject::Pipe {
+                            inode: 77,
+                            write_end: false,
+                        },
+                    },
+                ],
+            }],
+            eventfds: vec![EventfdImage {
+                id: 5,
+                count: 2,
+                semaphore: false,
+                flags: 0,
+            }],
+            connection_lock: None,
+        };
+        let procs = vec![holder(&[
+            FdKind::Socket { inode: 1 },
+            FdKind::Socket { inode: 2 },
+            FdKind::Epoll { id: 0 },
+            FdKind::Eventfd { id: 5 },
+        ])];
+        (image, procs, testutil::pipes())
+    }
+
+    fn refused(image: &SocketsImage, procs: &[ProcessImage], pipes: &[PipeImage]) -> String {
+        check_sockets(image, procs, pipes)
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn a_valid_description_passes_and_round_trips() {
+        let (image, procs, pipes) = valid();
+        check_sockets(&image, &procs, &pipes).expect("valid");
+        let text = serde_json::to_string(&image).expect("json");
+        assert_eq!(
+            serde_json::from_str::<SocketsImage>(&text).expect("parse"),
+            image
+        );
+    }
+
+    #[test]
+    fn every_inconsistency_is_refused_by_name() {
+        let (base, procs, pipes) = valid();
+
+        let mut twice = base.clone();
+        twice.sockets.push(twice.sockets[2].clone());
+        assert!(refused(&twice, &procs, &pipes).contains("socket 3: described twice"));
+
+        let mut raw = base.clone();
+        raw.sockets[2].sock_type = libc::SOCK_RAW;
+        assert!(refused(&raw, &procs, &pipes).contains("socket 3: socket type 3"));
+
+        let mut not_hex = base.clone();
+        not_hex.sockets[0] = unix(
+            1,
+            libc::SOCK_STREAM,
+            UnixState::Connected { peer: 2 },
+            &["zz"],
+        );
+        assert!(refused(&not_hex, &procs, &pipes).contains("socket 1: queued message is not hex"));
+
+        let mut lonely = base.clone();
+        lonely.sockets.remove(1);
+        let only_one = [holder(&[FdKind::Socket { inode: 1 }])];
+        assert!(refused(&lonely, &only_one, &pipes).contains("socket 1: peer 2 is not described"));
+
+        let mut one_way = base.clone();
+        one_way.sockets[1] = unix(2, libc::SOCK_STREAM, UnixState::Open, &[]);
+        assert!(refused(&one_way, &procs, &pipes).contains("peer 2 is not connected back"));
+
+        let mut ghost = base.clone();
+        ghost.epolls[0].targets[0].object = EpollObject::Socket { inode: 99 };
+        assert!(refused(&ghost, &procs, &pipes).contains("epoll 0: registration of fd 3"));
+
+        let mut no_pipe = base.clone();
+        no_pipe.epolls[0].targets[1].object = EpollObject::Pipe {
+            inode: 78,
+            write_end: true,
+        };
+        assert!(refused(&no_pipe, &procs, &pipes).contains("epoll 0: registration of fd 9"));
+
+        let missing = [holder(&[FdKind::Socket { inode: 42 }])];
+        let text = refused(&base, &missing, &pipes);
+        assert!(text.contains("pid 10 fd 3 is socket 42"), "{text}");
+        let missing = [holder(&[FdKind::Eventfd { id: 6 }])];
+        assert!(refused(&base, &missing, &pipes).contains("pid 10 fd 3 is eventfd 6"));
+        let missing = [holder(&[FdKind::Epoll { id: 1 }])];
+        assert!(refused(&base, &missing, &pipes).contains("pid 10 fd 3 is epoll 1"));
+    }
+
+    #[test]
+    fn an_image_without_sockets_json_opens_with_none() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = testutil::build(tmp.path());
+        assert!(
+            dir.join(SOCKETS_FILE).exists(),
+            "the writer always writes it"
+        );
+        std::fs::remove_file(dir.join(SOCKETS_FILE)).expect("rm");
+        testutil::edit_manifest(&dir, |m| {
+            m["format_version"]["minor"] = serde_json::json!(0);
+            let files = m["files"].as_array_mut().expect("files");
+            files.retain(|f| f["name"] != SOCKETS_FILE);
+        });
+        let image = Image::open(&dir).expect("a format 1.0 image still opens");
+        assert_eq!(image.sockets, SocketsImage::default());
+    }
+
+    #[test]
+    fn a_listed_but_broken_sockets_json_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = testutil::build(tmp.path());
+        testutil::rewrite(&dir, SOCKETS_FILE, b"{\"sockets\": 3}");
+        assert!(matches!(
+            Image::open(&dir),
+            Err(ImageError::Json { file, .. }) if file == SOCKETS_FILE
+        ));
+    }
+}

@@ -160,6 +160,9 @@ impl ImageWriter {
         if !self.names.contains(PIPES_FILE) {
             self.write_pipes(&[])?;
         }
+        if !self.names.contains(crate::image::sockets::SOCKETS_FILE) {
+            self.write_sockets(&Default::default())?;
+        }
         let store = self.pages.finish()?;
         self.files.push(FileEntry {
             name: PAGES_FILE.into(),

@@ -29,6 +29,7 @@ const QUEUE_LIMIT: usize = 64 << 20;
 /// TCP states as `tcp_info.tcpi_state` and sock_diag report them.
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LISTEN: u8 = 10;
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +241,30 @@ pub fn collect(
                         }
                     }
                     TCP_CLOSE => InetState::Open,
+                    TCP_CLOSE_WAIT => {
+                        let remote = match sock::peer_address(fd) {
+                            Ok(Address::Inet(a)) => a,
+                            _ => SocketAddr::from(([0, 0, 0, 0], 0)),
+                        };
+                        match sock::peek_queue(fd, QUEUE_LIMIT) {
+                            Ok(data) => InetState::CloseWait {
+                                remote,
+                                queue: hex::encode(
+                                    data.into_iter().flat_map(|p| p.data).collect::<Vec<u8>>(),
+                                ),
+                            },
+                            Err(e) => {
+                                refuse(
+                                    refusals,
+                                    format!(
+                                        "reading the receive queue of TCP {} -> {remote}: {e}",
+                                        show(local)
+                                    ),
+                                );
+                                continue;
+                            }
+                        }
+                    }
                     TCP_ESTABLISHED => {
                         let remote = match sock::peer_address(fd).map_err(sys("getpeername"))? {
                             Address::Inet(a) => a,

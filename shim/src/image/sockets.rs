@@ -93,6 +93,14 @@ pub enum InetState {
     Established {
         connection: Box<crate::sys::tcp_repair::TcpConnection>,
     },
+    /// A TCP connection its peer has closed (CLOSE_WAIT): what is queued
+    /// can still be read, then end of file. Restored as a connection over
+    /// loopback whose other end closes at once after sending `queue` (hex),
+    /// so the addresses getsockname/getpeername report differ.
+    CloseWait {
+        remote: SocketAddr,
+        queue: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -209,6 +209,9 @@ fn describe(s: &SocketImage) -> String {
                     format!("{p} {} -> {}", connection.local, connection.remote)
                 }
                 InetState::UdpConnected { remote } => format!("{p} {l} -> {remote}"),
+                InetState::CloseWait { remote, .. } => {
+                    format!("{p} {l} -> {remote}, closed by the peer")
+                }
                 InetState::Open => format!("{p} {l}"),
             }
         }
@@ -336,6 +339,11 @@ fn create_inet(
         apply_options(fd.as_fd(), s, v6)?;
         return Ok(fd);
     }
+    if let InetState::CloseWait { queue, .. } = state {
+        let fd = close_wait(s, v6, queue)?;
+        apply_options(fd.as_fd(), s, v6)?;
+        return Ok(fd);
+    }
     let fd = sock::socket(family, s.sock_type, proto).map_err(sys(s, "socket"))?;
     apply_options(fd.as_fd(), s, v6)?;
     if let Some(addr) = local {
@@ -373,8 +381,36 @@ fn create_inet(
         InetState::UdpConnected { remote } => {
             sock::connect(fd.as_fd(), &Address::Inet(*remote)).map_err(sys(s, "connect"))?;
         }
-        InetState::Open | InetState::Established { .. } => {}
+        InetState::Open | InetState::Established { .. } | InetState::CloseWait { .. } => {}
     }
+    Ok(fd)
+}
+
+/// A TCP socket in CLOSE_WAIT holding `queue`: connected over loopback to
+/// a throwaway listener whose accepted end sends the queue and closes.
+fn close_wait(s: &SocketImage, v6: bool, queue: &str) -> Result<OwnedFd, SocketError> {
+    let data = decode(s, queue)?;
+    let (family, any) = if v6 {
+        (libc::AF_INET6, "[::1]:0")
+    } else {
+        (libc::AF_INET, "127.0.0.1:0")
+    };
+    let any: std::net::SocketAddr = any.parse().map_err(|_| SocketError::Image {
+        inode: s.inode,
+        detail: "loopback address".into(),
+    })?;
+    let lo = "the loopback listener of a CLOSE_WAIT connection (is loopback up?)";
+    let listener = sock::socket(family, libc::SOCK_STREAM, 0).map_err(sys(s, lo))?;
+    sock::bind(listener.as_fd(), &Address::Inet(any)).map_err(sys(s, lo))?;
+    sock::listen(listener.as_fd(), 1).map_err(sys(s, lo))?;
+    let at = sock::local_address(listener.as_fd()).map_err(sys(s, lo))?;
+    let fd = sock::socket(family, libc::SOCK_STREAM, 0).map_err(sys(s, "socket"))?;
+    sock::connect(fd.as_fd(), &at).map_err(sys(s, "connect over loopback"))?;
+    let peer = sock::accept(listener.as_fd()).map_err(sys(s, "accept over loopback"))?;
+    if !data.is_empty() {
+        sock::send_all(peer.as_fd(), &data).map_err(sys(s, "writing queued data"))?;
+    }
+    drop(peer);
     Ok(fd)
 }
 

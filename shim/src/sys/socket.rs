@@ -348,6 +348,21 @@ pub fn listen(fd: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
     cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(|_| ())
 }
 
+/// `accept4(fd, NULL, NULL, SOCK_CLOEXEC)`.
+pub fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed; the returned fd is ours.
+    let got = cvt(unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
 /// `ioctl(fd, SIOCINQ)`: bytes to read (for UDP: the next datagram's size).
 pub fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut n: libc::c_int = 0;

@@ -1055,3 +1055,118 @@ fn redis_with_a_background_save_in_progress_restored() {
     }
     assert_eq!(redis_info(addr, "rdb_last_bgsave_status"), "ok");
 }
+
+// ------------------------------------------------------------ event fds
+
+/// epoll + eventfd (plain and semaphore) + timerfd (relative periodic,
+/// absolute realtime) + signalfd: the timeline goes on by the rule of
+/// README ("File descriptors"): the relative timer does not count the
+/// downtime, the absolute one fires at its wall-clock time, counters and
+/// masks are kept.
+#[test]
+fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-events-")
+        .tempdir()
+        .expect("tempdir");
+    let mut child = Command::new(PYTHON)
+        .arg(workload("events.py"))
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start events.py");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let start_wall: f64 = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("events.py did not start: {line:?}"));
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    thread::sleep(Duration::from_millis(1000));
+    let (_img, images) = image_dir("events");
+    dump_exit(root, &images, &[]);
+    wait_gone(&[root], Some(&mut child), "events.py after dump --exit");
+    let down = Duration::from_millis(1500);
+    thread::sleep(down);
+    restore(&images);
+    let _restored = KillOnDrop(vec![root]);
+    thread::sleep(Duration::from_millis(300));
+    let _ = kill(Pid::from_raw(root), Signal::SIGUSR2);
+    // Past the absolute timer's expiry (start + 3 s) by a margin.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    while now() < start_wall + 3.8 {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Reports until the signal shows (a loaded machine may take a while to
+    // run the program's loop), at most 10 s.
+    let report = dir.path().join("report.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r: serde_json::Value = loop {
+        let _ = std::fs::remove_file(&report);
+        let _ = kill(Pid::from_raw(root), Signal::SIGUSR1);
+        while !report.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no report from the restored program"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+        if r["sigusr2"] == 1 || Instant::now() >= deadline {
+            break r;
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(r["eventfd"], 5, "eventfd counter: {r}");
+    assert_eq!(r["sem_reads"], 3, "semaphore eventfd: {r}");
+    assert_eq!(
+        r["sigusr2"], 1,
+        "signalfd read the signal sent after the restore: {r}"
+    );
+    let fired = r["abs_fired"].as_f64().expect("the absolute timer fired");
+    assert!(
+        fired >= start_wall + 3.0 && fired < start_wall + 3.7,
+        "absolute timer fired {:.3} s after start, not at 3 s",
+        fired - start_wall
+    );
+    // The periodic timer: across the longest pause in its log (the tree
+    // down) the count moved by about what was pending at the dump, not by
+    // the downtime's 30 intervals.
+    let log: Vec<(f64, u64)> = r["log"]
+        .as_array()
+        .expect("log")
+        .iter()
+        .filter_map(|e| Some((e[0].as_f64()?, e[1].as_u64()?)))
+        .collect();
+    let (i, gap) = log
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1].0 - w[0].0))
+        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    assert!(
+        gap >= down.as_secs_f64(),
+        "the log shows no pause of the downtime: {gap}"
+    );
+    let jump = log[i + 1].1 - log[i].1;
+    assert!(
+        jump <= 12,
+        "the relative timer counted {jump} expirations across a {gap:.2} s pause: downtime counted"
+    );
+    let after = log.last().expect("entries").1 - log[i + 1].1;
+    assert!(
+        after >= 10,
+        "the timer goes on after the restore: {after} ticks"
+    );
+}

@@ -34,47 +34,11 @@ pub fn collect(
     tables: &mut [(i32, Vec<Fd>)],
     refusals: &mut Vec<String>,
 ) -> Result<Vec<EpollImage>, EpollError> {
-    let mut at: Vec<(usize, usize)> = Vec::new();
-    let mut fds: Vec<FileFd> = Vec::new();
-    for (t, (pid, table)) in tables.iter().enumerate() {
-        for (j, fd) in table.iter().enumerate() {
-            if let FdKind::Epoll { .. } = fd.kind {
-                at.push((t, j));
-                fds.push(FileFd {
-                    pid: *pid,
-                    fd: fd.fd,
-                    path: "anon_inode:[eventpoll]",
-                    pos: 0,
-                    flags: 0,
-                });
-            }
-        }
-    }
-    let groups = group_descriptions(&fds, |a, b| {
-        kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| EpollError::Kcmp {
-            pid1: a.pid,
-            fd1: a.fd,
-            pid2: b.pid,
-            fd2: b.fd,
-            source,
-        })
-    })?;
-    // group_descriptions numbers shared groups only; singles get ids after them.
-    let mut next = groups.iter().flatten().max().map_or(0, |m| m + 1);
-    let mut ids = Vec::with_capacity(groups.len());
-    for g in groups {
-        ids.push(g.unwrap_or_else(|| {
-            next += 1;
-            next - 1
-        }));
-    }
-    let mut first: std::collections::BTreeMap<u32, (i32, i32)> = Default::default();
-    for (&(t, j), &id) in at.iter().zip(&ids) {
-        let pid = tables[t].0;
-        let fd = &mut tables[t].1[j];
-        fd.kind = FdKind::Epoll { id };
-        first.entry(id).or_insert((pid, fd.fd));
-    }
+    let first = number_by_file(
+        tables,
+        |k| matches!(k, FdKind::Epoll { .. }),
+        |id| FdKind::Epoll { id },
+    )?;
     let mut out = Vec::new();
     for (id, (pid, epfd)) in first {
         let mut targets = Vec::new();
@@ -97,6 +61,56 @@ pub fn collect(
     Ok(out)
 }
 
+/// Numbers the files of one anon-inode kind (`is_kind`) across `tables`:
+/// fds on one file (inherited, dup'ed) get one id, set with `with_id`;
+/// files are told apart by kcmp, anon inodes sharing one inode number.
+/// Returns each id's first holder (pid, fd).
+pub fn number_by_file(
+    tables: &mut [(i32, Vec<Fd>)],
+    is_kind: impl Fn(&FdKind) -> bool,
+    with_id: impl Fn(u32) -> FdKind,
+) -> Result<std::collections::BTreeMap<u32, (i32, i32)>, EpollError> {
+    let mut at: Vec<(usize, usize)> = Vec::new();
+    let mut fds: Vec<FileFd> = Vec::new();
+    for (t, (pid, table)) in tables.iter().enumerate() {
+        for (j, fd) in table.iter().enumerate() {
+            if is_kind(&fd.kind) {
+                at.push((t, j));
+                fds.push(FileFd {
+                    pid: *pid,
+                    fd: fd.fd,
+                    path: "anon_inode",
+                    pos: 0,
+                    flags: 0,
+                });
+            }
+        }
+    }
+    let groups = group_descriptions(&fds, |a, b| {
+        kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| EpollError::Kcmp {
+            pid1: a.pid,
+            fd1: a.fd,
+            pid2: b.pid,
+            fd2: b.fd,
+            source,
+        })
+    })?;
+    // group_descriptions numbers shared groups only; singles get ids after them.
+    let mut next = groups.iter().flatten().max().map_or(0, |m| m + 1);
+    let mut first = std::collections::BTreeMap::new();
+    for (&(t, j), g) in at.iter().zip(groups) {
+        let id = g.unwrap_or_else(|| {
+            next += 1;
+            next - 1
+        });
+        let pid = tables[t].0;
+        let fd = &mut tables[t].1[j];
+        fd.kind = with_id(id);
+        first.entry(id).or_insert((pid, fd.fd));
+    }
+    Ok(first)
+}
+
 /// The object of the tree that registration `tfd` of epoll `epfd` (of
 /// `pid`) watches: a socket or pipe end some process holds, identified by
 /// kcmp among the fds whose inode is `ino`.
@@ -116,9 +130,14 @@ fn find_target(
                     inode,
                     write_end: fd.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY,
                 },
-                FdKind::Eventfd { id } => {
+                FdKind::Eventfd { .. } | FdKind::Signalfd { .. } | FdKind::Timerfd { .. } => {
                     if kcmp::is_epoll_target(*cand_pid, fd.fd, pid, epfd, tfd).unwrap_or(false) {
-                        return Ok(Ok(EpollObject::Eventfd { id }));
+                        return Ok(Ok(match fd.kind {
+                            FdKind::Eventfd { id } => EpollObject::Eventfd { id },
+                            FdKind::Signalfd { id } => EpollObject::Signalfd { id },
+                            FdKind::Timerfd { id } => EpollObject::Timerfd { id },
+                            _ => continue,
+                        }));
                     }
                     continue;
                 }

@@ -1,11 +1,17 @@
-//! Eventfds of a dumped tree: each once, by the kernel's `eventfd-id`, with
-//! its counter and mode from the first holder's fdinfo. Reads only.
+//! Event fds of a dumped tree: eventfds (each once, by the kernel's
+//! `eventfd-id`), signalfds and timerfds (numbered by kcmp, see
+//! [`super::epoll::number_by_file`]), with their state from the first
+//! holder's fdinfo. Reads only.
 
 use std::collections::BTreeMap;
 
-use crate::image::sockets::EventfdImage;
+use crate::image::sockets::{EventfdImage, SignalfdImage, TimerfdImage};
 use crate::image::types::{Fd, FdKind};
-use crate::sys::procfs::{read_eventfd_fdinfo, ProcfsError};
+use crate::sys::procfs::{
+    read_eventfd_fdinfo, read_signalfd_fdinfo, read_timerfd_fdinfo, ProcfsError,
+};
+
+use super::epoll::{number_by_file, EpollError};
 
 /// Every eventfd `tables` hold, in id order.
 pub fn collect(tables: &[(i32, Vec<Fd>)]) -> Result<Vec<EventfdImage>, ProcfsError> {
@@ -29,4 +35,78 @@ pub fn collect(tables: &[(i32, Vec<Fd>)]) -> Result<Vec<EventfdImage>, ProcfsErr
             })
         })
         .collect()
+}
+
+fn flags_of(tables: &[(i32, Vec<Fd>)], pid: i32, fd: i32) -> u32 {
+    tables
+        .iter()
+        .find(|(p, _)| *p == pid)
+        .and_then(|(_, fds)| fds.iter().find(|f| f.fd == fd))
+        .map_or(0, |f| f.flags)
+}
+
+/// Numbers the signalfds of `tables` and describes each.
+pub fn collect_signalfds(tables: &mut [(i32, Vec<Fd>)]) -> Result<Vec<SignalfdImage>, EpollError> {
+    let first = number_by_file(
+        tables,
+        |k| matches!(k, FdKind::Signalfd { .. }),
+        |id| FdKind::Signalfd { id },
+    )?;
+    first
+        .into_iter()
+        .map(|(id, (pid, fd))| {
+            Ok(SignalfdImage {
+                id,
+                mask: read_signalfd_fdinfo(pid, fd)?,
+                flags: flags_of(tables, pid, fd),
+            })
+        })
+        .collect()
+}
+
+const TFD_TIMER_ABSTIME: i32 = 1;
+
+/// Numbers the timerfds of `tables` and describes each; an absolute (or
+/// CLOCK_REALTIME) timer gets its expiry, read against its clock now (the
+/// tree is stopped, so the time left does not run on meanwhile).
+pub fn collect_timerfds(tables: &mut [(i32, Vec<Fd>)]) -> Result<Vec<TimerfdImage>, EpollError> {
+    let first = number_by_file(
+        tables,
+        |k| matches!(k, FdKind::Timerfd { .. }),
+        |id| FdKind::Timerfd { id },
+    )?;
+    first
+        .into_iter()
+        .map(|(id, (pid, fd))| {
+            let mut info = read_timerfd_fdinfo(pid, fd)?;
+            // A periodic timer that expired and was not read since shows no
+            // time left (the kernel moves it on only when read): its next
+            // expiry is within one interval; take a whole one.
+            if info.value == (0, 0) && info.interval != (0, 0) {
+                info.value = info.interval;
+            }
+            let armed = info.value != (0, 0);
+            let absolute =
+                info.settime_flags & TFD_TIMER_ABSTIME != 0 || info.clockid == libc::CLOCK_REALTIME;
+            let expires = (armed && absolute)
+                .then(|| crate::sys::process::clock_now(info.clockid))
+                .flatten()
+                .map(|now| add_timespec(now, info.value));
+            Ok(TimerfdImage {
+                id,
+                clockid: info.clockid,
+                ticks: info.ticks,
+                settime_flags: info.settime_flags,
+                value: info.value,
+                interval: info.interval,
+                expires,
+                flags: flags_of(tables, pid, fd),
+            })
+        })
+        .collect()
+}
+
+fn add_timespec(a: (i64, i64), b: (i64, i64)) -> (i64, i64) {
+    let ns = a.1 + b.1;
+    (a.0 + b.0 + ns / 1_000_000_000, ns % 1_000_000_000)
 }

@@ -106,6 +106,10 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
             FdKind::Eventfd {
                 id: crate::sys::procfs::read_eventfd_fdinfo(pid, fd)?.id,
             }
+        } else if link == "anon_inode:[signalfd]" {
+            FdKind::Signalfd { id: 0 }
+        } else if link == "anon_inode:[timerfd]" {
+            FdKind::Timerfd { id: 0 }
         } else if link == "anon_inode:[eventpoll]" {
             // Numbered by `dump::epoll` (every anon inode has one number).
             FdKind::Epoll { id: 0 }

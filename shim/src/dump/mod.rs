@@ -401,6 +401,9 @@ fn collect(
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
+    // Numbered before epoll, which names them as targets.
+    let signalfds = eventfd::collect_signalfds(&mut fd_tables)?;
+    let timerfds = eventfd::collect_timerfds(&mut fd_tables)?;
     let epolls = epoll::collect(&mut fd_tables, &mut refusals)?;
     let lock_name = format!(
         "cowsnap_{}_{}",
@@ -425,6 +428,8 @@ fn collect(
     }
     socket_dump.image.epolls = epolls;
     socket_dump.image.eventfds = eventfd::collect(&fd_tables)?;
+    socket_dump.image.signalfds = signalfds;
+    socket_dump.image.timerfds = timerfds;
     writer.write_sockets(&socket_dump.image)?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
         fd_tables.into_iter().collect();

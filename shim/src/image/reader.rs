@@ -518,6 +518,8 @@ pub(crate) fn check_sockets(
                 EpollObject::Socket { inode } => by_inode.contains_key(&inode),
                 EpollObject::Pipe { inode, .. } => pipes.iter().any(|p| p.inode == inode),
                 EpollObject::Eventfd { id } => sockets.eventfds.iter().any(|e| e.id == id),
+                EpollObject::Signalfd { id } => sockets.signalfds.iter().any(|e| e.id == id),
+                EpollObject::Timerfd { id } => sockets.timerfds.iter().any(|e| e.id == id),
             };
             if !known {
                 return Err(ImageError::BadEpoll {
@@ -539,6 +541,11 @@ pub(crate) fn check_sockets(
                 FdKind::Epoll { id } => (!epoll_ids.contains(&id)).then(|| format!("epoll {id}")),
                 FdKind::Eventfd { id } => {
                     (!sockets.eventfds.iter().any(|e| e.id == id)).then(|| format!("eventfd {id}"))
+                }
+                FdKind::Signalfd { id } => (!sockets.signalfds.iter().any(|e| e.id == id))
+                    .then(|| format!("signalfd {id}")),
+                FdKind::Timerfd { id } => {
+                    (!sockets.timerfds.iter().any(|e| e.id == id)).then(|| format!("timerfd {id}"))
                 }
                 _ => None,
             };

@@ -9,6 +9,8 @@
 //!   sockets[]   SocketImage: inode, type, file status flags, options, and
 //!               per family what it is bound/connected to and what it queues
 //!   eventfds[]  EventfdImage: id, counter, EFD_SEMAPHORE, flags
+//!   signalfds[] SignalfdImage: id, signal mask, flags
+//!   timerfds[]  TimerfdImage: id, clock, ticks, time left or expiry, interval
 //!   epolls[]    EpollImage: id and every registration (target fd number,
 //!               events, data, and which object of this file it watches)
 //!   connection_lock   name of the nftables table that drops the packets of
@@ -30,6 +32,10 @@ pub struct SocketsImage {
     pub epolls: Vec<EpollImage>,
     #[serde(default)]
     pub eventfds: Vec<EventfdImage>,
+    #[serde(default)]
+    pub signalfds: Vec<SignalfdImage>,
+    #[serde(default)]
+    pub timerfds: Vec<TimerfdImage>,
     /// Set when dump left an nftables table (family inet) in place that
     /// blocks the established connections' packets: restore removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,6 +201,40 @@ pub struct EventfdImage {
     pub flags: u32,
 }
 
+/// A signalfd: the signals it reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalfdImage {
+    pub id: u32,
+    /// Bit n-1 for signal n.
+    pub mask: u64,
+    /// File status flags (O_NONBLOCK).
+    pub flags: u32,
+}
+
+/// A timerfd. The rule for time spent while the tree was down: a timer
+/// with TFD_TIMER_ABSTIME, or on CLOCK_REALTIME, keeps its absolute
+/// expiry (`expires`), and expirations that came due meanwhile are counted
+/// as the kernel counts them for a timer set in the past (one, plus every
+/// whole interval since); a relative timer on another clock resumes with
+/// the time it had left (`value`): downtime does not count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerfdImage {
+    pub id: u32,
+    pub clockid: i32,
+    /// Expirations not read yet.
+    pub ticks: u64,
+    /// TFD_TIMER_ABSTIME (1) | TFD_TIMER_CANCEL_ON_SET (2) of the last settime.
+    pub settime_flags: i32,
+    /// Time left at dump, (seconds, nanoseconds); (0, 0): disarmed.
+    pub value: (i64, i64),
+    pub interval: (i64, i64),
+    /// For an absolute (or CLOCK_REALTIME) timer: its expiry on `clockid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<(i64, i64)>,
+    /// File status flags (O_NONBLOCK).
+    pub flags: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpollImage {
     /// The `id` of [`FdKind::Epoll`](super::types::FdKind::Epoll).
@@ -227,6 +267,12 @@ pub enum EpollObject {
     },
     Eventfd {
         id: u64,
+    },
+    Signalfd {
+        id: u32,
+    },
+    Timerfd {
+        id: u32,
     },
 }
 
@@ -303,6 +349,8 @@ mod tests {
                 semaphore: false,
                 flags: 0,
             }],
+            signalfds: vec![],
+            timerfds: vec![],
             connection_lock: None,
         };
         let procs = vec![holder(&[

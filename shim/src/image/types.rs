@@ -434,7 +434,15 @@ pub enum FdKind {
     Eventfd {
         id: u64,
     },
-    /// Anything else (signalfd, timerfd, ...); restore refuses it naming `link`.
+    /// A signalfd of `sockets.json` (numbered by kcmp, like epoll).
+    Signalfd {
+        id: u32,
+    },
+    /// A timerfd of `sockets.json` (numbered by kcmp, like epoll).
+    Timerfd {
+        id: u32,
+    },
+    /// Anything else (inotify, fanotify, ...); restore refuses it naming `link`.
     Unsupported {
         link: String,
     },

@@ -253,7 +253,9 @@ fn check_process(
             | FdKind::Tty { .. }
             | FdKind::Socket { .. }
             | FdKind::Epoll { .. }
-            | FdKind::Eventfd { .. } => {}
+            | FdKind::Eventfd { .. }
+            | FdKind::Signalfd { .. }
+            | FdKind::Timerfd { .. } => {}
             FdKind::Unsupported { link } => {
                 return Err(CheckError::UnsupportedFd {
                     pid,

@@ -259,6 +259,8 @@ pub struct PipeSet {
     files: BTreeMap<u32, RawFd>,
     /// Every socket and epoll instance.
     sockets: super::sockets::SocketSet,
+    /// The first holder (pid) of each epoll set with signalfd registrations.
+    signalfd_registrants: BTreeMap<u32, i32>,
 }
 
 impl PipeSet {
@@ -283,6 +285,7 @@ impl PipeSet {
                 .collect(),
             files: BTreeMap::new(),
             sockets: Default::default(),
+            signalfd_registrants: BTreeMap::new(),
         };
         for (&inode, u) in &usage {
             let image = pipes.iter().find(|p| p.inode == inode);
@@ -316,7 +319,18 @@ impl PipeSet {
                 .map(|e| if write_end { e.write } else { e.read })
         };
         match super::sockets::create(sockets, pipe_end, fd_base) {
-            Ok(created) => set.sockets = created,
+            Ok(created) => {
+                for p in processes {
+                    for fd in &p.fds {
+                        if let FdKind::Epoll { id } = fd.kind {
+                            if created.deferred.contains_key(&id) {
+                                set.signalfd_registrants.entry(id).or_insert(p.pid);
+                            }
+                        }
+                    }
+                }
+                set.sockets = created;
+            }
             Err(e) => {
                 set.close_all();
                 return Err(e.into());
@@ -333,6 +347,21 @@ impl PipeSet {
     /// The fd holding eventfd `id`.
     pub fn eventfd(&self, id: u64) -> Option<RawFd> {
         self.sockets.eventfds.get(&id).copied()
+    }
+
+    /// Which process registers epoll `id`'s signalfds.
+    fn signalfd_registrant(&self, id: u32) -> Option<i32> {
+        self.signalfd_registrants.get(&id).copied()
+    }
+
+    /// The fd holding signalfd `id`.
+    pub fn signalfd(&self, id: u32) -> Option<RawFd> {
+        self.sockets.signalfds.get(&id).copied()
+    }
+
+    /// The fd holding timerfd `id`.
+    pub fn timerfd(&self, id: u32) -> Option<RawFd> {
+        self.sockets.timerfds.get(&id).copied()
     }
 
     /// The fd holding epoll instance `id`.
@@ -580,6 +609,20 @@ fn plan<'a>(
                     what: format!("eventfd {id}"),
                 })?)
             }
+            (_, FdKind::Signalfd { id }) => {
+                Source::Dup(pipes.signalfd(*id).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("signalfd {id}"),
+                })?)
+            }
+            (_, FdKind::Timerfd { id }) => {
+                Source::Dup(pipes.timerfd(*id).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("timerfd {id}"),
+                })?)
+            }
             (_, FdKind::Epoll { id }) => {
                 Source::Dup(pipes.epoll(*id).ok_or_else(|| FdError::ObjectMissing {
                     pid,
@@ -729,6 +772,16 @@ pub fn install(
             source,
         })?;
         let _ = restore_sys::close_fd(from);
+    }
+    // Signalfd registrations of this process's epoll sets, made here by
+    // the first holder of each (the upper band is still open).
+    let mut done = BTreeSet::new();
+    for fd in &image.fds {
+        if let FdKind::Epoll { id } = fd.kind {
+            if pipes.signalfd_registrant(id) == Some(pid) && done.insert(id) {
+                pipes.sockets.register_signalfds(id, fd.fd)?;
+            }
+        }
     }
     // Phase 3: nothing else stays open.
     let mut wanted: Vec<RawFd> = placements

@@ -78,6 +78,7 @@ fn fake_pipes(processes: &[ProcessImage]) -> PipeSet {
             .map(|&id| (id, 2000 + id as RawFd))
             .collect(),
         sockets: Default::default(),
+        signalfd_registrants: Default::default(),
     }
 }
 

@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::image::sockets::{
-    EpollImage, EpollObject, EventfdImage, InetProtocol, InetState, SocketImage, SocketKind,
-    SocketOptions, SocketsImage, UnixName, UnixState,
+    EpollImage, EpollObject, EventfdImage, InetProtocol, InetState, SignalfdImage, SocketImage,
+    SocketKind, SocketOptions, SocketsImage, TimerfdImage, UnixName, UnixState,
 };
 use crate::sys::restore_sys;
 use crate::sys::socket::{self as sock, Address};
@@ -65,6 +65,14 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{kind} {id}: {op}: {source}")]
+    EventFd {
+        kind: &'static str,
+        id: u32,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("epoll {id}: watched {object:?} was not created")]
     EpollTarget { id: u32, object: EpollObject },
 }
@@ -75,14 +83,51 @@ pub struct SocketSet {
     pub sockets: BTreeMap<u64, RawFd>,
     pub epolls: BTreeMap<u32, RawFd>,
     pub eventfds: BTreeMap<u64, RawFd>,
+    pub signalfds: BTreeMap<u32, RawFd>,
+    pub timerfds: BTreeMap<u32, RawFd>,
+    /// Registrations of signalfds, by epoll id: made by the epoll's first
+    /// holder itself ([`SocketSet::register_signalfds`]), since a
+    /// signalfd wakes the epoll sets registered from the process whose
+    /// signals it reads (the registrant's signal handlers' wait queue).
+    pub deferred: BTreeMap<u32, Vec<crate::image::sockets::EpollTarget>>,
 }
 
 impl SocketSet {
+    /// In the calling (restored) process, whose fd `epfd` is epoll `id`:
+    /// the signalfd registrations [`create`] left for it.
+    pub fn register_signalfds(&self, id: u32, epfd: RawFd) -> Result<(), SocketError> {
+        for t in self.deferred.get(&id).into_iter().flatten() {
+            let EpollObject::Signalfd { id: sid } = t.object else {
+                continue;
+            };
+            let file = self
+                .signalfds
+                .get(&sid)
+                .copied()
+                .ok_or(SocketError::EpollTarget {
+                    id,
+                    object: t.object,
+                })?;
+            // SAFETY: epfd is an open fd of this process for the call's duration.
+            let ep = unsafe { BorrowedFd::borrow_raw(epfd) };
+            sock::with_file_at(file, t.tfd, || sock::epoll_add(ep, t.tfd, t.events, t.data))
+                .map_err(|source| SocketError::Epoll {
+                    id,
+                    tfd: t.tfd,
+                    events: t.events,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.sockets
             .values()
             .chain(self.epolls.values())
             .chain(self.eventfds.values())
+            .chain(self.signalfds.values())
+            .chain(self.timerfds.values())
             .copied()
     }
 }
@@ -170,7 +215,38 @@ pub fn create(
             }
         }
     }
+    for e in &image.signalfds {
+        match create_signalfd(e, fd_base) {
+            Ok(fd) => {
+                set.signalfds.insert(e.id, fd);
+            }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
+    for e in &image.timerfds {
+        match create_timerfd(e, fd_base) {
+            Ok(fd) => {
+                set.timerfds.insert(e.id, fd);
+            }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
     for e in &image.epolls {
+        let deferred: Vec<_> = e
+            .targets
+            .iter()
+            .filter(|t| matches!(t.object, EpollObject::Signalfd { .. }))
+            .cloned()
+            .collect();
+        if !deferred.is_empty() {
+            set.deferred.insert(e.id, deferred);
+        }
         match create_epoll(e, &set, &pipe_end, fd_base) {
             Ok(fd) => {
                 set.epolls.insert(e.id, fd);
@@ -642,6 +718,53 @@ fn create_eventfd(e: &EventfdImage, fd_base: RawFd) -> Result<RawFd, SocketError
     result
 }
 
+fn create_signalfd(e: &SignalfdImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
+    let err = |op| {
+        move |source| SocketError::EventFd {
+            kind: "signalfd",
+            id: e.id,
+            op,
+            source,
+        }
+    };
+    let nonblock = e.flags as i32 & libc::O_NONBLOCK;
+    let fd =
+        restore_sys::signalfd(e.mask, libc::SFD_CLOEXEC | nonblock).map_err(err("signalfd"))?;
+    restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
+}
+
+/// A timerfd armed by the rule of [`TimerfdImage`], with its unread
+/// expirations put back (TFD_IOC_SET_TICKS) on top of any that came due
+/// while the tree was down.
+fn create_timerfd(e: &TimerfdImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
+    let err = |op| {
+        move |source| SocketError::EventFd {
+            kind: "timerfd",
+            id: e.id,
+            op,
+            source,
+        }
+    };
+    let nonblock = e.flags as i32 & libc::O_NONBLOCK;
+    let fd = restore_sys::timerfd_create(e.clockid, libc::TFD_CLOEXEC | nonblock)
+        .map_err(err("timerfd_create"))?;
+    const TFD_TIMER_ABSTIME: i32 = 1;
+    if e.value != (0, 0) || e.interval != (0, 0) {
+        let (flags, value) = match e.expires {
+            Some(at) => (e.settime_flags | TFD_TIMER_ABSTIME, at),
+            None => (e.settime_flags & !TFD_TIMER_ABSTIME, e.value),
+        };
+        restore_sys::timerfd_settime(fd.as_raw_fd(), flags, value, e.interval)
+            .map_err(err("timerfd_settime"))?;
+    }
+    if e.ticks > 0 {
+        let due = restore_sys::timerfd_ticks(fd.as_raw_fd()).map_err(err("reading its fdinfo"))?;
+        restore_sys::timerfd_set_ticks(fd.as_raw_fd(), e.ticks + due)
+            .map_err(err("TFD_IOC_SET_TICKS"))?;
+    }
+    restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
+}
+
 fn create_epoll(
     e: &EpollImage,
     set: &SocketSet,
@@ -664,10 +787,15 @@ fn create_epoll(
     // SAFETY: `high` was just created by us and is owned by nothing else.
     let ep = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(high) };
     for t in &e.targets {
+        if matches!(t.object, EpollObject::Signalfd { .. }) {
+            continue; // registered by the epoll's holder (SocketSet::deferred)
+        }
         let file = match t.object {
             EpollObject::Socket { inode } => set.sockets.get(&inode).copied(),
             EpollObject::Pipe { inode, write_end } => pipe_end(inode, write_end),
             EpollObject::Eventfd { id } => set.eventfds.get(&id).copied(),
+            EpollObject::Signalfd { id } => set.signalfds.get(&id).copied(),
+            EpollObject::Timerfd { id } => set.timerfds.get(&id).copied(),
         }
         .ok_or(SocketError::EpollTarget {
             id: e.id,

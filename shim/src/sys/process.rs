@@ -138,6 +138,18 @@ pub const RLIMIT_NAMES: [&str; 16] = [
     "rttime",
 ];
 
+/// `clock_gettime(clock)` as (seconds, nanoseconds); None for a clock this
+/// process cannot read.
+pub fn clock_now(clock: i32) -> Option<(i64, i64)> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for the kernel to fill.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then_some((ts.tv_sec, ts.tv_nsec))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -563,6 +563,71 @@ pub fn read_eventfd_fdinfo(pid: i32, fd: i32) -> Result<EventfdInfo, ProcfsError
     parse_eventfd_fdinfo(&path, &read_string(&path)?)
 }
 
+/// A signalfd's fdinfo: `sigmask:` (hex, bit n-1 for signal n).
+pub fn parse_signalfd_fdinfo(path: &Path, text: &str) -> Result<u64, ProcfsError> {
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sigmask:").map(str::trim))
+        .ok_or_else(|| parse_err(path, "sigmask", "missing"))?;
+    u64::from_str_radix(v, 16).map_err(|e| parse_err(path, "sigmask", format!("{v:?}: {e}")))
+}
+
+pub fn read_signalfd_fdinfo(pid: i32, fd: i32) -> Result<u64, ProcfsError> {
+    let path = proc_path(pid, &format!("fdinfo/{fd}"));
+    parse_signalfd_fdinfo(&path, &read_string(&path)?)
+}
+
+/// A timerfd's fdinfo: clock, unread expirations, settime flags, time
+/// left and interval (`it_value: (sec, nsec)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerfdInfo {
+    pub clockid: i32,
+    pub ticks: u64,
+    pub settime_flags: i32,
+    pub value: (i64, i64),
+    pub interval: (i64, i64),
+}
+
+pub fn parse_timerfd_fdinfo(path: &Path, text: &str) -> Result<TimerfdInfo, ProcfsError> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .ok_or_else(|| parse_err(path, name, "missing"))
+    };
+    let int = |name: &str, radix: u32| -> Result<i64, ProcfsError> {
+        let v = field(name)?;
+        i64::from_str_radix(v, radix).map_err(|e| parse_err(path, name, format!("{v:?}: {e}")))
+    };
+    let pair = |name: &str| -> Result<(i64, i64), ProcfsError> {
+        let v = field(name)?;
+        let inner = v
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| parse_err(path, name, format!("{v:?}")))?;
+        let (a, b) = inner
+            .split_once(',')
+            .ok_or_else(|| parse_err(path, name, format!("{v:?}")))?;
+        let num = |x: &str| {
+            x.trim()
+                .parse::<i64>()
+                .map_err(|e| parse_err(path, name, format!("{v:?}: {e}")))
+        };
+        Ok((num(a)?, num(b)?))
+    };
+    Ok(TimerfdInfo {
+        clockid: int("clockid:", 10)? as i32,
+        ticks: int("ticks:", 10)? as u64,
+        settime_flags: int("settime flags:", 8)? as i32,
+        value: pair("it_value:")?,
+        interval: pair("it_interval:")?,
+    })
+}
+
+pub fn read_timerfd_fdinfo(pid: i32, fd: i32) -> Result<TimerfdInfo, ProcfsError> {
+    let path = proc_path(pid, &format!("fdinfo/{fd}"));
+    parse_timerfd_fdinfo(&path, &read_string(&path)?)
+}
+
 pub fn read_epoll_fdinfo(pid: i32, fd: i32) -> Result<Vec<EpollEntry>, ProcfsError> {
     let path = proc_path(pid, &format!("fdinfo/{fd}"));
     parse_epoll_fdinfo(&path, &read_string(&path)?)
@@ -669,6 +734,29 @@ pub fn read_comm(pid: i32) -> Result<String, ProcfsError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn signalfd_and_timerfd_fdinfo() {
+        let sig = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\nsigmask:\t0000000000000200\n";
+        assert_eq!(
+            parse_signalfd_fdinfo(Path::new("s"), sig).expect("sigmask"),
+            1 << 9
+        );
+        let timer = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\nclockid: 0\nticks: 3\n\
+settime flags: 03\nit_value: (99, 996686015)\nit_interval: (0, 100000000)\n";
+        assert_eq!(
+            parse_timerfd_fdinfo(Path::new("t"), timer).expect("timerfd"),
+            TimerfdInfo {
+                clockid: 0,
+                ticks: 3,
+                settime_flags: 3,
+                value: (99, 996_686_015),
+                interval: (0, 100_000_000),
+            }
+        );
+        assert!(parse_timerfd_fdinfo(Path::new("t"), "clockid: 1\nticks: 0\n").is_err());
+        assert!(parse_signalfd_fdinfo(Path::new("s"), "sigmask: xyz\n").is_err());
+    }
 
     #[test]
     fn eventfd_fdinfo_fields() {

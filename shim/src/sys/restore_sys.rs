@@ -66,6 +66,64 @@ pub fn eventfd(flags: i32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// `signalfd(-1, mask, flags)` (mask: bit n-1 for signal n).
+pub fn signalfd(mask: u64, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: all-zero is a valid sigset_t; its first word holds signals 1..=64.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset_t is at least 8 bytes on Linux; writing its first u64.
+    unsafe { (&mut set as *mut libc::sigset_t).cast::<u64>().write(mask) };
+    // SAFETY: set is a valid sigset_t for the call; the returned fd is ours.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, flags) })?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// `timerfd_create(clock, flags)`.
+pub fn timerfd_create(clock: i32, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: integer arguments; the returned fd is ours.
+    let fd = cvt(unsafe { libc::timerfd_create(clock, flags) })?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// `timerfd_settime(fd, flags, {interval, value})`, times as (sec, nsec).
+pub fn timerfd_settime(
+    fd: RawFd,
+    flags: i32,
+    value: (i64, i64),
+    interval: (i64, i64),
+) -> io::Result<()> {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: interval.0,
+            tv_nsec: interval.1,
+        },
+        it_value: libc::timespec {
+            tv_sec: value.0,
+            tv_nsec: value.1,
+        },
+    };
+    // SAFETY: spec is a valid itimerspec; the old value is not asked for.
+    cvt(unsafe { libc::timerfd_settime(fd, flags, &spec, std::ptr::null_mut()) }).map(|_| ())
+}
+
+/// Unread expirations of our own timerfd `fd` (its fdinfo `ticks:`).
+pub fn timerfd_ticks(fd: RawFd) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ticks:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no ticks: line in the timerfd's fdinfo"))
+}
+
+/// `ioctl(fd, TFD_IOC_SET_TICKS, &ticks)`: the expirations a read returns next.
+pub fn timerfd_set_ticks(fd: RawFd, ticks: u64) -> io::Result<()> {
+    // _IOW('T', 0, u64)
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    // SAFETY: the ioctl reads one u64 from the pointer, valid for the call.
+    cvt(unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks as *const u64) }).map(|_| ())
+}
+
 /// `close(fd)`.
 pub fn close_fd(fd: RawFd) -> io::Result<()> {
     // SAFETY: closing an fd number; callers only close numbers they placed themselves.

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Event fds with a timeline, standard library only (ctypes for timerfd and
+signalfd, which Python 3.11's os module lacks).
+
+Usage: events.py DIR
+
+One epoll set watches:
+  - a periodic relative CLOCK_MONOTONIC timerfd (every 50 ms): each read
+    adds its expirations to `ticks`, logged with the monotonic time;
+  - a one-shot absolute CLOCK_REALTIME timerfd set to fire 3 s after start:
+    `abs_fired` is the wall-clock time it fired at;
+  - a signalfd for SIGUSR2 (blocked otherwise): `sigusr2` counts them;
+  - an eventfd written 5 (read on SIGUSR1 into `eventfd`), and a semaphore
+    eventfd written 3 (read until empty: `sem_reads`).
+Prints "ready START_WALL" once set up. On SIGUSR1 writes DIR/report.json.
+"""
+import ctypes
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+out = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+class Itimerspec(ctypes.Structure):
+    _fields_ = [("interval", Timespec), ("value", Timespec)]
+
+
+def check(rc, what):
+    if rc < 0:
+        raise OSError(ctypes.get_errno(), what)
+    return rc
+
+
+TFD_NONBLOCK = os.O_NONBLOCK
+start_wall = time.time()
+periodic = check(libc.timerfd_create(time.CLOCK_MONOTONIC, TFD_NONBLOCK), "timerfd_create")
+spec = Itimerspec(Timespec(0, 50_000_000), Timespec(0, 50_000_000))
+check(libc.timerfd_settime(periodic, 0, ctypes.byref(spec), None), "settime")
+absolute = check(libc.timerfd_create(time.CLOCK_REALTIME, TFD_NONBLOCK), "timerfd_create")
+at = start_wall + 3.0
+spec = Itimerspec(Timespec(0, 0), Timespec(int(at), int((at % 1) * 1e9)))
+check(libc.timerfd_settime(absolute, 1, ctypes.byref(spec), None), "settime abs")
+
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+mask = (ctypes.c_ulong * 16)()
+mask[0] = 1 << (signal.SIGUSR2 - 1)
+sigfd = check(libc.signalfd(-1, mask, os.O_NONBLOCK), "signalfd")
+counter = os.eventfd(0, os.EFD_NONBLOCK)
+os.eventfd_write(counter, 5)
+sem = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+os.eventfd_write(sem, 3)
+
+ep = select.epoll()
+for fd in (periodic, absolute, sigfd):
+    ep.register(fd, select.EPOLLIN)
+state = {"ticks": 0, "log": [], "abs_fired": None, "sigusr2": 0, "start_wall": start_wall}
+
+
+def report(*_):
+    # The eventfds are read on the first report only (reading consumes).
+    if "eventfd" not in state:
+        try:
+            state["eventfd"] = os.eventfd_read(counter)
+        except BlockingIOError:
+            state["eventfd"] = 0
+        reads = 0
+        while True:
+            try:
+                os.eventfd_read(sem)
+                reads += 1
+            except BlockingIOError:
+                break
+        state["sem_reads"] = reads
+    r = dict(state)
+    tmp = os.path.join(out, "report.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(r, f)
+    os.rename(tmp, os.path.join(out, "report.json"))
+
+
+signal.signal(signal.SIGUSR1, report)
+print(f"ready {start_wall}", flush=True)
+while True:
+    for fd, _ev in ep.poll():
+        if fd == periodic:
+            try:
+                n = int.from_bytes(os.read(periodic, 8), "little")
+            except BlockingIOError:
+                continue
+            state["ticks"] += n
+            state["log"].append([time.monotonic(), state["ticks"]])
+            del state["log"][:-400]
+        elif fd == absolute:
+            try:
+                os.read(absolute, 8)
+                state["abs_fired"] = time.time()
+            except BlockingIOError:
+                pass
+        elif fd == sigfd:
+            try:
+                os.read(sigfd, 128)
+                state["sigusr2"] += 1
+            except BlockingIOError:
+                pass

@@ -56,7 +56,8 @@ pub enum SocketError {
         local: SocketAddr,
         remote: SocketAddr,
         #[source]
-        source: tcp_repair::TcpRepairError,
+        // Boxed: it is large, and so would be every Result that carries it.
+        source: Box<tcp_repair::TcpRepairError>,
     },
 }
 
@@ -361,7 +362,7 @@ pub fn collect(
             fd: h.fd,
             local,
             remote,
-            source,
+            source: Box::new(source),
         });
         // In repair mode from here, even if reading it failed.
         out.repaired.push(copy);

@@ -44,7 +44,8 @@ pub enum SocketError {
         inode: u64,
         what: String,
         #[source]
-        source: tcp_repair::TcpRepairError,
+        // Boxed: it is large, and so would be every Result that carries it.
+        source: Box<tcp_repair::TcpRepairError>,
     },
     #[error("socket {inode}: peer socket {peer} is not in the image")]
     PeerMissing { inode: u64, peer: u64 },
@@ -330,7 +331,7 @@ fn create_inet(
         let fd = tcp_repair::restore(connection, 0).map_err(|source| SocketError::Repair {
             inode: s.inode,
             what: describe(s),
-            source,
+            source: Box::new(source),
         })?;
         // Buffers stay as the connection negotiated (dump did not record them).
         apply_options(fd.as_fd(), s, v6)?;

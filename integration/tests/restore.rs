@@ -1161,6 +1161,49 @@ fn restore_into_current_namespace_with_pids_taken_fails_cleanly() {
     tree.assert_verifies(context);
 }
 
+/// `restore --pidfile FILE` where FILE cannot be created, or where writing
+/// fails (`/dev/full`): the restore fails naming the file, and nothing of
+/// the tree is left running (neither its processes nor its namespace init).
+#[test]
+fn restore_with_unwritable_pidfile_leaves_nothing_running() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let pids = tree.pids();
+    let (dir, images) = image_dir("restore");
+    dump_ok(&tree, &images, &[]);
+    let missing_dir = dir.path().join("no-such-dir").join("restored.pid");
+    for pidfile in [missing_dir.as_path(), Path::new("/dev/full")] {
+        let context = format!("--pidfile {}", pidfile.display());
+        let out = fs::File::create(dir.path().join("restore.stdout")).expect("stdout file");
+        let err = fs::File::create(dir.path().join("restore.stderr")).expect("stderr file");
+        let mut child = Command::new(cowsnap_bin())
+            .args(["restore", "-q", "--images", path_str(&images)])
+            .args(["--pid-ns", "new", "--pidfile", path_str(pidfile)])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn cowsnap restore");
+        let status = wait_status(&mut child, "cowsnap restore");
+        let stderr = fs::read_to_string(dir.path().join("restore.stderr")).unwrap_or_default();
+        eprintln!("{context}: {}", stderr.trim());
+        assert!(
+            !status.success(),
+            "{context}: the restore should have failed ({status}): {stderr}"
+        );
+        assert!(
+            stderr.contains(path_str(pidfile)),
+            "{context}: the error should name the pid file: {stderr}"
+        );
+        assert_nothing_left(&[dir.path(), tree.dir.path()], &pids, &context);
+    }
+    assert!(
+        !missing_dir.exists(),
+        "a pid file appeared in a missing directory"
+    );
+    tree.assert_running_untraced("after the failed restores");
+    tree.assert_verifies("after the failed restores");
+}
+
 // ------------------------------------------------------------ the CLI
 
 #[test]

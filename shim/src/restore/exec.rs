@@ -308,6 +308,12 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         ));
     }
     let processes = image.processes.len();
+    // Before any process exists: a pid file that cannot be written fails
+    // the restore while there is nothing to kill.
+    let mut pidfile = match &options.pidfile {
+        Some(path) => Some(Pidfile::create(path)?),
+        None => None,
+    };
     let control = SharedRegion::new(control_len(processes))?;
     let ctx = context(image, plan, mode, control)?;
     progress(format_args!(
@@ -333,7 +339,10 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
     let root_pid = watch.pid(0);
-    release_restorer(&watch)?;
+    if let Err(e) = release_restorer(&watch) {
+        kill_all(&watch, child);
+        return Err(e);
+    }
     progress(format_args!("restorer unmapped from every process"));
     if needs_init {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -347,11 +356,15 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    if let Some(path) = &options.pidfile {
-        std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile {
-            path: path.clone(),
-            source,
-        })?;
+    if let Some(file) = pidfile.as_mut() {
+        // The README's promise holds here too: a failure kills the tree.
+        if let Err(e) = file.write(root_pid) {
+            kill_all(&watch, child);
+            return Err(e);
+        }
+    }
+    if let Some(file) = pidfile.take() {
+        file.keep();
     }
     Ok(RestoreSummary {
         root_pid,
@@ -361,6 +374,66 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         plan: ctx.plan.stats,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The `--pidfile`, opened (and created if missing) before any process of
+/// the tree exists; removed again unless the restore succeeds and it is
+/// [kept](Pidfile::keep), if this restore created it.
+struct Pidfile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    created: bool,
+}
+
+impl Pidfile {
+    fn create(path: &Path) -> Result<Pidfile, RestoreError> {
+        let error = |source| RestoreError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let existed = std::fs::symlink_metadata(path).is_ok();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(error)?;
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            file: Some(file),
+            created: !existed,
+        })
+    }
+
+    fn write(&mut self, pid: i32) -> Result<(), RestoreError> {
+        use std::io::Write;
+        let error = |source| RestoreError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        // A device (say /dev/stdout) cannot be truncated; a regular file
+        // may still hold an older pid.
+        if file.metadata().map_err(error)?.is_file() {
+            file.set_len(0).map_err(error)?;
+        }
+        file.write_all(format!("{pid}\n").as_bytes()).map_err(error)
+    }
+
+    fn keep(mut self) {
+        self.file = None;
+        self.created = false;
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Takes the restorer's region out of every process of the released tree.

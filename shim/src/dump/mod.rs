@@ -179,6 +179,7 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     if !std::path::Path::new(&format!("/proc/{}", options.pid)).exists() || options.pid <= 0 {
         return Err(DumpError::NoSuchProcess { pid: options.pid });
     }
+    tree::refuse_own_tree(options.pid)?;
     let freezer = options.cgroup.as_deref().map(Freezer::detect).transpose()?;
     let ps = page_size();
     let zero_pfn = zero_page_pfn()?;

@@ -1,0 +1,172 @@
+//! End-to-end tests of promises the README makes about failures, refusals
+//! and messages (one per finding of the bug campaign): what cowsnap refuses
+//! up front, what a killed or failed command leaves behind, and that its
+//! messages name what the user gave. Run as root, one test at a time
+//! (`--test-threads=1`).
+//!
+//! Tests that could seize more than their own processes if cowsnap
+//! misbehaved run inside a fresh pid namespace (`unshare --pid --fork
+//! --mount-proc --kill-child`), so that a wrong dump can never reach beyond
+//! it; every command they start is bounded by a timeout that fails the
+//! test instead of hanging it.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How long one command of these tests may take before the test fails.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// Waits at most `bound` for `child` (whose stdout/stderr are piped),
+/// killing it and failing the test on timeout.
+fn output_within(mut child: Child, bound: Duration, what: &str) -> Output {
+    use std::io::Read;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + bound;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {bound:?}");
+            }
+            Err(e) => panic!("wait for {what}: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// `sh -c SCRIPT` as pid 1 of a fresh pid namespace with its own /proc,
+/// killed with everything in it if it outlives [`BOUND`]. `$COWSNAP` is the
+/// binary under test.
+fn sh_in_pid_ns(script: &str, env: &[(&str, &str)]) -> Output {
+    require_root();
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+        .args(["sh", "-c", script])
+        .env("COWSNAP", cowsnap_bin())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unshare --pid --fork --mount-proc sh");
+    output_within(
+        child,
+        BOUND,
+        &format!("sh -c {script:?} in a pid namespace"),
+    )
+}
+
+fn assert_no_image(images: &Path, context: &str) {
+    let left: Vec<_> = fs::read_dir(images.parent().expect("image parent"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{context}: the refused dump left {left:?}");
+}
+
+// ------------------------------------------------------------ the dumper's own tree
+
+/// `dump --pid 1`: the init of the dumper's pid namespace (on the host, the
+/// whole machine) is refused before anything is seized. Run as the shell
+/// that is pid 1 of a fresh namespace, so a missing refusal stops nothing
+/// but that namespace.
+#[test]
+fn dump_of_pid_1_is_refused_up_front() {
+    let (_dir, images) = image_dir("trust-pid1");
+    let output = sh_in_pid_ns(
+        r#""$COWSNAP" dump --pid 1 --images "$IMAGES"; echo "exit $?""#,
+        &[("IMAGES", path_str(&images))],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stdout.contains("exit 1"),
+        "dump --pid 1 should fail:\n{}",
+        describe(&output)
+    );
+    assert!(
+        stderr.contains("refusing to dump pid 1") && stderr.contains("init"),
+        "the error should say pid 1 is refused because it is the namespace's init:\n{}",
+        describe(&output)
+    );
+    assert!(
+        !stderr.contains("seized"),
+        "pid 1 was seized before the refusal:\n{}",
+        describe(&output)
+    );
+    assert_no_image(&images, "dump --pid 1");
+}
+
+/// A shell that runs `cowsnap dump --pid $$`: the tree holds the dumper
+/// itself and must be refused before anything is seized. The shell is not
+/// pid 1 (a nested `sh` in a fresh pid namespace), so this is the ancestor
+/// check, not the pid-1 one.
+#[test]
+fn dump_of_an_ancestor_of_the_dumper_is_refused_up_front() {
+    let (_dir, images) = image_dir("trust-ancestor");
+    let output = sh_in_pid_ns(
+        r#"sh -c '"$COWSNAP" dump --pid $$ --images "$IMAGES"; echo "exit $? shell $$"'; true"#,
+        &[("IMAGES", path_str(&images))],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let shell: i32 = stdout
+        .split("shell ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no \"shell PID\" line:\n{}", describe(&output)));
+    assert_ne!(
+        shell, 1,
+        "the nested shell should not be the namespace's init"
+    );
+    assert!(
+        stdout.contains("exit 1 "),
+        "dump --pid $$ should fail:\n{}",
+        describe(&output)
+    );
+    assert!(
+        stderr.contains(&format!("refusing to dump pid {shell}"))
+            && stderr.contains("runs inside its tree"),
+        "the error should say pid {shell} is refused because the dumper is in its tree:\n{}",
+        describe(&output)
+    );
+    assert!(
+        !stderr.contains("seized"),
+        "the shell was seized before the refusal:\n{}",
+        describe(&output)
+    );
+    assert_no_image(&images, "dump --pid $$");
+}

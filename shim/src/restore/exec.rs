@@ -201,6 +201,17 @@ fn open_and_plan(
         source,
     })?;
     refuse_unsupported(&image)?;
+    // Every frame's contents, before any process exists (README: the image
+    // is checked completely first); the manifest's checksum of `pages` alone
+    // would miss an image whose manifest was rewritten to match.
+    let image_error = |source| RestoreError::Image {
+        dir: images.to_path_buf(),
+        source,
+    };
+    image
+        .page_reader()
+        .and_then(|reader| reader.verify_frames())
+        .map_err(image_error)?;
     if files == Files::Check {
         checks::check_files(&image)?;
     }

@@ -170,3 +170,96 @@ fn dump_of_an_ancestor_of_the_dumper_is_refused_up_front() {
     );
     assert_no_image(&images, "dump --pid $$");
 }
+
+// ------------------------------------------------------------ messages
+
+/// A tiny tmpfs an image cannot fit in, unmounted on drop.
+struct TinyTmpfs(std::path::PathBuf);
+
+impl TinyTmpfs {
+    fn new(dir: &Path) -> TinyTmpfs {
+        fs::create_dir_all(dir).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", path_str(dir)])
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs on {}", dir.display());
+        TinyTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for TinyTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The dump's messages name what the user gave: the image directory (not
+/// the internal `DIR.partial-PID`) and its missing parent; a symlink to a
+/// directory is that directory; a full disk is not blamed on a pid.
+#[test]
+fn dump_messages_name_what_the_user_gave() {
+    // Big enough that the disk fills while pages are still being scanned.
+    let tree = RefTree::start(TreeSpec {
+        mib: 128,
+        ..TreeSpec::small("plain")
+    });
+    let root = tree.root.to_string();
+    let scratch = tempfile::Builder::new()
+        .prefix("cowsnap-trust-msg-")
+        .tempdir()
+        .expect("tempdir");
+    let dump_to = |images: &Path| cowsnap(&["dump", "--pid", &root, "--images", path_str(images)]);
+
+    let missing = scratch.path().join("no-such-dir");
+    let images = missing.join("img");
+    let output = dump_to(&images);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(
+        stderr.contains(path_str(&images))
+            && stderr.contains(&format!("{missing:?} does not exist"))
+            && !stderr.contains(".partial-"),
+        "the error should name {} and its missing parent, not a partial directory:\n{}",
+        images.display(),
+        describe(&output)
+    );
+
+    let real = scratch.path().join("real");
+    fs::create_dir(&real).expect("mkdir real");
+    let link = scratch.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let output = dump_to(&link);
+    assert!(
+        output.status.success(),
+        "a dump into a symlink to an empty directory should write into it:\n{}",
+        describe(&output)
+    );
+    assert!(
+        real.join("manifest.json").exists(),
+        "no image in {}",
+        real.display()
+    );
+
+    let tiny_dir = scratch.path().join("tiny");
+    let tiny = TinyTmpfs::new(&tiny_dir);
+    let output = dump_to(&tiny_dir.join("img"));
+    drop(tiny);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("No space left on device"),
+        "{}",
+        describe(&output)
+    );
+    let blamed: Vec<i32> = tree
+        .pids()
+        .into_iter()
+        .filter(|pid| stderr.contains(&format!("pid {pid}")))
+        .collect();
+    assert!(
+        blamed.is_empty(),
+        "a full disk is not about pids {blamed:?}:\n{}",
+        describe(&output)
+    );
+    tree.assert_running_untraced("after the dumps");
+}

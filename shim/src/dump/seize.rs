@@ -129,7 +129,7 @@ pub enum SeizeError {
         tracer: i32,
         tracer_comm: String,
     },
-    #[error("pid {pid} is the dumping process itself: cannot seize it")]
+    #[error("pid {pid} is this cowsnap dump's own engine process (the tree to dump holds the dumper): cannot seize it")]
     Dumper { pid: i32 },
     #[error(transparent)]
     Ptrace(#[from] PtraceError),

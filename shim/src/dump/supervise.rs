@@ -65,7 +65,8 @@ pub fn dump_supervised(options: &DumpOptions) -> Result<DumpSummary, DumpError> 
         Ok(Ok(summary)) => Ok(summary),
         Ok(Err(message)) => Err(DumpError::Engine(message)),
         Err(_) => Err(DumpError::Engine(format!(
-            "the dump engine (pid {engine}) ended without an answer: {status:?}"
+            "dump of pid {}: the dump engine (cowsnap's child, pid {engine}) ended without an answer: {status:?}",
+            options.pid
         ))),
     }
 }

@@ -971,7 +971,6 @@ mod tests {
         echo_body, rich_body, task_state, tracer_body, tracer_pid, tree_body, wait_state,
         zombie_parent_body, Child, RICH_FIELDS,
     };
-    use std::path::Path;
 
     fn threads_of(pid: i32) -> Vec<i32> {
         list_tids(pid).expect("tids").expect("alive")
@@ -1091,7 +1090,7 @@ mod tests {
 
     #[test]
     fn zombie_children_of_frozen_members_are_found() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/unified", "zombie");
+        let cg = TestCgroup::create(true, "zombie");
         let child = Child::spawn(zombie_parent_body);
         assert_eq!(child.recv(1), b"Z");
         let kids = child.recv_u64s(2);
@@ -1233,8 +1232,9 @@ mod tests {
     }
 
     impl TestCgroup {
-        fn create(hierarchy: &str, tag: &str) -> TestCgroup {
-            let dir = Path::new(hierarchy).join(format!(
+        fn create(v2: bool, tag: &str) -> TestCgroup {
+            let hierarchy = crate::sys::cgroup::tests::test_hierarchy(v2);
+            let dir = hierarchy.join(format!(
                 "cowsnap-seize-{tag}-{}-{}",
                 std::process::id(),
                 ptrace::gettid()
@@ -1327,7 +1327,7 @@ mod tests {
 
     #[test]
     fn seize_frozen_v1_freezer() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/freezer", "v1");
+        let cg = TestCgroup::create(false, "v1");
         seize_frozen_round_trip(
             &cg,
             ("freezer.state", "FROZEN"),
@@ -1339,7 +1339,7 @@ mod tests {
 
     #[test]
     fn seize_frozen_v2_cgroup_freeze() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/unified", "v2");
+        let cg = TestCgroup::create(true, "v2");
         seize_frozen_round_trip(
             &cg,
             ("cgroup.freeze", "1"),

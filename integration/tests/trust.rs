@@ -263,3 +263,142 @@ fn dump_messages_name_what_the_user_gave() {
     );
     tree.assert_running_untraced("after the dumps");
 }
+
+// ------------------------------------------------------------ dump --exit of a namespace init
+
+/// SIGKILLs `pid` and every descendant of it (children first found, all killed).
+fn kill_tree(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for p in descendants(pid).into_iter().rev() {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+/// What each thread of `pid` is blocked in, for a failure message.
+fn thread_wchans(pid: i32) -> Vec<String> {
+    tids(pid)
+        .into_iter()
+        .map(|tid| {
+            let wchan =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")).unwrap_or_default();
+            format!("{tid}: {} in {wchan}", task_state(tid))
+        })
+        .collect()
+}
+
+/// One round: a workload of 3 processes with 4 extra threads each, its
+/// root the init of a fresh pid namespace, dumped with `--exit`. The dump
+/// must end (and the namespace with it) within [`BOUND`].
+fn dump_exit_of_threaded_namespace_init(round: usize) {
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-trust-nsinit-")
+        .tempdir()
+        .expect("tempdir");
+    let (report, ready) = (dir.path().join("report"), dir.path().join("ready"));
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--"])
+        .arg(workload_bin())
+        .args(["--mode", "threads", "--threads", "4", "--mib", "4"])
+        .args(["--children", "2", "--dirty-pct", "10"])
+        .args(["--report", path_str(&report), "--ready", path_str(&ready)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn unshare --pid --fork cowsnap-refworkload");
+    let unshare_pid = unshare.id() as i32;
+    let deadline = Instant::now() + BOUND;
+    while !ready.exists() {
+        if Instant::now() > deadline {
+            kill_tree(unshare_pid);
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+            panic!("round {round}: threaded tree in its own pid namespace not ready");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let init: i32 = fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+        .expect("children of unshare")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the namespace's init");
+    assert_eq!(
+        ns_pid(init),
+        1,
+        "round {round}: the root is not a namespace init"
+    );
+    assert_eq!(
+        tids(init).len(),
+        5,
+        "round {round}: the init runs 4 extra threads"
+    );
+
+    let images = dir.path().join("img");
+    let mut dump = Command::new(cowsnap_bin())
+        .args(["dump", "--exit", "--quiet", "--pid", &init.to_string()])
+        .args(["--images", path_str(&images)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cowsnap dump --exit");
+    let dumper = dump.id() as i32;
+    let deadline = Instant::now() + BOUND;
+    let status = loop {
+        if let Some(status) = dump.try_wait().expect("wait for cowsnap dump") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let stuck = thread_wchans(init);
+            let engines = descendants(dumper);
+            // The engine is the tracer: once it is gone the kernel lets go.
+            kill_tree(dumper);
+            let _ = dump.wait();
+            kill_tree(unshare_pid);
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+            panic!(
+                "round {round}: dump --exit of namespace init {init} did not end within {BOUND:?} \
+                 (cowsnap and its engine {engines:?}); the init's threads: {stuck:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = dump.stderr.take() {
+        use std::io::Read;
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    assert!(
+        status.success(),
+        "round {round}: dump --exit failed ({status}): {stderr}"
+    );
+    let deadline = Instant::now() + BOUND;
+    while unshare.try_wait().expect("wait for unshare").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: the namespace did not end after dump --exit: {:?}",
+            thread_wchans(init)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        images.join("manifest.json").exists(),
+        "round {round}: no image after a successful dump"
+    );
+}
+
+/// `dump --exit` of a multi-threaded pid namespace init: the init's last
+/// thread to exit waits in the kernel (zap_pid_ns_processes) until every
+/// process of its namespace is reaped, and traced zombies are reaped only
+/// once the tracer collected them, so the dumper must never block on one
+/// thread while others wait for it. Twenty rounds: the hang was a race.
+#[test]
+fn dump_exit_of_a_multithreaded_namespace_init_never_hangs() {
+    require_root();
+    for round in 0..20 {
+        dump_exit_of_threaded_namespace_init(round);
+    }
+}

@@ -129,6 +129,8 @@ pub enum SeizeError {
         tracer: i32,
         tracer_comm: String,
     },
+    #[error("killed tasks {tids:?} were not collected after {waited_ms} ms")]
+    NotCollected { tids: Vec<i32>, waited_ms: u128 },
     #[error("pid {pid} is this cowsnap dump's own engine process (the tree to dump holds the dumper): cannot seize it")]
     Dumper { pid: i32 },
     #[error(transparent)]
@@ -319,7 +321,6 @@ fn liveness(pid: i32) -> Result<Liveness, SeizeError> {
 
 #[derive(Debug, Clone, Copy)]
 struct Tracee {
-    pid: i32,
     stopped: bool,
 }
 
@@ -424,13 +425,7 @@ impl Seizer {
             }
             Err(e) => return Err(e.into()),
         }
-        self.tracees.insert(
-            tid,
-            Tracee {
-                pid,
-                stopped: false,
-            },
-        );
+        self.tracees.insert(tid, Tracee { stopped: false });
         match ptrace::interrupt(tid) {
             Ok(()) => Ok(()),
             // Died right after the seize: wait_stop collects it.
@@ -707,6 +702,15 @@ impl Seizer {
     /// SIGKILLs every process and collects every task's death. A process
     /// that is our own child is left as a zombie for us, its parent, to reap
     /// (waiting as its tracer would consume its exit status).
+    ///
+    /// No task is waited for alone: every one is polled until all are
+    /// collected. Tasks end in an order only the kernel knows: the last
+    /// thread of a dying pid-namespace init (any of its threads, not
+    /// necessarily the leader) waits in `zap_pid_ns_processes` until every
+    /// process of its namespace is reaped, a traced zombie is reaped only
+    /// after its tracer (we) collected it, and a leader is reported only
+    /// once its group is empty. Bounded by [`KILL_TIMEOUT`]: past it the
+    /// tasks left are named, and our exit lets the kernel release them.
     fn kill_all(&mut self, processes: &[SeizedProcess]) -> Result<(), SeizeError> {
         let own_children: BTreeSet<i32> = processes
             .iter()
@@ -717,51 +721,57 @@ impl Seizer {
             // ESRCH: already dead; its death is collected below.
             let _ = ptrace::kill(p.pid, libc::SIGKILL);
         }
-        // Non-leaders first: a leader is reported only once its group is
-        // empty. Descendants before ancestors: a dying pid-namespace init
-        // waits until every process of its namespace is reaped, and a
-        // traced zombie is reaped only after its tracer (we) collected it.
-        let depth_rank: std::collections::BTreeMap<i32, usize> = processes
-            .iter()
-            .map(|p| (p.pid, tree_depth(p.pid, processes)))
-            .collect();
-        let mut tids: Vec<(bool, std::cmp::Reverse<usize>, i32)> = self
-            .tracees
-            .iter()
-            .map(|(&tid, t)| {
-                let depth = depth_rank.get(&t.pid).copied().unwrap_or(usize::MAX);
-                (tid == t.pid, std::cmp::Reverse(depth), tid)
-            })
-            .collect();
-        tids.sort_unstable();
+        let mut left: BTreeSet<i32> = std::mem::take(&mut self.tracees).into_keys().collect();
         let mut first: Option<SeizeError> = None;
-        for (_, _, tid) in tids {
-            self.tracees.remove(&tid);
-            if own_children.contains(&tid) {
-                match ptrace::wait_exited_nowait(tid) {
-                    Ok(()) => {}
-                    Err(e) if e.errno() == Some(Errno::ECHILD) => {}
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(50);
+        while !left.is_empty() {
+            let before = left.len();
+            left.retain(|&tid| {
+                let collected = if own_children.contains(&tid) {
+                    ptrace::try_exited_nowait(tid).map(|exited| exited.then_some(()))
+                } else {
+                    match ptrace::try_wait(tid) {
+                        Ok(Some(WaitStatus::Exited(_) | WaitStatus::Signaled(_))) => Ok(Some(())),
+                        // A stop on the way out (SIGKILL ends it): poll again.
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
+                match collected {
+                    Ok(Some(())) => false,
+                    Ok(None) => true,
+                    // Already collected (a leader whose group went with it).
+                    Err(e) if e.errno() == Some(Errno::ECHILD) => false,
                     Err(e) => {
                         first.get_or_insert(e.into());
+                        false
                     }
                 }
-                continue;
+            });
+            if left.is_empty() {
+                break;
             }
-            loop {
-                match ptrace::wait(tid) {
-                    Ok(WaitStatus::Exited(_) | WaitStatus::Signaled(_)) => break,
-                    Ok(_) => continue,
-                    Err(e) if e.errno() == Some(Errno::ECHILD) => break,
-                    Err(e) => {
-                        first.get_or_insert(e.into());
-                        break;
-                    }
-                }
+            if started.elapsed() > KILL_TIMEOUT {
+                first.get_or_insert(SeizeError::NotCollected {
+                    tids: left.iter().copied().collect(),
+                    waited_ms: started.elapsed().as_millis(),
+                });
+                break;
             }
+            pause = if left.len() < before {
+                std::time::Duration::from_micros(50)
+            } else {
+                (pause * 2).min(std::time::Duration::from_millis(5))
+            };
+            std::thread::sleep(pause);
         }
         first.map_or(Ok(()), Err)
     }
 }
+
+/// How long [`SeizedTree::kill`] waits for the deaths of the killed tasks.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Orders processes so that a parent in the set comes before its children.
 fn parents_first(procs: Vec<SeizedProcess>) -> Vec<SeizedProcess> {
@@ -902,21 +912,6 @@ impl SeizedTree {
         self.released = true;
         self.seizer.kill_all(&self.processes)
     }
-}
-
-/// Depth of `pid` in the seized tree (the root is 0), following `ppid`.
-fn tree_depth(pid: i32, processes: &[SeizedProcess]) -> usize {
-    let parent = |pid: i32| processes.iter().find(|p| p.pid == pid).map(|p| p.ppid);
-    let mut depth = 0;
-    let mut at = pid;
-    while let Some(ppid) = parent(at) {
-        if depth > processes.len() {
-            break;
-        }
-        depth += 1;
-        at = ppid;
-    }
-    depth
 }
 
 impl Drop for SeizedTree {

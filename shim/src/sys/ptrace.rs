@@ -222,12 +222,14 @@ pub fn wait(tid: i32) -> Result<WaitStatus, PtraceError> {
     }
 }
 
-/// Blocks until `tid` has exited, without reaping it (`waitid` with
-/// WNOWAIT): for a tracee that is also our own child, whose exit status
-/// belongs to whoever in our process waits for it as its parent.
-pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
+/// Whether `tid` has exited, without blocking and without reaping it
+/// (`waitid` with WNOHANG | WNOWAIT): for a tracee that is also our own
+/// child, whose exit status belongs to whoever in our process waits for it
+/// as its parent.
+pub fn try_exited_nowait(tid: i32) -> Result<bool, PtraceError> {
     loop {
-        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
+        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid; with
+        // WNOHANG and nothing to report the kernel leaves si_pid at 0.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid out-pointer for the duration of the call.
         let ret = unsafe {
@@ -235,7 +237,7 @@ pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
                 libc::P_PID,
                 tid as libc::id_t,
                 &mut info,
-                libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG | libc::__WALL,
             )
         };
         if ret == -1 {
@@ -245,7 +247,9 @@ pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
             }
             return Err(PtraceError::Wait { tid, errno });
         }
-        return Ok(());
+        // SAFETY: waitid filled `info` (or left it zeroed); si_pid is
+        // valid for the SIGCHLD siginfo waitid reports.
+        return Ok(unsafe { info.si_pid() } != 0);
     }
 }
 

@@ -402,3 +402,169 @@ fn dump_exit_of_a_multithreaded_namespace_init_never_hangs() {
         dump_exit_of_threaded_namespace_init(round);
     }
 }
+
+// ------------------------------------------------------------ SIGKILL of the dump command
+
+/// Whatever holds the tree right now: threads with a tracer or in a
+/// stopped state.
+fn held_threads(pids: &[i32]) -> Vec<String> {
+    let mut held = Vec::new();
+    for &pid in pids {
+        for tid in tids(pid) {
+            let status =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+            let state = status_field(&status, "State:").unwrap_or_default();
+            let tracer = status_field(&status, "TracerPid:").unwrap_or_default();
+            if tracer != "0" || state.starts_with('t') || state.starts_with('T') {
+                held.push(format!("tid {tid} of {pid}: {state}, tracer {tracer}"));
+            }
+        }
+    }
+    held
+}
+
+/// SIGKILL of `cowsnap dump` mid-dump: once the killed command has been
+/// reaped, its cleanup is done, not merely under way: no thread of the
+/// tree is traced or stopped, and no `DIR.partial-*` is left. Checked at
+/// once after the reap, with no grace period, over several rounds killed
+/// at different moments.
+#[test]
+fn sigkill_of_the_dump_command_returns_after_its_cleanup() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let tree = RefTree::start(TreeSpec {
+        mib: 256,
+        ..TreeSpec::small("plain")
+    });
+    let pids = tree.pids();
+    for round in 0..6 {
+        let (dir, images) = image_dir("trust-kill");
+        let mut dump = Command::new(cowsnap_bin())
+            .args(["dump", "--pid", &tree.root.to_string()])
+            .args(["--images", path_str(&images)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cowsnap dump");
+        // Kill once the tree is seized, a little later each round.
+        let deadline = Instant::now() + BOUND;
+        while held_threads(&pids).is_empty() {
+            assert!(
+                dump.try_wait().expect("wait for cowsnap dump").is_none(),
+                "round {round}: the dump ended before it seized the tree"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the tree was never seized"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        thread::sleep(Duration::from_millis(20 * round as u64));
+        kill(Pid::from_raw(dump.id() as i32), Signal::SIGKILL).expect("SIGKILL cowsnap dump");
+        let deadline = Instant::now() + BOUND;
+        let status = loop {
+            if let Some(status) = dump.try_wait().expect("wait for cowsnap dump") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the killed dump was not reaped within {BOUND:?}"
+            );
+            thread::sleep(Duration::from_millis(1));
+        };
+        // No grace period: the reap is the promise.
+        let held = held_threads(&pids);
+        let partial: Vec<String> = fs::read_dir(dir.path())
+            .expect("list the image's parent")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".partial-"))
+            .collect();
+        assert!(
+            held.is_empty() && partial.is_empty(),
+            "round {round}: the killed dump ({status}) was reaped before its cleanup: \
+             held {held:?}, partial images {partial:?}"
+        );
+        assert!(
+            !images.join("manifest.json").exists(),
+            "round {round}: a killed dump left a complete image"
+        );
+    }
+    tree.assert_running_untraced("after the killed dumps");
+    tree.assert_verifies("after the killed dumps");
+}
+
+/// SIGTERM (and SIGSTOP/SIGCONT on the way) to `cowsnap dump` mid-dump:
+/// the command, which its engine holds traced, still gets its signals as
+/// if untraced, passes the SIGTERM on, and ends with the interruption
+/// reported and everything resumed.
+#[test]
+fn sigterm_of_the_dump_command_interrupts_it_cleanly() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let tree = RefTree::start(TreeSpec {
+        mib: 256,
+        ..TreeSpec::small("plain")
+    });
+    let pids = tree.pids();
+    let (dir, images) = image_dir("trust-term");
+    let child = Command::new(cowsnap_bin())
+        .args(["dump", "--pid", &tree.root.to_string()])
+        .args(["--images", path_str(&images)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cowsnap dump");
+    let dumper = Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + BOUND;
+    while held_threads(&pids).is_empty() {
+        assert!(Instant::now() < deadline, "the tree was never seized");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let stopped = || {
+        let state = task_state(dumper.as_raw());
+        state.starts_with('T') || state.starts_with('t')
+    };
+    // A job-control stop holds, and SIGCONT ends it.
+    kill(dumper, Signal::SIGSTOP).expect("SIGSTOP cowsnap dump");
+    let deadline = Instant::now() + BOUND;
+    while !stopped() {
+        assert!(
+            Instant::now() < deadline,
+            "SIGSTOP did not stop cowsnap dump"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(100));
+    assert!(stopped(), "cowsnap dump did not stay stopped");
+    kill(dumper, Signal::SIGCONT).expect("SIGCONT cowsnap dump");
+    let deadline = Instant::now() + BOUND;
+    while stopped() {
+        assert!(
+            Instant::now() < deadline,
+            "SIGCONT did not resume cowsnap dump"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // A SIGCONT right after a SIGSTOP cancels it, as for any process.
+    kill(dumper, Signal::SIGSTOP).expect("SIGSTOP cowsnap dump");
+    kill(dumper, Signal::SIGCONT).expect("SIGCONT cowsnap dump");
+    kill(dumper, Signal::SIGTERM).expect("SIGTERM cowsnap dump");
+    let output = output_within(child, BOUND, "cowsnap dump after SIGTERM");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("interrupted"),
+        "SIGTERM should interrupt the dump:\n{}",
+        describe(&output)
+    );
+    let held = held_threads(&pids);
+    assert!(held.is_empty(), "after the interrupted dump: {held:?}");
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert!(left.is_empty(), "the interrupted dump left {left:?}");
+    tree.assert_verifies("after the interrupted dump");
+}

@@ -568,3 +568,98 @@ fn sigterm_of_the_dump_command_interrupts_it_cleanly() {
     assert!(left.is_empty(), "the interrupted dump left {left:?}");
     tree.assert_verifies("after the interrupted dump");
 }
+
+// ------------------------------------------------------------ an interrupted sleep
+
+/// A 3 s sleep dumped (with `--exit`) about 1 s in and restored keeps the
+/// time it had left: it must end less than (3 s - the time it had slept
+/// before the dump + 0.5 s) after the restore returned, not start its 3 s
+/// again, and not end at once either. Both for `sleep` (coreutils, which
+/// sleeps again for what `rem` says on EINTR) and `cowsnap-sleeper` (which
+/// starts its whole interval again on EINTR, as many programs do).
+#[test]
+fn restored_sleep_keeps_its_remaining_time() {
+    require_root();
+    restored_sleep_keeps_remaining("sleep");
+    restored_sleep_keeps_remaining(env!("CARGO_BIN_EXE_cowsnap-sleeper"));
+}
+
+fn restored_sleep_keeps_remaining(program: &str) {
+    const SLEEP: f64 = 3.0;
+    let (dir, images) = image_dir("trust-sleep");
+    cowsnap_bin(); // built now, not while the sleep runs
+    let started = Instant::now();
+    let mut sleeper = Command::new(program)
+        .arg(SLEEP.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let pid = sleeper.id() as i32;
+    thread::sleep(Duration::from_secs(1));
+    let slept_before = started.elapsed().as_secs_f64();
+    let output = cowsnap(&[
+        "dump",
+        "--exit",
+        "--quiet",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    let slept_at_most = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "dump --exit:\n{}",
+        describe(&output)
+    );
+    let status = sleeper.wait().expect("reap the dumped sleep");
+    assert!(
+        !status.success(),
+        "the dumped sleep was killed, not {status}"
+    );
+
+    let pidfile = dir.path().join("restored.pid");
+    let output = cowsnap(&[
+        "restore",
+        "--quiet",
+        "--images",
+        path_str(&images),
+        "--pid-ns",
+        "current",
+        "--pidfile",
+        path_str(&pidfile),
+    ]);
+    let restored = Instant::now();
+    assert!(output.status.success(), "restore:\n{}", describe(&output));
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    assert!(
+        name.starts_with(&comm(pid)),
+        "the restored process runs {name}, not {:?}",
+        comm(pid)
+    );
+    let deadline = restored + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && !task_state(pid).starts_with('Z') {
+        assert!(Instant::now() < deadline, "the restored sleep never ended");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let took = restored.elapsed().as_secs_f64();
+    let left_at_most = SLEEP - slept_before;
+    let left_at_least = SLEEP - slept_at_most;
+    eprintln!(
+        "{name}: slept {slept_before:.3}..{slept_at_most:.3} s before the dump, {took:.3} s after the restore"
+    );
+    assert!(
+        took < left_at_most + 0.5,
+        "{name}: the restored sleep took {took:.3} s: it had at most {left_at_most:.3} s left \
+         (the remaining time was lost: it slept its {SLEEP} s again?)"
+    );
+    assert!(
+        took > left_at_least - 0.3,
+        "{name}: the restored sleep took {took:.3} s, but had at least {left_at_least:.3} s left"
+    );
+}

@@ -1285,11 +1285,22 @@ fn runtime_vdso_len() -> Option<u64> {
 /// Undoes the kernel's syscall-restart bookkeeping seen at the ptrace stop,
 /// so that after rt_sigreturn an interrupted syscall runs again (or, when
 /// its restart state lived in the kernel, returns EINTR).
-pub fn restart_fixup(regs: &mut UserRegs) {
+///
+/// A relative `nanosleep`/`clock_nanosleep` interrupted by the dump
+/// reports -ERESTART_RESTARTBLOCK: the kernel would go on with the time
+/// left, kept in the task's restart_block, which no restore can rebuild.
+/// But when the caller passed `rem`, the kernel wrote the time left there
+/// at the interruption, and the image's memory holds it: the sleep runs
+/// again with `rem` as its request (one argument register changes: the
+/// request pointer becomes `rem`), so the remaining time is kept instead
+/// of a caller that ignores EINTR's `rem` starting its whole interval
+/// again. `writable(addr, len)` says whether the process can write there.
+pub fn restart_fixup(regs: &mut UserRegs, writable: impl Fn(u64, u64) -> bool) {
     const ERESTARTSYS: i64 = 512;
     const ERESTARTNOINTR: i64 = 513;
     const ERESTARTNOHAND: i64 = 514;
     const ERESTART_RESTARTBLOCK: i64 = 516;
+    const TIMESPEC_LEN: u64 = 16;
     if (regs.orig_rax as i64) < 0 {
         return;
     }
@@ -1298,7 +1309,25 @@ pub fn restart_fixup(regs: &mut UserRegs) {
             regs.rax = regs.orig_rax;
             regs.rip -= 2;
         }
-        ERESTART_RESTARTBLOCK => regs.rax = (-(libc::EINTR as i64)) as u64,
+        ERESTART_RESTARTBLOCK => {
+            let sleep_again = |rem: u64| rem != 0 && writable(rem, TIMESPEC_LEN);
+            match regs.orig_rax as libc::c_long {
+                // nanosleep(req, rem)
+                libc::SYS_nanosleep if sleep_again(regs.rsi) => {
+                    regs.rdi = regs.rsi;
+                    regs.rax = regs.orig_rax;
+                    regs.rip -= 2;
+                }
+                // clock_nanosleep(clock, flags, req, rem); TIMER_ABSTIME
+                // sleeps report ERESTARTNOHAND and simply run again.
+                libc::SYS_clock_nanosleep if regs.rsi == 0 && sleep_again(regs.r10) => {
+                    regs.rdx = regs.r10;
+                    regs.rax = regs.orig_rax;
+                    regs.rip -= 2;
+                }
+                _ => regs.rax = (-(libc::EINTR as i64)) as u64,
+            }
+        }
         _ => {}
     }
 }
@@ -1314,7 +1343,7 @@ fn blob_threads(
     // leader's are queued by the runtime (`signals::queue_pending`).
     let others = signals::other_thread_pending(entry.pid, image).map_err(|e| e.to_string())?;
     for t in &image.threads {
-        let mut spec = thread_spec(ctx, t)?;
+        let mut spec = thread_spec(ctx, t, image)?;
         if let Some((_, queue)) = others.iter().find(|(tid, _)| *tid == t.tid) {
             spec.pending = queue.iter().map(|s| s.info).collect();
         }
@@ -1342,9 +1371,15 @@ fn blob_threads(
     Ok(())
 }
 
-fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
+fn thread_spec(ctx: &Ctx, t: &ThreadImage, image: &ProcessImage) -> Result<ThreadSpec, String> {
     let mut regs = t.regs;
-    restart_fixup(&mut regs);
+    restart_fixup(&mut regs, |addr, len| {
+        image.vmas.iter().any(|v| {
+            v.start <= addr
+                && addr.checked_add(len).is_some_and(|end| end <= v.end)
+                && v.prot & libc::PROT_WRITE as u32 != 0
+        })
+    });
     let mut spec = ThreadSpec::new(regs);
     if !t.xsave.is_empty() {
         spec.fpu = FpuState::Xsave(
@@ -1667,4 +1702,101 @@ fn remove_recorded_segments(watch: &Watch) {
         .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     super::sysv::remove_created(&ids, root);
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    const RESTARTBLOCK: u64 = (-516i64) as u64;
+    const EINTR: u64 = (-(libc::EINTR as i64)) as u64;
+
+    fn stopped_in(nr: libc::c_long, args: [u64; 4]) -> UserRegs {
+        UserRegs {
+            orig_rax: nr as u64,
+            rax: RESTARTBLOCK,
+            rdi: args[0],
+            rsi: args[1],
+            rdx: args[2],
+            r10: args[3],
+            rip: 0x1002,
+            ..UserRegs::default()
+        }
+    }
+
+    #[test]
+    fn interrupted_relative_sleeps_sleep_the_time_left_in_rem() {
+        let anywhere = |_, _| true;
+        let mut regs = stopped_in(libc::SYS_nanosleep, [0x5000, 0x6000, 7, 8]);
+        restart_fixup(&mut regs, anywhere);
+        assert_eq!(
+            (regs.rax, regs.rdi, regs.rsi, regs.rip),
+            (libc::SYS_nanosleep as u64, 0x6000, 0x6000, 0x1000)
+        );
+        assert_eq!((regs.rdx, regs.r10), (7, 8), "other arguments kept");
+
+        let mut regs = stopped_in(libc::SYS_clock_nanosleep, [0, 0, 0x5000, 0x6000]);
+        restart_fixup(&mut regs, anywhere);
+        assert_eq!(
+            (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.rip),
+            (
+                libc::SYS_clock_nanosleep as u64,
+                0,
+                0,
+                0x6000,
+                0x6000,
+                0x1000
+            )
+        );
+    }
+
+    #[test]
+    fn sleeps_without_a_usable_rem_and_other_restart_blocks_return_eintr() {
+        let cases = [
+            // no rem
+            (stopped_in(libc::SYS_nanosleep, [0x5000, 0, 0, 0]), true),
+            (
+                stopped_in(libc::SYS_clock_nanosleep, [1, 0, 0x5000, 0]),
+                true,
+            ),
+            // rem not writable in the image
+            (
+                stopped_in(libc::SYS_nanosleep, [0x5000, 0x6000, 0, 0]),
+                false,
+            ),
+            // TIMER_ABSTIME (never -ERESTART_RESTARTBLOCK, but never rewritten)
+            (
+                stopped_in(libc::SYS_clock_nanosleep, [1, 1, 0x5000, 0x6000]),
+                true,
+            ),
+            // poll's restart block
+            (stopped_in(libc::SYS_poll, [0x5000, 1, 1000, 0]), true),
+        ];
+        for (regs, writable) in cases {
+            let mut fixed = regs;
+            restart_fixup(&mut fixed, |_, _| writable);
+            assert_eq!(fixed, UserRegs { rax: EINTR, ..regs }, "{regs:?}");
+        }
+    }
+
+    #[test]
+    fn restartable_syscalls_run_again_and_others_are_kept() {
+        let mut regs = UserRegs {
+            orig_rax: libc::SYS_read as u64,
+            rax: (-512i64) as u64,
+            rip: 0x1002,
+            ..UserRegs::default()
+        };
+        restart_fixup(&mut regs, |_, _| true);
+        assert_eq!((regs.rax, regs.rip), (libc::SYS_read as u64, 0x1000));
+        let done = UserRegs {
+            orig_rax: libc::SYS_read as u64,
+            rax: 5,
+            rip: 0x1002,
+            ..UserRegs::default()
+        };
+        let mut regs = done;
+        restart_fixup(&mut regs, |_, _| true);
+        assert_eq!(regs, done);
+    }
 }

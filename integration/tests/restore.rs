@@ -1068,6 +1068,105 @@ fn restore_of_corrupted_pages_fails_cleanly() {
     tree.assert_verifies(context);
 }
 
+/// Rewrites `xxh3_128` and `size` of `name` in the image's manifest to
+/// match the file as it is now.
+fn rechecksum_in_manifest(images: &Path, name: &str) {
+    let path = images.join("manifest.json");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest.json");
+    let bytes = fs::read(images.join(name)).expect("image file");
+    let files = manifest["files"]
+        .as_array_mut()
+        .expect("manifest.json files");
+    let entry = files
+        .iter_mut()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in manifest.json"));
+    entry["xxh3_128"] = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes)).into();
+    entry["size"] = (bytes.len() as u64).into();
+    fs::write(&path, serde_json::to_vec_pretty(&manifest).expect("json")).expect("write manifest");
+}
+
+/// Frame 0 of `pages` replaced by a valid zstd frame of altered pages, the
+/// index's offsets and lengths and the manifest's file checksums rewritten
+/// to match: only the frame's own checksum in `pages.index.json` (which
+/// stays) tells. The restore must refuse it before creating any process.
+#[test]
+fn restore_checks_every_frame_before_creating_processes() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let (dir, images) = image_dir("restore");
+    dump_ok(&tree, &images, &[]);
+    let index_path = images.join("pages.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(&index_path).expect("read index")).expect("index json");
+    let pages = fs::read(images.join("pages")).expect("read pages");
+    let frames = index["frames"].as_array_mut().expect("frames");
+    let (offset, len) = (
+        frames[0]["offset"].as_u64().expect("offset") as usize,
+        frames[0]["compressed_len"]
+            .as_u64()
+            .expect("compressed_len") as usize,
+    );
+    let mut raw = zstd::decode_all(&pages[offset..offset + len]).expect("decompress frame 0");
+    let at = raw.len() / 2;
+    raw[at] ^= 0x5a;
+    let altered = zstd::encode_all(&raw[..], 1).expect("compress frame 0");
+    let delta = altered.len() as i64 - len as i64;
+    let mut new_pages = pages[..offset].to_vec();
+    new_pages.extend_from_slice(&altered);
+    new_pages.extend_from_slice(&pages[offset + len..]);
+    frames[0]["compressed_len"] = (altered.len() as u64).into();
+    for frame in frames.iter_mut().skip(1) {
+        let off = frame["offset"].as_u64().expect("offset") as i64;
+        frame["offset"] = ((off + delta) as u64).into();
+    }
+    fs::write(images.join("pages"), &new_pages).expect("write pages");
+    fs::write(
+        &index_path,
+        serde_json::to_vec_pretty(&index).expect("json"),
+    )
+    .expect("write index");
+    rechecksum_in_manifest(&images, "pages");
+    rechecksum_in_manifest(&images, "pages.index.json");
+
+    let pidfile = dir.path().join("restored.pid");
+    let err = fs::File::create(dir.path().join("restore.stderr")).expect("stderr file");
+    let mut child = Command::new(cowsnap_bin())
+        .args(["restore", "--images", path_str(&images), "--pid-ns", "new"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("spawn cowsnap restore");
+    let status = wait_status(&mut child, "cowsnap restore");
+    let stderr = fs::read_to_string(dir.path().join("restore.stderr")).unwrap_or_default();
+    let context = "frame 0 altered, its index checksum kept";
+    eprintln!("{context}: {}", stderr.trim());
+    assert!(
+        !status.success(),
+        "{context}: the restore succeeded: {stderr}"
+    );
+    assert!(
+        stderr.contains("frame 0") && stderr.contains("xxh3-64"),
+        "{context}: the error should name frame 0 and its checksum: {stderr}"
+    );
+    assert!(
+        !stderr.contains("restoring "),
+        "{context}: processes were created before the frame was checked: {stderr}"
+    );
+    assert!(!pidfile.exists(), "{context}: a pid file was written");
+    assert_nothing_left(&[dir.path(), tree.dir.path()], &tree.pids(), context);
+    let verify = cowsnap(&["verify", path_str(&images)]);
+    assert!(
+        !verify.status.success() && String::from_utf8_lossy(&verify.stderr).contains("frame 0"),
+        "{context}: verify should refuse the image too:\n{}",
+        describe(&verify)
+    );
+    tree.assert_running_untraced(context);
+}
+
 #[test]
 fn restore_with_opened_file_gone_fails_cleanly() {
     let tree = RefTree::start(TreeSpec::small("plain"));
@@ -1119,6 +1218,49 @@ fn restore_into_current_namespace_with_pids_taken_fails_cleanly() {
     assert_nothing_left(&[dir.path(), tree.dir.path()], &pids, context);
     tree.assert_running_untraced(context);
     tree.assert_verifies(context);
+}
+
+/// `restore --pidfile FILE` where FILE cannot be created, or where writing
+/// fails (`/dev/full`): the restore fails naming the file, and nothing of
+/// the tree is left running (neither its processes nor its namespace init).
+#[test]
+fn restore_with_unwritable_pidfile_leaves_nothing_running() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    let pids = tree.pids();
+    let (dir, images) = image_dir("restore");
+    dump_ok(&tree, &images, &[]);
+    let missing_dir = dir.path().join("no-such-dir").join("restored.pid");
+    for pidfile in [missing_dir.as_path(), Path::new("/dev/full")] {
+        let context = format!("--pidfile {}", pidfile.display());
+        let out = fs::File::create(dir.path().join("restore.stdout")).expect("stdout file");
+        let err = fs::File::create(dir.path().join("restore.stderr")).expect("stderr file");
+        let mut child = Command::new(cowsnap_bin())
+            .args(["restore", "-q", "--images", path_str(&images)])
+            .args(["--pid-ns", "new", "--pidfile", path_str(pidfile)])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn cowsnap restore");
+        let status = wait_status(&mut child, "cowsnap restore");
+        let stderr = fs::read_to_string(dir.path().join("restore.stderr")).unwrap_or_default();
+        eprintln!("{context}: {}", stderr.trim());
+        assert!(
+            !status.success(),
+            "{context}: the restore should have failed ({status}): {stderr}"
+        );
+        assert!(
+            stderr.contains(path_str(pidfile)),
+            "{context}: the error should name the pid file: {stderr}"
+        );
+        assert_nothing_left(&[dir.path(), tree.dir.path()], &pids, &context);
+    }
+    assert!(
+        !missing_dir.exists(),
+        "a pid file appeared in a missing directory"
+    );
+    tree.assert_running_untraced("after the failed restores");
+    tree.assert_verifies("after the failed restores");
 }
 
 // ------------------------------------------------------------ the CLI

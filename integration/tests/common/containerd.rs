@@ -855,19 +855,23 @@ pub fn process_identity(pid: i32) -> Option<BTreeMap<String, String>> {
     Some(out)
 }
 
-/// The cgroup directory of `pid`: its v1 freezer cgroup (runc's on this
-/// hybrid layout), else its v2 cgroup.
+/// The cgroup directory of `pid`: its v1 freezer cgroup (runc's on a
+/// hybrid layout), else its v2 cgroup, wherever this host mounts them.
 pub fn cgroup_dir(pid: i32) -> Option<PathBuf> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let layout = cowsnap::sys::cgroup::CgroupLayout::current().ok()?;
+    let under = |point: &Path, path: &str| point.join(path.trim_start_matches('/'));
     let mut unified = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         if controllers.split(',').any(|c| c == "freezer") {
-            return Some(PathBuf::from(format!("/sys/fs/cgroup/freezer{path}")));
+            if let Some(m) = &layout.v1_freezer {
+                return Some(under(&m.point, path));
+            }
         }
         if controllers.is_empty() {
-            unified = Some(PathBuf::from(format!("/sys/fs/cgroup/unified{path}")));
+            unified = layout.v2.as_ref().map(|m| under(&m.point, path));
         }
     }
     unified
@@ -879,14 +883,17 @@ fn kill_namespace_cgroups(namespace: &str) {
     let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
+    // Each hierarchy under /sys/fs/cgroup, or /sys/fs/cgroup itself (v2 only).
     let dirs: Vec<PathBuf> = hierarchies
         .filter_map(|e| e.ok())
-        .map(|e| e.path().join(namespace))
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .map(|h| h.join(namespace))
         .filter(|p| p.is_dir())
         .collect();
     for dir in &dirs {
         for cgroup in cgroup_tree(dir) {
-            if cgroup.starts_with("/sys/fs/cgroup/freezer") {
+            if cgroup.join("freezer.state").exists() {
                 let _ = fs::write(cgroup.join("freezer.state"), "THAWED");
             }
             let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();

@@ -841,15 +841,20 @@ pub fn scan(pid: i32, start: u64, pages: u64, include_file: bool) -> Vec<PageSta
         .collect()
 }
 
-/// Whether frame `pfn` is a kernel zero page (through the library's
-/// KPF_ZERO_PAGE check); an unreadable /proc/kpageflags fails the test.
+/// Whether frame `pfn` is a kernel zero page: bit KPF_ZERO_PAGE (24) of its
+/// word in /proc/kpageflags, read here rather than through the library
+/// under test. An unreadable /proc/kpageflags fails the test.
 fn is_kernel_zero_frame(pfn: u64) -> bool {
+    const KPF_ZERO_PAGE: u64 = 24;
     static FLAGS: OnceLock<std::fs::File> = OnceLock::new();
     let flags = FLAGS.get_or_init(|| {
         std::fs::File::open("/proc/kpageflags").expect("open /proc/kpageflags (root?)")
     });
-    cowsnap::sys::pagemap::is_kernel_zero_frame(flags, pfn)
-        .unwrap_or_else(|| panic!("/proc/kpageflags at pfn {pfn:#x} unreadable"))
+    let mut word = [0u8; 8];
+    flags
+        .read_exact_at(&mut word, pfn * 8)
+        .unwrap_or_else(|e| panic!("/proc/kpageflags at pfn {pfn:#x}: {e}"));
+    (u64::from_ne_bytes(word) >> KPF_ZERO_PAGE) & 1 == 1
 }
 
 /// What the kernel says about the tree's memory, at one moment.
@@ -1251,9 +1256,44 @@ pub fn check_image(
 
 // ------------------------------------------------------------ cgroups
 
-/// A cgroup created for one test under /sys/fs/cgroup/freezer (v1) or
-/// /sys/fs/cgroup/unified (v2). Dropping it thaws it, moves its tasks back
-/// to the hierarchy's root and removes it.
+/// The hierarchy the tests make cgroups in: the v1 freezer or v2
+/// hierarchy where this host mounts it (`/sys/fs/cgroup/freezer` and
+/// `/sys/fs/cgroup/unified` on a hybrid host; `/sys/fs/cgroup` is v2 on a
+/// pure v2 one), else one mounted for the tests under /run and left
+/// mounted. Fails the test if there is none and mounting one fails.
+pub fn cgroup_hierarchy(v2: bool) -> PathBuf {
+    static MOUNTING: Mutex<()> = Mutex::new(());
+    let _serial = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let layout = cowsnap::sys::cgroup::CgroupLayout::current().expect("read /proc/self/mountinfo");
+    let found = if v2 { &layout.v2 } else { &layout.v1_freezer };
+    if let Some(m) = found.as_ref().filter(|m| m.root == "/") {
+        return m.point.clone();
+    }
+    let (point, options) = if v2 {
+        ("/run/cowsnap-test-cgroup2", ["-t", "cgroup2"].as_slice())
+    } else {
+        (
+            "/run/cowsnap-test-freezer",
+            ["-t", "cgroup", "-o", "freezer"].as_slice(),
+        )
+    };
+    fs::create_dir_all(point).unwrap_or_else(|e| panic!("mkdir {point}: {e}"));
+    let status = Command::new("mount")
+        .args(options)
+        .args(["cowsnap-test", point])
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "the {} cgroup layout has no {} hierarchy and `mount {options:?} cowsnap-test {point}` failed",
+        layout.name(),
+        if v2 { "v2" } else { "v1 freezer" }
+    );
+    PathBuf::from(point)
+}
+
+/// A cgroup created for one test in [`cgroup_hierarchy`]. Dropping it
+/// thaws it, moves its tasks back to the hierarchy's root and removes it.
 pub struct TestCgroup {
     pub dir: PathBuf,
     pub v2: bool,
@@ -1261,16 +1301,8 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn create(v2: bool, name: &str) -> TestCgroup {
-        let hierarchy = if v2 {
-            "/sys/fs/cgroup/unified"
-        } else {
-            "/sys/fs/cgroup/freezer"
-        };
-        assert!(
-            Path::new(hierarchy).join("cgroup.procs").exists(),
-            "{hierarchy} is not a mounted cgroup hierarchy (these tests need the hybrid layout of DESIGN.md)"
-        );
-        let dir = Path::new(hierarchy).join(format!("cowsnap-test-{}-{name}", std::process::id()));
+        let hierarchy = cgroup_hierarchy(v2);
+        let dir = hierarchy.join(format!("cowsnap-test-{}-{name}", std::process::id()));
         if dir.exists() {
             let _ = fs::remove_dir(&dir);
         }

@@ -31,9 +31,9 @@ pub enum MemoryError {
         #[source]
         source: ProcessError,
     },
-    #[error("pid {pid}: page store: {source}")]
+    /// Writing the image failed (disk full, ...): no matter whose pages.
+    #[error("page store: {source}")]
     Store {
-        pid: i32,
         #[source]
         source: ImageError,
     },
@@ -413,7 +413,7 @@ impl MemoryScanner {
     ) -> Result<(), MemoryError> {
         let ps = self.page_size as usize;
         let pid = ctx.pid;
-        let store_err = |source| MemoryError::Store { pid, source };
+        let store_err = |source| MemoryError::Store { source };
         let mut k = from;
         while k < to {
             let (first_id, space) = sink.reserve().map_err(store_err)?;

@@ -129,7 +129,9 @@ pub enum SeizeError {
         tracer: i32,
         tracer_comm: String,
     },
-    #[error("pid {pid} is the dumping process itself: cannot seize it")]
+    #[error("killed tasks {tids:?} were not collected after {waited_ms} ms")]
+    NotCollected { tids: Vec<i32>, waited_ms: u128 },
+    #[error("pid {pid} is this cowsnap dump's own engine process (the tree to dump holds the dumper): cannot seize it")]
     Dumper { pid: i32 },
     #[error(transparent)]
     Ptrace(#[from] PtraceError),
@@ -319,7 +321,6 @@ fn liveness(pid: i32) -> Result<Liveness, SeizeError> {
 
 #[derive(Debug, Clone, Copy)]
 struct Tracee {
-    pid: i32,
     stopped: bool,
 }
 
@@ -424,13 +425,7 @@ impl Seizer {
             }
             Err(e) => return Err(e.into()),
         }
-        self.tracees.insert(
-            tid,
-            Tracee {
-                pid,
-                stopped: false,
-            },
-        );
+        self.tracees.insert(tid, Tracee { stopped: false });
         match ptrace::interrupt(tid) {
             Ok(()) => Ok(()),
             // Died right after the seize: wait_stop collects it.
@@ -707,6 +702,15 @@ impl Seizer {
     /// SIGKILLs every process and collects every task's death. A process
     /// that is our own child is left as a zombie for us, its parent, to reap
     /// (waiting as its tracer would consume its exit status).
+    ///
+    /// No task is waited for alone: every one is polled until all are
+    /// collected. Tasks end in an order only the kernel knows: the last
+    /// thread of a dying pid-namespace init (any of its threads, not
+    /// necessarily the leader) waits in `zap_pid_ns_processes` until every
+    /// process of its namespace is reaped, a traced zombie is reaped only
+    /// after its tracer (we) collected it, and a leader is reported only
+    /// once its group is empty. Bounded by [`KILL_TIMEOUT`]: past it the
+    /// tasks left are named, and our exit lets the kernel release them.
     fn kill_all(&mut self, processes: &[SeizedProcess]) -> Result<(), SeizeError> {
         let own_children: BTreeSet<i32> = processes
             .iter()
@@ -717,51 +721,57 @@ impl Seizer {
             // ESRCH: already dead; its death is collected below.
             let _ = ptrace::kill(p.pid, libc::SIGKILL);
         }
-        // Non-leaders first: a leader is reported only once its group is
-        // empty. Descendants before ancestors: a dying pid-namespace init
-        // waits until every process of its namespace is reaped, and a
-        // traced zombie is reaped only after its tracer (we) collected it.
-        let depth_rank: std::collections::BTreeMap<i32, usize> = processes
-            .iter()
-            .map(|p| (p.pid, tree_depth(p.pid, processes)))
-            .collect();
-        let mut tids: Vec<(bool, std::cmp::Reverse<usize>, i32)> = self
-            .tracees
-            .iter()
-            .map(|(&tid, t)| {
-                let depth = depth_rank.get(&t.pid).copied().unwrap_or(usize::MAX);
-                (tid == t.pid, std::cmp::Reverse(depth), tid)
-            })
-            .collect();
-        tids.sort_unstable();
+        let mut left: BTreeSet<i32> = std::mem::take(&mut self.tracees).into_keys().collect();
         let mut first: Option<SeizeError> = None;
-        for (_, _, tid) in tids {
-            self.tracees.remove(&tid);
-            if own_children.contains(&tid) {
-                match ptrace::wait_exited_nowait(tid) {
-                    Ok(()) => {}
-                    Err(e) if e.errno() == Some(Errno::ECHILD) => {}
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(50);
+        while !left.is_empty() {
+            let before = left.len();
+            left.retain(|&tid| {
+                let collected = if own_children.contains(&tid) {
+                    ptrace::try_exited_nowait(tid).map(|exited| exited.then_some(()))
+                } else {
+                    match ptrace::try_wait(tid) {
+                        Ok(Some(WaitStatus::Exited(_) | WaitStatus::Signaled(_))) => Ok(Some(())),
+                        // A stop on the way out (SIGKILL ends it): poll again.
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
+                match collected {
+                    Ok(Some(())) => false,
+                    Ok(None) => true,
+                    // Already collected (a leader whose group went with it).
+                    Err(e) if e.errno() == Some(Errno::ECHILD) => false,
                     Err(e) => {
                         first.get_or_insert(e.into());
+                        false
                     }
                 }
-                continue;
+            });
+            if left.is_empty() {
+                break;
             }
-            loop {
-                match ptrace::wait(tid) {
-                    Ok(WaitStatus::Exited(_) | WaitStatus::Signaled(_)) => break,
-                    Ok(_) => continue,
-                    Err(e) if e.errno() == Some(Errno::ECHILD) => break,
-                    Err(e) => {
-                        first.get_or_insert(e.into());
-                        break;
-                    }
-                }
+            if started.elapsed() > KILL_TIMEOUT {
+                first.get_or_insert(SeizeError::NotCollected {
+                    tids: left.iter().copied().collect(),
+                    waited_ms: started.elapsed().as_millis(),
+                });
+                break;
             }
+            pause = if left.len() < before {
+                std::time::Duration::from_micros(50)
+            } else {
+                (pause * 2).min(std::time::Duration::from_millis(5))
+            };
+            std::thread::sleep(pause);
         }
         first.map_or(Ok(()), Err)
     }
 }
+
+/// How long [`SeizedTree::kill`] waits for the deaths of the killed tasks.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Orders processes so that a parent in the set comes before its children.
 fn parents_first(procs: Vec<SeizedProcess>) -> Vec<SeizedProcess> {
@@ -904,21 +914,6 @@ impl SeizedTree {
     }
 }
 
-/// Depth of `pid` in the seized tree (the root is 0), following `ppid`.
-fn tree_depth(pid: i32, processes: &[SeizedProcess]) -> usize {
-    let parent = |pid: i32| processes.iter().find(|p| p.pid == pid).map(|p| p.ppid);
-    let mut depth = 0;
-    let mut at = pid;
-    while let Some(ppid) = parent(at) {
-        if depth > processes.len() {
-            break;
-        }
-        depth += 1;
-        at = ppid;
-    }
-    depth
-}
-
 impl Drop for SeizedTree {
     fn drop(&mut self) {
         if !self.released && self.seizer.check_thread().is_ok() {
@@ -971,7 +966,6 @@ mod tests {
         echo_body, rich_body, task_state, tracer_body, tracer_pid, tree_body, wait_state,
         zombie_parent_body, Child, RICH_FIELDS,
     };
-    use std::path::Path;
 
     fn threads_of(pid: i32) -> Vec<i32> {
         list_tids(pid).expect("tids").expect("alive")
@@ -1091,7 +1085,7 @@ mod tests {
 
     #[test]
     fn zombie_children_of_frozen_members_are_found() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/unified", "zombie");
+        let cg = TestCgroup::create(true, "zombie");
         let child = Child::spawn(zombie_parent_body);
         assert_eq!(child.recv(1), b"Z");
         let kids = child.recv_u64s(2);
@@ -1233,8 +1227,9 @@ mod tests {
     }
 
     impl TestCgroup {
-        fn create(hierarchy: &str, tag: &str) -> TestCgroup {
-            let dir = Path::new(hierarchy).join(format!(
+        fn create(v2: bool, tag: &str) -> TestCgroup {
+            let hierarchy = crate::sys::cgroup::tests::test_hierarchy(v2);
+            let dir = hierarchy.join(format!(
                 "cowsnap-seize-{tag}-{}-{}",
                 std::process::id(),
                 ptrace::gettid()
@@ -1327,7 +1322,7 @@ mod tests {
 
     #[test]
     fn seize_frozen_v1_freezer() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/freezer", "v1");
+        let cg = TestCgroup::create(false, "v1");
         seize_frozen_round_trip(
             &cg,
             ("freezer.state", "FROZEN"),
@@ -1339,7 +1334,7 @@ mod tests {
 
     #[test]
     fn seize_frozen_v2_cgroup_freeze() {
-        let cg = TestCgroup::create("/sys/fs/cgroup/unified", "v2");
+        let cg = TestCgroup::create(true, "v2");
         seize_frozen_round_trip(
             &cg,
             ("cgroup.freeze", "1"),

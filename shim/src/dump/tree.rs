@@ -38,6 +38,33 @@ pub enum TreeError {
     NoLongerZombie { pid: i32, state: char },
     #[error("pid {pid}: exit_code (field 52 of /proc/PID/stat) {field:?} is not an exit status")]
     BadExitCode { pid: i32, field: String },
+    #[error("refusing to dump pid 1: it is the init of cowsnap's own pid namespace, so its tree holds every process of that namespace (the machine, in the host's), cowsnap included")]
+    NamespaceInit,
+    #[error("refusing to dump pid {pid}: this cowsnap process runs inside its tree (pid {pid} is one of its ancestors), and seizing its tree would stop the dumper itself")]
+    ContainsDumper { pid: i32 },
+}
+
+/// Refuses, before anything is seized, a root whose tree would hold the
+/// dumper: pid 1 of its pid namespace, itself, or any of its ancestors
+/// (the tree is a root and its descendants, so it holds the dumper exactly
+/// when the root is on the dumper's parent chain).
+pub fn refuse_own_tree(root: i32) -> Result<(), TreeError> {
+    if root == 1 {
+        return Err(TreeError::NamespaceInit);
+    }
+    let mut pid = std::process::id() as i32;
+    // A chain longer than pid_max would be a cycle read through races.
+    for _ in 0..4_194_304 {
+        if pid == root {
+            return Err(TreeError::ContainsDumper { pid: root });
+        }
+        // 0: the parent is outside this pid namespace.
+        if pid <= 1 {
+            break;
+        }
+        pid = read_stat(pid)?.ppid;
+    }
+    Ok(())
 }
 
 /// What /proc says about one process, read once while it is stopped.
@@ -261,6 +288,25 @@ pub fn preorder(root: i32, procs: &[(i32, i32)]) -> Result<Vec<i32>, TreeError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_tree_refused_for_init_self_and_ancestors_only() {
+        assert!(matches!(refuse_own_tree(1), Err(TreeError::NamespaceInit)));
+        let me = std::process::id() as i32;
+        let parent = nix::unistd::getppid().as_raw();
+        for pid in [me, parent] {
+            let err = refuse_own_tree(pid).expect_err("an ancestor of the dumper");
+            assert!(err.to_string().contains(&format!("pid {pid}")), "{err}");
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("spawn sleep");
+        let result = refuse_own_tree(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("a child of the dumper is not its ancestor");
+    }
 
     #[test]
     fn preorder_parents_first() {

@@ -20,6 +20,18 @@ pub enum ImageError {
     DirNotEmpty { path: PathBuf },
     #[error("{path}: exists and is not a directory")]
     NotADirectory { path: PathBuf },
+    #[error("{path}: is a symbolic link to {target:?}, which is not a directory")]
+    SymlinkNotADirectory { path: PathBuf, target: PathBuf },
+    #[error(
+        "{path}: cannot create the image directory: its parent directory {parent:?} does not exist"
+    )]
+    ParentMissing { path: PathBuf, parent: PathBuf },
+    #[error("{path}: cannot create the image directory: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{name}: written twice to the same image")]
     DuplicateFile { name: String },
     #[error("cannot commit image: {name} was not written")]
@@ -103,9 +115,12 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
-    #[error("{file}: invalid JSON: {source}")]
+    #[error("{file}: invalid JSON{}: {source}", field_note(.field))]
     Json {
         file: String,
+        /// Where in the document (`processes[0].pid`), empty if at the top
+        /// or unknown (a syntax error).
+        field: String,
         #[source]
         source: serde_json::Error,
     },
@@ -292,7 +307,26 @@ pub enum ImageError {
     },
 }
 
+/// ` in field F` for a JSON error below the document's top level.
+fn field_note(field: &str) -> String {
+    if field.is_empty() || field == "." {
+        String::new()
+    } else {
+        format!(" in field {field}")
+    }
+}
+
 impl ImageError {
+    /// Wraps a JSON error of image file `file` with the path of the field
+    /// it concerns.
+    pub(crate) fn json(file: &str, error: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        ImageError::Json {
+            file: file.into(),
+            field: error.path().to_string(),
+            source: error.into_inner(),
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ImageError::Io {

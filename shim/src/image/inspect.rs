@@ -344,48 +344,7 @@ pub fn verify(dir: &Path) -> Result<String, ImageError> {
     let image = Image::open(dir)?;
     let reader = image.page_reader()?;
     let frames = reader.frame_count();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(frames.max(1));
-    // Frames are independent: decompress them on every core, each thread
-    // reusing one buffer. Report the failing frame with the lowest index so
-    // the result does not depend on scheduling.
-    let first_error = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let reader = &reader;
-                scope.spawn(move || -> Option<(usize, ImageError)> {
-                    let mut buf = Vec::new();
-                    for frame in (t..frames).step_by(threads) {
-                        let result = reader.frame_len(frame).and_then(|len| {
-                            buf.resize(len, 0);
-                            reader.read_frame_into(frame, &mut buf)
-                        });
-                        if let Err(e) = result {
-                            return Some((frame, e));
-                        }
-                    }
-                    None
-                })
-            })
-            .collect();
-        let mut first: Option<(usize, ImageError)> = None;
-        for handle in handles {
-            let found = match handle.join() {
-                Ok(found) => found,
-                Err(_) => Some((0, ImageError::WorkerPanicked { role: "verify" })),
-            };
-            if let Some((frame, e)) = found {
-                if first.as_ref().is_none_or(|(f, _)| frame < *f) {
-                    first = Some((frame, e));
-                }
-            }
-        }
-        first
-    });
-    if let Some((_, e)) = first_error {
-        return Err(e);
-    }
+    reader.verify_frames()?;
     let files = image.manifest.files.len() + 1;
     let manifest_size = std::fs::metadata(dir.join(super::types::MANIFEST_FILE))
         .map_err(|e| ImageError::io(dir.join(super::types::MANIFEST_FILE), e))?

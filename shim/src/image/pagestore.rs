@@ -839,6 +839,59 @@ impl PageStoreReader {
         Ok(())
     }
 
+    /// Decompresses every frame and checks its length and checksum, on
+    /// every core (each thread reusing one buffer). The failing frame with
+    /// the lowest index is reported, so the result does not depend on
+    /// scheduling.
+    pub fn verify_frames(&self) -> Result<(), ImageError> {
+        let frames = self.frame_count();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(frames.max(1));
+        // Lowest failing frame so far: the others stop once past it.
+        let failed_at = AtomicU64::new(u64::MAX);
+        let first = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let failed_at = &failed_at;
+                    scope.spawn(move || -> Option<(usize, ImageError)> {
+                        let mut buf = Vec::new();
+                        for frame in (t..frames).step_by(threads) {
+                            if frame as u64 > failed_at.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let result = self.frame_len(frame).and_then(|len| {
+                                buf.resize(len, 0);
+                                self.read_frame_into(frame, &mut buf)
+                            });
+                            if let Err(e) = result {
+                                failed_at.fetch_min(frame as u64, Ordering::Relaxed);
+                                return Some((frame, e));
+                            }
+                        }
+                        None
+                    })
+                })
+                .collect();
+            let mut first: Option<(usize, ImageError)> = None;
+            for handle in handles {
+                let found = handle
+                    .join()
+                    .unwrap_or(Some((0, ImageError::WorkerPanicked { role: "verify" })));
+                if let Some((frame, e)) = found {
+                    if first.as_ref().is_none_or(|(f, _)| frame < *f) {
+                        first = Some((frame, e));
+                    }
+                }
+            }
+            first
+        });
+        match first {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Contents of page `id` (decompresses its whole frame; restore should
     /// work frame by frame instead).
     pub fn read_page(&self, id: PageId) -> Result<Vec<u8>, ImageError> {
@@ -1071,5 +1124,28 @@ mod tests {
                 frame_count: 2
             })
         ));
+    }
+
+    #[test]
+    fn verify_frames_reports_the_lowest_bad_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PageStoreWriter::create(dir.path(), PS, options(1, 2)).unwrap();
+        w.append(&(0..9).map(page).collect::<Vec<_>>().concat())
+            .unwrap();
+        let mut index = w.finish().unwrap().index;
+        PageStoreReader::open(dir.path(), &index)
+            .unwrap()
+            .verify_frames()
+            .expect("an intact store verifies");
+        for bad in [7, 3, 5] {
+            index.frames[bad].xxh3_64 = format!("{:016x}", 12345u64);
+        }
+        let r = PageStoreReader::open(dir.path(), &index).unwrap();
+        let err = r.verify_frames().expect_err("three bad frames");
+        assert!(
+            matches!(err, ImageError::FrameChecksum { frame: 3, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("frame 3"), "{err}");
     }
 }

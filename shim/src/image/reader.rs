@@ -182,11 +182,7 @@ impl Image {
 /// Checks format name and version on the raw JSON first, so that an image of
 /// another major version is refused as such even if its fields differ.
 fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
-    let json_error = |source| ImageError::Json {
-        file: MANIFEST_FILE.into(),
-        source,
-    };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
+    let value: serde_json::Value = parse_json(MANIFEST_FILE, bytes)?;
     let format = value.get("format").and_then(|f| f.as_str());
     if format != Some(FORMAT_NAME) {
         return Err(ImageError::BadFormatName {
@@ -219,7 +215,8 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
             });
         }
     }
-    let manifest: Manifest = serde_json::from_value(value).map_err(json_error)?;
+    let manifest: Manifest =
+        serde_path_to_error::deserialize(value).map_err(|e| ImageError::json(MANIFEST_FILE, e))?;
     if manifest.page_size == 0 || !manifest.page_size.is_power_of_two() {
         return Err(ImageError::BadPageSize {
             file: MANIFEST_FILE.into(),
@@ -628,10 +625,15 @@ pub(crate) fn check_sysv_shm(
 }
 
 fn parse_json<T: DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, ImageError> {
-    serde_json::from_slice(bytes).map_err(|source| ImageError::Json {
+    // Through serde_path_to_error, so that a wrong value names its field.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| ImageError::json(file, e))?;
+    de.end().map_err(|source| ImageError::Json {
         file: file.into(),
+        field: String::new(),
         source,
-    })
+    })?;
+    Ok(value)
 }
 
 fn parse_hex_u128(value: &str, field: &str) -> Result<u128, ImageError> {
@@ -894,6 +896,27 @@ mod tests {
             open_err(&dir),
             ImageError::Json { file, .. } if file == "proc-101.json"
         ));
+    }
+
+    #[test]
+    fn json_errors_name_the_file_and_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, TREE_FILE, |v| {
+            v["processes"][1]["pid"] = json!(1.8e19)
+        });
+        let err = open_err(&dir);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("tree.json: invalid JSON in field processes[1].pid: invalid type"),
+            "{text}"
+        );
+        edit_manifest(&dir, |m| m["page_size"] = json!("4096"));
+        let text = open_err(&dir).to_string();
+        assert!(
+            text.starts_with("manifest.json: invalid JSON in field page_size: "),
+            "{text}"
+        );
     }
 
     #[test]

@@ -71,7 +71,22 @@ impl ImageWriter {
         page_size: u64,
         options: PageStoreOptions,
     ) -> Result<Self, ImageError> {
-        let (work_dir, placement) = match std::fs::symlink_metadata(dir) {
+        // A symlink to a directory is that directory; to anything else, it
+        // is refused as what it is.
+        let metadata = match std::fs::symlink_metadata(dir) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let refuse = || ImageError::SymlinkNotADirectory {
+                    path: dir.into(),
+                    target: std::fs::read_link(dir).unwrap_or_default(),
+                };
+                match std::fs::metadata(dir) {
+                    Ok(target) if target.is_dir() => Ok(target),
+                    _ => return Err(refuse()),
+                }
+            }
+            other => other,
+        };
+        let (work_dir, placement) = match metadata {
             Ok(meta) if meta.is_dir() => {
                 let mut entries = std::fs::read_dir(dir).map_err(|e| ImageError::io(dir, e))?;
                 if entries.next().is_some() {
@@ -84,7 +99,21 @@ impl ImageWriter {
                 let work = partial_dir(dir)?;
                 // create_dir (not _all): a leftover partial of a dead dumper
                 // with the same pid is refused rather than silently reused.
-                std::fs::create_dir(&work).map_err(|e| ImageError::io(&work, e))?;
+                // Errors name the directory the user gave, not the partial one.
+                std::fs::create_dir(&work).map_err(|e| match parent_of(dir) {
+                    Some(parent)
+                        if e.kind() == std::io::ErrorKind::NotFound && !parent.exists() =>
+                    {
+                        ImageError::ParentMissing {
+                            path: dir.into(),
+                            parent,
+                        }
+                    }
+                    _ => ImageError::CreateDir {
+                        path: dir.into(),
+                        source: e,
+                    },
+                })?;
                 (work, Placement::Partial)
             }
             Err(e) => return Err(ImageError::io(dir, e)),
@@ -318,6 +347,58 @@ fn kernel_release() -> Result<String, ImageError> {
 mod tests {
     use super::*;
     use crate::image::testutil;
+
+    #[test]
+    fn errors_name_the_directory_given() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("missing").join("img");
+        let text = ImageWriter::create(&dir, 4096)
+            .err()
+            .expect("parent missing")
+            .to_string();
+        assert_eq!(
+            text,
+            format!(
+                "{}: cannot create the image directory: its parent directory {:?} does not exist",
+                dir.display(),
+                tmp.path().join("missing")
+            )
+        );
+        assert!(!text.contains(".partial-"), "{text}");
+    }
+
+    #[test]
+    fn symlink_to_a_directory_is_that_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("real");
+        std::fs::create_dir(&target).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        testutil::fill(ImageWriter::create(&link, 4096).unwrap())
+            .commit(testutil::ROOT)
+            .unwrap();
+        assert!(target.join(MANIFEST_FILE).exists());
+
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let to_file = tmp.path().join("to-file");
+        std::os::unix::fs::symlink(&file, &to_file).unwrap();
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        for (link, target) in [(&to_file, &file), (&dangling, &tmp.path().join("nowhere"))] {
+            let text = ImageWriter::create(link, 4096)
+                .err()
+                .expect("not a directory")
+                .to_string();
+            assert_eq!(
+                text,
+                format!(
+                    "{}: is a symbolic link to {target:?}, which is not a directory",
+                    link.display()
+                )
+            );
+        }
+    }
 
     #[test]
     fn commit_absent_dir_renames_partial() {

@@ -20,13 +20,13 @@ const DELETED_SUFFIX: &str = " (deleted)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("pid {pid}: {what} {path} is missing")]
+    #[error("pid {pid}: {what} {path:?} is missing")]
     Missing {
         pid: i32,
         what: String,
         path: String,
     },
-    #[error("pid {pid}: {what} {path}: {source}")]
+    #[error("pid {pid}: {what} {path:?}: {source}")]
     Stat {
         pid: i32,
         what: String,
@@ -34,14 +34,14 @@ pub enum CheckError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pid {pid}: {what} {path} is not a {expected}")]
+    #[error("pid {pid}: {what} {path:?} is not a {expected}")]
     WrongType {
         pid: i32,
         what: String,
         path: String,
         expected: &'static str,
     },
-    #[error("pid {pid}: {what} {path} size changed: image {image}, now {now}")]
+    #[error("pid {pid}: {what} {path:?} size changed: image {image}, now {now}")]
     SizeChanged {
         pid: i32,
         what: String,
@@ -50,7 +50,7 @@ pub enum CheckError {
         now: u64,
     },
     #[error(
-        "pid {pid}: mapped file {path} is too short: {size} bytes, mapped from offset {offset}"
+        "pid {pid}: mapped file {path:?} is too short: {size} bytes, mapped from offset {offset}"
     )]
     MappingPastEnd {
         pid: i32,
@@ -58,9 +58,9 @@ pub enum CheckError {
         size: u64,
         offset: u64,
     },
-    #[error("not supported: pid {pid} maps deleted file {path}")]
+    #[error("not supported: pid {pid} maps deleted file {path:?}")]
     DeletedMapping { pid: i32, path: String },
-    #[error("not supported: pid {pid} {what} {path} is deleted")]
+    #[error("not supported: pid {pid} {what} {path:?} is deleted")]
     Deleted {
         pid: i32,
         what: String,

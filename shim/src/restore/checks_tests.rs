@@ -135,8 +135,17 @@ fn missing_mapped_file_is_named() {
     let e = check_files(&f.open()).expect_err("missing");
     assert_eq!(
         e.to_string(),
-        format!("pid {PID}: mapped file {} is missing", f.path("lib.so"))
+        format!("pid {PID}: mapped file {:?} is missing", f.path("lib.so"))
     );
+}
+
+#[test]
+fn an_empty_path_is_shown_quoted() {
+    let f = fixture();
+    let mut image = f.open();
+    image.tree.processes[0].root = String::new();
+    let e = check_files(&image).expect_err("empty root");
+    assert_eq!(e.to_string(), format!("pid {PID}: root \"\" is missing"));
 }
 
 #[test]
@@ -169,7 +178,7 @@ fn executable_or_mapped_file_with_another_size_is_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "pid {PID}: mapped file {} size changed: image 8192, now 12288",
+            "pid {PID}: mapped file {:?} size changed: image 8192, now 12288",
             f.path("lib.so")
         )
     );
@@ -178,7 +187,7 @@ fn executable_or_mapped_file_with_another_size_is_refused() {
     let e = check_files(&f.open()).expect_err("exe changed");
     assert!(
         e.to_string()
-            .contains(&format!("executable {} size changed", f.path("exe"))),
+            .contains(&format!("executable {:?} size changed", f.path("exe"))),
         "{e}"
     );
 }
@@ -191,7 +200,7 @@ fn open_file_with_another_size_is_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "pid {PID}: fd 7 file {} size changed: image 10, now 12",
+            "pid {PID}: fd 7 file {:?} size changed: image 10, now 12",
             f.path("data")
         )
     );
@@ -206,7 +215,7 @@ fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
     assert_eq!(
         e.to_string(),
         format!(
-            "not supported: pid {PID} maps deleted file {}",
+            "not supported: pid {PID} maps deleted file {:?}",
             f.path("lib.so")
         )
     );
@@ -219,7 +228,7 @@ fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
     assert_eq!(
         e.to_string(),
         format!(
-            "not supported: pid {PID} fd 7 file {} is deleted",
+            "not supported: pid {PID} fd 7 file {:?} is deleted",
             f.path("data")
         )
     );
@@ -234,7 +243,7 @@ fn wrong_kinds_and_unsupported_fds_are_refused() {
     assert_eq!(
         e.to_string(),
         format!(
-            "pid {PID}: executable {} is not a regular file",
+            "pid {PID}: executable {:?} is not a regular file",
             f.path("exe")
         )
     );

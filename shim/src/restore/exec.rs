@@ -201,6 +201,17 @@ fn open_and_plan(
         source,
     })?;
     refuse_unsupported(&image)?;
+    // Every frame's contents, before any process exists (README: the image
+    // is checked completely first); the manifest's checksum of `pages` alone
+    // would miss an image whose manifest was rewritten to match.
+    let image_error = |source| RestoreError::Image {
+        dir: images.to_path_buf(),
+        source,
+    };
+    image
+        .page_reader()
+        .and_then(|reader| reader.verify_frames())
+        .map_err(image_error)?;
     if files == Files::Check {
         checks::check_files(&image)?;
     }
@@ -316,6 +327,12 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         ));
     }
     let processes = image.processes.len();
+    // Before any process exists: a pid file that cannot be written fails
+    // the restore while there is nothing to kill.
+    let mut pidfile = match &options.pidfile {
+        Some(path) => Some(Pidfile::create(path)?),
+        None => None,
+    };
     let control = SharedRegion::new(control_len(processes))?;
     let ctx = context(image, plan, mode, control)?;
     progress(format_args!(
@@ -341,7 +358,10 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
     let root_pid = watch.pid(0);
-    release_restorer(&watch)?;
+    if let Err(e) = release_restorer(&watch) {
+        kill_all(&watch, child);
+        return Err(e);
+    }
     progress(format_args!("restorer unmapped from every process"));
     if needs_init {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -355,11 +375,15 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    if let Some(path) = &options.pidfile {
-        std::fs::write(path, format!("{root_pid}\n")).map_err(|source| RestoreError::Pidfile {
-            path: path.clone(),
-            source,
-        })?;
+    if let Some(file) = pidfile.as_mut() {
+        // The README's promise holds here too: a failure kills the tree.
+        if let Err(e) = file.write(root_pid) {
+            kill_all(&watch, child);
+            return Err(e);
+        }
+    }
+    if let Some(file) = pidfile.take() {
+        file.keep();
     }
     if let Some(lock) = lock {
         let name = lock.name().to_string();
@@ -377,6 +401,66 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         plan: ctx.plan.stats,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The `--pidfile`, opened (and created if missing) before any process of
+/// the tree exists; removed again unless the restore succeeds and it is
+/// [kept](Pidfile::keep), if this restore created it.
+struct Pidfile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    created: bool,
+}
+
+impl Pidfile {
+    fn create(path: &Path) -> Result<Pidfile, RestoreError> {
+        let error = |source| RestoreError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let existed = std::fs::symlink_metadata(path).is_ok();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(error)?;
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            file: Some(file),
+            created: !existed,
+        })
+    }
+
+    fn write(&mut self, pid: i32) -> Result<(), RestoreError> {
+        use std::io::Write;
+        let error = |source| RestoreError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        // A device (say /dev/stdout) cannot be truncated; a regular file
+        // may still hold an older pid.
+        if file.metadata().map_err(error)?.is_file() {
+            file.set_len(0).map_err(error)?;
+        }
+        file.write_all(format!("{pid}\n").as_bytes()).map_err(error)
+    }
+
+    fn keep(mut self) {
+        self.file = None;
+        self.created = false;
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Takes the restorer's region out of every process of the released tree.
@@ -1228,11 +1312,22 @@ fn runtime_vdso_len() -> Option<u64> {
 /// Undoes the kernel's syscall-restart bookkeeping seen at the ptrace stop,
 /// so that after rt_sigreturn an interrupted syscall runs again (or, when
 /// its restart state lived in the kernel, returns EINTR).
-pub fn restart_fixup(regs: &mut UserRegs) {
+///
+/// A relative `nanosleep`/`clock_nanosleep` interrupted by the dump
+/// reports -ERESTART_RESTARTBLOCK: the kernel would go on with the time
+/// left, kept in the task's restart_block, which no restore can rebuild.
+/// But when the caller passed `rem`, the kernel wrote the time left there
+/// at the interruption, and the image's memory holds it: the sleep runs
+/// again with `rem` as its request (one argument register changes: the
+/// request pointer becomes `rem`), so the remaining time is kept instead
+/// of a caller that ignores EINTR's `rem` starting its whole interval
+/// again. `writable(addr, len)` says whether the process can write there.
+pub fn restart_fixup(regs: &mut UserRegs, writable: impl Fn(u64, u64) -> bool) {
     const ERESTARTSYS: i64 = 512;
     const ERESTARTNOINTR: i64 = 513;
     const ERESTARTNOHAND: i64 = 514;
     const ERESTART_RESTARTBLOCK: i64 = 516;
+    const TIMESPEC_LEN: u64 = 16;
     if (regs.orig_rax as i64) < 0 {
         return;
     }
@@ -1241,7 +1336,25 @@ pub fn restart_fixup(regs: &mut UserRegs) {
             regs.rax = regs.orig_rax;
             regs.rip -= 2;
         }
-        ERESTART_RESTARTBLOCK => regs.rax = (-(libc::EINTR as i64)) as u64,
+        ERESTART_RESTARTBLOCK => {
+            let sleep_again = |rem: u64| rem != 0 && writable(rem, TIMESPEC_LEN);
+            match regs.orig_rax as libc::c_long {
+                // nanosleep(req, rem)
+                libc::SYS_nanosleep if sleep_again(regs.rsi) => {
+                    regs.rdi = regs.rsi;
+                    regs.rax = regs.orig_rax;
+                    regs.rip -= 2;
+                }
+                // clock_nanosleep(clock, flags, req, rem); TIMER_ABSTIME
+                // sleeps report ERESTARTNOHAND and simply run again.
+                libc::SYS_clock_nanosleep if regs.rsi == 0 && sleep_again(regs.r10) => {
+                    regs.rdx = regs.r10;
+                    regs.rax = regs.orig_rax;
+                    regs.rip -= 2;
+                }
+                _ => regs.rax = (-(libc::EINTR as i64)) as u64,
+            }
+        }
         _ => {}
     }
 }
@@ -1257,7 +1370,7 @@ fn blob_threads(
     // leader's are queued by the runtime (`signals::queue_pending`).
     let others = signals::other_thread_pending(entry.pid, image).map_err(|e| e.to_string())?;
     for t in &image.threads {
-        let mut spec = thread_spec(ctx, t)?;
+        let mut spec = thread_spec(ctx, t, image)?;
         if let Some((_, queue)) = others.iter().find(|(tid, _)| *tid == t.tid) {
             spec.pending = queue.iter().map(|s| s.info).collect();
         }
@@ -1285,9 +1398,15 @@ fn blob_threads(
     Ok(())
 }
 
-fn thread_spec(ctx: &Ctx, t: &ThreadImage) -> Result<ThreadSpec, String> {
+fn thread_spec(ctx: &Ctx, t: &ThreadImage, image: &ProcessImage) -> Result<ThreadSpec, String> {
     let mut regs = t.regs;
-    restart_fixup(&mut regs);
+    restart_fixup(&mut regs, |addr, len| {
+        image.vmas.iter().any(|v| {
+            v.start <= addr
+                && addr.checked_add(len).is_some_and(|end| end <= v.end)
+                && v.prot & libc::PROT_WRITE as u32 != 0
+        })
+    });
     let mut spec = ThreadSpec::new(regs);
     if !t.xsave.is_empty() {
         spec.fpu = FpuState::Xsave(
@@ -1610,4 +1729,101 @@ fn remove_recorded_segments(watch: &Watch) {
         .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     super::sysv::remove_created(&ids, root);
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    const RESTARTBLOCK: u64 = (-516i64) as u64;
+    const EINTR: u64 = (-(libc::EINTR as i64)) as u64;
+
+    fn stopped_in(nr: libc::c_long, args: [u64; 4]) -> UserRegs {
+        UserRegs {
+            orig_rax: nr as u64,
+            rax: RESTARTBLOCK,
+            rdi: args[0],
+            rsi: args[1],
+            rdx: args[2],
+            r10: args[3],
+            rip: 0x1002,
+            ..UserRegs::default()
+        }
+    }
+
+    #[test]
+    fn interrupted_relative_sleeps_sleep_the_time_left_in_rem() {
+        let anywhere = |_, _| true;
+        let mut regs = stopped_in(libc::SYS_nanosleep, [0x5000, 0x6000, 7, 8]);
+        restart_fixup(&mut regs, anywhere);
+        assert_eq!(
+            (regs.rax, regs.rdi, regs.rsi, regs.rip),
+            (libc::SYS_nanosleep as u64, 0x6000, 0x6000, 0x1000)
+        );
+        assert_eq!((regs.rdx, regs.r10), (7, 8), "other arguments kept");
+
+        let mut regs = stopped_in(libc::SYS_clock_nanosleep, [0, 0, 0x5000, 0x6000]);
+        restart_fixup(&mut regs, anywhere);
+        assert_eq!(
+            (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.rip),
+            (
+                libc::SYS_clock_nanosleep as u64,
+                0,
+                0,
+                0x6000,
+                0x6000,
+                0x1000
+            )
+        );
+    }
+
+    #[test]
+    fn sleeps_without_a_usable_rem_and_other_restart_blocks_return_eintr() {
+        let cases = [
+            // no rem
+            (stopped_in(libc::SYS_nanosleep, [0x5000, 0, 0, 0]), true),
+            (
+                stopped_in(libc::SYS_clock_nanosleep, [1, 0, 0x5000, 0]),
+                true,
+            ),
+            // rem not writable in the image
+            (
+                stopped_in(libc::SYS_nanosleep, [0x5000, 0x6000, 0, 0]),
+                false,
+            ),
+            // TIMER_ABSTIME (never -ERESTART_RESTARTBLOCK, but never rewritten)
+            (
+                stopped_in(libc::SYS_clock_nanosleep, [1, 1, 0x5000, 0x6000]),
+                true,
+            ),
+            // poll's restart block
+            (stopped_in(libc::SYS_poll, [0x5000, 1, 1000, 0]), true),
+        ];
+        for (regs, writable) in cases {
+            let mut fixed = regs;
+            restart_fixup(&mut fixed, |_, _| writable);
+            assert_eq!(fixed, UserRegs { rax: EINTR, ..regs }, "{regs:?}");
+        }
+    }
+
+    #[test]
+    fn restartable_syscalls_run_again_and_others_are_kept() {
+        let mut regs = UserRegs {
+            orig_rax: libc::SYS_read as u64,
+            rax: (-512i64) as u64,
+            rip: 0x1002,
+            ..UserRegs::default()
+        };
+        restart_fixup(&mut regs, |_, _| true);
+        assert_eq!((regs.rax, regs.rip), (libc::SYS_read as u64, 0x1000));
+        let done = UserRegs {
+            orig_rax: libc::SYS_read as u64,
+            rax: 5,
+            rip: 0x1002,
+            ..UserRegs::default()
+        };
+        let mut regs = done;
+        restart_fixup(&mut regs, |_, _| true);
+        assert_eq!(regs, done);
+    }
 }

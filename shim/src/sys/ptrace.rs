@@ -114,6 +114,12 @@ pub struct SeizeOptions {
     pub suspend_seccomp: bool,
 }
 
+/// PTRACE_SEIZE with no option at all: for a task that is only held, never
+/// stopped or inspected (see `dump::supervise`).
+pub fn seize_plain(tid: i32) -> Result<(), PtraceError> {
+    raw(libc::PTRACE_SEIZE, "PTRACE_SEIZE", tid, 0, 0).map(drop)
+}
+
 /// PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD (and PTRACE_O_SUSPEND_SECCOMP if asked).
 /// The task keeps running until [`interrupt`].
 pub fn seize(tid: i32, options: SeizeOptions) -> Result<(), PtraceError> {
@@ -122,6 +128,43 @@ pub fn seize(tid: i32, options: SeizeOptions) -> Result<(), PtraceError> {
         opts |= libc::PTRACE_O_SUSPEND_SECCOMP;
     }
     raw(libc::PTRACE_SEIZE, "PTRACE_SEIZE", tid, 0, opts as usize).map(drop)
+}
+
+/// PTRACE_LISTEN: leaves a task in its group-stop (SIGSTOP, SIGTSTP, ...)
+/// while letting its tracer hear of the SIGCONT that ends it.
+pub fn listen(tid: i32) -> Result<(), PtraceError> {
+    raw(libc::PTRACE_LISTEN, "PTRACE_LISTEN", tid, 0, 0).map(drop)
+}
+
+/// Blocks until tracee `tid` is in a ptrace stop and returns its stop
+/// status (`sig | event << 8`), through `waitid(WSTOPPED)` without
+/// WEXITED: a dead tracee is never reaped here, so its zombie stays
+/// invisible to its real parent for as long as we trace it. `None` once
+/// `tid` is no longer ours to wait for (ECHILD).
+pub fn wait_stop_never_reap(tid: i32) -> Result<Option<i32>, PtraceError> {
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid out-pointer for the duration of the call.
+        let ret = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                tid as libc::id_t,
+                &mut info,
+                libc::WSTOPPED | libc::__WALL,
+            )
+        };
+        if ret == -1 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::ECHILD => return Ok(None),
+                errno => return Err(PtraceError::Wait { tid, errno }),
+            }
+        }
+        // SAFETY: waitid reported a stop of `tid`: a SIGCHLD siginfo whose
+        // si_status is the stop's exit code.
+        return Ok(Some(unsafe { info.si_status() }));
+    }
 }
 
 /// PTRACE_INTERRUPT: the seized task enters a PTRACE_EVENT_STOP as soon as it
@@ -222,12 +265,14 @@ pub fn wait(tid: i32) -> Result<WaitStatus, PtraceError> {
     }
 }
 
-/// Blocks until `tid` has exited, without reaping it (`waitid` with
-/// WNOWAIT): for a tracee that is also our own child, whose exit status
-/// belongs to whoever in our process waits for it as its parent.
-pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
+/// Whether `tid` has exited, without blocking and without reaping it
+/// (`waitid` with WNOHANG | WNOWAIT): for a tracee that is also our own
+/// child, whose exit status belongs to whoever in our process waits for it
+/// as its parent.
+pub fn try_exited_nowait(tid: i32) -> Result<bool, PtraceError> {
     loop {
-        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid.
+        // SAFETY: zeroed siginfo_t is a valid out-buffer for waitid; with
+        // WNOHANG and nothing to report the kernel leaves si_pid at 0.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid out-pointer for the duration of the call.
         let ret = unsafe {
@@ -235,7 +280,7 @@ pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
                 libc::P_PID,
                 tid as libc::id_t,
                 &mut info,
-                libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG | libc::__WALL,
             )
         };
         if ret == -1 {
@@ -245,7 +290,9 @@ pub fn wait_exited_nowait(tid: i32) -> Result<(), PtraceError> {
             }
             return Err(PtraceError::Wait { tid, errno });
         }
-        return Ok(());
+        // SAFETY: waitid filled `info` (or left it zeroed); si_pid is
+        // valid for the SIGCHLD siginfo waitid reports.
+        return Ok(unsafe { info.si_pid() } != 0);
     }
 }
 

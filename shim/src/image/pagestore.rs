@@ -578,6 +578,7 @@ fn write_loop(
                             first_page: slot.first_page,
                             page_count: slot.filled as u64 / page_size,
                             xxh3_64: format!("{:016x}", slot.checksum),
+                            compressed_xxh3_64: Some(format!("{:016x}", xxh3_64(&slot.compressed))),
                         });
                         debug_assert_eq!(slot.first_page, next_frame * pages_per_frame);
                         offset += len;
@@ -676,6 +677,13 @@ pub fn validate_index(
             PAGE_INDEX_FILE,
             &format!("frames[{i}].xxh3_64"),
         )?);
+        if let Some(c) = &frame.compressed_xxh3_64 {
+            parse_hex_u64(
+                c,
+                PAGE_INDEX_FILE,
+                &format!("frames[{i}].compressed_xxh3_64"),
+            )?;
+        }
         offset += frame.compressed_len;
         first_page += frame.page_count;
     }
@@ -860,10 +868,13 @@ impl PageStoreReader {
                             if frame as u64 > failed_at.load(Ordering::Relaxed) {
                                 break;
                             }
-                            let result = self.frame_len(frame).and_then(|len| {
-                                buf.resize(len, 0);
-                                self.read_frame_into(frame, &mut buf)
-                            });
+                            let result = match self.compressed_checksum(frame) {
+                                Some(want) => self.check_compressed(frame, want, &mut buf),
+                                None => self.frame_len(frame).and_then(|len| {
+                                    buf.resize(len, 0);
+                                    self.read_frame_into(frame, &mut buf)
+                                }),
+                            };
                             if let Err(e) = result {
                                 failed_at.fetch_min(frame as u64, Ordering::Relaxed);
                                 return Some((frame, e));
@@ -890,6 +901,45 @@ impl PageStoreReader {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The frame's checksum of its compressed bytes, when the index has one.
+    fn compressed_checksum(&self, frame: usize) -> Option<u64> {
+        let c = self.frames.get(frame)?.compressed_xxh3_64.as_deref()?;
+        u64::from_str_radix(c, 16).ok()
+    }
+
+    /// Reads frame `frame`'s compressed bytes into `buf` and checks them
+    /// against `want` (what the dumper wrote; the contents then decompress
+    /// to what it compressed).
+    fn check_compressed(
+        &self,
+        frame: usize,
+        want: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ImageError> {
+        let entry = self.entry(frame)?;
+        buf.resize(entry.compressed_len as usize, 0);
+        self.file
+            .read_exact_at(buf, entry.offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => ImageError::TruncatedFrame {
+                    frame,
+                    offset: entry.offset,
+                    compressed_len: entry.compressed_len,
+                    file_size: self.file.metadata().map_or(0, |m| m.len()),
+                },
+                _ => ImageError::io(&self.path, e),
+            })?;
+        let actual = xxh3_64(buf);
+        if actual != want {
+            return Err(ImageError::FrameChecksum {
+                frame,
+                expected: format!("{want:016x} (compressed)"),
+                actual: format!("{actual:016x}"),
+            });
+        }
+        Ok(())
     }
 
     /// Contents of page `id` (decompresses its whole frame; restore should
@@ -1137,8 +1187,10 @@ mod tests {
             .unwrap()
             .verify_frames()
             .expect("an intact store verifies");
+        // Checked by the compressed bytes' checksum (no decompression).
+        let intact = index.clone();
         for bad in [7, 3, 5] {
-            index.frames[bad].xxh3_64 = format!("{:016x}", 12345u64);
+            index.frames[bad].compressed_xxh3_64 = Some(format!("{:016x}", 12345u64));
         }
         let r = PageStoreReader::open(dir.path(), &index).unwrap();
         let err = r.verify_frames().expect_err("three bad frames");
@@ -1147,5 +1199,25 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("frame 3"), "{err}");
+        // An index without them (format 1.0) is checked by decompressing.
+        let mut old = intact;
+        for f in &mut old.frames {
+            f.compressed_xxh3_64 = None;
+        }
+        PageStoreReader::open(dir.path(), &old)
+            .unwrap()
+            .verify_frames()
+            .expect("an intact 1.0 store verifies");
+        for bad in [6, 4] {
+            old.frames[bad].xxh3_64 = format!("{:016x}", 12345u64);
+        }
+        let err = PageStoreReader::open(dir.path(), &old)
+            .unwrap()
+            .verify_frames()
+            .expect_err("two bad frames");
+        assert!(
+            matches!(err, ImageError::FrameChecksum { frame: 4, .. }),
+            "{err}"
+        );
     }
 }

@@ -573,4 +573,9 @@ pub struct FrameEntry {
     pub page_count: u64,
     /// xxh3-64 of the decompressed frame contents, 16 hex digits.
     pub xxh3_64: String,
+    /// xxh3-64 of the compressed frame bytes, 16 hex digits: lets a reader
+    /// check every frame at the speed of reading (restore does, before any
+    /// process exists). Not in images written before format 1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed_xxh3_64: Option<String>,
 }

@@ -344,7 +344,7 @@ pub fn verify(dir: &Path) -> Result<String, ImageError> {
     let image = Image::open(dir)?;
     let reader = image.page_reader()?;
     let frames = reader.frame_count();
-    reader.verify_frames()?;
+    reader.verify_frames_decompressed()?;
     let files = image.manifest.files.len() + 1;
     let manifest_size = std::fs::metadata(dir.join(super::types::MANIFEST_FILE))
         .map_err(|e| ImageError::io(dir.join(super::types::MANIFEST_FILE), e))?

@@ -517,13 +517,17 @@ fn sockets_workload_restored(tcp: bool) {
 fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     require_root();
     // A netlink socket, a packet socket and an established TCP connection
-    // (without --tcp-established); a signalfd, a timerfd, an inotify fd
-    // and a named FIFO.
+    // (without --tcp-established); an inotify fd and a named FIFO; queued
+    // SCM_RIGHTS and a unix peer outside the tree; and, supported, a
+    // signalfd and a timerfd.
     let fifo_dir = tempfile::Builder::new()
         .prefix("cowsnap-refuse-")
         .tempdir()
         .expect("tempdir");
     let fifo = fifo_dir.path().join("fifo");
+    // A unix listener of the test process: outside the dumped tree.
+    let outside = fifo_dir.path().join("outside.sock");
+    let _outside = std::os::unix::net::UnixListener::bind(&outside).expect("outside listener");
     let script = format!(
         "import ctypes,os,socket,sys,time\n\
         libc=ctypes.CDLL(None,use_errno=True)\n\
@@ -536,7 +540,9 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         tfd=libc.timerfd_create(1,0)\n\
         ifd=libc.inotify_init1(0)\n\
         os.mkfifo({fifo:?}); ffd=os.open({fifo:?},os.O_RDWR)\n\
-        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,flush=True)\n\
+        x,y=socket.socketpair(); socket.send_fds(x,[b'fd'],[ffd])\n\
+        o=socket.socket(socket.AF_UNIX); o.connect({outside:?})\n\
+        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,y.fileno(),o.fileno(),flush=True)\n\
         time.sleep(600)\n"
     );
     let mut child = Command::new(PYTHON)
@@ -552,7 +558,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         .read_line(&mut line)
         .expect("fds");
     let fds: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fds.len(), 8, "{line}");
+    assert_eq!(fds.len(), 10, "{line}");
+    let _accepted = _outside.accept().expect("accept the tree's connection");
     let (_dir, images) = image_dir("refuse-sockets");
     let out = cowsnap(&[
         "dump",
@@ -572,15 +579,21 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         (fds[1], "is socket:[".to_string()),
         (fds[2], "is socket:[".to_string()),
         (fds[3], "is socket:[".to_string()),
-        (fds[4], "is anon_inode:[signalfd]".to_string()),
-        (fds[5], "is anon_inode:[timerfd]".to_string()),
         (fds[6], "is anon_inode:inotify".to_string()),
         (fds[7], format!("is {}", fifo.display())),
+        (fds[8], "is socket:[".to_string()),
+        (fds[9], "is socket:[".to_string()),
     ] {
         let needle = format!("pid {root} fd {fd} {what}");
         assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
     }
-    for what in ["netlink", "packet", "established TCP connection"] {
+    for what in [
+        "netlink",
+        "packet",
+        "established TCP connection",
+        "SCM_RIGHTS",
+        &format!("peer outside the tree ({}", outside.display()),
+    ] {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
     assert!(

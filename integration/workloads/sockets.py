@@ -65,6 +65,7 @@ if "--tcp" in sys.argv[2:]:
 
 ep = select.epoll()
 ep.register(pairs["stream"][0].fileno(), select.EPOLLIN | select.EPOLLET)
+ep.register(udp.fileno(), select.EPOLLIN | select.EPOLLONESHOT | (1 << 29))  # EPOLLWAKEUP
 # A registration whose fd number is closed: the file lives on under `moved`.
 ghost = os.dup(pairs["seqpacket"][0].fileno())
 ep.register(ghost, select.EPOLLIN)
@@ -127,6 +128,14 @@ def report(*_):
     r["epoll"] = sorted(fd for fd, _ in ep.poll(0))
     r["stream_fd"] = mine["stream"].fileno()
     r["ghost_fd"] = ghost
+    # The event masks as the kernel holds them, by registered fd number.
+    with open(f"/proc/self/fdinfo/{ep.fileno()}") as f:
+        r["epoll_masks"] = {
+            int(line.split()[1]): int(line.split()[3], 16)
+            for line in f
+            if line.startswith("tfd:")
+        }
+    r["udp_fd"] = udp.fileno()
     r["stream"] = drain(mine["stream"], True)
     r["dgram"] = drain(mine["dgram"], False)
     r["seqpacket"] = drain(mine["seqpacket"], False)

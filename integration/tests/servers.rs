@@ -541,6 +541,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         ifd=libc.inotify_init1(0)\n\
         os.mkfifo({fifo:?}); ffd=os.open({fifo:?},os.O_RDWR)\n\
         x,y=socket.socketpair(); socket.send_fds(x,[b'fd'],[ffd])\n\
+        tid=ctypes.c_long(); libc.timer_create(1,None,ctypes.byref(tid))\n\
         o=socket.socket(socket.AF_UNIX); o.connect({outside:?})\n\
         print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,y.fileno(),o.fileno(),flush=True)\n\
         time.sleep(600)\n"
@@ -597,9 +598,20 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
     assert!(
-        err.contains("8 fd(s) cannot be restored"),
+        err.contains(&format!("pid {root} has POSIX timer(s) 0 (timer_create)")),
+        "names the POSIX timer: {err}"
+    );
+    // The signalfd and the timerfd are supported: not in the list.
+    assert!(
+        err.contains("9 fd(s) or other state cannot be restored"),
         "counts them: {err}"
     );
+    for fd in [fds[4], fds[5]] {
+        assert!(
+            !err.contains(&format!("pid {root} fd {fd} ")),
+            "fd {fd} refused: {err}"
+        );
+    }
     assert!(err.contains("--tcp-established"), "message says how: {err}");
     assert!(!images.exists(), "no image after a refused dump");
     assert!(

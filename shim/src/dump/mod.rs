@@ -399,6 +399,7 @@ fn collect(
     for p in seized.processes() {
         let fds = collect_fds(p.pid, &mut pipes)?;
         refuse_unsupported_fds(p.pid, &fds, &mut refusals);
+        refuse_posix_timers(p.pid, &mut refusals);
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
@@ -422,7 +423,7 @@ fn collect(
     )?;
     if !refusals.is_empty() {
         return Err(DumpError::NotSupported(format!(
-            "{} fd(s) cannot be restored: {}",
+            "{} fd(s) or other state cannot be restored: {}",
             refusals.len(),
             refusals.join("; ")
         )));
@@ -524,6 +525,24 @@ fn collect(
         threads,
         stats: scanner.stats(),
     })
+}
+
+/// POSIX timers (`timer_create`) are not restored: a process holding one
+/// is refused rather than restored without it.
+fn refuse_posix_timers(pid: i32, refusals: &mut Vec<String>) {
+    let path = format!("/proc/{pid}/timers");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ID:"))
+        .map(str::trim)
+        .collect();
+    if !ids.is_empty() {
+        refusals.push(format!(
+            "pid {pid} has POSIX timer(s) {} (timer_create): not supported yet",
+            ids.join(", ")
+        ));
+    }
 }
 
 /// Lists every fd of a kind restore cannot reopen (eventfds, inotify,

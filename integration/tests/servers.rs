@@ -482,6 +482,13 @@ fn sockets_workload_restored(tcp: bool) {
         );
         assert_eq!(r["tcp6"]["port"], ports["tcp6"], "{me}: the same port");
         assert_eq!(r["udp_broadcast"], 1, "{me}: SO_BROADCAST");
+        if me == "child" {
+            assert_eq!(
+                r["fifo"].as_str().expect("fifo"),
+                "fifo-data-".repeat(100),
+                "child: the named FIFO's buffered data"
+            );
+        }
         if tcp {
             assert_eq!(
                 r["tcp"].as_str().expect("tcp"),
@@ -561,6 +568,12 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     let fds: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(fds.len(), 10, "{line}");
     let _accepted = _outside.accept().expect("accept the tree's connection");
+    // The FIFO is held outside the tree too (by this test).
+    let _fifo_here = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO here too");
     let (_dir, images) = image_dir("refuse-sockets");
     let out = cowsnap(&[
         "dump",
@@ -581,7 +594,14 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         (fds[2], "is socket:[".to_string()),
         (fds[3], "is socket:[".to_string()),
         (fds[6], "is anon_inode:inotify".to_string()),
-        (fds[7], format!("is {}", fifo.display())),
+        (
+            fds[7],
+            format!(
+                "is FIFO {}, which pid {} outside",
+                fifo.display(),
+                std::process::id()
+            ),
+        ),
         (fds[8], "is socket:[".to_string()),
         (fds[9], "is socket:[".to_string()),
     ] {

@@ -53,6 +53,14 @@ udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 udp.bind(("127.0.0.1", 0))
 
+# A named FIFO with data in flight: the parent keeps the write end, the
+# child the read end.
+fifo_path = os.path.join(out, "fifo")
+os.mkfifo(fifo_path)
+fifo_rd = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
+fifo_wr = os.open(fifo_path, os.O_WRONLY)
+os.write(fifo_wr, b"fifo-data-" * 100)
+
 tcp_pair = None
 if "--tcp" in sys.argv[2:]:
     lis = socket.socket()
@@ -75,6 +83,7 @@ os.close(ghost)
 pid = os.fork()
 if pid == 0:
     role = "child"
+    os.close(fifo_wr)
     mine = {k: v[1] for k, v in pairs.items()}
     for v in pairs.values():
         v[0].close()
@@ -82,6 +91,7 @@ if pid == 0:
         tcp_pair[0].close()
         mine["tcp"] = tcp_pair[1]
 else:
+    os.close(fifo_rd)
     mine = {k: v[0] for k, v in pairs.items()}
     for v in pairs.values():
         v[1].close()
@@ -139,6 +149,17 @@ def report(*_):
     r["stream"] = drain(mine["stream"], True)
     r["dgram"] = drain(mine["dgram"], False)
     r["seqpacket"] = drain(mine["seqpacket"], False)
+    if role == "child":
+        got = b""
+        while True:
+            try:
+                chunk = os.read(fifo_rd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        r["fifo"] = got.decode()
     if "tcp" in mine:
         # All of it: the peer's bytes may still be on their way (loopback).
         want = len(("parent" if role == "child" else "child") + "-tcp-") * 1000

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+use crate::image::sockets::FifoImage;
 use crate::image::types::{Fd, FdKind, PipeImage};
 use crate::sys::kcmp;
 use crate::sys::pipe::{peek_pipe, PipeError};
@@ -48,11 +49,18 @@ pub enum FdError {
 #[derive(Debug, Default)]
 pub struct PipeCollector {
     pipes: BTreeMap<u64, PipeImage>,
+    /// Named FIFOs by (dev, inode).
+    fifos: BTreeMap<(u64, u64), FifoImage>,
 }
 
 impl PipeCollector {
     pub fn into_images(self) -> Vec<PipeImage> {
         self.pipes.into_values().collect()
+    }
+
+    /// The named FIFOs seen, with their data; the pipes stay.
+    pub fn take_fifos(&mut self) -> Vec<FifoImage> {
+        std::mem::take(&mut self.fifos).into_values().collect()
     }
 }
 
@@ -138,6 +146,29 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
                 }
             } else if ft.is_dir() {
                 FdKind::Directory { path }
+            } else if ft.is_fifo() && !deleted {
+                let key = (meta.dev(), meta.ino());
+                if let std::collections::btree_map::Entry::Vacant(slot) = pipes.fifos.entry(key) {
+                    let (data, capacity) =
+                        peek_pipe(&link_path).map_err(|source| FdError::Pipe {
+                            pid,
+                            fd,
+                            inode: meta.ino(),
+                            source,
+                        })?;
+                    slot.insert(FifoImage {
+                        path: path.clone(),
+                        dev: key.0,
+                        inode: key.1,
+                        data: hex::encode(data),
+                        capacity,
+                    });
+                }
+                FdKind::Fifo {
+                    path,
+                    dev: key.0,
+                    inode: key.1,
+                }
             } else if ft.is_char_device() && is_tty_path(&path) {
                 FdKind::Tty {
                     path,
@@ -161,6 +192,57 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
         });
     }
     Ok(out)
+}
+
+/// A named FIFO of the tree that a process outside it holds open cannot be
+/// carried over (its other end would be gone): each is listed in
+/// `refusals` with the outside pid. Looks at every process's fds.
+pub fn refuse_fifos_held_outside(tables: &[(i32, Vec<Fd>)], refusals: &mut Vec<String>) {
+    let mut ours: BTreeMap<(u64, u64), (i32, i32, String)> = BTreeMap::new();
+    for (pid, fds) in tables {
+        for fd in fds {
+            if let FdKind::Fifo { path, dev, inode } = &fd.kind {
+                ours.entry((*dev, *inode))
+                    .or_insert((*pid, fd.fd, path.clone()));
+            }
+        }
+    }
+    if ours.is_empty() {
+        return;
+    }
+    let in_tree: std::collections::BTreeSet<i32> = tables.iter().map(|(p, _)| *p).collect();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let mut reported = std::collections::BTreeSet::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if in_tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if let Some((tp, tfd, path)) = ours.get(&key) {
+                if meta.file_type().is_fifo() && reported.insert(key) {
+                    refusals.push(format!(
+                        "pid {tp} fd {tfd} is FIFO {path}, which pid {pid} outside the tree holds open too"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// A regular-file fd as description grouping sees it.

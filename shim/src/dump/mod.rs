@@ -403,6 +403,7 @@ fn collect(
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
+    fds::refuse_fifos_held_outside(&fd_tables, &mut refusals);
     // Numbered before epoll, which names them as targets.
     let signalfds = eventfd::collect_signalfds(&mut fd_tables)?;
     let timerfds = eventfd::collect_timerfds(&mut fd_tables)?;
@@ -431,6 +432,7 @@ fn collect(
     socket_dump.image.epolls = epolls;
     socket_dump.image.eventfds = eventfd::collect(&fd_tables)?;
     socket_dump.image.signalfds = signalfds;
+    socket_dump.image.fifos = pipes.take_fifos();
     socket_dump.image.timerfds = timerfds;
     writer.write_sockets(&socket_dump.image)?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =

@@ -9,6 +9,7 @@
 //!   sockets[]   SocketImage: inode, type, file status flags, options, and
 //!               per family what it is bound/connected to and what it queues
 //!   eventfds[]  EventfdImage: id, counter, EFD_SEMAPHORE, flags
+//!   fifos[]     FifoImage: path, dev/inode and buffered data of a named FIFO
 //!   signalfds[] SignalfdImage: id, signal mask, flags
 //!   timerfds[]  TimerfdImage: id, clock, ticks, time left or expiry, interval
 //!   epolls[]    EpollImage: id and every registration (target fd number,
@@ -32,6 +33,8 @@ pub struct SocketsImage {
     pub epolls: Vec<EpollImage>,
     #[serde(default)]
     pub eventfds: Vec<EventfdImage>,
+    #[serde(default)]
+    pub fifos: Vec<FifoImage>,
     #[serde(default)]
     pub signalfds: Vec<SignalfdImage>,
     #[serde(default)]
@@ -201,6 +204,18 @@ pub struct EventfdImage {
     pub flags: u32,
 }
 
+/// A named FIFO the tree holds: where it is and what it buffers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FifoImage {
+    pub path: String,
+    pub dev: u64,
+    pub inode: u64,
+    /// Hex of the buffered bytes (read without consuming them).
+    pub data: String,
+    /// F_GETPIPE_SZ.
+    pub capacity: u64,
+}
+
 /// A signalfd: the signals it reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignalfdImage {
@@ -349,6 +364,7 @@ mod tests {
                 semaphore: false,
                 flags: 0,
             }],
+            fifos: vec![],
             signalfds: vec![],
             timerfds: vec![],
             connection_lock: None,

@@ -421,6 +421,14 @@ pub enum FdKind {
         path: String,
         rdev: u64,
     },
+    /// A named FIFO: reopened by `path` (which must still be a FIFO) with
+    /// the fd's flags; its buffered data is in `sockets.json` under
+    /// (`dev`, `inode`), written back once by the restoring root.
+    Fifo {
+        path: String,
+        dev: u64,
+        inode: u64,
+    },
     /// A socket of `sockets.json`, by its inode (one socket, however many fds hold it).
     Socket {
         inode: u64,

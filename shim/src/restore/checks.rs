@@ -84,6 +84,7 @@ enum Expect {
     Regular,
     Directory,
     Device,
+    Fifo,
 }
 
 impl Expect {
@@ -92,6 +93,7 @@ impl Expect {
             Expect::Regular => "regular file",
             Expect::Directory => "directory",
             Expect::Device => "device",
+            Expect::Fifo => "named FIFO",
         }
     }
     fn matches(self, meta: &Metadata) -> bool {
@@ -100,6 +102,7 @@ impl Expect {
             Expect::Regular => ft.is_file(),
             Expect::Directory => ft.is_dir(),
             Expect::Device => ft.is_char_device() || ft.is_block_device(),
+            Expect::Fifo => ft.is_fifo(),
         }
     }
 }
@@ -248,6 +251,9 @@ fn check_process(
             }
             FdKind::Device { path, .. } => {
                 cache.check(pid, &what("device"), path, Expect::Device)?;
+            }
+            FdKind::Fifo { path, .. } => {
+                cache.check(pid, &what("FIFO"), path, Expect::Fifo)?;
             }
             FdKind::Pipe { .. }
             | FdKind::Tty { .. }

@@ -595,6 +595,11 @@ fn plan<'a>(
                     PipeEnd::Write => Source::Dup(ends.write),
                 }
             }
+            (_, FdKind::Fifo { path, .. }) => Source::Open {
+                path,
+                flags: reopen_flags(fd),
+                pos: 0,
+            },
             (_, FdKind::Socket { inode }) => {
                 Source::Dup(pipes.socket(*inode).ok_or_else(|| FdError::ObjectMissing {
                     pid,

@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::image::sockets::{
-    EpollImage, EpollObject, EventfdImage, InetProtocol, InetState, SignalfdImage, SocketImage,
-    SocketKind, SocketOptions, SocketsImage, TimerfdImage, UnixName, UnixState,
+    EpollImage, EpollObject, EventfdImage, FifoImage, InetProtocol, InetState, SignalfdImage,
+    SocketImage, SocketKind, SocketOptions, SocketsImage, TimerfdImage, UnixName, UnixState,
 };
 use crate::sys::restore_sys;
 use crate::sys::socket::{self as sock, Address};
@@ -65,6 +65,13 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("FIFO {path}: {op}: {source}")]
+    Fifo {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{kind} {id}: {op}: {source}")]
     EventFd {
         kind: &'static str,
@@ -85,6 +92,9 @@ pub struct SocketSet {
     pub eventfds: BTreeMap<u64, RawFd>,
     pub signalfds: BTreeMap<u32, RawFd>,
     pub timerfds: BTreeMap<u32, RawFd>,
+    /// One read-write open of each named FIFO, holding its data until every
+    /// process has opened its own fds on it (opens then never block).
+    pub fifo_keepers: Vec<RawFd>,
     /// Registrations of signalfds, by epoll id: made by the epoll's first
     /// holder itself ([`SocketSet::register_signalfds`]), since a
     /// signalfd wakes the epoll sets registered from the process whose
@@ -128,6 +138,7 @@ impl SocketSet {
             .chain(self.eventfds.values())
             .chain(self.signalfds.values())
             .chain(self.timerfds.values())
+            .chain(self.fifo_keepers.iter())
             .copied()
     }
 }
@@ -209,6 +220,15 @@ pub fn create(
             Ok(fd) => {
                 set.eventfds.insert(e.id, fd);
             }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
+    for f in &image.fifos {
+        match keep_fifo(f, fd_base) {
+            Ok(fd) => set.fifo_keepers.push(fd),
             Err(err) => {
                 close_set(&set);
                 return Err(err);
@@ -716,6 +736,33 @@ fn create_eventfd(e: &EventfdImage, fd_base: RawFd) -> Result<RawFd, SocketError
         restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
     })();
     result
+}
+
+/// Opens FIFO `f` read-write (never blocks), refills its buffer, above fd_base.
+fn keep_fifo(f: &FifoImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
+    let err = |op: &'static str| {
+        let path = f.path.clone();
+        move |source| SocketError::Fifo { path, op, source }
+    };
+    let fd = restore_sys::open_raw(
+        std::path::Path::new(&f.path),
+        libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+    )
+    .map_err(err("open"))?;
+    // SAFETY: fd was just opened by us and is owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let data = hex::decode(&f.data).map_err(|e| SocketError::Fifo {
+        path: f.path.clone(),
+        op: "buffered data",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    if f.capacity > 0 {
+        restore_sys::set_pipe_size(fd.as_raw_fd(), f.capacity).map_err(err("F_SETPIPE_SZ"))?;
+    }
+    if !data.is_empty() {
+        restore_sys::write_all(fd.as_raw_fd(), &data).map_err(err("writing buffered data"))?;
+    }
+    restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
 }
 
 fn create_signalfd(e: &SignalfdImage, fd_base: RawFd) -> Result<RawFd, SocketError> {

@@ -382,9 +382,6 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             return Err(e);
         }
     }
-    if let Some(file) = pidfile.take() {
-        file.keep();
-    }
     if let Some(lock) = lock {
         let name = lock.name().to_string();
         lock.release().map_err(|e| RestoreError::Process {
@@ -403,63 +400,80 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     })
 }
 
-/// The `--pidfile`, opened (and created if missing) before any process of
-/// the tree exists; removed again unless the restore succeeds and it is
-/// [kept](Pidfile::keep), if this restore created it.
+/// The `--pidfile`, opened before any process of the tree exists, so that
+/// one that cannot be written fails the restore while nothing runs. A file
+/// that exists is opened as it is; a new one starts as an unnamed file in
+/// its directory (`O_TMPFILE`) and gets its name only once the pid is in it,
+/// so a restore killed half way leaves no pid file behind.
 struct Pidfile {
     path: PathBuf,
-    file: Option<std::fs::File>,
-    created: bool,
+    file: std::fs::File,
+    /// The file is unnamed yet: link it at `path` after writing.
+    unnamed: bool,
 }
 
 impl Pidfile {
     fn create(path: &Path) -> Result<Pidfile, RestoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let error = |source| RestoreError::Pidfile {
             path: path.to_path_buf(),
             source,
         };
-        let existed = std::fs::symlink_metadata(path).is_ok();
+        if std::fs::symlink_metadata(path).is_ok() {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(error)?;
+            return Ok(Pidfile {
+                path: path.to_path_buf(),
+                file,
+                unnamed: false,
+            });
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o644)
+            .open(dir)
             .map_err(error)?;
         Ok(Pidfile {
             path: path.to_path_buf(),
-            file: Some(file),
-            created: !existed,
+            file,
+            unnamed: true,
         })
     }
 
     fn write(&mut self, pid: i32) -> Result<(), RestoreError> {
         use std::io::Write;
+        use std::os::fd::AsRawFd;
         let error = |source| RestoreError::Pidfile {
             path: self.path.clone(),
             source,
         };
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
         // A device (say /dev/stdout) cannot be truncated; a regular file
         // may still hold an older pid.
-        if file.metadata().map_err(error)?.is_file() {
-            file.set_len(0).map_err(error)?;
+        if self.file.metadata().map_err(error)?.is_file() {
+            self.file.set_len(0).map_err(error)?;
         }
-        file.write_all(format!("{pid}\n").as_bytes()).map_err(error)
-    }
-
-    fn keep(mut self) {
-        self.file = None;
-        self.created = false;
-    }
-}
-
-impl Drop for Pidfile {
-    fn drop(&mut self) {
-        if self.created {
-            let _ = std::fs::remove_file(&self.path);
+        self.file
+            .write_all(format!("{pid}\n").as_bytes())
+            .map_err(error)?;
+        if self.unnamed {
+            let from = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+            nix::unistd::linkat(
+                None,
+                Path::new(&from),
+                None,
+                self.path.as_path(),
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )
+            .map_err(|e| error(std::io::Error::from(e)))?;
         }
+        Ok(())
     }
 }
 

@@ -99,9 +99,11 @@ for _ in $(seq "$reps"); do measure nginx "$nroot" "http://127.0.0.1:$port/"; do
 
 # --- Python prefork server
 port=$(free_port)
-python3 "$repo/integration/workloads/prefork_server.py" "$port" "$model_mib" 8 </dev/null >"$work/prefork.out" 2>&1 &
-proot=$!
+# Not a child of this script (a zombie of ours would keep its pid taken):
+# the subshell that starts it exits at once.
+(python3 "$repo/integration/workloads/prefork_server.py" "$port" "$model_mib" 8 </dev/null >"$work/prefork.out" 2>&1 &)
 wait_up "http://127.0.0.1:$port/"
+proot=$(awk '/^ready/ { print $2 }' "$work/prefork.out")
 live="$live $proot"
 echo "prefork: master $proot, $model_mib MiB model, 8 workers, port $port"
 for _ in $(seq "$reps"); do measure prefork "$proot" "http://127.0.0.1:$port/"; done

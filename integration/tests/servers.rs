@@ -534,6 +534,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     let fifo = fifo_dir.path().join("fifo");
     // A unix listener of the test process: outside the dumped tree.
     let outside = fifo_dir.path().join("outside.sock");
+    let gone_map = fifo_dir.path().join("mapped-then-deleted");
+    let gone_fd = fifo_dir.path().join("opened-then-deleted");
     let _outside = std::os::unix::net::UnixListener::bind(&outside).expect("outside listener");
     let script = format!(
         "import ctypes,os,socket,sys,time\n\
@@ -549,8 +551,10 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         os.mkfifo({fifo:?}); ffd=os.open({fifo:?},os.O_RDWR)\n\
         x,y=socket.socketpair(); socket.send_fds(x,[b'fd'],[ffd])\n\
         tid=ctypes.c_long(); libc.timer_create(1,None,ctypes.byref(tid))\n\
+        import mmap; m1=open({gone_map:?},'w+b'); m1.write(bytes(4096)); m1.flush(); mm=mmap.mmap(m1.fileno(),4096); m1.close(); os.unlink({gone_map:?})\n\
+        g=open({gone_fd:?},'w'); os.unlink({gone_fd:?})\n\
         o=socket.socket(socket.AF_UNIX); o.connect({outside:?})\n\
-        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,y.fileno(),o.fileno(),flush=True)\n\
+        print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,y.fileno(),o.fileno(),g.fileno(),flush=True)\n\
         time.sleep(600)\n"
     );
     let mut child = Command::new(PYTHON)
@@ -566,7 +570,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         .read_line(&mut line)
         .expect("fds");
     let fds: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fds.len(), 10, "{line}");
+    assert_eq!(fds.len(), 11, "{line}");
     let _accepted = _outside.accept().expect("accept the tree's connection");
     // The FIFO is held outside the tree too (by this test).
     let _fifo_here = std::fs::OpenOptions::new()
@@ -604,6 +608,10 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         ),
         (fds[8], "is socket:[".to_string()),
         (fds[9], "is socket:[".to_string()),
+        (
+            fds[10],
+            format!("is deleted file {:?}", gone_fd.display().to_string()),
+        ),
     ] {
         let needle = format!("pid {root} fd {fd} {what}");
         assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
@@ -614,6 +622,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         "established TCP connection",
         "SCM_RIGHTS",
         &format!("peer outside the tree ({}", outside.display()),
+        &format!("maps deleted file {:?}", gone_map.display().to_string()),
     ] {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
@@ -623,7 +632,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     );
     // The signalfd and the timerfd are supported: not in the list.
     assert!(
-        err.contains("9 fd(s) or other state cannot be restored"),
+        // Python's mmap keeps a dup of the mapped file's fd: one more deleted file.
+        err.contains("12 fd(s) or other state cannot be restored"),
         "counts them: {err}"
     );
     for fd in [fds[4], fds[5]] {

@@ -400,6 +400,7 @@ fn collect(
         let fds = collect_fds(p.pid, &mut pipes)?;
         refuse_unsupported_fds(p.pid, &fds, &mut refusals);
         refuse_posix_timers(p.pid, &mut refusals);
+        refuse_what_restore_refuses(p.pid, &fds, &mut refusals)?;
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
@@ -527,6 +528,60 @@ fn collect(
         threads,
         stats: scanner.stats(),
     })
+}
+
+/// The dump-time half of restore's checks on the image's own content
+/// (`restore::checks`): a deleted executable, cwd, root, file mapping or
+/// open file, and a mapping of a kind restore cannot rebuild, are listed in
+/// `refusals` now, so that no image restore would refuse is written.
+fn refuse_what_restore_refuses(
+    pid: i32,
+    fds: &[crate::image::types::Fd],
+    refusals: &mut Vec<String>,
+) -> Result<(), DumpError> {
+    use crate::image::types::{FdKind, VmaKind};
+    const DELETED: &str = " (deleted)";
+    for (what, link) in [("executable", "exe"), ("cwd", "cwd"), ("root", "root")] {
+        let target = std::fs::read_link(format!("/proc/{pid}/{link}"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(path) = target.strip_suffix(DELETED) {
+            refusals.push(format!(
+                "pid {pid} {what} {path:?} is deleted: not supported"
+            ));
+        }
+    }
+    for m in read_smaps(pid)? {
+        match memory::classify(&m) {
+            VmaKind::PrivateFile | VmaKind::SharedFile if m.deleted => refusals.push(format!(
+                "pid {pid} maps deleted file {:?} at {:#x}: not supported yet",
+                m.path, m.start
+            )),
+            VmaKind::Other => {
+                refusals.push(format!(
+                "pid {pid} has a mapping restore cannot rebuild at {:#x}-{:#x} ({}): not supported",
+                m.start,
+                m.end,
+                if m.path.is_empty() { "device or special mapping" } else { &m.path }
+            ))
+            }
+            _ => {}
+        }
+    }
+    for fd in fds {
+        if let FdKind::File {
+            path,
+            deleted: true,
+            ..
+        } = &fd.kind
+        {
+            refusals.push(format!(
+                "pid {pid} fd {} is deleted file {path:?}: not supported yet",
+                fd.fd
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// POSIX timers (`timer_create`) are not restored: a process holding one

@@ -177,6 +177,31 @@ fn assert_pss_close(before: u64, after: u64, context: &str) {
     );
 }
 
+/// Asks `pid` for its report (SIGUSR1) and reads `path` once it is
+/// written: the JSON the workload wrote.
+fn ask_report(pid: i32, path: &Path) -> serde_json::Value {
+    let _ = std::fs::remove_file(path);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no report {} from pid {pid}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(path).expect("report");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("report {}: {e}: {text}", path.display()))
+}
+
+fn tempdir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("cowsnap-{what}-"))
+        .tempdir()
+        .expect("tempdir")
+}
+
 /// Kills a restored tree at the end of a test (it is nobody's child).
 struct KillOnDrop(Vec<i32>);
 
@@ -441,16 +466,7 @@ fn sockets_workload_restored(tcp: bool) {
     restore(&images);
     let _restored = KillOnDrop(pids.clone());
 
-    let report = |pid: i32, role: &str| -> serde_json::Value {
-        let path = d.join(format!("report-{role}.json"));
-        let _ = kill(Pid::from_raw(pid), Signal::SIGUSR1);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !path.exists() {
-            assert!(Instant::now() < deadline, "no report from {role} {pid}");
-            thread::sleep(Duration::from_millis(20));
-        }
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("report")).expect("json")
-    };
+    let report = |pid: i32, role: &str| ask_report(pid, &d.join(format!("report-{role}.json")));
     // Parent first: the epoll set is shared and edge-triggered.
     let parent = report(root, "parent");
     let childr = report(kid, "child");
@@ -831,6 +847,37 @@ fn start_tcp_stream(dir: &Path) -> (Child, SocketAddr) {
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
+/// The tcp_stream.py server, its client streaming, dumped with --exit
+/// --tcp-established: (work dir, server child already reaped, root pid,
+/// address, client, image dir holder, image path).
+struct DumpedStream {
+    dir: tempfile::TempDir,
+    root: i32,
+    addr: SocketAddr,
+    client: StreamClient,
+    _img: tempfile::TempDir,
+    images: PathBuf,
+}
+
+fn dump_a_stream(what: &str) -> DumpedStream {
+    let dir = tempdir(what);
+    let (mut child, addr) = start_tcp_stream(dir.path());
+    let root = child.id() as i32;
+    let client = StreamClient::connect(addr);
+    client.wait_for_more(0, "before the dump");
+    let (_img, images) = image_dir(what);
+    dump_exit(root, &images, &["--tcp-established"]);
+    wait_gone(&[root], Some(&mut child), "tcp_stream.py after dump --exit");
+    DumpedStream {
+        dir,
+        root,
+        addr,
+        client,
+        _img,
+        images,
+    }
+}
+
 fn nft_table_exists(name: &str) -> bool {
     Command::new("nft")
         .args(["list", "table", "inet", name])
@@ -854,19 +901,15 @@ fn connection_lock(images: &Path) -> String {
 #[test]
 fn established_tcp_connection_streams_on_across_dump_exit_and_restore() {
     require_root();
-    let dir = tempfile::Builder::new()
-        .prefix("cowsnap-tcp-")
-        .tempdir()
-        .expect("tempdir");
-    let (mut child, addr) = start_tcp_stream(dir.path());
-    let root = child.id() as i32;
+    let DumpedStream {
+        dir,
+        root,
+        client,
+        _img,
+        images,
+        ..
+    } = dump_a_stream("tcp-established");
     let _cleanup = KillOnDrop(vec![root]);
-    let client = StreamClient::connect(addr);
-    client.wait_for_more(0, "before the dump");
-
-    let (_img, images) = image_dir("tcp-established");
-    dump_exit(root, &images, &["--tcp-established"]);
-    wait_gone(&[root], Some(&mut child), "tcp_stream.py after dump --exit");
     let at_dump = client.received();
     let table = connection_lock(&images);
     assert!(
@@ -882,25 +925,13 @@ fn established_tcp_connection_streams_on_across_dump_exit_and_restore() {
     );
 
     restore(&images);
-    let _restored = KillOnDrop(vec![root]);
     assert!(!nft_table_exists(&table), "restore removed table {table}");
     client.wait_for_more(at_dump, "after the restore");
     // The server saw every client counter in order, from before the dump
     // through after the restore (asked while the client still runs: its
     // end of file would end the server).
-    let report = dir.path().join("report.json");
-    let _ = kill(Pid::from_raw(root), Signal::SIGUSR1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !report.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no report from the restored server"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    let r = ask_report(root, &dir.path().join("report.json"));
     let sent = client.stop();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
     assert_eq!(r["gap"], serde_json::Value::Null, "server side: {r}");
     let got = r["received"].as_u64().expect("received");
     assert!(
@@ -912,18 +943,15 @@ fn established_tcp_connection_streams_on_across_dump_exit_and_restore() {
 #[test]
 fn failed_restore_of_an_established_connection_removes_the_lock() {
     require_root();
-    let dir = tempfile::Builder::new()
-        .prefix("cowsnap-tcp-fail-")
-        .tempdir()
-        .expect("tempdir");
-    let (mut child, addr) = start_tcp_stream(dir.path());
-    let root = child.id() as i32;
+    let DumpedStream {
+        root,
+        addr,
+        client,
+        _img,
+        images,
+        ..
+    } = dump_a_stream("tcp-fail");
     let _cleanup = KillOnDrop(vec![root]);
-    let client = StreamClient::connect(addr);
-    client.wait_for_more(0, "before the dump");
-    let (_img, images) = image_dir("tcp-fail");
-    dump_exit(root, &images, &["--tcp-established"]);
-    wait_gone(&[root], Some(&mut child), "after dump --exit");
     let table = connection_lock(&images);
     assert!(nft_table_exists(&table));
     // Someone else listens on the server's port now.

@@ -1188,7 +1188,9 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64())
     };
-    while now() < start_wall + 3.8 {
+    // ... and at least a second of running after the restore (20 ticks).
+    let ready_at = (start_wall + 3.8).max(now() + 1.0);
+    while now() < ready_at {
         thread::sleep(Duration::from_millis(50));
     }
     // Reports until the signal shows (a loaded machine may take a while to

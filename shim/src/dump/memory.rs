@@ -136,6 +136,36 @@ pub fn classify(m: &MapsEntry) -> VmaKind {
     VmaKind::Other
 }
 
+/// Which pages of shared-memory mapping `m` of `pid` hold data in the
+/// shmem object behind it (`SEEK_DATA`/`SEEK_HOLE` on
+/// /proc/PID/map_files), mapped here or not; None when it cannot be told
+/// (then only mapped pages are kept, as before).
+fn shmem_data_pages(pid: i32, m: &MapsEntry, ps: u64) -> Option<Vec<bool>> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)).ok()?;
+    let pages = ((m.end - m.start) / ps) as usize;
+    let mut data = vec![false; pages];
+    let (lo, hi) = (m.offset as i64, (m.offset + (m.end - m.start)) as i64);
+    let mut at = lo;
+    while at < hi {
+        let Ok(start) = lseek(file.as_raw_fd(), at, Whence::SeekData) else {
+            break; // ENXIO: no data past `at`
+        };
+        if start >= hi {
+            break;
+        }
+        let end = lseek(file.as_raw_fd(), start, Whence::SeekHole).map_or(hi, |e| e.min(hi));
+        let first = ((start - lo) as u64 / ps) as usize;
+        let last = ((end - lo) as u64).div_ceil(ps) as usize;
+        for d in &mut data[first..last.min(pages)] {
+            *d = true;
+        }
+        at = end;
+    }
+    Some(data)
+}
+
 fn keep_for(kind: VmaKind, m: &MapsEntry) -> Keep {
     match kind {
         VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack => Keep::Anon,
@@ -299,6 +329,16 @@ impl MemoryScanner {
             return Ok(runs.runs);
         }
         let readable = m.read;
+        // Shared memory (shmem) holds pages no page table of this process
+        // maps (written by a process since gone, or not touched here yet):
+        // they are part of the object all the same, so they are faulted in
+        // here (a read of /proc/PID/mem maps the object's own page, it
+        // allocates nothing) and stored by their PFN like the others.
+        let shmem = if matches!(classify(m), VmaKind::SharedAnon | VmaKind::Memfd) {
+            shmem_data_pages(ctx.pid, m, ps)
+        } else {
+            None
+        };
         let mut done = 0u64;
         while done < total {
             let n = (total - done).min(CHUNK_PAGES as u64) as usize;
@@ -309,6 +349,33 @@ impl MemoryScanner {
                     pid: ctx.pid,
                     source,
                 })?;
+            if let Some(data) = &shmem {
+                let mut touched = false;
+                for i in 0..n {
+                    let page = done as usize + i;
+                    let e = ctx.entries[i];
+                    if !(e.present() || e.swapped()) && data.get(page).copied().unwrap_or(false) {
+                        let addr = chunk_start + i as u64 * ps;
+                        let mut byte = [0u8; 1];
+                        ctx.mem
+                            .read_exact_at(&mut byte, addr)
+                            .map_err(|source| MemoryError::Read {
+                                pid: ctx.pid,
+                                addr,
+                                source,
+                            })?;
+                        touched = true;
+                    }
+                }
+                if touched {
+                    ctx.pagemap
+                        .read(chunk_start, n, &mut ctx.entries)
+                        .map_err(|source| MemoryError::Pagemap {
+                            pid: ctx.pid,
+                            source,
+                        })?;
+                }
+            }
             ctx.outcomes.clear();
             ctx.reads.clear();
             for i in 0..n {

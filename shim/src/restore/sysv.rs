@@ -57,6 +57,16 @@ pub fn enter_new_namespace() -> Result<(), SysvError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC).map_err(SysvError::Namespace)
 }
 
+/// Whether segment `existing` is `s` itself, left behind by the dumped
+/// tree: the same id, size and creator pid, and nobody attached.
+fn left_by_the_dumped_tree(s: &SysvShmSegment, existing: i32) -> bool {
+    s.key != 0
+        && existing == s.shmid
+        && shm::stat(existing).is_ok_and(|st| {
+            st.nattch == 0 && st.size == s.size && st.cpid == s.cpid && st.key == s.key
+        })
+}
+
 /// Creates `s` again with its id, key, size, owner and mode.
 fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
     let err = |source| SysvError::Shm {
@@ -65,11 +75,17 @@ fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
         source,
     };
     if let Some(existing) = shm::find_key(s.key) {
-        return Err(SysvError::KeyTaken {
+        if left_by_the_dumped_tree(s, existing) {
+            // What the tree killed by `dump --exit` left (PostgreSQL keeps
+            // such a segment as an interlock): replaced by the image's.
+            shm::remove(existing).map_err(err)?;
+        } else {
+            return Err(SysvError::KeyTaken {
             key: s.key,
             shmid: s.shmid,
-            existing,
-        });
+                existing,
+            });
+        }
     }
     if shm::stat(s.shmid).is_ok() {
         return Err(SysvError::IdTaken {

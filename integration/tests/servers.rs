@@ -1255,3 +1255,167 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
         "the timer goes on after the restore: {after} ticks"
     );
 }
+
+// ------------------------------------------------------------ PostgreSQL
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// `psql` kept open on one connection (a client outside the tree): each
+/// query is a line in, its unaligned result lines out, then a marker.
+struct Psql {
+    child: Child,
+    out: std::sync::mpsc::Receiver<String>,
+}
+
+impl Psql {
+    fn connect(port: u16) -> Psql {
+        let mut child = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["-U", "postgres", "-d", "postgres"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("psql (postgresql-client)");
+        let stdout = child.stdout.take().expect("psql stdout");
+        let (tx, out) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Psql { child, out }
+    }
+
+    /// The result lines of `sql` on this connection.
+    fn query(&mut self, sql: &str) -> Result<Vec<String>, String> {
+        let stdin = self.child.stdin.as_mut().ok_or("psql has no stdin")?;
+        writeln!(stdin, "{sql}\n\\echo ---end---").map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut lines = Vec::new();
+        loop {
+            match self.out.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l == "---end---" => return Ok(lines),
+                Ok(l) => lines.push(l),
+                Err(e) => return Err(format!("no answer to {sql:?}: {e} (so far {lines:?})")),
+            }
+        }
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn as_postgres(args: &[&str]) -> Output {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser");
+    assert!(out.status.success(), "{args:?}:\n{}", describe(&out));
+    out
+}
+
+/// PostgreSQL (Debian's): the postmaster, its background workers and an
+/// open client connection (kept across with --tcp-established) are dumped
+/// with --exit and restored; the open connection gives the same answer,
+/// a new connection works, and writes go on.
+#[test]
+fn postgresql_with_an_open_client_connection_restored() {
+    require_root();
+    let dir = tempdir("postgres");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let data = dir.path().join("data");
+    let d = path_str(dir.path()).to_string();
+    as_postgres(&[
+        &format!("{PG_BIN}/initdb"),
+        "-D",
+        path_str(&data),
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+    ]);
+    let port = free_port();
+    as_postgres(&[
+        &format!("{PG_BIN}/pg_ctl"),
+        "-D",
+        path_str(&data),
+        "-l",
+        &format!("{d}/log"),
+        "-w",
+        "-o",
+        &format!("-p {port} -k {d} -c listen_addresses=127.0.0.1 -c shared_buffers=64MB"),
+        "start",
+    ]);
+    let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).expect("postmaster.pid");
+    let root: i32 = pidfile
+        .lines()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("pid");
+    let _cleanup = KillOnDrop(vec![root]);
+    let mut client = Psql::connect(port);
+    client
+        .query("create table t (i int); insert into t select generate_series(1, 100000);")
+        .expect("fill");
+    let sum = client.query("select sum(i) from t;").expect("sum before");
+    assert_eq!(sum, vec!["5000050000"]);
+    let pids = descendants(root);
+    assert!(pids.len() >= 5, "postmaster and its workers: {pids:?}");
+
+    let (_img, images) = image_dir("postgres");
+    dump_exit(root, &images, &["--tcp-established"]);
+    wait_gone(&pids, None, "postgres after dump --exit");
+    restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+    assert_eq!(
+        client
+            .query("select sum(i) from t;")
+            .expect("the open connection after restore"),
+        sum,
+        "the same answer on the connection that was open across the dump"
+    );
+    client
+        .query("insert into t values (7);")
+        .expect("a write after restore");
+    let mut fresh = Psql::connect(port);
+    assert_eq!(
+        fresh
+            .query("select count(*) from t;")
+            .expect("a new connection"),
+        vec!["100001"]
+    );
+    drop(fresh);
+    drop(client);
+    as_postgres(&[
+        &format!("{PG_BIN}/pg_ctl"),
+        "-D",
+        path_str(&data),
+        "-m",
+        "fast",
+        "-w",
+        "stop",
+    ]);
+}

@@ -143,7 +143,8 @@ pub fn classify(m: &MapsEntry) -> VmaKind {
 fn shmem_data_pages(pid: i32, m: &MapsEntry, ps: u64) -> Option<Vec<bool>> {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)).ok()?;
+    let file =
+        std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)).ok()?;
     let pages = ((m.end - m.start) / ps) as usize;
     let mut data = vec![false; pages];
     let (lo, hi) = (m.offset as i64, (m.offset + (m.end - m.start)) as i64);
@@ -357,13 +358,13 @@ impl MemoryScanner {
                     if !(e.present() || e.swapped()) && data.get(page).copied().unwrap_or(false) {
                         let addr = chunk_start + i as u64 * ps;
                         let mut byte = [0u8; 1];
-                        ctx.mem
-                            .read_exact_at(&mut byte, addr)
-                            .map_err(|source| MemoryError::Read {
+                        ctx.mem.read_exact_at(&mut byte, addr).map_err(|source| {
+                            MemoryError::Read {
                                 pid: ctx.pid,
                                 addr,
                                 source,
-                            })?;
+                            }
+                        })?;
                         touched = true;
                     }
                 }

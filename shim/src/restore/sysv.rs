@@ -81,8 +81,8 @@ fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
             shm::remove(existing).map_err(err)?;
         } else {
             return Err(SysvError::KeyTaken {
-            key: s.key,
-            shmid: s.shmid,
+                key: s.key,
+                shmid: s.shmid,
                 existing,
             });
         }

@@ -11,7 +11,10 @@ One epoll set watches:
     `abs_fired` is the wall-clock time it fired at;
   - a signalfd for SIGUSR2 (blocked otherwise): `sigusr2` counts them;
   - an eventfd written 5 (read on SIGUSR1 into `eventfd`), and a semaphore
-    eventfd written 3 (read until empty: `sem_reads`).
+    eventfd written 3 (read until empty: `sem_reads`);
+  - an inotify instance watching DIR/watched for IN_CREATE (a second watch
+    on DIR, added first and removed, makes its descriptor 2):
+    `inotify` counts the events that carry that descriptor.
 Prints "ready START_WALL" once set up. On SIGUSR1 writes DIR/report.json.
 """
 import ctypes
@@ -19,6 +22,7 @@ import json
 import os
 import select
 import signal
+import struct
 import sys
 import time
 
@@ -59,10 +63,23 @@ os.eventfd_write(counter, 5)
 sem = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
 os.eventfd_write(sem, 3)
 
+IN_CREATE, IN_NONBLOCK = 0x100, os.O_NONBLOCK
+ino = check(libc.inotify_init1(IN_NONBLOCK), "inotify_init1")
+watched = os.path.join(out, "watched")
+os.mkdir(watched)
+first = check(libc.inotify_add_watch(ino, out.encode(), IN_CREATE), "add_watch")
+check(libc.inotify_rm_watch(ino, first), "rm_watch")
+wd = check(libc.inotify_add_watch(ino, watched.encode(), IN_CREATE), "add_watch")
+try:
+    os.read(ino, 4096)  # the IN_IGNORED of the removed watch
+except BlockingIOError:
+    pass
+
 ep = select.epoll()
-for fd in (periodic, absolute, sigfd):
+for fd in (periodic, absolute, sigfd, ino):
     ep.register(fd, select.EPOLLIN)
-state = {"ticks": 0, "log": [], "abs_fired": None, "sigusr2": 0, "start_wall": start_wall}
+state = {"ticks": 0, "log": [], "abs_fired": None, "sigusr2": 0, "start_wall": start_wall,
+         "inotify": 0, "inotify_other": 0, "wd": wd}
 
 
 def report(*_):
@@ -105,6 +122,16 @@ while True:
                 state["abs_fired"] = time.time()
             except BlockingIOError:
                 pass
+        elif fd == ino:
+            try:
+                buf = os.read(ino, 4096)
+            except BlockingIOError:
+                continue
+            off = 0
+            while off + 16 <= len(buf):
+                ewd, _mask, _cookie, length = struct.unpack_from("iIII", buf, off)
+                state["inotify" if ewd == wd else "inotify_other"] += 1
+                off += 16 + length
         elif fd == sigfd:
             try:
                 os.read(sigfd, 128)

@@ -130,12 +130,16 @@ fn find_target(
                     inode,
                     write_end: fd.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY,
                 },
-                FdKind::Eventfd { .. } | FdKind::Signalfd { .. } | FdKind::Timerfd { .. } => {
+                FdKind::Eventfd { .. }
+                | FdKind::Signalfd { .. }
+                | FdKind::Timerfd { .. }
+                | FdKind::Inotify { .. } => {
                     if kcmp::is_epoll_target(*cand_pid, fd.fd, pid, epfd, tfd).unwrap_or(false) {
                         return Ok(Ok(match fd.kind {
                             FdKind::Eventfd { id } => EpollObject::Eventfd { id },
                             FdKind::Signalfd { id } => EpollObject::Signalfd { id },
                             FdKind::Timerfd { id } => EpollObject::Timerfd { id },
+                            FdKind::Inotify { id } => EpollObject::Inotify { id },
                             _ => continue,
                         }));
                     }

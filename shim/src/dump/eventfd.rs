@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::image::sockets::{EventfdImage, SignalfdImage, TimerfdImage};
+use crate::image::sockets::{
+    EventfdImage, InotifyImage, InotifyWatch, SignalfdImage, TimerfdImage,
+};
 use crate::image::types::{Fd, FdKind};
 use crate::sys::procfs::{
     read_eventfd_fdinfo, read_signalfd_fdinfo, read_timerfd_fdinfo, ProcfsError,
@@ -62,6 +64,78 @@ pub fn collect_signalfds(tables: &mut [(i32, Vec<Fd>)]) -> Result<Vec<SignalfdIm
             })
         })
         .collect()
+}
+
+/// Numbers the inotify instances of `tables` and describes each: every
+/// watch with its path, found from its file handle on its file system
+/// (mounted as the holder sees it), as a path inside the holder's root. A
+/// watch whose file cannot be found goes to `refusals`.
+pub fn collect_inotifies(
+    tables: &mut [(i32, Vec<Fd>)],
+    refusals: &mut Vec<String>,
+) -> Result<Vec<InotifyImage>, EpollError> {
+    let first = number_by_file(
+        tables,
+        |k| matches!(k, FdKind::Inotify { .. }),
+        |id| FdKind::Inotify { id },
+    )?;
+    let mut out = Vec::new();
+    for (id, (pid, fd)) in first {
+        let mut entries = crate::sys::procfs::read_inotify_fdinfo(pid, fd)?;
+        entries.sort_by_key(|e| e.wd);
+        let mut watches = Vec::new();
+        for e in entries {
+            match watch_path(pid, &e) {
+                Ok(path) => watches.push(InotifyWatch {
+                    wd: e.wd,
+                    path,
+                    mask: e.mask,
+                }),
+                Err(why) => refusals.push(format!(
+                    "pid {pid} fd {fd} is inotify watching inode {} (wd {}): {why}",
+                    e.ino, e.wd
+                )),
+            }
+        }
+        out.push(InotifyImage {
+            id,
+            flags: flags_of(tables, pid, fd),
+            watches,
+        });
+    }
+    Ok(out)
+}
+
+/// The path inside `pid`'s root of the file inotify watch `e` names.
+fn watch_path(pid: i32, e: &crate::sys::procfs::InotifyEntry) -> Result<String, String> {
+    let (major, minor) = (e.sdev >> 20, e.sdev & 0xfffff);
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .map_err(|err| format!("reading its mountinfo: {err}"))?;
+    let want = format!("{major}:{minor}");
+    let root = format!("/proc/{pid}/root");
+    let root_seen = std::fs::read_link(&root).map_err(|err| format!("reading its root: {err}"))?;
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[2] != want {
+            continue;
+        }
+        let mount = format!("{root}{}", f[4]);
+        if let Ok(path) =
+            crate::sys::fhandle::path_of(std::path::Path::new(&mount), e.handle_type, &e.handle)
+        {
+            // As the dumper sees it; inside the tree's root for restore.
+            let inside = match path.strip_prefix(&root_seen) {
+                Ok(rest) if root_seen != std::path::Path::new("/") => {
+                    format!("/{}", rest.display())
+                }
+                _ => path.display().to_string(),
+            };
+            return Ok(inside);
+        }
+    }
+    Err(format!(
+        "no mount of device {want} leads to its file (deleted?)"
+    ))
 }
 
 const TFD_TIMER_ABSTIME: i32 = 1;

@@ -118,6 +118,8 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
             FdKind::Signalfd { id: 0 }
         } else if link == "anon_inode:[timerfd]" {
             FdKind::Timerfd { id: 0 }
+        } else if link == "anon_inode:inotify" {
+            FdKind::Inotify { id: 0 }
         } else if link == "anon_inode:[eventpoll]" {
             // Numbered by `dump::epoll` (every anon inode has one number).
             FdKind::Epoll { id: 0 }

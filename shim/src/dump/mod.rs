@@ -408,6 +408,7 @@ fn collect(
     // Numbered before epoll, which names them as targets.
     let signalfds = eventfd::collect_signalfds(&mut fd_tables)?;
     let timerfds = eventfd::collect_timerfds(&mut fd_tables)?;
+    let inotifies = eventfd::collect_inotifies(&mut fd_tables, &mut refusals)?;
     let epolls = epoll::collect(&mut fd_tables, &mut refusals)?;
     let lock_name = format!(
         "cowsnap_{}_{}",
@@ -435,6 +436,7 @@ fn collect(
     socket_dump.image.signalfds = signalfds;
     socket_dump.image.fifos = pipes.take_fifos();
     socket_dump.image.timerfds = timerfds;
+    socket_dump.image.inotifies = inotifies;
     writer.write_sockets(&socket_dump.image)?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
         fd_tables.into_iter().collect();

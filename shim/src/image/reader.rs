@@ -517,6 +517,7 @@ pub(crate) fn check_sockets(
                 EpollObject::Eventfd { id } => sockets.eventfds.iter().any(|e| e.id == id),
                 EpollObject::Signalfd { id } => sockets.signalfds.iter().any(|e| e.id == id),
                 EpollObject::Timerfd { id } => sockets.timerfds.iter().any(|e| e.id == id),
+                EpollObject::Inotify { id } => sockets.inotifies.iter().any(|e| e.id == id),
             };
             if !known {
                 return Err(ImageError::BadEpoll {
@@ -541,6 +542,9 @@ pub(crate) fn check_sockets(
                 }
                 FdKind::Signalfd { id } => (!sockets.signalfds.iter().any(|e| e.id == id))
                     .then(|| format!("signalfd {id}")),
+                FdKind::Inotify { id } => {
+                    (!sockets.inotifies.iter().any(|e| e.id == id)).then(|| format!("inotify {id}"))
+                }
                 FdKind::Timerfd { id } => {
                     (!sockets.timerfds.iter().any(|e| e.id == id)).then(|| format!("timerfd {id}"))
                 }

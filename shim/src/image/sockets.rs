@@ -12,6 +12,7 @@
 //!   fifos[]     FifoImage: path, dev/inode and buffered data of a named FIFO
 //!   signalfds[] SignalfdImage: id, signal mask, flags
 //!   timerfds[]  TimerfdImage: id, clock, ticks, time left or expiry, interval
+//!   inotifies[] InotifyImage: id, watches (wd, path, mask)
 //!   epolls[]    EpollImage: id and every registration (target fd number,
 //!               events, data, and which object of this file it watches)
 //!   connection_lock   name of the nftables table that drops the packets of
@@ -39,6 +40,8 @@ pub struct SocketsImage {
     pub signalfds: Vec<SignalfdImage>,
     #[serde(default)]
     pub timerfds: Vec<TimerfdImage>,
+    #[serde(default)]
+    pub inotifies: Vec<InotifyImage>,
     /// Set when dump left an nftables table (family inet) in place that
     /// blocks the established connections' packets: restore removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,6 +253,26 @@ pub struct TimerfdImage {
     pub flags: u32,
 }
 
+/// An inotify instance: its watches, each with the watch descriptor the
+/// program knows it by. Events queued at dump are not kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyImage {
+    pub id: u32,
+    /// File status flags (O_NONBLOCK).
+    pub flags: u32,
+    /// In watch descriptor order.
+    pub watches: Vec<InotifyWatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    /// The watched file or directory, inside the tree's root.
+    pub path: String,
+    /// Events and flags as inotify_add_watch takes them.
+    pub mask: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpollImage {
     /// The `id` of [`FdKind::Epoll`](super::types::FdKind::Epoll).
@@ -287,6 +310,9 @@ pub enum EpollObject {
         id: u32,
     },
     Timerfd {
+        id: u32,
+    },
+    Inotify {
         id: u32,
     },
 }
@@ -367,6 +393,7 @@ mod tests {
             fifos: vec![],
             signalfds: vec![],
             timerfds: vec![],
+            inotifies: vec![],
             connection_lock: None,
         };
         let procs = vec![holder(&[

@@ -450,7 +450,11 @@ pub enum FdKind {
     Timerfd {
         id: u32,
     },
-    /// Anything else (inotify, fanotify, ...); restore refuses it naming `link`.
+    /// An inotify instance of `sockets.json` (numbered by kcmp, like epoll).
+    Inotify {
+        id: u32,
+    },
+    /// Anything else (fanotify, ...); restore refuses it naming `link`.
     Unsupported {
         link: String,
     },

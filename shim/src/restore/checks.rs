@@ -261,7 +261,8 @@ fn check_process(
             | FdKind::Epoll { .. }
             | FdKind::Eventfd { .. }
             | FdKind::Signalfd { .. }
-            | FdKind::Timerfd { .. } => {}
+            | FdKind::Timerfd { .. }
+            | FdKind::Inotify { .. } => {}
             FdKind::Unsupported { link } => {
                 return Err(CheckError::UnsupportedFd {
                     pid,

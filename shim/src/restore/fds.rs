@@ -359,6 +359,11 @@ impl PipeSet {
         self.sockets.signalfds.get(&id).copied()
     }
 
+    /// The fd holding inotify instance `id`.
+    pub fn inotify(&self, id: u32) -> Option<RawFd> {
+        self.sockets.inotifies.get(&id).copied()
+    }
+
     /// The fd holding timerfd `id`.
     pub fn timerfd(&self, id: u32) -> Option<RawFd> {
         self.sockets.timerfds.get(&id).copied()
@@ -619,6 +624,13 @@ fn plan<'a>(
                     pid,
                     fd: fd.fd,
                     what: format!("signalfd {id}"),
+                })?)
+            }
+            (_, FdKind::Inotify { id }) => {
+                Source::Dup(pipes.inotify(*id).ok_or_else(|| FdError::ObjectMissing {
+                    pid,
+                    fd: fd.fd,
+                    what: format!("inotify {id}"),
                 })?)
             }
             (_, FdKind::Timerfd { id }) => {

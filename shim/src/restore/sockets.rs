@@ -20,8 +20,9 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::image::sockets::{
-    EpollImage, EpollObject, EventfdImage, FifoImage, InetProtocol, InetState, SignalfdImage,
-    SocketImage, SocketKind, SocketOptions, SocketsImage, TimerfdImage, UnixName, UnixState,
+    EpollImage, EpollObject, EventfdImage, FifoImage, InetProtocol, InetState, InotifyImage,
+    SignalfdImage, SocketImage, SocketKind, SocketOptions, SocketsImage, TimerfdImage, UnixName,
+    UnixState,
 };
 use crate::sys::restore_sys;
 use crate::sys::socket::{self as sock, Address};
@@ -65,6 +66,13 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {op}: {source}")]
+    Inotify {
+        what: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("FIFO {path}: {op}: {source}")]
     Fifo {
         path: String,
@@ -92,6 +100,7 @@ pub struct SocketSet {
     pub eventfds: BTreeMap<u64, RawFd>,
     pub signalfds: BTreeMap<u32, RawFd>,
     pub timerfds: BTreeMap<u32, RawFd>,
+    pub inotifies: BTreeMap<u32, RawFd>,
     /// One read-write open of each named FIFO, holding its data until every
     /// process has opened its own fds on it (opens then never block).
     pub fifo_keepers: Vec<RawFd>,
@@ -138,6 +147,7 @@ impl SocketSet {
             .chain(self.eventfds.values())
             .chain(self.signalfds.values())
             .chain(self.timerfds.values())
+            .chain(self.inotifies.values())
             .chain(self.fifo_keepers.iter())
             .copied()
     }
@@ -250,6 +260,17 @@ pub fn create(
         match create_timerfd(e, fd_base) {
             Ok(fd) => {
                 set.timerfds.insert(e.id, fd);
+            }
+            Err(err) => {
+                close_set(&set);
+                return Err(err);
+            }
+        }
+    }
+    for e in &image.inotifies {
+        match create_inotify(e, fd_base) {
+            Ok(fd) => {
+                set.inotifies.insert(e.id, fd);
             }
             Err(err) => {
                 close_set(&set);
@@ -765,6 +786,39 @@ fn keep_fifo(f: &FifoImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
     restore_sys::dup_at_least(fd.as_raw_fd(), fd_base).map_err(err("F_DUPFD_CLOEXEC"))
 }
 
+/// An inotify instance with every watch at its own watch descriptor: the
+/// kernel hands them out in increasing order, so a lower one is added and
+/// removed again until the wanted one comes; the IN_IGNORED events that
+/// leaves are read away before anyone sees them.
+fn create_inotify(e: &InotifyImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
+    let err = |path: &str, op: &'static str| {
+        let what = format!("inotify {} watch of {path}", e.id);
+        move |source| SocketError::Inotify { what, op, source }
+    };
+    let fd = restore_sys::inotify_init(libc::IN_CLOEXEC | libc::IN_NONBLOCK)
+        .map_err(err("(new)", "inotify_init1"))?;
+    let raw = fd.as_raw_fd();
+    for w in &e.watches {
+        loop {
+            let got = restore_sys::inotify_add_watch(raw, &w.path, w.mask)
+                .map_err(err(&w.path, "inotify_add_watch"))?;
+            if got == w.wd {
+                break;
+            }
+            if got > w.wd {
+                return Err(err(&w.path, "inotify_add_watch")(std::io::Error::other(
+                    format!("got watch descriptor {got}, wanted {}", w.wd),
+                )));
+            }
+            restore_sys::inotify_rm_watch(raw, got).map_err(err(&w.path, "inotify_rm_watch"))?;
+        }
+    }
+    restore_sys::drain(raw);
+    sock::set_status_flags(fd.as_fd(), e.flags as i32 & libc::O_NONBLOCK)
+        .map_err(err("(new)", "F_SETFL"))?;
+    restore_sys::dup_at_least(raw, fd_base).map_err(err("(new)", "F_DUPFD_CLOEXEC"))
+}
+
 fn create_signalfd(e: &SignalfdImage, fd_base: RawFd) -> Result<RawFd, SocketError> {
     let err = |op| {
         move |source| SocketError::EventFd {
@@ -843,6 +897,7 @@ fn create_epoll(
             EpollObject::Eventfd { id } => set.eventfds.get(&id).copied(),
             EpollObject::Signalfd { id } => set.signalfds.get(&id).copied(),
             EpollObject::Timerfd { id } => set.timerfds.get(&id).copied(),
+            EpollObject::Inotify { id } => set.inotifies.get(&id).copied(),
         }
         .ok_or(SocketError::EpollTarget {
             id: e.id,

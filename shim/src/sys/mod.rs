@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod clone;
 pub mod console;
+pub mod fhandle;
 pub mod inject;
 pub mod interrupt;
 pub mod kcmp;

@@ -628,6 +628,61 @@ pub fn read_timerfd_fdinfo(pid: i32, fd: i32) -> Result<TimerfdInfo, ProcfsError
     parse_timerfd_fdinfo(&path, &read_string(&path)?)
 }
 
+/// One watch of an inotify fd's fdinfo (`inotify wd:1 ino:.. sdev:..
+/// mask:.. ignored_mask:.. fhandle-bytes:8 fhandle-type:1 f_handle:HEX`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InotifyEntry {
+    pub wd: i32,
+    pub ino: u64,
+    /// The kernel's dev_t of the file system: major << 20 | minor.
+    pub sdev: u32,
+    pub mask: u32,
+    pub handle_type: i32,
+    pub handle: Vec<u8>,
+}
+
+pub fn parse_inotify_fdinfo(path: &Path, text: &str) -> Result<Vec<InotifyEntry>, ProcfsError> {
+    let mut out = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("inotify ")) {
+        let fields: std::collections::BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once(':'))
+            .collect();
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .copied()
+                .ok_or_else(|| parse_err(path, name, format!("missing in {line:?}")))
+        };
+        let hex = |name: &str| {
+            let v = field(name)?;
+            u64::from_str_radix(v, 16).map_err(|e| parse_err(path, name, format!("{v:?}: {e}")))
+        };
+        let wd = field("wd")?;
+        let handle = field("f_handle")?;
+        let ty = field("fhandle-type")?;
+        out.push(InotifyEntry {
+            wd: wd
+                .parse()
+                .map_err(|e| parse_err(path, "wd", format!("{wd:?}: {e}")))?,
+            ino: hex("ino")?,
+            sdev: hex("sdev")? as u32,
+            mask: hex("mask")? as u32,
+            handle_type: ty
+                .parse()
+                .map_err(|e| parse_err(path, "fhandle-type", format!("{ty:?}: {e}")))?,
+            handle: hex::decode(handle)
+                .map_err(|e| parse_err(path, "f_handle", format!("{handle:?}: {e}")))?,
+        });
+    }
+    Ok(out)
+}
+
+pub fn read_inotify_fdinfo(pid: i32, fd: i32) -> Result<Vec<InotifyEntry>, ProcfsError> {
+    let path = proc_path(pid, &format!("fdinfo/{fd}"));
+    parse_inotify_fdinfo(&path, &read_string(&path)?)
+}
+
 pub fn read_epoll_fdinfo(pid: i32, fd: i32) -> Result<Vec<EpollEntry>, ProcfsError> {
     let path = proc_path(pid, &format!("fdinfo/{fd}"));
     parse_epoll_fdinfo(&path, &read_string(&path)?)
@@ -734,6 +789,21 @@ pub fn read_comm(pid: i32) -> Result<String, ProcfsError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn inotify_fdinfo_watches() {
+        let text = "pos:\t0\nflags:\t00\nmnt_id:\t17\nino:\t1038\n\
+inotify wd:2 ino:13 sdev:fe00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:1300000000000000\n\
+inotify wd:1 ino:3c4a7 sdev:fe00000 mask:300 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:a7c4030000000000\n";
+        let got = parse_inotify_fdinfo(Path::new("i"), text).expect("parse");
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[1].wd, got[1].ino, got[1].sdev, got[1].mask),
+            (1, 0x3c4a7, 0xfe00000, 0x300)
+        );
+        assert_eq!(got[1].handle, vec![0xa7, 0xc4, 3, 0, 0, 0, 0, 0]);
+        assert!(parse_inotify_fdinfo(Path::new("i"), "inotify wd:x ino:1\n").is_err());
+    }
 
     #[test]
     fn signalfd_and_timerfd_fdinfo() {

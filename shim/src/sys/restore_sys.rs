@@ -124,6 +124,39 @@ pub fn timerfd_set_ticks(fd: RawFd, ticks: u64) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks as *const u64) }).map(|_| ())
 }
 
+/// `inotify_init1(flags)`.
+pub fn inotify_init(flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: integer argument; the returned fd is ours.
+    let fd = cvt(unsafe { libc::inotify_init1(flags) })?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// `inotify_add_watch(fd, path, mask)`: the watch descriptor.
+pub fn inotify_add_watch(fd: RawFd, path: &str, mask: u32) -> io::Result<i32> {
+    let c = c_path(Path::new(path))?;
+    // SAFETY: c is a valid NUL-terminated path for the call.
+    cvt(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) })
+}
+
+/// `inotify_rm_watch(fd, wd)`.
+pub fn inotify_rm_watch(fd: RawFd, wd: i32) -> io::Result<()> {
+    // SAFETY: integer arguments.
+    cvt(unsafe { libc::inotify_rm_watch(fd, wd) }).map(|_| ())
+}
+
+/// Reads a non-blocking fd until it has nothing more (what it held is dropped).
+pub fn drain(fd: RawFd) {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+    }
+}
+
 /// `close(fd)`.
 pub fn close_fd(fd: RawFd) -> io::Result<()> {
     // SAFETY: closing an fd number; callers only close numbers they placed themselves.

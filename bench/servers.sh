@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark of dump --exit + restore of real servers on the host: nginx
-# (Debian's, a master and 4 workers serving a file) and the preforking
+# (Debian's, a master and 4 workers serving a file), the preforking
 # Python HTTP server of integration/workloads (its master loads MIB MiB,
-# default 256, before forking 8 workers that accept on one socket).
+# default 256, before forking 8 workers that accept on one socket), Redis
+# with 1M keys and PostgreSQL 15 with shared_buffers=256MB and 1M rows.
 #
 # For each server and each of REPS repetitions (default 3): PSS of the tree,
 # `cowsnap dump --exit` wall time, `cowsnap restore` wall time, PSS after,
@@ -20,11 +21,11 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --reps) reps=$2; shift 2 ;;
         --mib) model_mib=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
-bench=bench/servers.sh help_lines='2,15p' why_root="cowsnap dump reads PFNs and seizes processes"
+bench=bench/servers.sh help_lines='2,16p' why_root="cowsnap dump reads PFNs and seizes processes"
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
 bench_setup "${args[@]+"${args[@]}"}"
@@ -52,9 +53,11 @@ wait_up() {
     exit 1
 }
 
-# measure NAME ROOT URL: one dump --exit + restore of the tree at ROOT.
+# measure NAME ROOT URL|-- CMD...: one dump --exit + restore of the tree at
+# ROOT, then the answer of a GET of URL (or of CMD).
 measure() {
     local name=$1 root=$2 url=$3 img pids before after t dump_s restore_s answer
+    shift 3
     img="$work/img-$name-$RANDOM"
     # shellcheck disable=SC2207
     pids=($(tree_pids "$root"))
@@ -68,7 +71,11 @@ measure() {
     restore_s=$(since "$t")
     live="${pids[*]}"
     after=$(pss_bytes Pss "${pids[@]}")
-    answer=$(get "$url" | head -c 60)
+    if [ "$url" = "--" ]; then
+        answer=$("$@" 2>&1 | tr '\n' ' ' | head -c 60)
+    else
+        answer=$(get "$url" | head -c 60)
+    fi
     printf '%-8s %4d procs  image %7s MiB  dump %6s s  restore %6s s  PSS %7s -> %7s MiB (x%s)  answer: %s\n' \
         "$name" "${#pids[@]}" "$(mib_of "$(du -sb "$img" | cut -f1)")" "$dump_s" "$restore_s" \
         "$(mib_of "$before")" "$(mib_of "$after")" \
@@ -108,8 +115,38 @@ live="$live $proot"
 echo "prefork: master $proot, $model_mib MiB model, 8 workers, port $port"
 for _ in $(seq "$reps"); do measure prefork "$proot" "http://127.0.0.1:$port/"; done
 
+# --- Redis, 1M keys
+port=$(free_port)
+(redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$work" --daemonize no \
+    --logfile "$work/redis.log" </dev/null >/dev/null 2>&1 &)
+for _ in $(seq 200); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.05; done
+redis-cli -p "$port" EVAL "for i=1,1000000 do redis.call('SET','key:'..i,string.rep('v',64)..i) end return 1" 0 >/dev/null
+rroot=$(redis-cli -p "$port" INFO server | awk -F: '/^process_id/ { print $2 }' | tr -d '\r')
+live="$live $rroot"
+echo "redis: pid $rroot, $(redis-cli -p "$port" DBSIZE) keys, port $port"
+for _ in $(seq "$reps"); do measure redis "$rroot" -- redis-cli -p "$port" DBSIZE; done
+
+# --- PostgreSQL 15, shared_buffers=256MB
+pg=/usr/lib/postgresql/15/bin
+if [ -x "$pg/initdb" ]; then
+    port=$(free_port)
+    mkdir -p "$work/pg" && chown postgres "$work/pg" && chmod 755 "$work"
+    runuser -u postgres -- "$pg/initdb" -D "$work/pg/data" -A trust -U postgres >/dev/null
+    runuser -u postgres -- "$pg/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w \
+        -o "-p $port -k $work/pg -c listen_addresses=127.0.0.1 -c shared_buffers=256MB" start >/dev/null
+    psql -X -q -h 127.0.0.1 -p "$port" -U postgres -c \
+        "create table t as select i, md5(i::text) m from generate_series(1, 1000000) i; select count(*) from t;" >/dev/null
+    proot=$(head -1 "$work/pg/data/postmaster.pid")
+    live="$live $proot"
+    echo "postgres: postmaster $proot, shared_buffers 256MB, 1M rows, port $port"
+    for _ in $(seq "$reps"); do
+        measure postgres "$proot" -- psql -X -A -t -h 127.0.0.1 -p "$port" -U postgres -c "select count(*) from t"
+    done
+    runuser -u postgres -- "$pg/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
+fi
+
 echo "medians over $reps runs:"
-for name in nginx prefork; do
+for name in nginx prefork redis postgres; do
     f() { awk -v n="$name" -v c="$1" '$1 == n { print $c }' "$work/figures" | median; }
     printf '%-8s dump %s s  restore %s s  PSS %s -> %s MiB\n' "$name" "$(f 2)" "$(f 3)" \
         "$(mib_of "$(f 4)")" "$(mib_of "$(f 5)")"

@@ -704,8 +704,14 @@ fn restore_sysv_shm_with_id_taken_fails_cleanly() {
     let (dir, images) = image_dir("restore");
     dump_ok(&tree, &images, &["--exit"]);
     tree.wait_exited("after dump --exit");
-    // The attached segment comes first in the image; only the other one is in the way.
+    // The attached segment comes first in the image; only the other one is
+    // in the way, and someone attached it after the dump: it is not the
+    // tree's leftover any more (a leftover nobody used since is replaced,
+    // see restore_replaces_the_segment_its_tree_left).
     ipcrm(attached);
+    thread::sleep(Duration::from_millis(1100));
+    attach_and_detach(unattached);
+    let segments_before = sysv_segments(None, &tree);
     let pidfile = dir.path().join("restored.pid");
     let output = run_restore(&images, &pidfile, &[]);
     let context = "a SysV segment of the image still exists";
@@ -718,9 +724,56 @@ fn restore_sysv_shm_with_id_taken_fails_cleanly() {
     );
     assert_eq!(
         now.get(&unattached),
-        segments.get(&unattached),
+        segments_before.get(&unattached),
         "{context}: the segment in the way was touched"
     );
+    assert!(segments.contains_key(&unattached));
+}
+
+/// shmat + shmdt of `shmid`, read-only: it counts as used since.
+fn attach_and_detach(shmid: i32) {
+    // SAFETY: a read-only attach at an address the kernel picks, detached at once.
+    unsafe {
+        let at = libc::shmat(shmid, std::ptr::null(), libc::SHM_RDONLY);
+        assert_ne!(
+            at as isize,
+            -1,
+            "shmat {shmid}: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::shmdt(at);
+    }
+}
+
+/// After `dump --exit`, the tree's unattached segment stays (SysV segments
+/// outlive their processes); unused since, it is the tree's own leftover
+/// and the restore in the same namespace replaces it with the image's.
+#[test]
+fn restore_replaces_the_segment_its_tree_left() {
+    let mut tree = RefTree::start(TreeSpec::small("sysv-shm"));
+    let reported = tree.segments();
+    let unattached = reported
+        .iter()
+        .find(|s| !s.1)
+        .map(|s| s.0)
+        .unwrap_or_else(|| panic!("the workload reported {reported:?}"));
+    let (dir, images) = image_dir("restore");
+    dump_ok(&tree, &images, &["--exit"]);
+    tree.wait_exited("after dump --exit");
+    assert!(
+        sysv_segments(None, &tree).contains_key(&unattached),
+        "the unattached segment outlives the tree"
+    );
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, _) = restore_ok(&images, &pidfile, &[]);
+    assert!(
+        sysv_segments(None, &tree).contains_key(&unattached),
+        "the segment is back under its id"
+    );
+    drop(restored);
+    for (id, _) in sysv_segments(None, &tree) {
+        ipcrm(id);
+    }
 }
 
 // ------------------------------------------------------------ current namespace

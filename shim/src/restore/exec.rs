@@ -1685,7 +1685,7 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
     }
     let control = &ctx.control;
     let mut count = 0u32;
-    super::sysv::create_all(segments, |id| {
+    super::sysv::create_all(segments, ctx.image.manifest.created_unix, |id| {
         if !private_ns {
             control.write_bytes(CONTROL_SYSV + 4 + 4 * count as u64, &id.to_ne_bytes());
             count += 1;

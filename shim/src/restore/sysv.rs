@@ -58,24 +58,29 @@ pub fn enter_new_namespace() -> Result<(), SysvError> {
 }
 
 /// Whether segment `existing` is `s` itself, left behind by the dumped
-/// tree: the same id, size and creator pid, and nobody attached.
-fn left_by_the_dumped_tree(s: &SysvShmSegment, existing: i32) -> bool {
-    s.key != 0
-        && existing == s.shmid
+/// tree and unused since: the same key, id, size and creator pid, nobody
+/// attached now, and nobody attached it after the dump (at `dumped_at`,
+/// seconds since the epoch), so it still holds what the image holds.
+fn left_by_the_dumped_tree(s: &SysvShmSegment, existing: i32, dumped_at: u64) -> bool {
+    existing == s.shmid
         && shm::stat(existing).is_ok_and(|st| {
-            st.nattch == 0 && st.size == s.size && st.cpid == s.cpid && st.key == s.key
+            st.nattch == 0
+                && st.size == s.size
+                && st.cpid == s.cpid
+                && st.key == s.key
+                && st.atime <= dumped_at as i64
         })
 }
 
 /// Creates `s` again with its id, key, size, owner and mode.
-fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
+fn create_one(s: &SysvShmSegment, dumped_at: u64) -> Result<i32, SysvError> {
     let err = |source| SysvError::Shm {
         key: s.key,
         shmid: s.shmid,
         source,
     };
     if let Some(existing) = shm::find_key(s.key) {
-        if left_by_the_dumped_tree(s, existing) {
+        if left_by_the_dumped_tree(s, existing, dumped_at) {
             // What the tree killed by `dump --exit` left (PostgreSQL keeps
             // such a segment as an interlock): replaced by the image's.
             shm::remove(existing).map_err(err)?;
@@ -88,10 +93,14 @@ fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
         }
     }
     if shm::stat(s.shmid).is_ok() {
-        return Err(SysvError::IdTaken {
-            key: s.key,
-            shmid: s.shmid,
-        });
+        if left_by_the_dumped_tree(s, s.shmid, dumped_at) {
+            shm::remove(s.shmid).map_err(err)?;
+        } else {
+            return Err(SysvError::IdTaken {
+                key: s.key,
+                shmid: s.shmid,
+            });
+        }
     }
     shm::set_next_id(s.shmid).map_err(err)?;
     let got = match shm::create(s.key, s.size, s.mode) {
@@ -127,11 +136,12 @@ fn create_one(s: &SysvShmSegment) -> Result<i32, SysvError> {
 /// after its creation. On failure the segments created so far are removed.
 pub fn create_all(
     segments: &[SysvShmSegment],
+    dumped_at: u64,
     mut record: impl FnMut(i32),
 ) -> Result<(), SysvError> {
     let mut created = Vec::with_capacity(segments.len());
     for s in segments {
-        match create_one(s) {
+        match create_one(s, dumped_at) {
             Ok(id) => {
                 record(id);
                 created.push(id);
@@ -326,7 +336,7 @@ mod tests {
         let a = segment(0x7123 + (7 << 15), 0, vec![]);
         let b = segment(0x7124 + (7 << 15), 0x5eed_0001, vec![]);
         let mut seen = Vec::new();
-        create_all(&[a.clone(), b.clone()], |id| seen.push(id)).expect("create");
+        create_all(&[a.clone(), b.clone()], 0, |id| seen.push(id)).expect("create");
         assert_eq!(seen, vec![a.shmid, b.shmid]);
         for s in [&a, &b] {
             let st = shm::stat(s.shmid).expect("stat");
@@ -338,7 +348,7 @@ mod tests {
         // b's key and a's id are taken now: nothing new stays behind.
         let c = segment(0x7125 + (7 << 15), 0, vec![]);
         let mut again = Vec::new();
-        let err = create_all(&[c.clone(), b.clone()], |id| again.push(id)).expect_err("taken");
+        let err = create_all(&[c.clone(), b.clone()], 0, |id| again.push(id)).expect_err("taken");
         assert!(
             matches!(
                 err,
@@ -351,7 +361,7 @@ mod tests {
         );
         assert_eq!(again, vec![c.shmid]);
         assert!(shm::stat(c.shmid).is_err(), "c was removed");
-        let err = create_all(std::slice::from_ref(&a), |_| {}).expect_err("id taken");
+        let err = create_all(std::slice::from_ref(&a), 0, |_| {}).expect_err("id taken");
         assert!(err.to_string().contains(&a.shmid.to_string()), "{err}");
         remove_created(&[a.shmid, b.shmid], std::process::id() as i32);
         assert!(shm::stat(a.shmid).is_err() && shm::stat(b.shmid).is_err());

@@ -74,6 +74,8 @@ pub struct ShmStat {
     pub cpid: i32,
     pub lpid: i32,
     pub nattch: u64,
+    /// Last shmat, seconds since the epoch (0: never attached).
+    pub atime: i64,
 }
 
 fn ctl(shmid: i32, cmd: i32, op: &'static str, buf: *mut libc::shmid_ds) -> Result<(), ShmError> {
@@ -109,6 +111,7 @@ pub fn stat(shmid: i32) -> Result<ShmStat, ShmError> {
         cpid: ds.shm_cpid,
         lpid: ds.shm_lpid,
         nattch: ds.shm_nattch,
+        atime: ds.shm_atime,
     })
 }
 

@@ -267,7 +267,11 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     let commit = match writer.commit(options.pid) {
         Ok(commit) => commit,
         Err(e) => {
-            // The writer has removed its files.
+            // The writer has removed its files. Connections leave repair
+            // mode before the tree runs again.
+            if let Some(s) = socket_dump.take() {
+                s.resume();
+            }
             if let Some(tree) = stopped.take() {
                 if let Err(de) = tree.detach() {
                     eprintln!("cowsnap: detaching after failure: {de}");

@@ -1390,12 +1390,16 @@ fn postgresql_with_an_open_client_connection_restored() {
     assert_eq!(sum, vec!["5000050000"]);
     let pids = descendants(root);
     assert!(pids.len() >= 5, "postmaster and its workers: {pids:?}");
+    let pss_before = pss_total(&pids);
 
     let (_img, images) = image_dir("postgres");
     dump_exit(root, &images, &["--tcp-established"]);
     wait_gone(&pids, None, "postgres after dump --exit");
     restore(&images);
     let _restored = KillOnDrop(pids.clone());
+    // Shared buffers that only exited backends had mapped are back in the
+    // object but in nobody's page tables, as before.
+    assert_pss_close(pss_before, pss_total(&pids), "postgres");
     assert_eq!(
         client
             .query("select sum(i) from t;")

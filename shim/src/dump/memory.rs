@@ -224,6 +224,9 @@ pub struct MemoryScanner {
     /// Checked between batches; returning true aborts the scan.
     interrupted: fn() -> bool,
     progress: Option<Progress>,
+    /// Shared-memory pages faulted in while scanning the last process:
+    /// (address, pages) runs.
+    unmapped_shmem: Vec<[u64; 2]>,
 }
 
 struct Progress {
@@ -242,6 +245,7 @@ impl MemoryScanner {
             kpageflags: std::fs::File::open("/proc/kpageflags").ok(),
             interrupted: || false,
             progress: None,
+            unmapped_shmem: Vec::new(),
         }
     }
 
@@ -261,6 +265,12 @@ impl MemoryScanner {
 
     pub fn stats(&self) -> ScanStats {
         self.stats
+    }
+
+    /// The shared-memory pages the last scanned process had not mapped
+    /// (faulted in by the scan), as (address, pages) runs.
+    pub fn take_unmapped_shmem(&mut self) -> Vec<[u64; 2]> {
+        std::mem::take(&mut self.unmapped_shmem)
     }
 
     /// Every VMA of `pid` with its page runs. `maps` from /proc/PID/smaps.
@@ -357,6 +367,10 @@ impl MemoryScanner {
                     let e = ctx.entries[i];
                     if !(e.present() || e.swapped()) && data.get(page).copied().unwrap_or(false) {
                         let addr = chunk_start + i as u64 * ps;
+                        match self.unmapped_shmem.last_mut() {
+                            Some(run) if run[0] + run[1] * ps == addr => run[1] += 1,
+                            _ => self.unmapped_shmem.push([addr, 1]),
+                        }
                         let mut byte = [0u8; 1];
                         ctx.mem.read_exact_at(&mut byte, addr).map_err(|source| {
                             MemoryError::Read {

@@ -474,6 +474,7 @@ fn collect(
             signals: state.signals,
             itimers: state.itimers,
             threads: state.threads,
+            unmapped_shmem: scanner.take_unmapped_shmem(),
         };
         sysv_vmas.extend(
             image

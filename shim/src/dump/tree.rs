@@ -165,6 +165,7 @@ pub fn stat_exit_code(stat: &str) -> Option<&str> {
 /// The process file of a zombie: nothing (no memory, fds, signals, threads).
 pub fn zombie_image(pid: i32) -> ProcessImage {
     ProcessImage {
+        unmapped_shmem: Vec::new(),
         pid,
         mm: MmFields::default(),
         vmas: Vec::new(),

@@ -259,6 +259,12 @@ pub struct ProcessImage {
     pub itimers: Itimers,
     /// Thread-group leader first; same order as [`ProcessEntry::tids`].
     pub threads: Vec<ThreadImage>,
+    /// (address, pages) runs of shared memory (shared anonymous, memfd)
+    /// this process had no page table entry for at dump: dump faulted them
+    /// in to store them (they are part of the object), restore drops them
+    /// from this process's page tables again, so memory use (PSS) matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmapped_shmem: Vec<[u64; 2]>,
 }
 
 /// The mm fields `PR_SET_MM_MAP` restores, plus auxv.

@@ -1258,6 +1258,25 @@ fn blob_memory(
             };
             args.push_madvise(v.start, v.len(), advice);
         }
+        if matches!(v.kind, VmaKind::SharedAnon | VmaKind::Memfd) {
+            // Every page of the object this process had mapped is mapped
+            // again (fork does not copy the page tables of a shared
+            // mapping: only the holder would have them), and the ones it
+            // had not are out of its page tables again (they stay in the
+            // object): its share of the memory (PSS) is as it was.
+            for run in &v.pages {
+                if let crate::image::types::PageRun::Stored { start, pages, .. } = *run {
+                    args.push_populate(start, pages * ctx.image.page_size());
+                }
+            }
+            for &[start, pages] in &image.unmapped_shmem {
+                let end = start.saturating_add(pages.saturating_mul(ctx.image.page_size()));
+                let (lo, hi) = (start.max(v.start), end.min(v.end));
+                if lo < hi {
+                    args.push_unpopulate(lo, hi - lo);
+                }
+            }
+        }
         if matches!(v.kind, VmaKind::PrivateFile | VmaKind::SharedFile) {
             use crate::image::types::PageRun;
             let ps = ctx.image.page_size();

@@ -32,6 +32,24 @@ fn workload(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Starts `python3 integration/workloads/SCRIPT ARGS` and returns it with
+/// the first line it prints (its "ready" line).
+fn start_workload(script: &str, args: &[&std::ffi::OsStr]) -> (Child, String) {
+    let mut child = Command::new(PYTHON)
+        .arg(workload(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script} (is python3 installed?): {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{script}: first line: {e}"));
+    (child, line.trim().to_string())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -224,18 +242,9 @@ struct Prefork {
 
 fn start_prefork(mib: u32, workers: u32) -> Prefork {
     let port = free_port();
-    let mut child = Command::new(PYTHON)
-        .arg(workload("prefork_server.py"))
-        .args([port.to_string(), mib.to_string(), workers.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start python3 prefork_server.py (is python3 installed?)");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
+    let args = [port.to_string(), mib.to_string(), workers.to_string()];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let (child, line) = start_workload("prefork_server.py", &args);
     let model = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("model="))
@@ -432,20 +441,12 @@ fn sockets_workload_restored(tcp: bool) {
         .tempdir()
         .expect("tempdir");
     let d = dir.path();
-    let mut child = Command::new(PYTHON)
-        .arg(workload("sockets.py"))
-        .arg(d)
-        .args(if tcp { &["--tcp"][..] } else { &[] })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start sockets.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready");
-    assert_eq!(line.trim(), "ready");
+    let mut args = vec![d.as_os_str()];
+    if tcp {
+        args.push("--tcp".as_ref());
+    }
+    let (mut child, line) = start_workload("sockets.py", &args);
+    assert_eq!(line, "ready");
     let root = child.id() as i32;
     let _cleanup = KillOnDrop(vec![root]);
     let ports: serde_json::Value =
@@ -829,20 +830,9 @@ impl StreamClient {
 
 fn start_tcp_stream(dir: &Path) -> (Child, SocketAddr) {
     let port = free_port();
-    let mut child = Command::new(PYTHON)
-        .arg(workload("tcp_stream.py"))
-        .arg(port.to_string())
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tcp_stream.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
-    assert_eq!(line.trim(), "listening");
+    let port_text = port.to_string();
+    let (child, line) = start_workload("tcp_stream.py", &[port_text.as_ref(), dir.as_os_str()]);
+    assert_eq!(line, "listening");
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
@@ -1152,20 +1142,8 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
         .prefix("cowsnap-events-")
         .tempdir()
         .expect("tempdir");
-    let mut child = Command::new(PYTHON)
-        .arg(workload("events.py"))
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start events.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
+    let (mut child, line) = start_workload("events.py", &[dir.path().as_os_str()]);
     let start_wall: f64 = line
-        .trim()
         .strip_prefix("ready ")
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("events.py did not start: {line:?}"));

@@ -354,12 +354,7 @@ impl MemoryScanner {
         while done < total {
             let n = (total - done).min(CHUNK_PAGES as u64) as usize;
             let chunk_start = m.start + done * ps;
-            ctx.pagemap
-                .read(chunk_start, n, &mut ctx.entries)
-                .map_err(|source| MemoryError::Pagemap {
-                    pid: ctx.pid,
-                    source,
-                })?;
+            ctx.read_pagemap(chunk_start, n)?;
             if let Some(data) = &shmem {
                 let mut touched = false;
                 for i in 0..n {
@@ -383,12 +378,7 @@ impl MemoryScanner {
                     }
                 }
                 if touched {
-                    ctx.pagemap
-                        .read(chunk_start, n, &mut ctx.entries)
-                        .map_err(|source| MemoryError::Pagemap {
-                            pid: ctx.pid,
-                            source,
-                        })?;
+                    ctx.read_pagemap(chunk_start, n)?;
                 }
             }
             ctx.outcomes.clear();
@@ -601,6 +591,18 @@ struct ProcCtx {
     outcomes: Vec<Outcome>,
     /// Pages to read in this chunk: (address, dedup key).
     reads: Vec<(u64, Option<u64>)>,
+}
+
+impl ProcCtx {
+    /// The pagemap entries of `n` pages from `start` into `entries`.
+    fn read_pagemap(&mut self, start: u64, n: usize) -> Result<(), MemoryError> {
+        self.pagemap
+            .read(start, n, &mut self.entries)
+            .map_err(|source| MemoryError::Pagemap {
+                pid: self.pid,
+                source,
+            })
+    }
 }
 
 /// Merges per-page outcomes into runs.

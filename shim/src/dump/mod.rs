@@ -3,7 +3,7 @@
 //! A failed dump must leave every task running untouched and no image behind.
 
 pub mod epoll;
-pub mod eventfd;
+pub mod event_fds;
 pub mod fds;
 pub mod files;
 pub mod memory;
@@ -410,9 +410,9 @@ fn collect(
     fds::assign_descriptions(&mut fd_tables)?;
     fds::refuse_fifos_held_outside(&fd_tables, &mut refusals);
     // Numbered before epoll, which names them as targets.
-    let signalfds = eventfd::collect_signalfds(&mut fd_tables)?;
-    let timerfds = eventfd::collect_timerfds(&mut fd_tables)?;
-    let inotifies = eventfd::collect_inotifies(&mut fd_tables, &mut refusals)?;
+    let signalfds = event_fds::collect_signalfds(&mut fd_tables)?;
+    let timerfds = event_fds::collect_timerfds(&mut fd_tables)?;
+    let inotifies = event_fds::collect_inotifies(&mut fd_tables, &mut refusals)?;
     let epolls = epoll::collect(&mut fd_tables, &mut refusals)?;
     let lock_name = format!(
         "cowsnap_{}_{}",
@@ -436,7 +436,7 @@ fn collect(
         )));
     }
     socket_dump.image.epolls = epolls;
-    socket_dump.image.eventfds = eventfd::collect(&fd_tables)?;
+    socket_dump.image.eventfds = event_fds::collect(&fd_tables)?;
     socket_dump.image.signalfds = signalfds;
     socket_dump.image.fifos = pipes.take_fifos();
     socket_dump.image.timerfds = timerfds;

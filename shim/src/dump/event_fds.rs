@@ -1,7 +1,7 @@
 //! Event fds of a dumped tree: eventfds (each once, by the kernel's
-//! `eventfd-id`), signalfds and timerfds (numbered by kcmp, see
-//! [`super::epoll::number_by_file`]), with their state from the first
-//! holder's fdinfo. Reads only.
+//! `eventfd-id`), signalfds, timerfds and inotify instances (numbered by
+//! kcmp, see [`super::epoll::number_by_file`]), with their state from the
+//! first holder's fdinfo. Reads only.
 
 use std::collections::BTreeMap;
 

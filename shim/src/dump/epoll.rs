@@ -10,12 +10,14 @@ use crate::image::types::{Fd, FdKind};
 use crate::sys::kcmp;
 use crate::sys::procfs::{read_epoll_fdinfo, ProcfsError};
 
-use super::fds::{group_descriptions, FileFd};
+use super::fds::{group_descriptions, same_file, FdError, FileFd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EpollError {
     #[error(transparent)]
     Procfs(#[from] ProcfsError),
+    #[error(transparent)]
+    Fds(#[from] FdError),
     #[error("kcmp of pid {pid1} fd {fd1} and pid {pid2} fd {fd2}: {source}")]
     Kcmp {
         pid1: i32,
@@ -86,15 +88,7 @@ pub fn number_by_file(
             }
         }
     }
-    let groups = group_descriptions(&fds, |a, b| {
-        kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| EpollError::Kcmp {
-            pid1: a.pid,
-            fd1: a.fd,
-            pid2: b.pid,
-            fd2: b.fd,
-            source,
-        })
-    })?;
+    let groups = group_descriptions(&fds, same_file)?;
     // group_descriptions numbers shared groups only; singles get ids after them.
     let mut next = groups.iter().flatten().max().map_or(0, |m| m + 1);
     let mut first = std::collections::BTreeMap::new();

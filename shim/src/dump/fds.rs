@@ -306,6 +306,17 @@ pub fn group_descriptions<E>(
     Ok(out)
 }
 
+/// kcmp(KCMP_FILE) of two fds, for [`group_descriptions`].
+pub fn same_file(a: &FileFd, b: &FileFd) -> Result<bool, FdError> {
+    kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| FdError::Kcmp {
+        pid1: a.pid,
+        fd1: a.fd,
+        pid2: b.pid,
+        fd2: b.fd,
+        source,
+    })
+}
+
 /// Sets `description` on every regular-file fd of `tables` (pid, fds) whose
 /// open file description another fd of the tree shares, comparing with
 /// kcmp. The processes must be stopped (their fd tables must not change).
@@ -326,15 +337,7 @@ pub fn assign_descriptions(tables: &mut [(i32, Vec<Fd>)]) -> Result<(), FdError>
             }
         }
     }
-    let ids = group_descriptions(&files, |a, b| {
-        kcmp::same_file(a.pid, a.fd, b.pid, b.fd).map_err(|source| FdError::Kcmp {
-            pid1: a.pid,
-            fd1: a.fd,
-            pid2: b.pid,
-            fd2: b.fd,
-            source,
-        })
-    })?;
+    let ids = group_descriptions(&files, same_file)?;
     for ((t, j), id) in at.into_iter().zip(ids) {
         if let FdKind::File { description, .. } = &mut tables[t].1[j].kind {
             *description = id;

@@ -799,18 +799,8 @@ impl PageStoreReader {
                 actual: out.len() as u64,
             });
         }
-        let mut compressed = vec![0u8; entry.compressed_len as usize];
-        self.file
-            .read_exact_at(&mut compressed, entry.offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => ImageError::TruncatedFrame {
-                    frame,
-                    offset: entry.offset,
-                    compressed_len: entry.compressed_len,
-                    file_size: self.file.metadata().map_or(0, |m| m.len()),
-                },
-                _ => ImageError::io(&self.path, e),
-            })?;
+        let mut compressed = Vec::new();
+        self.read_compressed(frame, entry, &mut compressed)?;
         let corrupt = |reason: String| ImageError::FrameCorrupt {
             frame,
             offset: entry.offset,
@@ -915,6 +905,27 @@ impl PageStoreReader {
         }
     }
 
+    /// Frame `frame`'s compressed bytes (`entry` is its index entry) into `buf`.
+    fn read_compressed(
+        &self,
+        frame: usize,
+        entry: &FrameEntry,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ImageError> {
+        buf.resize(entry.compressed_len as usize, 0);
+        self.file
+            .read_exact_at(buf, entry.offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => ImageError::TruncatedFrame {
+                    frame,
+                    offset: entry.offset,
+                    compressed_len: entry.compressed_len,
+                    file_size: self.file.metadata().map_or(0, |m| m.len()),
+                },
+                _ => ImageError::io(&self.path, e),
+            })
+    }
+
     /// The frame's checksum of its compressed bytes, when the index has one.
     fn compressed_checksum(&self, frame: usize) -> Option<u64> {
         let c = self.frames.get(frame)?.compressed_xxh3_64.as_deref()?;
@@ -931,18 +942,7 @@ impl PageStoreReader {
         buf: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
         let entry = self.entry(frame)?;
-        buf.resize(entry.compressed_len as usize, 0);
-        self.file
-            .read_exact_at(buf, entry.offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => ImageError::TruncatedFrame {
-                    frame,
-                    offset: entry.offset,
-                    compressed_len: entry.compressed_len,
-                    file_size: self.file.metadata().map_or(0, |m| m.len()),
-                },
-                _ => ImageError::io(&self.path, e),
-            })?;
+        self.read_compressed(frame, entry, buf)?;
         let actual = xxh3_64(buf);
         if actual != want {
             return Err(ImageError::FrameChecksum {

@@ -40,6 +40,12 @@ enum Command {
         /// queue and drop queued UDP datagrams instead of refusing the dump.
         #[arg(long)]
         skip_in_flight: bool,
+        /// Largest file whose contents go into the image: files deleted
+        /// while open or mapped, and files on tmpfs (a container's
+        /// /dev/shm dies with it). Bytes, or with a K, M or G suffix. A
+        /// deleted file over the limit makes dump refuse.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        saved_file_limit: u64,
         /// Freeze this cgroup (v1 freezer directory or v2 cgroup directory) while seizing.
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -98,6 +104,21 @@ enum Command {
     Verify { dir: PathBuf },
 }
 
+/// `4096`, `64K`, `64M`, `1G` (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (bytes, or a number with K, M or G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), String> = match cli.command {
@@ -107,6 +128,7 @@ fn main() -> ExitCode {
             exit,
             tcp_established,
             skip_in_flight,
+            saved_file_limit,
             cgroup,
             quiet,
         } => {
@@ -120,6 +142,7 @@ fn main() -> ExitCode {
                     tcp_established,
                     skip_in_flight,
                 },
+                saved_file_limit,
             };
             cowsnap::dump::supervise::dump_supervised(&options)
                 .map(|summary| println!("{summary}"))

@@ -145,6 +145,7 @@ pub fn collect_fds(pid: i32, pipes: &mut PipeCollector) -> Result<Vec<Fd>, FdErr
                     size: meta.size(),
                     deleted,
                     description: None,
+                    saved: None,
                 }
             } else if ft.is_dir() {
                 FdKind::Directory { path }

@@ -167,13 +167,13 @@ fn shmem_data_pages(pid: i32, m: &MapsEntry, ps: u64) -> Option<Vec<bool>> {
     Some(data)
 }
 
-fn keep_for(kind: VmaKind, m: &MapsEntry) -> Keep {
+fn keep_for(kind: VmaKind) -> Keep {
     match kind {
         VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack => Keep::Anon,
         VmaKind::PrivateFile => Keep::CowCopies,
         VmaKind::SharedAnon | VmaKind::Memfd | VmaKind::SysvShm => Keep::AllPresent,
-        // A deleted shared file cannot be reopened: keep what it holds in memory.
-        VmaKind::SharedFile if m.deleted => Keep::AllPresent,
+        // A deleted one included: its contents are a saved file's
+        // (`dump::saved_files`), so its pages are the file's pages.
         VmaKind::SharedFile
         | VmaKind::Vdso
         | VmaKind::Vvar
@@ -297,7 +297,7 @@ impl MemoryScanner {
         };
         for m in maps {
             let kind = classify(m);
-            let keep = keep_for(kind, m);
+            let keep = keep_for(kind);
             let runs = self.scan_vma(&mut ctx, m, keep, sink)?;
             vmas.push(Vma {
                 start: m.start,

@@ -7,6 +7,7 @@ pub mod event_fds;
 pub mod fds;
 pub mod files;
 pub mod memory;
+pub mod saved_files;
 pub mod seize;
 pub mod sockets;
 pub mod supervise;
@@ -24,7 +25,7 @@ use crate::image::ImageWriter;
 use crate::sys::cgroup::{CgroupError, Freezer, FREEZE_TIMEOUT};
 use crate::sys::interrupt::{interrupted, InterruptGuard};
 use crate::sys::pagemap::{page_size, zero_page_pfn, PagemapError};
-use crate::sys::procfs::{read_smaps, read_stat, ProcfsError};
+use crate::sys::procfs::{read_smaps, read_stat, MapsEntry, ProcfsError};
 
 use fds::{collect_fds, FdError, PipeCollector};
 use memory::{MemoryError, MemoryScanner};
@@ -45,6 +46,8 @@ pub struct DumpOptions {
     pub progress: bool,
     /// What to do with established TCP connections and in-flight connections.
     pub sockets: sockets::SocketPolicy,
+    /// Largest file whose contents are saved (deleted files, files on tmpfs).
+    pub saved_file_limit: u64,
 }
 
 /// Figures of a finished dump.
@@ -130,6 +133,8 @@ pub enum DumpError {
     Epoll(#[from] epoll::EpollError),
     #[error(transparent)]
     Sysv(#[from] sysv::SysvError),
+    #[error(transparent)]
+    SavedFile(#[from] saved_files::SavedFileError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -400,11 +405,14 @@ fn collect(
     // is written; finding shared file descriptions needs every fd table.
     let mut fd_tables: Vec<(i32, Vec<crate::image::types::Fd>)> = Vec::new();
     let mut refusals = Vec::new();
+    let mut saved_files = saved_files::SavedFiles::new(options.saved_file_limit, options.pid);
     for p in seized.processes() {
-        let fds = collect_fds(p.pid, &mut pipes)?;
+        let mut fds = collect_fds(p.pid, &mut pipes)?;
+        let maps = read_smaps(p.pid)?;
         refuse_unsupported_fds(p.pid, &fds, &mut refusals);
         refuse_posix_timers(p.pid, &mut refusals);
-        refuse_what_restore_refuses(p.pid, &fds, &mut refusals)?;
+        refuse_what_restore_refuses(p.pid, &maps, &mut refusals);
+        saved_files.collect(p.pid, &mut fds, &maps, &mut refusals)?;
         fd_tables.push((p.pid, fds));
     }
     fds::assign_descriptions(&mut fd_tables)?;
@@ -442,6 +450,7 @@ fn collect(
     socket_dump.image.timerfds = timerfds;
     socket_dump.image.inotifies = inotifies;
     writer.write_sockets(&socket_dump.image)?;
+    let saved_files = saved_files.write(writer.pages())?;
     let mut fd_tables: std::collections::BTreeMap<i32, Vec<crate::image::types::Fd>> =
         fd_tables.into_iter().collect();
     for p in seized.processes() {
@@ -522,6 +531,7 @@ fn collect(
         processes,
         sysv_shm,
         file_sizes,
+        saved_files,
     })?;
     let pipe_images: Vec<PipeImage> = pipes.into_images();
     writer.write_pipes(&pipe_images)?;
@@ -538,15 +548,12 @@ fn collect(
 }
 
 /// The dump-time half of restore's checks on the image's own content
-/// (`restore::checks`): a deleted executable, cwd, root, file mapping or
-/// open file, and a mapping of a kind restore cannot rebuild, are listed in
-/// `refusals` now, so that no image restore would refuse is written.
-fn refuse_what_restore_refuses(
-    pid: i32,
-    fds: &[crate::image::types::Fd],
-    refusals: &mut Vec<String>,
-) -> Result<(), DumpError> {
-    use crate::image::types::{FdKind, VmaKind};
+/// (`restore::checks`): a deleted executable, cwd or root, and a mapping of
+/// a kind restore cannot rebuild, are listed in `refusals` now, so that no
+/// image restore would refuse is written. (Deleted files that are open or
+/// mapped are saved, or refused, by `saved_files`.)
+fn refuse_what_restore_refuses(pid: i32, maps: &[MapsEntry], refusals: &mut Vec<String>) {
+    use crate::image::types::VmaKind;
     const DELETED: &str = " (deleted)";
     for (what, link) in [("executable", "exe"), ("cwd", "cwd"), ("root", "root")] {
         let target = std::fs::read_link(format!("/proc/{pid}/{link}"))
@@ -558,37 +565,16 @@ fn refuse_what_restore_refuses(
             ));
         }
     }
-    for m in read_smaps(pid)? {
-        match memory::classify(&m) {
-            VmaKind::PrivateFile | VmaKind::SharedFile if m.deleted => refusals.push(format!(
-                "pid {pid} maps deleted file {:?} at {:#x}: not supported yet",
-                m.path, m.start
-            )),
-            VmaKind::Other => {
-                refusals.push(format!(
+    for m in maps {
+        if memory::classify(m) == VmaKind::Other {
+            refusals.push(format!(
                 "pid {pid} has a mapping restore cannot rebuild at {:#x}-{:#x} ({}): not supported",
                 m.start,
                 m.end,
                 if m.path.is_empty() { "device or special mapping" } else { &m.path }
             ))
-            }
-            _ => {}
         }
     }
-    for fd in fds {
-        if let FdKind::File {
-            path,
-            deleted: true,
-            ..
-        } = &fd.kind
-        {
-            refusals.push(format!(
-                "pid {pid} fd {} is deleted file {path:?}: not supported yet",
-                fd.fd
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// POSIX timers (`timer_create`) are not restored: a process holding one
@@ -721,6 +707,7 @@ mod tests {
             cgroup: None,
             progress: false,
             sockets: sockets::SocketPolicy::default(),
+            saved_file_limit: saved_files::DEFAULT_LIMIT,
         }
     }
 

@@ -183,6 +183,15 @@ pub enum ImageError {
     },
     #[error("tree.json: SysV shm segment {shmid} (key {key:#x}): {why}")]
     BadSysvShm { shmid: i32, key: i32, why: String },
+    #[error("tree.json: saved file {id} ({path:?}): {why}")]
+    BadSavedFile { id: u32, path: String, why: String },
+    #[error("{file}: pid {pid} {what} names saved file {id}, which tree.json does not hold")]
+    SavedFileMissing {
+        file: String,
+        pid: i32,
+        what: String,
+        id: u32,
+    },
     #[error("{file}: pid {pid}: vma {start:#x}-{end:#x} is empty, inverted or not page aligned")]
     BadVma {
         file: String,

@@ -144,6 +144,7 @@ impl Image {
             processes.push(process);
         }
         check_sysv_shm(&tree, &processes, manifest.page_size, index.page_count)?;
+        check_saved_files(&tree, &processes, manifest.page_size, index.page_count)?;
         let pipes: Vec<PipeImage> = parse_json(PIPES_FILE, &take(PIPES_FILE))?;
         // Optional: images of format 1.0 have no sockets.
         let sockets: SocketsImage = if manifest.files.iter().any(|f| f.name == SOCKETS_FILE) {
@@ -557,6 +558,73 @@ pub(crate) fn check_sockets(
                     fd: fd.fd,
                     what,
                 });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tree.json`'s saved files: ids dense from 0, absolute paths, mode bits
+/// only, (dev, inode) unique, content runs ascending inside the file and
+/// inside the page store; every fd's `saved` names one of them.
+pub(crate) fn check_saved_files(
+    tree: &Tree,
+    processes: &[ProcessImage],
+    page_size: u64,
+    page_count: u64,
+) -> Result<(), ImageError> {
+    let mut keys = HashSet::new();
+    for (i, f) in tree.saved_files.iter().enumerate() {
+        let bad = |why: String| ImageError::BadSavedFile {
+            id: f.id,
+            path: f.path.clone(),
+            why,
+        };
+        if f.id as usize != i {
+            return Err(bad(format!("listed at position {i} (ids are dense, in order)")));
+        }
+        if !f.path.starts_with('/') || f.path.contains('\0') {
+            return Err(bad("path is not absolute".into()));
+        }
+        if f.mode & !0o7777 != 0 {
+            return Err(bad(format!("mode {:#o} has bits beyond 0o7777", f.mode)));
+        }
+        if !keys.insert((f.dev, f.inode)) {
+            return Err(bad(format!("dev {} inode {} saved twice", f.dev, f.inode)));
+        }
+        let file_pages = f.size.div_ceil(page_size);
+        let mut next = 0u64;
+        for &[file_page, first, pages] in &f.pages {
+            if pages == 0 || file_page < next {
+                return Err(bad(format!(
+                    "content run at file page {file_page} of {pages} pages is empty or out of order"
+                )));
+            }
+            if file_page.checked_add(pages).is_none_or(|e| e > file_pages) {
+                return Err(bad(format!(
+                    "content run at file page {file_page} of {pages} pages runs past its {} bytes",
+                    f.size
+                )));
+            }
+            if first.checked_add(pages).is_none_or(|e| e > page_count) {
+                return Err(bad(format!(
+                    "page id {first} + {pages} past the store's {page_count} pages"
+                )));
+            }
+            next = file_page + pages;
+        }
+    }
+    for p in processes {
+        for fd in &p.fds {
+            if let FdKind::File { saved: Some(id), .. } = fd.kind {
+                if id as usize >= tree.saved_files.len() {
+                    return Err(ImageError::SavedFileMissing {
+                        file: super::types::process_file_name(p.pid),
+                        pid: p.pid,
+                        what: format!("fd {}", fd.fd),
+                        id,
+                    });
+                }
             }
         }
     }

@@ -79,6 +79,7 @@ pub fn tree() -> Tree {
     Tree {
         processes: vec![entry(ROOT, 0), entry(CHILD, ROOT)],
         sysv_shm: Vec::new(),
+        saved_files: Vec::new(),
         file_sizes: Default::default(),
     }
 }

@@ -33,7 +33,9 @@ pub const FORMAT_NAME: &str = "cowsnap-image";
 pub const FORMAT_MAJOR: u32 = 1;
 /// Minor version: a reader refuses a newer minor (it may carry data it would drop).
 /// 1: `sockets.json` (sockets and epoll), optional for a reader.
-pub const FORMAT_MINOR: u32 = 1;
+/// 2: `Tree::saved_files` (deleted files and files on tmpfs, with their
+/// contents in the page store), optional for a reader.
+pub const FORMAT_MINOR: u32 = 2;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
@@ -99,6 +101,38 @@ pub struct Tree {
     /// is checked).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub file_sizes: BTreeMap<String, u64>,
+    /// Files whose contents the image carries (see [`SavedFile`]): every
+    /// file deleted while the tree had it open or mapped, and the files on
+    /// tmpfs mounts it used. Absent in images before format 1.2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved_files: Vec<SavedFile>,
+}
+
+/// A file the image carries with its contents, because it may not exist at
+/// restore: one deleted while open or mapped (`deleted`; restore re-creates
+/// it unlinked), or one on a tmpfs mount, which dies with a container
+/// (restore creates it at `path` when nothing is there, and otherwise uses
+/// the file that is, as for any other path). Fds refer to it by
+/// [`FdKind::File::saved`], mappings by `dev` and `inode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedFile {
+    /// Dense, from 0, in this list's order.
+    pub id: u32,
+    /// As the tree saw it (without " (deleted)").
+    pub path: String,
+    pub deleted: bool,
+    /// Device (as `makedev`) and inode at dump: what mappings name.
+    pub dev: u64,
+    pub inode: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Permission bits (st_mode & 0o7777), owner and group.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The contents, as [file page, first page id, pages] runs in ascending
+    /// file order; what no run covers is a hole (reads as zeros).
+    pub pages: Vec<[u64; 3]>,
 }
 
 /// One SysV shared memory segment, as `/proc/sysvipc/shm` and `IPC_STAT`
@@ -407,6 +441,10 @@ pub enum FdKind {
         /// fds with the same id are one description, opened once on restore.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         description: Option<u32>,
+        /// The [`SavedFile`] that carries this file's contents (always set
+        /// for a deleted file; for a file on tmpfs when it was saved).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        saved: Option<u32>,
     },
     Directory {
         path: String,

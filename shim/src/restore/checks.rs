@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::FileTypeExt;
 
-use crate::image::types::{FdKind, ProcessEntry, ProcessImage, VmaKind};
+use crate::image::types::{FdKind, ProcessEntry, ProcessImage, SavedFile, VmaKind};
 use crate::image::Image;
 
 const DELETED_SUFFIX: &str = " (deleted)";
@@ -171,15 +171,39 @@ pub fn check_files(image: &Image) -> Result<(), CheckError> {
     let mut cache = StatCache::default();
     // A zombie needs no file: it has no executable, directories or mappings.
     let live = image.tree.processes.iter().zip(&image.processes);
+    let saved = Saved::of(&image.tree.saved_files);
     for (entry, process) in live.filter(|(e, _)| e.zombie.is_none()) {
-        check_process(&mut cache, &image.tree.file_sizes, entry, process)?;
+        check_process(&mut cache, &image.tree.file_sizes, &saved, entry, process)?;
     }
     Ok(())
+}
+
+/// What the image's saved files let through: a deleted file that is saved
+/// is re-created, a saved tmpfs file that is missing is created.
+struct Saved<'a> {
+    by_id: std::collections::BTreeMap<u32, &'a SavedFile>,
+    by_key: std::collections::BTreeMap<(u64, u64), &'a SavedFile>,
+}
+
+impl<'a> Saved<'a> {
+    fn of(files: &'a [SavedFile]) -> Saved<'a> {
+        Saved {
+            by_id: files.iter().map(|f| (f.id, f)).collect(),
+            by_key: files.iter().map(|f| ((f.dev, f.inode), f)).collect(),
+        }
+    }
+
+    /// Whether restore makes the file itself (so nothing is to check at
+    /// its path): deleted and saved, or saved and missing now.
+    fn made(file: Option<&SavedFile>) -> bool {
+        file.is_some_and(|f| f.deleted || std::fs::symlink_metadata(&f.path).is_err())
+    }
 }
 
 fn check_process(
     cache: &mut StatCache,
     sizes: &std::collections::BTreeMap<String, u64>,
+    saved: &Saved,
     entry: &ProcessEntry,
     process: &ProcessImage,
 ) -> Result<(), CheckError> {
@@ -209,6 +233,9 @@ fn check_process(
         let Some(path) = vma.path.as_deref() else {
             continue;
         };
+        if Saved::made(saved.by_key.get(&(vma.dev, vma.inode)).copied()) {
+            continue;
+        }
         if vma.deleted {
             return Err(CheckError::DeletedMapping {
                 pid,
@@ -229,6 +256,9 @@ fn check_process(
     for fd in &process.fds {
         let what = |kind: &str| format!("fd {} {kind}", fd.fd);
         match &fd.kind {
+            FdKind::File {
+                saved: Some(id), ..
+            } if Saved::made(saved.by_id.get(id).copied()) => {}
             FdKind::File {
                 path,
                 deleted: true,

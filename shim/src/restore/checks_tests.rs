@@ -76,6 +76,7 @@ fn fixture() -> Fixture {
                     size: 10,
                     deleted: false,
                     description: None,
+                    saved: None,
                 },
             },
             Fd {
@@ -108,6 +109,7 @@ fn fixture() -> Fixture {
     w.write_tree(&Tree {
         processes: vec![entry],
         sysv_shm: Vec::new(),
+        saved_files: Vec::new(),
         // As the dump records them: the executable and the mapped file.
         file_sizes: [(p("exe"), 4), (p("lib.so"), 8192)].into_iter().collect(),
     })

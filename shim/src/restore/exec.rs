@@ -49,7 +49,7 @@ use super::blob::{
     self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
 };
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
-use super::{attrs, checks, cleanup, fds, signals};
+use super::{attrs, checks, cleanup, fds, saved_files, signals};
 
 /// Which pid namespace the tree comes back in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +305,8 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         }
     };
     let (image, plan) = open_and_plan(&options.images, Files::Check, &progress)?;
+    // The tmpfs files the root will create: removed again on failure.
+    let created_files = saved_files::CreatedFiles::before(&image.tree.saved_files);
     // The packets of the tree's established connections were dropped since
     // the dump; on every path out of here they flow again (after the
     // release on success; on failure the connections are lost anyway).
@@ -382,6 +384,8 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             return Err(e);
         }
     }
+    // The tree runs: what it uses stays, whatever happens next.
+    created_files.keep();
     if let Some(lock) = lock {
         let name = lock.name().to_string();
         lock.release().map_err(|e| RestoreError::Process {
@@ -878,15 +882,24 @@ fn build_process(
         restore_sysv_segments(ctx)?;
     }
 
-    // Pipes are created once, by the root, so every process inherits them.
+    // Pipes (and saved files, sockets, ...) are created once, by the
+    // root, so every process inherits them.
     let created;
     let pipes = match inherited {
         Some(p) => p,
         None => {
+            let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
+            let saved = saved_files::SavedSet::create(
+                &ctx.image.tree.saved_files,
+                &reader,
+                ctx.fd_base,
+            )
+            .map_err(|e| e.to_string())?;
             created = fds::PipeSet::create(
                 &ctx.image.pipes,
                 &ctx.image.sockets,
                 &ctx.image.processes,
+                saved,
                 ctx.fd_base,
             )
             .map_err(|e| e.to_string())?;
@@ -900,7 +913,7 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if segment.before_fork {
-            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm)?;
+            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm, pipes.saved())?;
             fills.extend(segment.populate.iter().map(|f| PageFill {
                 offset: segment.staging + f.offset,
                 ..*f
@@ -933,7 +946,7 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if !segment.before_fork {
-            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm)?;
+            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm, pipes.saved())?;
         }
     }
     let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
@@ -951,7 +964,7 @@ fn build_process(
     // and rlimits, which could hide those paths or forbid those fds.
     let mut args = BlobArgs::new();
     let mut keep_fds: Vec<i32> = Vec::new();
-    blob_memory(ctx, image, &mut args, &mut keep_fds)?;
+    blob_memory(ctx, image, pipes.saved(), &mut args, &mut keep_fds)?;
     fds::install(
         entry.pid,
         image,
@@ -1045,26 +1058,31 @@ fn map_segment(
     staging: &mut Staging,
     segment: &plan::Segment,
     sysv: &[crate::image::types::SysvShmSegment],
+    saved: &saved_files::SavedSet,
 ) -> Result<(), String> {
     let mapping = match &segment.backing {
         SegmentBacking::SysvShm { shmid } => {
             super::sysv::attach_staging(*shmid, segment.staging, segment.len, sysv)
                 .map_err(|e| e.to_string())?
         }
-        _ => map_segment_backing(segment).map_err(|e| e.to_string())?,
+        _ => map_segment_backing(segment, saved).map_err(|e| e.to_string())?,
     };
     staging.add(mapping);
     Ok(())
 }
 
-fn map_segment_backing(segment: &plan::Segment) -> Result<mem::Mapping, RestoreError> {
+fn map_segment_backing(
+    segment: &plan::Segment,
+    saved: &saved_files::SavedSet,
+) -> Result<mem::Mapping, RestoreError> {
     Ok(match &segment.backing {
         SegmentBacking::Anon => mem::Mapping::create(segment.staging, segment.len, Backing::Anon)?,
         SegmentBacking::AnonGrowsDown => {
             mem::Mapping::create(segment.staging, segment.len, Backing::AnonGrowsDown)?
         }
-        SegmentBacking::PrivateFile { path, offset } => {
-            let file = std::fs::File::open(path).map_err(|e| {
+        SegmentBacking::PrivateFile { path, file, offset } => {
+            let path = saved.mapped_path(path, file.0, file.1);
+            let file = std::fs::File::open(&*path).map_err(|e| {
                 RestoreError::NotSupported(format!("opening mapped file {path}: {e}"))
             })?;
             let fd: std::os::fd::OwnedFd = file.into();
@@ -1179,6 +1197,7 @@ fn populate(
 fn blob_memory(
     ctx: &Ctx,
     image: &ProcessImage,
+    saved: &saved_files::SavedSet,
     args: &mut BlobArgs,
     keep_fds: &mut Vec<i32>,
 ) -> Result<(), String> {
@@ -1210,10 +1229,11 @@ fn blob_memory(
                     .as_deref()
                     .ok_or_else(|| format!("shared file VMA {:#x} has no path", v.start))?;
                 let write = prot & libc::PROT_WRITE != 0;
+                let path = saved.mapped_path(path, v.dev, v.inode);
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(write)
-                    .open(path)
+                    .open(&*path)
                     .map_err(|e| format!("opening shared mapped file {path}: {e}"))?;
                 let fd = high_fd(file.into(), ctx.fd_base)?;
                 keep_fds.push(fd);

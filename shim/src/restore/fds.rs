@@ -220,17 +220,21 @@ fn pipe_usage(processes: &[ProcessImage]) -> Result<BTreeMap<u64, PipeUsage>, Fd
 
 /// Every regular file whose description is shared, by description id: the
 /// pid and fd of its first holder in image order (whose path, flags and pos
-/// open it). Deleted files are left out: [`plan`] refuses them.
+/// open it). Deleted files not saved are left out: restore refuses them.
 fn shared_files(processes: &[ProcessImage]) -> BTreeMap<u32, (i32, &Fd)> {
     let mut out = BTreeMap::new();
     for p in processes {
         for fd in &p.fds {
             if let FdKind::File {
                 description: Some(id),
-                deleted: false,
+                deleted,
+                saved,
                 ..
             } = fd.kind
             {
+                if deleted && saved.is_none() {
+                    continue;
+                }
                 out.entry(id).or_insert((p.pid, fd));
             }
         }
@@ -261,6 +265,8 @@ pub struct PipeSet {
     sockets: super::sockets::SocketSet,
     /// The first holder (pid) of each epoll set with signalfd registrations.
     signalfd_registrants: BTreeMap<u32, i32>,
+    /// The image's saved files (deleted ones re-created unlinked).
+    saved: super::saved_files::SavedSet,
 }
 
 impl PipeSet {
@@ -273,6 +279,7 @@ impl PipeSet {
         pipes: &[PipeImage],
         sockets: &SocketsImage,
         processes: &[ProcessImage],
+        saved: super::saved_files::SavedSet,
         fd_base: RawFd,
     ) -> Result<PipeSet, FdError> {
         let usage = pipe_usage(processes)?;
@@ -286,6 +293,7 @@ impl PipeSet {
             files: BTreeMap::new(),
             sockets: Default::default(),
             signalfd_registrants: BTreeMap::new(),
+            saved,
         };
         for (&inode, u) in &usage {
             let image = pipes.iter().find(|p| p.inode == inode);
@@ -300,10 +308,14 @@ impl PipeSet {
             }
         }
         for (id, (pid, fd)) in shared_files(processes) {
-            let FdKind::File { path, pos, .. } = &fd.kind else {
+            let FdKind::File {
+                path, pos, saved, ..
+            } = &fd.kind
+            else {
                 continue;
             };
-            match open_staged(pid, fd.fd, path, reopen_flags(fd), *pos, fd_base) {
+            let (path, flags) = set.saved.reopen(path, *saved, reopen_flags(fd));
+            match open_staged(pid, fd.fd, &path, flags, *pos, fd_base) {
                 Ok(staged) => {
                     set.files.insert(id, staged);
                 }
@@ -374,6 +386,11 @@ impl PipeSet {
         self.sockets.epolls.get(&id).copied()
     }
 
+    /// The image's saved files, for paths of deleted files.
+    pub fn saved(&self) -> &super::saved_files::SavedSet {
+        &self.saved
+    }
+
     /// The fd holding shared file description `id`.
     pub fn file(&self, id: u32) -> Option<RawFd> {
         self.files.get(&id).copied()
@@ -391,6 +408,7 @@ impl PipeSet {
             .flat_map(|e| [e.read, e.write])
             .chain(self.files.values().copied())
             .chain(self.sockets.fds())
+            .chain(self.saved.fds())
             .collect()
     }
 
@@ -484,7 +502,11 @@ pub enum Stdio {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source<'a> {
     /// Opened by path with these flags, then seeked to `pos` when it is not 0.
-    Open { path: &'a str, flags: i32, pos: u64 },
+    Open {
+        path: std::borrow::Cow<'a, str>,
+        flags: i32,
+        pos: u64,
+    },
     /// Duplicated from an fd >= fd_base (a pipe end or an inherited stdio fd).
     Dup(RawFd),
 }
@@ -509,7 +531,13 @@ fn takes_inherited_stdio(fd: &Fd, pipes: &PipeSet) -> bool {
 fn reopen_flags(fd: &Fd) -> i32 {
     // O_NOCTTY: the kernel drops it from f_flags, so the image cannot say;
     // a session leader must not pick up a controlling tty by accident.
-    (fd.flags as i32 & REOPEN_FLAGS) | libc::O_CLOEXEC | libc::O_NOCTTY
+    let flags = (fd.flags as i32 & REOPEN_FLAGS) | libc::O_CLOEXEC | libc::O_NOCTTY;
+    match fd.kind {
+        // A regular file showing O_DIRECTORY was made with O_TMPFILE
+        // (__O_TMPFILE | O_DIRECTORY): it is reopened as the file it is.
+        FdKind::File { .. } => flags & !libc::O_DIRECTORY,
+        _ => flags,
+    }
 }
 
 /// Pure: where each of `image`'s fds comes from. Checks the numbers against `fd_base`.
@@ -551,7 +579,15 @@ fn plan<'a>(
                 }
                 Source::Dup(stdio_fd)
             }
-            (_, FdKind::File { path, deleted, .. }) if *deleted => {
+            (
+                _,
+                FdKind::File {
+                    path,
+                    deleted: true,
+                    saved: None,
+                    ..
+                },
+            ) => {
                 return Err(FdError::DeletedFile {
                     pid,
                     fd: fd.fd,
@@ -569,23 +605,31 @@ fn plan<'a>(
                 fd: fd.fd,
                 id: *id,
             })?),
-            (_, FdKind::File { path, pos, .. }) => Source::Open {
-                path,
-                flags: reopen_flags(fd),
-                pos: *pos,
-            },
+            (
+                _,
+                FdKind::File {
+                    path, pos, saved, ..
+                },
+            ) => {
+                let (path, flags) = pipes.saved.reopen(path, *saved, reopen_flags(fd));
+                Source::Open {
+                    path,
+                    flags,
+                    pos: *pos,
+                }
+            }
             (_, FdKind::Directory { path }) => Source::Open {
-                path,
+                path: path.as_str().into(),
                 flags: reopen_flags(fd) | libc::O_DIRECTORY,
                 pos: 0,
             },
             (_, FdKind::Device { path, pos, .. }) => Source::Open {
-                path,
+                path: path.as_str().into(),
                 flags: reopen_flags(fd),
                 pos: *pos,
             },
             (_, FdKind::Tty { path, .. }) => Source::Open {
-                path,
+                path: path.as_str().into(),
                 flags: reopen_flags(fd),
                 pos: 0,
             },
@@ -601,7 +645,7 @@ fn plan<'a>(
                 }
             }
             (_, FdKind::Fifo { path, .. }) => Source::Open {
-                path,
+                path: path.as_str().into(),
                 flags: reopen_flags(fd),
                 pos: 0,
             },
@@ -678,7 +722,11 @@ fn stage(pid: i32, p: &Placement, fd_base: RawFd) -> Result<RawFd, FdError> {
         Source::Dup(src) => {
             restore_sys::dup_at_least(src, fd_base).map_err(place("F_DUPFD_CLOEXEC"))
         }
-        Source::Open { path, flags, pos } => open_staged(pid, p.fd, path, flags, pos, fd_base),
+        Source::Open {
+            ref path,
+            flags,
+            pos,
+        } => open_staged(pid, p.fd, path, flags, pos, fd_base),
     }
 }
 

@@ -80,6 +80,7 @@ fn fake_pipes(processes: &[ProcessImage]) -> PipeSet {
             .collect(),
         sockets: Default::default(),
         signalfd_registrants: Default::default(),
+        saved: Default::default(),
     }
 }
 
@@ -90,7 +91,7 @@ fn sources(placements: &[Placement]) -> Vec<(RawFd, Source<'static>)> {
             let s = match &p.source {
                 Source::Dup(fd) => Source::Dup(*fd),
                 Source::Open { path, flags, pos } => Source::Open {
-                    path: Box::leak(path.to_string().into_boxed_str()),
+                    path: path.to_string().into(),
                     flags: *flags,
                     pos: *pos,
                 },
@@ -149,7 +150,7 @@ fn inherit_replaces_ttys_and_outside_pipes_only_at_stdio_numbers() {
             (
                 5,
                 Source::Open {
-                    path: "/dev/pts/3",
+                    path: "/dev/pts/3".into(),
                     flags: tty_flags,
                     pos: 0
                 }
@@ -170,7 +171,7 @@ fn inherit_replaces_ttys_and_outside_pipes_only_at_stdio_numbers() {
             (
                 0,
                 Source::Open {
-                    path: "/dev/pts/3",
+                    path: "/dev/pts/3".into(),
                     flags: tty_flags,
                     pos: 0
                 }
@@ -194,6 +195,7 @@ fn plan_keeps_cloexec_and_drops_creation_flags() {
                     size: 100,
                     deleted: false,
                     description: None,
+                    saved: None,
                 },
             ),
             fd(
@@ -212,7 +214,7 @@ fn plan_keeps_cloexec_and_drops_creation_flags() {
     assert_eq!(
         got[0].source,
         Source::Open {
-            path: "/tmp/log",
+            path: "/tmp/log".into(),
             flags: libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC | libc::O_NOCTTY,
             pos: 77
         }
@@ -221,7 +223,7 @@ fn plan_keeps_cloexec_and_drops_creation_flags() {
     assert_eq!(
         got[1].source,
         Source::Open {
-            path: "/tmp",
+            path: "/tmp".into(),
             flags: libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOCTTY,
             pos: 0
         }
@@ -252,6 +254,7 @@ fn plan_refusals_name_pid_and_fd() {
             size: 0,
             deleted: true,
             description: None,
+            saved: None,
         },
     ));
     let e = plan(42, &deleted, &pipes, &INHERIT, 64, &[]).expect_err("deleted");
@@ -319,7 +322,7 @@ fn plan_refusals_name_pid_and_fd() {
 #[test]
 fn read_write_pipe_is_refused_before_any_pipe_exists() {
     let tree = vec![process(5, vec![fd(4, libc::O_RDWR, pipe(1))])];
-    let e = PipeSet::create(&[], &Default::default(), &tree, 64).expect_err("rdwr pipe");
+    let e = PipeSet::create(&[], &Default::default(), &tree, Default::default(), 64).expect_err("rdwr pipe");
     assert!(
         e.to_string()
             .starts_with("not supported: pid 5 fd 4: pipe 1 opened read-write"),
@@ -399,6 +402,7 @@ fn install_builds_the_exact_table_over_colliding_runtime_fds() {
                     size: 10,
                     deleted: false,
                     description: None,
+                    saved: None,
                 },
             ),
             fd(
@@ -441,6 +445,7 @@ fn install_builds_the_exact_table_over_colliding_runtime_fds() {
             &pipes,
             &Default::default(),
             std::slice::from_ref(image),
+            Default::default(),
             fd_base,
         )
         .map_err(|e| e.to_string())?;
@@ -518,7 +523,7 @@ fn pipe_set_refuses_data_larger_than_capacity() {
         data: hex::encode(vec![1u8; 8192]),
         capacity: 4096,
     }];
-    let e = PipeSet::create(&pipes, &Default::default(), &tree, 64).expect_err("overfull");
+    let e = PipeSet::create(&pipes, &Default::default(), &tree, Default::default(), 64).expect_err("overfull");
     assert!(
         matches!(
             e,
@@ -539,6 +544,7 @@ fn shared_file(path: &str, pos: u64, description: Option<u32>) -> FdKind {
         size: 100,
         deleted: false,
         description,
+        saved: None,
     }
 }
 
@@ -591,7 +597,7 @@ fn shared_descriptions_are_dups_of_the_set_and_unshared_files_reopen() {
             (
                 6,
                 Source::Open {
-                    path: "/tmp/own",
+                    path: "/tmp/own".into(),
                     flags: libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
                     pos: 7
                 }
@@ -647,7 +653,7 @@ fn pipe_set_opens_each_shared_description_once_at_its_pos() {
         ),
         process(3, vec![fd(3, libc::O_RDWR, shared_file(&path_s, 2, None))]),
     ];
-    let set = PipeSet::create(&[], &Default::default(), &tree, 300).expect("create");
+    let set = PipeSet::create(&[], &Default::default(), &tree, Default::default(), 300).expect("create");
     let shared = set.file(0).expect("description 0 opened");
     assert!(shared >= 300, "{shared} below fd_base");
     assert_eq!(

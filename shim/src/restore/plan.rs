@@ -84,7 +84,12 @@ pub enum SegmentBacking {
     /// stay inside the segment), so it never grows there.
     AnonGrowsDown,
     /// MAP_PRIVATE of a file at `offset`; unpopulated pages read the file.
-    PrivateFile { path: String, offset: u64 },
+    /// `file`: its (dev, inode) at dump, which names a saved file.
+    PrivateFile {
+        path: String,
+        file: (u64, u64),
+        offset: u64,
+    },
     /// MAP_SHARED | MAP_ANONYMOUS: one shmem object for all its mappers.
     SharedAnon,
     /// A memfd named `name` (as `memfd_create` takes it), mapped MAP_SHARED.
@@ -803,6 +808,7 @@ fn backing_of(vma: &Vma) -> SegmentBacking {
     match (vma.kind, &vma.path) {
         (VmaKind::PrivateFile, Some(path)) => SegmentBacking::PrivateFile {
             path: path.clone(),
+            file: (vma.dev, vma.inode),
             offset: vma.offset,
         },
         (VmaKind::SharedAnon, _) => SegmentBacking::SharedAnon,
@@ -942,13 +948,15 @@ fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool
         (
             SegmentBacking::PrivateFile {
                 path: a,
+                file: fa,
                 offset: oa,
             },
             SegmentBacking::PrivateFile {
                 path: b,
+                file: fb,
                 offset: ob,
             },
-        ) => *a == b && oa + offset == ob + (addr - vma.start),
+        ) => *a == b && *fa == fb && oa + offset == ob + (addr - vma.start),
         _ => false,
     }
 }

@@ -43,7 +43,7 @@ impl Machine {
     fn map_segment(&mut self, space: &mut Space, seg: &Segment) {
         for k in 0..seg.len / PAGE {
             let backing = match &seg.backing {
-                SegmentBacking::PrivateFile { path, offset } => {
+                SegmentBacking::PrivateFile { path, offset, .. } => {
                     Content::File(path.clone(), offset + k * PAGE)
                 }
                 _ => Content::Zero,
@@ -180,7 +180,7 @@ fn check(tree: &[ProcessEntry], images: &[ProcessImage], plan: &RestorePlan) -> 
                     Want::Page(id) => Content::Page(id),
                     Want::Zero => Content::Zero,
                     Want::Absent => match backing_of(vma) {
-                        SegmentBacking::PrivateFile { path, offset } => {
+                        SegmentBacking::PrivateFile { path, offset, .. } => {
                             Content::File(path, offset + addr - vma.start)
                         }
                         _ => Content::Zero,

@@ -569,7 +569,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         x,y=socket.socketpair(); socket.send_fds(x,[b'fd'],[ffd])\n\
         tid=ctypes.c_long(); libc.timer_create(1,None,ctypes.byref(tid))\n\
         import mmap; m1=open({gone_map:?},'w+b'); m1.write(bytes(4096)); m1.flush(); mm=mmap.mmap(m1.fileno(),4096); m1.close(); os.unlink({gone_map:?})\n\
-        g=open({gone_fd:?},'w'); os.unlink({gone_fd:?})\n\
+        g=open({gone_fd:?},'w'); g.write('x'*2000); g.flush(); os.unlink({gone_fd:?})\n\
         o=socket.socket(socket.AF_UNIX); o.connect({outside:?})\n\
         print(n.fileno(),p.fileno(),c.fileno(),a.fileno(),sfd,tfd,ifd,ffd,y.fileno(),o.fileno(),g.fileno(),flush=True)\n\
         time.sleep(600)\n"
@@ -602,6 +602,9 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         &root.to_string(),
         "--images",
         path_str(&images),
+        // The deleted files (2000 and 4096 bytes) are over it.
+        "--saved-file-limit",
+        "1K",
     ]);
     assert!(
         !out.status.success(),
@@ -626,7 +629,10 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         (fds[9], "is socket:[".to_string()),
         (
             fds[10],
-            format!("is deleted file {:?}", gone_fd.display().to_string()),
+            format!(
+                "is deleted file {:?} of 2000 bytes, over the saved-file limit of 1024 bytes",
+                gone_fd.display().to_string()
+            ),
         ),
     ] {
         let needle = format!("pid {root} fd {fd} {what}");
@@ -638,7 +644,10 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         "established TCP connection",
         "SCM_RIGHTS",
         &format!("peer outside the tree ({}", outside.display()),
-        &format!("maps deleted file {:?}", gone_map.display().to_string()),
+        &format!(
+            "is deleted file {:?} of 4096 bytes, over the saved-file limit of 1024 bytes",
+            gone_map.display().to_string()
+        ),
     ] {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
@@ -648,7 +657,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     );
     // The signalfd, the timerfd and the inotify fd are supported: not in the list.
     assert!(
-        // Python's mmap keeps a dup of the mapped file's fd: one more deleted file.
+        // Python's mmap keeps a dup of the mapped file's fd: the deleted
+        // mapped file is refused twice, for the fd and for the mapping.
         err.contains("11 fd(s) or other state cannot be restored"),
         "counts them: {err}"
     );
@@ -1406,4 +1416,164 @@ fn postgresql_with_an_open_client_connection_restored() {
         "-w",
         "stop",
     ]);
+}
+
+// ------------------------------------------ multiprocessing.Pool, deleted files
+
+/// Every "(deleted)" name the processes' fds and mappings show, sorted.
+fn deleted_names(pids: &[i32]) -> Vec<String> {
+    let mut out = Vec::new();
+    for pid in pids {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(entry.expect("fd entry").path()) {
+                let t = target.to_string_lossy().into_owned();
+                if t.ends_with(" (deleted)") {
+                    out.push(format!("{pid} fd {t}"));
+                }
+            }
+        }
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        for line in maps.lines().filter(|l| l.ends_with(" (deleted)")) {
+            let (range, rest) = line.split_once(' ').unwrap_or_default();
+            let path = rest
+                .split_whitespace()
+                .skip(4)
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push(format!("{pid} map {range} {path}"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Removes a file at the end of a test.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start_pool(dir: &Path) -> (Child, RemoveOnDrop) {
+    let (child, line) = start_workload("pool.py", &[dir.as_os_str()]);
+    let named = line
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("pool.py did not start: {line:?}"));
+    (child, RemoveOnDrop(PathBuf::from(named)))
+}
+
+#[test]
+fn multiprocessing_pool_with_deleted_and_tmpfs_files_restored() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let dir = tempdir("pool");
+    let (mut child, named) = start_pool(dir.path());
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let report = dir.path().join("report.json");
+    let before = ask_report(root, &report);
+    assert_eq!(before["bumps"], 50, "{before}");
+    let pids = descendants(root);
+    assert_eq!(pids.len(), 4, "the parent and 3 workers: {pids:?}");
+    let deleted_before = deleted_names(&pids);
+    // The semaphores, the counter page, the temporary and the mapped file.
+    assert!(
+        deleted_before.iter().any(|n| n.contains("/dev/shm/sem."))
+            && deleted_before
+                .iter()
+                .any(|n| n.contains("/dev/shm/cowsnap-pool-"))
+            && deleted_before.iter().any(|n| n.contains("private-mapped")),
+        "{deleted_before:#?}"
+    );
+    let pss_before = pss_total(&pids);
+    let (_img, images) = image_dir("pool");
+    dump_exit(root, &images, &[]);
+    wait_gone(&pids, Some(&mut child), "pool after dump --exit");
+    // A tmpfs file dies with its container: gone at restore, the image
+    // brings it back with its contents, mode and owner.
+    std::fs::remove_file(&named.0).expect("remove the named tmpfs file");
+    restore(&images);
+    let _restored = KillOnDrop(pids.clone());
+    let meta = std::fs::metadata(&named.0).expect("the tmpfs file is back");
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o640, 0));
+    assert_pss_close(pss_before, pss_total(&pids), "multiprocessing.Pool");
+    assert_eq!(
+        deleted_names(&pids),
+        deleted_before,
+        "the same deleted files, under the same names, at the same places"
+    );
+    let after = ask_report(root, &report);
+    assert_eq!(
+        (&after["bumps"], &after["named_bumps"]),
+        (&serde_json::json!(100), &serde_json::json!(100)),
+        "the workers bump the shared counters under the shared lock: {after}"
+    );
+    for field in ["squares", "workers", "tmp_pos", "tmp_data_ok", "private"] {
+        assert_eq!(after[field], before[field], "{field}: {before} -> {after}");
+    }
+    assert_eq!(after["private"], "Private-original");
+}
+
+#[test]
+fn a_deleted_file_over_the_saved_file_limit_is_refused_and_the_tree_keeps_running() {
+    require_root();
+    let dir = tempdir("pool-limit");
+    let (mut child, _named) = start_pool(dir.path());
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    // The temporary file (14000 bytes) is the one over 8 KiB.
+    let (fd, path) = std::fs::read_dir(format!("/proc/{root}/fd"))
+        .expect("fds")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let t = std::fs::read_link(e.path())
+                .ok()?
+                .to_string_lossy()
+                .into_owned();
+            let path = t.strip_suffix(" (deleted)")?;
+            path.starts_with(&dir.path().join("#").to_string_lossy().into_owned())
+                .then(|| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        path.to_string(),
+                    )
+                })
+        })
+        .next()
+        .expect("the temporary file's fd");
+    let (_img, images) = image_dir("pool-limit");
+    let out = cowsnap(&[
+        "dump",
+        "--pid",
+        &root.to_string(),
+        "--images",
+        path_str(&images),
+        "--saved-file-limit",
+        "8K",
+    ]);
+    assert!(
+        !out.status.success(),
+        "dump should refuse:\n{}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let needle = format!(
+        "pid {root} fd {fd} is deleted file {path:?} of 14000 bytes, over the saved-file limit of 8192 bytes (--saved-file-limit)"
+    );
+    assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
+    assert!(
+        // The parent's fd and each worker's inherited copy of it.
+        err.contains("4 fd(s) or other state cannot be restored"),
+        "only that file: {err}"
+    );
+    assert!(!images.exists(), "no image after a refused dump");
+    let r = ask_report(root, &dir.path().join("report.json"));
+    assert_eq!(r["bumps"], 50, "the pool still works: {r}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

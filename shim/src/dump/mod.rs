@@ -571,7 +571,11 @@ fn refuse_what_restore_refuses(pid: i32, maps: &[MapsEntry], refusals: &mut Vec<
                 "pid {pid} has a mapping restore cannot rebuild at {:#x}-{:#x} ({}): not supported",
                 m.start,
                 m.end,
-                if m.path.is_empty() { "device or special mapping" } else { &m.path }
+                if m.path.is_empty() {
+                    "device or special mapping"
+                } else {
+                    &m.path
+                }
             ))
         }
     }

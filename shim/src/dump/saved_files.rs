@@ -236,7 +236,10 @@ impl SavedFiles {
 
 /// The data extents of `f` (SEEK_DATA/SEEK_HOLE), page-aligned, appended
 /// to the store as [file page, first id, pages] runs.
-fn store_contents(f: &Pending, pages: &mut PageStoreWriter) -> Result<Vec<[u64; 3]>, SavedFileError> {
+fn store_contents(
+    f: &Pending,
+    pages: &mut PageStoreWriter,
+) -> Result<Vec<[u64; 3]>, SavedFileError> {
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
@@ -334,10 +337,15 @@ mod tests {
         let mut saved = SavedFiles::new(DEFAULT_LIMIT, pid);
         let mut fds = vec![fd_of(&file, &p, true), fd_of(&file, &p, true)];
         let mut refusals = Vec::new();
-        saved.collect(pid, &mut fds, &[], &mut refusals).expect("collect");
+        saved
+            .collect(pid, &mut fds, &[], &mut refusals)
+            .expect("collect");
         assert!(refusals.is_empty(), "{refusals:?}");
         for fd in &fds {
-            assert!(matches!(fd.kind, FdKind::File { saved: Some(0), .. }), "{fd:?}");
+            assert!(
+                matches!(fd.kind, FdKind::File { saved: Some(0), .. }),
+                "{fd:?}"
+            );
         }
         let store_dir = tempfile::tempdir().expect("tempdir");
         let mut store =
@@ -368,7 +376,9 @@ mod tests {
         let mut saved = SavedFiles::new(4096, pid);
         let mut fds = vec![fd_of(&file, &p, true)];
         let mut refusals = Vec::new();
-        saved.collect(pid, &mut fds, &[], &mut refusals).expect("collect");
+        saved
+            .collect(pid, &mut fds, &[], &mut refusals)
+            .expect("collect");
         assert_eq!(refusals.len(), 1);
         let want = format!("pid {pid} fd {} is deleted file {p:?} of 10000 bytes, over the saved-file limit of 4096 bytes", fds[0].fd);
         assert!(refusals[0].starts_with(&want), "{}", refusals[0]);
@@ -383,7 +393,9 @@ mod tests {
         let mut saved = SavedFiles::new(DEFAULT_LIMIT, pid);
         let mut fds = vec![fd_of(&file, &exe.to_string_lossy(), false)];
         let mut refusals = Vec::new();
-        saved.collect(pid, &mut fds, &[], &mut refusals).expect("collect");
+        saved
+            .collect(pid, &mut fds, &[], &mut refusals)
+            .expect("collect");
         let on_tmpfs = backing(Path::new("/proc/self/exe")).expect("stat").tmpfs;
         assert_eq!(
             matches!(fds[0].kind, FdKind::File { saved: Some(_), .. }),

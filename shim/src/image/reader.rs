@@ -581,7 +581,9 @@ pub(crate) fn check_saved_files(
             why,
         };
         if f.id as usize != i {
-            return Err(bad(format!("listed at position {i} (ids are dense, in order)")));
+            return Err(bad(format!(
+                "listed at position {i} (ids are dense, in order)"
+            )));
         }
         if !f.path.starts_with('/') || f.path.contains('\0') {
             return Err(bad("path is not absolute".into()));
@@ -616,7 +618,10 @@ pub(crate) fn check_saved_files(
     }
     for p in processes {
         for fd in &p.fds {
-            if let FdKind::File { saved: Some(id), .. } = fd.kind {
+            if let FdKind::File {
+                saved: Some(id), ..
+            } = fd.kind
+            {
                 if id as usize >= tree.saved_files.len() {
                     return Err(ImageError::SavedFileMissing {
                         file: super::types::process_file_name(p.pid),
@@ -1178,6 +1183,64 @@ mod tests {
         assert!(matches!(
             open_err(&dir),
             ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("past the store")
+        ));
+    }
+
+    /// An image whose tree.json holds `files` as its saved files.
+    fn saved_image(files: serde_json::Value) -> Result<Image, ImageError> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "tree.json", |v| v["saved_files"] = files);
+        Image::open(&dir)
+    }
+
+    fn saved_file(id: u32, pages: serde_json::Value) -> serde_json::Value {
+        json!({"id": id, "path": "/dev/shm/x", "deleted": true, "dev": 1, "inode": id + 10,
+               "size": 5000, "mode": 0o600, "uid": 0, "gid": 0, "pages": pages})
+    }
+
+    #[test]
+    fn saved_files_load_and_each_way_they_can_be_wrong_is_named() {
+        let image =
+            saved_image(json!([saved_file(0, json!([[0, 0, 1], [1, 3, 1]]))])).expect("opens");
+        assert_eq!(image.tree.saved_files[0].pages, vec![[0, 0, 1], [1, 3, 1]]);
+        let why = |files: serde_json::Value| match saved_image(files) {
+            Err(ImageError::BadSavedFile { why, .. }) => why,
+            other => panic!("expected BadSavedFile, got {:?}", other.map(|_| ())),
+        };
+        assert!(why(json!([saved_file(1, json!([]))])).contains("dense"));
+        let mut relative = saved_file(0, json!([]));
+        relative["path"] = json!("shm/x");
+        assert!(why(json!([relative])).contains("not absolute"));
+        let mut mode = saved_file(0, json!([]));
+        mode["mode"] = json!(0o100600);
+        assert!(why(json!([mode])).contains("beyond 0o7777"));
+        let mut twice = saved_file(1, json!([]));
+        twice["inode"] = json!(10);
+        assert!(why(json!([saved_file(0, json!([])), twice])).contains("saved twice"));
+        assert!(why(json!([saved_file(0, json!([[1, 0, 1], [0, 1, 1]]))])).contains("out of order"));
+        assert!(
+            why(json!([saved_file(0, json!([[0, 0, 3]]))])).contains("runs past its 5000 bytes")
+        );
+        let past = json!([saved_file(0, json!([[0, testutil::PAGES, 1]]))]);
+        assert!(why(past).contains("past the store"));
+
+        // An fd naming a saved file the tree does not hold.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["fds"].as_array_mut().unwrap().push(json!({
+                "fd": 5, "flags": 0, "kind": {"type": "file", "path": "/x", "pos": 0,
+                "size": 0, "deleted": true, "saved": 3}
+            }));
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::SavedFileMissing {
+                pid: 100,
+                id: 3,
+                ..
+            }
         ));
     }
 

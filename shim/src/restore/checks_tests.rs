@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::image::types::{Creds, Fd, PageRun, Tree, Vma};
+use crate::image::types::{Creds, Fd, PageRun, SavedFile, Tree, Vma};
 use crate::image::ImageWriter;
 use crate::restore::fds::tests::process;
 
@@ -233,6 +233,50 @@ fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
             "not supported: pid {PID} fd 7 file {:?} is deleted",
             f.path("data")
         )
+    );
+}
+
+/// A saved file of the image for `path`, as dump records it.
+fn saved_file(id: u32, path: &str, deleted: bool, dev: u64, inode: u64) -> SavedFile {
+    SavedFile {
+        id,
+        path: path.into(),
+        deleted,
+        dev,
+        inode,
+        size: 10,
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        pages: Vec::new(),
+    }
+}
+
+#[test]
+fn deleted_files_the_image_saved_and_missing_saved_tmpfs_files_pass() {
+    let f = fixture();
+    let mut image = f.open();
+    // Both gone from their paths: restore makes them.
+    std::fs::remove_file(f.path("lib.so")).expect("rm lib.so");
+    std::fs::remove_file(f.path("data")).expect("rm data");
+    let vma = &mut image.processes[0].vmas[0];
+    vma.deleted = true;
+    let (dev, inode) = (vma.dev, vma.inode);
+    image.tree.saved_files = vec![
+        saved_file(0, &f.path("lib.so"), true, dev, inode),
+        saved_file(1, &f.path("data"), false, 9, 9),
+    ];
+    if let FdKind::File { saved, .. } = &mut image.processes[0].fds[1].kind {
+        *saved = Some(1);
+    }
+    check_files(&image).expect("restore makes both");
+
+    // A saved tmpfs file that exists is checked as any file is.
+    std::fs::write(f.path("data"), b"twelve bytes").expect("data again");
+    let e = check_files(&image).expect_err("size changed");
+    assert!(
+        e.to_string().contains("size changed: image 10, now 12"),
+        "{e}"
     );
 }
 

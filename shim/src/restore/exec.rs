@@ -889,12 +889,9 @@ fn build_process(
         Some(p) => p,
         None => {
             let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
-            let saved = saved_files::SavedSet::create(
-                &ctx.image.tree.saved_files,
-                &reader,
-                ctx.fd_base,
-            )
-            .map_err(|e| e.to_string())?;
+            let saved =
+                saved_files::SavedSet::create(&ctx.image.tree.saved_files, &reader, ctx.fd_base)
+                    .map_err(|e| e.to_string())?;
             created = fds::PipeSet::create(
                 &ctx.image.pipes,
                 &ctx.image.sockets,
@@ -913,7 +910,12 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if segment.before_fork {
-            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm, pipes.saved())?;
+            map_segment(
+                &mut staging,
+                segment,
+                &ctx.image.tree.sysv_shm,
+                pipes.saved(),
+            )?;
             fills.extend(segment.populate.iter().map(|f| PageFill {
                 offset: segment.staging + f.offset,
                 ..*f
@@ -946,7 +948,12 @@ fn build_process(
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
         if !segment.before_fork {
-            map_segment(&mut staging, segment, &ctx.image.tree.sysv_shm, pipes.saved())?;
+            map_segment(
+                &mut staging,
+                segment,
+                &ctx.image.tree.sysv_shm,
+                pipes.saved(),
+            )?;
         }
     }
     let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;

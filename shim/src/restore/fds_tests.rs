@@ -322,7 +322,8 @@ fn plan_refusals_name_pid_and_fd() {
 #[test]
 fn read_write_pipe_is_refused_before_any_pipe_exists() {
     let tree = vec![process(5, vec![fd(4, libc::O_RDWR, pipe(1))])];
-    let e = PipeSet::create(&[], &Default::default(), &tree, Default::default(), 64).expect_err("rdwr pipe");
+    let e = PipeSet::create(&[], &Default::default(), &tree, Default::default(), 64)
+        .expect_err("rdwr pipe");
     assert!(
         e.to_string()
             .starts_with("not supported: pid 5 fd 4: pipe 1 opened read-write"),
@@ -523,7 +524,8 @@ fn pipe_set_refuses_data_larger_than_capacity() {
         data: hex::encode(vec![1u8; 8192]),
         capacity: 4096,
     }];
-    let e = PipeSet::create(&pipes, &Default::default(), &tree, Default::default(), 64).expect_err("overfull");
+    let e = PipeSet::create(&pipes, &Default::default(), &tree, Default::default(), 64)
+        .expect_err("overfull");
     assert!(
         matches!(
             e,
@@ -653,7 +655,8 @@ fn pipe_set_opens_each_shared_description_once_at_its_pos() {
         ),
         process(3, vec![fd(3, libc::O_RDWR, shared_file(&path_s, 2, None))]),
     ];
-    let set = PipeSet::create(&[], &Default::default(), &tree, Default::default(), 300).expect("create");
+    let set =
+        PipeSet::create(&[], &Default::default(), &tree, Default::default(), 300).expect("create");
     let shared = set.file(0).expect("description 0 opened");
     assert!(shared >= 300, "{shared} below fd_base");
     assert_eq!(

@@ -113,7 +113,12 @@ impl SavedSet {
     }
 
     /// [`path_of`](Self::path_of) for a mapping of the file `dev`:`inode`.
-    pub fn mapped_path<'a>(&self, path: &'a str, dev: u64, inode: u64) -> std::borrow::Cow<'a, str> {
+    pub fn mapped_path<'a>(
+        &self,
+        path: &'a str,
+        dev: u64,
+        inode: u64,
+    ) -> std::borrow::Cow<'a, str> {
         self.path_of(path, self.keys.get(&(dev, inode)).copied())
     }
 
@@ -142,7 +147,10 @@ fn io<'a>(
 /// An unlinked file with `f`'s contents, mode and owner: created at its
 /// path and unlinked at once when the path is free (so /proc shows the
 /// name it had), else an `O_TMPFILE` file in its directory, else a memfd.
-fn recreate_unlinked(f: &SavedFile, reader: &PageStoreReader) -> Result<std::fs::File, SavedFileError> {
+fn recreate_unlinked(
+    f: &SavedFile,
+    reader: &PageStoreReader,
+) -> Result<std::fs::File, SavedFileError> {
     let path = Path::new(&f.path);
     let dir = path.parent().unwrap_or(Path::new("/"));
     let named = std::fs::OpenOptions::new()
@@ -170,7 +178,11 @@ fn recreate_unlinked(f: &SavedFile, reader: &PageStoreReader) -> Result<std::fs:
                 if matches!(
                     e.raw_os_error(),
                     Some(
-                        libc::ENOENT | libc::ENOTDIR | libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL
+                        libc::ENOENT
+                            | libc::ENOTDIR
+                            | libc::EOPNOTSUPP
+                            | libc::EISDIR
+                            | libc::EINVAL
                     )
                 ) =>
             {
@@ -208,21 +220,30 @@ fn create_if_missing(f: &SavedFile, reader: &PageStoreReader) -> Result<(), Save
 }
 
 /// Writes the contents, then owner and mode (chown clears set-id bits).
-fn fill(f: &SavedFile, file: &std::fs::File, reader: &PageStoreReader) -> Result<(), SavedFileError> {
+fn fill(
+    f: &SavedFile,
+    file: &std::fs::File,
+    reader: &PageStoreReader,
+) -> Result<(), SavedFileError> {
     file.set_len(f.size).map_err(io(f, "ftruncate"))?;
     let ps = reader.page_size();
     let mut cached: Option<(usize, Vec<u8>)> = None;
     for &[file_page, first, pages] in &f.pages {
         for k in 0..pages {
-            let (frame, offset) = reader.locate(first + k).map_err(|source| SavedFileError::Pages {
-                path: f.path.clone(),
-                source,
-            })?;
+            let (frame, offset) =
+                reader
+                    .locate(first + k)
+                    .map_err(|source| SavedFileError::Pages {
+                        path: f.path.clone(),
+                        source,
+                    })?;
             if cached.as_ref().map(|c| c.0) != Some(frame) {
-                let data = reader.read_frame(frame).map_err(|source| SavedFileError::Pages {
-                    path: f.path.clone(),
-                    source,
-                })?;
+                let data = reader
+                    .read_frame(frame)
+                    .map_err(|source| SavedFileError::Pages {
+                        path: f.path.clone(),
+                        source,
+                    })?;
                 cached = Some((frame, data));
             }
             let data = &cached.as_ref().expect("frame just read").1;
@@ -344,7 +365,10 @@ mod tests {
         assert_eq!(std::fs::read(&present).expect("kept"), b"mine");
         assert_eq!(set.path_of(&files[0].path, Some(0)), files[0].path);
         drop(created);
-        assert!(!missing.exists(), "a failed restore removes what it created");
+        assert!(
+            !missing.exists(),
+            "a failed restore removes what it created"
+        );
         assert!(present.exists());
     }
 }

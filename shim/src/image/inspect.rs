@@ -82,6 +82,10 @@ pub struct Totals {
     pub frames: usize,
     /// Every file of the image, manifest included.
     pub bytes_total: u64,
+    /// Files carried with their contents (deleted, or on tmpfs), and the
+    /// stored pages of their contents.
+    pub saved_files: usize,
+    pub saved_file_pages: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,7 +126,18 @@ pub fn inspect_report(image: &Image) -> InspectReport {
         dedup_ratio: 0.0,
         frames: image.index.frames.len(),
         bytes_total: 0,
+        saved_files: image.tree.saved_files.len(),
+        saved_file_pages: 0,
     };
+    // A saved file's pages are referenced by the file (no process).
+    for &[_, first, pages] in image.tree.saved_files.iter().flat_map(|f| &f.pages) {
+        totals.saved_file_pages += pages;
+        let lo = (first as usize).min(page_count);
+        let hi = (first.saturating_add(pages) as usize).min(page_count);
+        for r in &mut refs[lo..hi] {
+            *r = r.saturating_add(1);
+        }
+    }
     for (i, (entry, process)) in image
         .tree
         .processes
@@ -290,7 +305,7 @@ fn render_text(r: &InspectReport) -> String {
         );
     }
     let _ = writeln!(out, "totals:");
-    let rows: [(&str, String); 13] = [
+    let rows: [(&str, String); 14] = [
         ("threads", t.threads.to_string()),
         ("pages referenced", t.pages_referenced.to_string()),
         ("unique pages stored", t.unique_pages_stored.to_string()),
@@ -299,6 +314,10 @@ fn render_text(r: &InspectReport) -> String {
         ("zero pages skipped", t.pages_zero.to_string()),
         ("absent pages", t.pages_absent.to_string()),
         ("mapped file pages", t.pages_mapped.to_string()),
+        (
+            "saved files (pages)",
+            format!("{} ({})", t.saved_files, t.saved_file_pages),
+        ),
         ("frames", t.frames.to_string()),
         ("bytes stored (pages)", t.bytes_stored.to_string()),
         (

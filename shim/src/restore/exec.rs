@@ -181,11 +181,12 @@ struct Ctx {
     stdio: fds::Stdio,
 }
 
-/// Whether the files an image depends on are checked where this runs:
-/// not by the shim, whose root is not the container's.
+/// Whether the files an image depends on are checked where this runs
+/// (not by the shim, whose root is not the container's), and which open
+/// files may have grown since the dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Files {
-    Check,
+    Check(checks::Growth),
     ElsewhereLater,
 }
 
@@ -212,8 +213,8 @@ fn open_and_plan(
         .page_reader()
         .and_then(|reader| reader.verify_frames())
         .map_err(image_error)?;
-    if files == Files::Check {
-        checks::check_files(&image)?;
+    if let Files::Check(growth) = files {
+        checks::check_files(&image, growth)?;
     }
     progress(format_args!("image {} checked", images.display()));
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
@@ -304,7 +305,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
         }
     };
-    let (image, plan) = open_and_plan(&options.images, Files::Check, &progress)?;
+    let (image, plan) = open_and_plan(
+        &options.images,
+        Files::Check(checks::Growth::AppendOnlyMayGrow),
+        &progress,
+    )?;
     // The packets of the tree's established connections were dropped since
     // the dump; on every path out of here they flow again (after the
     // release on success; on failure the connections are lost anyway).
@@ -592,7 +597,8 @@ pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> Resto
                 "restore-init must run as pid 1 of the container's pid namespace".into(),
             ));
         }
-        let (image, plan) = open_and_plan(images, Files::Check, &|_| {})?;
+        // The container's rootfs stays as strict as the image: see `Growth::Exact`.
+        let (image, plan) = open_and_plan(images, Files::Check(checks::Growth::Exact), &|_| {})?;
         if control_len(image.processes.len()) > control.len() {
             return Err(RestoreError::NotSupported(format!(
                 "control region of {} bytes is too small for {} processes",

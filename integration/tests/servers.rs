@@ -2,7 +2,8 @@
 //! (Debian's package, a master and 4 workers) and a preforking Python HTTP
 //! server (Debian's python3, standard library only), with their listening
 //! socket shared by every worker; unix socketpairs and epoll sets; refusals
-//! of sockets that cannot be restored.
+//! of sockets and other fds that cannot be restored (a FIFO held outside
+//! the tree, fanotify), each leaving the tree running.
 //!
 //! Every test asks the servers real requests before and after and compares
 //! the answers, checks that every worker still accepts (each answering

@@ -359,6 +359,102 @@ fn cowsnap_container_checkpoint_restore_live() {
     ctrd.kill_and_delete(&restored);
 }
 
+/// The SysV shm segments of the IPC namespace of `pid` (key, id, size),
+/// read on a thread that entered it (/proc/sysvipc shows the reader's).
+fn sysv_segments_of(pid: i32) -> Vec<String> {
+    thread::spawn(move || {
+        let ns = fs::File::open(format!("/proc/{pid}/ns/ipc"))
+            .unwrap_or_else(|e| panic!("open the ipc ns of {pid}: {e}"));
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWIPC)
+            .unwrap_or_else(|e| panic!("setns into the ipc ns of {pid}: {e}"));
+        let text = fs::read_to_string("/proc/sysvipc/shm").expect("/proc/sysvipc/shm");
+        let mut segments: Vec<String> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some(format!(
+                    "key {} shmid {} size {}",
+                    f.first()?,
+                    f.get(1)?,
+                    f.get(3)?
+                ))
+            })
+            .collect();
+        segments.sort();
+        segments
+    })
+    .join()
+    .expect("ipc ns thread")
+}
+
+/// 3b. The reference tree's SysV shm mode in a container: its segments
+///     come back with their ids in the new container's IPC namespace,
+///     whose /proc/sys (and so `kernel.shm_next_id`) runc made read-only
+///     and which stays so; every process verifies its memory.
+#[test]
+fn cowsnap_container_sysv_shm_restored_with_its_ids() {
+    let ctrd = Containerd::start_cowsnap("sysv");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("sysv");
+    let script = format!(
+        "exec {IMAGE_WORKLOAD} --mode sysv-shm --mib 16 --children 2 --dirty-pct 10 \
+         --report /tmp/report --ready /tmp/ready"
+    );
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    let ready = ctrd.host_path(&id, "/tmp/ready");
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reference tree in {id} not ready"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let task = ctrd.task(&id).expect("task");
+    let before = sysv_segments_of(task.pid);
+    assert!(!before.is_empty(), "no SysV segment in {id}");
+    let reference = "cowsnap.test/sysv-checkpoint:1";
+    ctrd.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, reference]);
+    ctrd.kill_and_delete(&id);
+
+    let restored = ctrd.container_id("sysv-restored");
+    let out = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        out.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&out),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    assert_eq!(
+        sysv_segments_of(task.pid),
+        before,
+        "the segments of the restored container"
+    );
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", task.pid)).unwrap_or_default();
+    assert!(
+        mountinfo.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(4) == Some(&"/proc/sys")
+                && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+        }) && !mountinfo.contains(".cowsnap-proc"),
+        "/proc/sys of the restored container is read-only and nothing else is mounted: {mountinfo}"
+    );
+    let targets: Vec<(i32, i32)> = ctrd
+        .pids_named(&restored, WORKLOAD_COMM)
+        .into_iter()
+        .map(|p| (p, ns_pid(p)))
+        .collect();
+    assert_eq!(targets.len(), 3, "the reference tree after the restore");
+    assert_processes_verify(
+        &ctrd.host_path(&restored, "/tmp/report"),
+        &targets,
+        "sysv-shm after the restore",
+    );
+    ctrd.kill_and_delete(&restored);
+}
+
 /// After a `ctr task checkpoint` of `id` that must fail with a message
 /// containing `reason`: the task runs on with the same init, keeps
 /// counting, `survivor` is the same process and untraced, and no
@@ -797,6 +893,25 @@ fn cowsnap_postgresql_container_checkpoint_restore() {
         ctrd.log_tail(40)
     );
     let task = ctrd.wait_status(&restored, "RUNNING");
+    // The SysV interlock segment came back with its id without the
+    // container's read-only /proc/sys being made writable.
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", task.pid)).unwrap_or_default();
+    let proc_sys: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some("/proc/sys"))
+        .collect();
+    assert!(
+        !proc_sys.is_empty()
+            && proc_sys.iter().all(|l| l
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|o| o.split(',').any(|f| f == "ro"))),
+        "/proc/sys of the restored container: {proc_sys:?}"
+    );
+    assert!(
+        !mountinfo.contains(".cowsnap-proc"),
+        "a scratch procfs is left mounted: {mountinfo}"
+    );
     let processes_after = postgres_without_clients(&ctrd, &restored);
     let pss_restored = ctrd.paused_pss(&restored);
     assert_eq!(

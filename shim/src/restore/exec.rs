@@ -989,6 +989,12 @@ fn build_process(
     Ok(prepared)
 }
 
+/// Where a private procfs is mounted for the moment to write a sysctl
+/// where /proc/sys is read-only (`sys::ns::write_proc_sys`). /dev: a tmpfs
+/// of the container's own (or the host's devtmpfs, where /proc/sys is
+/// writable anyway and the scratch is never made).
+const PROC_SCRATCH: &str = "/dev/.cowsnap-proc";
+
 /// Moves the namespace's next automatic pid above every pid and tid of
 /// the image: the worker threads restored processes start while building
 /// (decompression) take automatic pids, which must not be one a process
@@ -1003,10 +1009,7 @@ fn pids_out_of_the_way(ctx: &Ctx) -> Result<(), String> {
         .chain(ctx.target_pid.iter().copied())
         .max()
         .unwrap_or(1);
-    // /dev: a tmpfs of the container's own (or the host's devtmpfs, where
-    // /proc/sys is writable anyway and the scratch is never made).
-    let scratch = Path::new("/dev/.cowsnap-proc");
-    crate::sys::ns::set_ns_last_pid(highest, scratch)
+    crate::sys::ns::set_ns_last_pid(highest, Path::new(PROC_SCRATCH))
         .map_err(|e| format!("setting ns_last_pid to {highest}: {e}"))
 }
 
@@ -1710,7 +1713,8 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
     }
     let control = &ctx.control;
     let mut count = 0u32;
-    super::sysv::create_all(segments, ctx.image.manifest.created_unix, |id| {
+    let scratch = Path::new(PROC_SCRATCH);
+    super::sysv::create_all(segments, ctx.image.manifest.created_unix, scratch, |id| {
         if !private_ns {
             control.write_bytes(CONTROL_SYSV + 4 + 4 * count as u64, &id.to_ne_bytes());
             count += 1;

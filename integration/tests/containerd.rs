@@ -3,7 +3,8 @@
 //! DESIGN.md "In containerd" requires of `io.containerd.cowsnap.v1`.
 //!
 //! Each test starts its own private containerd (common/containerd.rs) and
-//! imports the reference image; dropping the harness removes everything.
+//! imports the reference image (the PostgreSQL test its own image); dropping
+//! the harness removes everything.
 //! Run them one at a time (`--test-threads=1`): they freeze cgroups and
 //! build a reference tree of 128 MiB.
 

@@ -7,8 +7,10 @@
 //! packages that `.ci/install` provides. No registry is reachable and `ctr
 //! container checkpoint` refuses a container that was not created from an
 //! image, so [`Containerd::import_reference_image`] writes an OCI image
-//! archive itself (static busybox, the reference workload and its shared
-//! libraries) and loads it with `ctr images import`.
+//! archive itself (static busybox, the reference workload and nginx with
+//! their shared libraries) and loads it with `ctr images import`;
+//! [`Containerd::import_postgres_image`] does the same for Debian's
+//! PostgreSQL 15.
 //!
 //! What a harness leaves behind is cleaned by name: each harness has its own
 //! namespace (`cowsnap-<what>-<pid>-<n>`), and every cgroup, runc state

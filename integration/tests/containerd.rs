@@ -3,7 +3,8 @@
 //! DESIGN.md "In containerd" requires of `io.containerd.cowsnap.v1`.
 //!
 //! Each test starts its own private containerd (common/containerd.rs) and
-//! imports the reference image; dropping the harness removes everything.
+//! imports the reference image (the PostgreSQL test its own image); dropping
+//! the harness removes everything.
 //! Run them one at a time (`--test-threads=1`): they freeze cgroups and
 //! build a reference tree of 128 MiB.
 
@@ -19,7 +20,8 @@ use std::time::Duration;
 use common::{assert_processes_verify, ns_pid};
 use harness::{
     Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_NGINX_CONF,
-    IMAGE_NGINX_PAGE, IMAGE_NGINX_PORT, IMAGE_WORKLOAD, NGINX_BIN, RUNC_RUNTIME,
+    IMAGE_NGINX_PAGE, IMAGE_NGINX_PORT, IMAGE_WORKLOAD, NGINX_BIN, PG_BIN_DIR, PG_UID, PG_USER,
+    RUNC_RUNTIME,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -358,6 +360,102 @@ fn cowsnap_container_checkpoint_restore_live() {
     ctrd.kill_and_delete(&restored);
 }
 
+/// The SysV shm segments of the IPC namespace of `pid` (key, id, size),
+/// read on a thread that entered it (/proc/sysvipc shows the reader's).
+fn sysv_segments_of(pid: i32) -> Vec<String> {
+    thread::spawn(move || {
+        let ns = fs::File::open(format!("/proc/{pid}/ns/ipc"))
+            .unwrap_or_else(|e| panic!("open the ipc ns of {pid}: {e}"));
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWIPC)
+            .unwrap_or_else(|e| panic!("setns into the ipc ns of {pid}: {e}"));
+        let text = fs::read_to_string("/proc/sysvipc/shm").expect("/proc/sysvipc/shm");
+        let mut segments: Vec<String> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some(format!(
+                    "key {} shmid {} size {}",
+                    f.first()?,
+                    f.get(1)?,
+                    f.get(3)?
+                ))
+            })
+            .collect();
+        segments.sort();
+        segments
+    })
+    .join()
+    .expect("ipc ns thread")
+}
+
+/// 3b. The reference tree's SysV shm mode in a container: its segments
+///     come back with their ids in the new container's IPC namespace,
+///     whose /proc/sys (and so `kernel.shm_next_id`) runc made read-only
+///     and which stays so; every process verifies its memory.
+#[test]
+fn cowsnap_container_sysv_shm_restored_with_its_ids() {
+    let ctrd = Containerd::start_cowsnap("sysv");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("sysv");
+    let script = format!(
+        "exec {IMAGE_WORKLOAD} --mode sysv-shm --mib 16 --children 2 --dirty-pct 10 \
+         --report /tmp/report --ready /tmp/ready"
+    );
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    let ready = ctrd.host_path(&id, "/tmp/ready");
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reference tree in {id} not ready"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let task = ctrd.task(&id).expect("task");
+    let before = sysv_segments_of(task.pid);
+    assert!(!before.is_empty(), "no SysV segment in {id}");
+    let reference = "cowsnap.test/sysv-checkpoint:1";
+    ctrd.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, reference]);
+    ctrd.kill_and_delete(&id);
+
+    let restored = ctrd.container_id("sysv-restored");
+    let out = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        out.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&out),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    assert_eq!(
+        sysv_segments_of(task.pid),
+        before,
+        "the segments of the restored container"
+    );
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", task.pid)).unwrap_or_default();
+    assert!(
+        mountinfo.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(4) == Some(&"/proc/sys")
+                && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+        }) && !mountinfo.contains(".cowsnap-proc"),
+        "/proc/sys of the restored container is read-only and nothing else is mounted: {mountinfo}"
+    );
+    let targets: Vec<(i32, i32)> = ctrd
+        .pids_named(&restored, WORKLOAD_COMM)
+        .into_iter()
+        .map(|p| (p, ns_pid(p)))
+        .collect();
+    assert_eq!(targets.len(), 3, "the reference tree after the restore");
+    assert_processes_verify(
+        &ctrd.host_path(&restored, "/tmp/report"),
+        &targets,
+        "sysv-shm after the restore",
+    );
+    ctrd.kill_and_delete(&restored);
+}
+
 /// After a `ctr task checkpoint` of `id` that must fail with a message
 /// containing `reason`: the task runs on with the same init, keeps
 /// counting, `survivor` is the same process and untraced, and no
@@ -652,6 +750,191 @@ fn cowsnap_nginx_container_checkpoint_restore() {
     assert!(
         diff * 100 <= pss_original,
         "restored nginx container's PSS {pss_restored} B is not within 1% of the original's {pss_original} B\n\
+         before: {breakdown_original}\nafter: {}",
+        smaps_breakdown(&ctrd, &restored)
+    );
+    ctrd.kill_and_delete(&restored);
+}
+
+// ------------------------------------------------------------ PostgreSQL
+
+/// The port the container's PostgreSQL listens on (its own network namespace).
+const PG_PORT: u16 = 5432;
+
+/// What the PostgreSQL container runs as [`PG_USER`]: initdb a cluster in
+/// /tmp/pgdata (the writable layer), then become the postmaster, which is
+/// the container's init. Defaults otherwise (dynamic shared memory in
+/// /dev/shm); JIT off because the image carries no LLVM.
+fn postgres_script() -> String {
+    format!(
+        "{PG_BIN_DIR}/initdb -D /tmp/pgdata -A trust -U {PG_USER} --no-locale -E UTF8 \
+         >> /tmp/initdb.log 2>&1 && exec {PG_BIN_DIR}/postgres -D /tmp/pgdata -k /tmp \
+         -c listen_addresses=0.0.0.0 -c port={PG_PORT} -c shared_buffers=32MB -c jit=off \
+         >> /tmp/postgres.log 2>&1"
+    )
+}
+
+/// `psql -c SQL` of the host, run in the network namespace of `pid` (the
+/// container's loopback): a new connection each time; the unaligned rows.
+fn container_psql(pid: i32, sql: &str) -> Result<Vec<String>, String> {
+    let sql = sql.to_string();
+    in_netns_of(pid, move || {
+        let port = PG_PORT.to_string();
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-p", &port])
+            .args(["-U", PG_USER, "-d", "postgres", "-c", &sql])
+            .env("PGCONNECT_TIMEOUT", "5")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("run psql (postgresql-client): {e}"))?;
+        if !out.status.success() {
+            return Err(format!("psql -c {sql:?}: {}", common::describe(&out)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    })
+}
+
+/// The PostgreSQL processes of container `id` with no client (a backend's
+/// title names its client's address): their pids inside the container and
+/// titles, once no backend is left, so that the tree is the same at every call.
+fn postgres_without_clients(ctrd: &Containerd, id: &str) -> BTreeMap<i32, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let procs: BTreeMap<i32, String> = ctrd
+            .pids_named(id, "postgres")
+            .into_iter()
+            .map(|p| (ns_pid(p), common::cmdline(p)))
+            .collect();
+        if !procs.values().any(|title| title.contains("127.0.0.1(")) {
+            return procs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backends of {id} do not go away: {procs:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// 4d. PostgreSQL 15 in a container (an initdb'd cluster, the postmaster as
+///     the container's init and its background workers, running as the
+///     postgres user, a table of known rows): `ctr container checkpoint
+///     --task --rw` + `ctr container restore --live` bring it back; the
+///     query gives the same answer on a new connection, a write works, the
+///     same processes are back and the PSS is within 1%.
+#[test]
+fn cowsnap_postgresql_container_checkpoint_restore() {
+    let ctrd = Containerd::start_cowsnap("postgres");
+    let image = ctrd.import_postgres_image();
+    let id = ctrd.container_id("postgres");
+    let script = postgres_script();
+    let task = ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["/bin/su", PG_USER, "-s", "/bin/sh", "-c", &script],
+    );
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let answer = container_psql(task.pid, "select 1;");
+        if answer.as_deref() == Ok(&["1".to_string()][..]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL in {id} did not come up: {answer:?}\n--- initdb.log\n{}\n--- postgres.log\n{}",
+            fs::read_to_string(ctrd.host_path(&id, "/tmp/initdb.log")).unwrap_or_default(),
+            fs::read_to_string(ctrd.host_path(&id, "/tmp/postgres.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    container_psql(
+        task.pid,
+        "create table t (i int); insert into t select generate_series(1, 100000);",
+    )
+    .expect("fill the table");
+    let sum = container_psql(task.pid, "select sum(i) from t;").expect("sum before");
+    assert_eq!(sum, vec!["5000050000"], "the table before the checkpoint");
+    let processes = postgres_without_clients(&ctrd, &id);
+    assert_eq!(
+        processes.keys().next(),
+        Some(&1),
+        "the postmaster is the container's init: {processes:?}"
+    );
+    assert!(
+        processes.len() >= 5,
+        "the postmaster and its background workers: {processes:?}"
+    );
+    let uid = common::status_field(
+        &fs::read_to_string(format!("/proc/{}/status", task.pid)).unwrap_or_default(),
+        "Uid:",
+    );
+    assert!(
+        uid.as_deref()
+            .is_some_and(|u| u.split_whitespace().all(|id| id == PG_UID.to_string())),
+        "the postmaster runs as {PG_USER}: Uid {uid:?}"
+    );
+    let pss_original = ctrd.paused_pss(&id);
+    let breakdown_original = smaps_breakdown(&ctrd, &id);
+
+    let reference = "cowsnap.test/postgres-checkpoint:1";
+    // --rw: the cluster lives in /tmp/pgdata of the writable layer.
+    ctrd.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, reference]);
+    ctrd.kill_and_delete(&id);
+
+    let restored = ctrd.container_id("postgres-restored");
+    let out = ctrd.restore_container(&restored, reference, true);
+    assert!(
+        out.status.success(),
+        "ctr containers restore failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&out),
+        ctrd.log_tail(40)
+    );
+    let task = ctrd.wait_status(&restored, "RUNNING");
+    // The SysV interlock segment came back with its id without the
+    // container's read-only /proc/sys being made writable.
+    let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", task.pid)).unwrap_or_default();
+    let proc_sys: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some("/proc/sys"))
+        .collect();
+    assert!(
+        !proc_sys.is_empty()
+            && proc_sys.iter().all(|l| l
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|o| o.split(',').any(|f| f == "ro"))),
+        "/proc/sys of the restored container: {proc_sys:?}"
+    );
+    assert!(
+        !mountinfo.contains(".cowsnap-proc"),
+        "a scratch procfs is left mounted: {mountinfo}"
+    );
+    let processes_after = postgres_without_clients(&ctrd, &restored);
+    let pss_restored = ctrd.paused_pss(&restored);
+    assert_eq!(
+        processes_after, processes,
+        "the same PostgreSQL processes after the restore"
+    );
+    assert_eq!(
+        container_psql(task.pid, "select sum(i) from t;").as_deref(),
+        Ok(&sum[..]),
+        "the same answer on a new connection after the restore"
+    );
+    container_psql(task.pid, "insert into t values (7);").expect("a write after the restore");
+    assert_eq!(
+        container_psql(task.pid, "select count(*) from t;").as_deref(),
+        Ok(&["100001".to_string()][..]),
+        "the write is there"
+    );
+    let diff = pss_restored.abs_diff(pss_original);
+    eprintln!("PostgreSQL container PSS: {pss_original} B before, {pss_restored} B after");
+    assert!(
+        diff * 100 <= pss_original,
+        "restored PostgreSQL container's PSS {pss_restored} B is not within 1% of the original's {pss_original} B\n\
          before: {breakdown_original}\nafter: {}",
         smaps_breakdown(&ctrd, &restored)
     );

@@ -1777,3 +1777,166 @@ fn restore_shares_inherited_file_descriptions_only() {
     assert_file_sharing(&files, restored.root, context);
     restored.assert_verifies(&tree.report, context);
 }
+
+// ------------------------------------------------------------ a log that grows
+
+/// Prints 1, 2, 3, ... a line every 20 ms (Python, unbuffered).
+const COUNTER: &str =
+    "import time\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.02)\n";
+
+/// A one-process tree whose stdout and stderr are `log` and `log.err`,
+/// opened as `>>` opens them (write-only, O_APPEND).
+fn start_counter(log: &Path) -> Child {
+    let append = |path: &Path| {
+        fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    };
+    Command::new("/usr/bin/python3")
+        .args(["-c", COUNTER])
+        .stdin(Stdio::null())
+        .stdout(append(log))
+        .stderr(append(&log.with_extension("err")))
+        .spawn()
+        .expect("start python3")
+}
+
+/// The numbers of the complete lines of `log`.
+fn log_numbers(log: &Path) -> Vec<u64> {
+    let text = fs::read_to_string(log).unwrap_or_else(|e| panic!("read {}: {e}", log.display()));
+    let complete = &text[..text.rfind('\n').map_or(0, |at| at + 1)];
+    complete
+        .lines()
+        .map(|l| {
+            l.parse()
+                .unwrap_or_else(|_| panic!("line {l:?} of {}: {text:?}", log.display()))
+        })
+        .collect()
+}
+
+/// Waits until `log` has at least `lines` complete lines.
+fn wait_log_lines(log: &Path, lines: usize, context: &str) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let numbers = log_numbers(log);
+        if numbers.len() >= lines {
+            return numbers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: {} has {} lines, waited for {lines}",
+            log.display(),
+            numbers.len()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `size` of fd `fd` of `pid` as the image recorded it.
+fn image_file_size(images: &Path, pid: i32, fd: i32) -> u64 {
+    let path = images.join(format!("proc-{pid}.json"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("process JSON");
+    json["fds"]
+        .as_array()
+        .and_then(|fds| fds.iter().find(|f| f["fd"] == fd))
+        .and_then(|f| f["kind"]["size"].as_u64())
+        .unwrap_or_else(|| panic!("no file size of fd {fd} in {}", path.display()))
+}
+
+/// Bytes that the lines "1\n" ... "k\n" take.
+fn counter_bytes(k: u64) -> u64 {
+    (1..=k).map(|n| n.to_string().len() as u64 + 1).sum()
+}
+
+#[test]
+fn a_log_that_grew_after_a_dump_without_exit_is_restored_and_appended_to() {
+    require_root();
+    let (dir, images) = image_dir("restore-log");
+    let log = dir.path().join("out.log");
+    let mut child = start_counter(&log);
+    let pid = child.id() as i32;
+    let context = "stdout >> a log, dumped without --exit";
+    wait_log_lines(&log, 5, context);
+    let out = cowsnap(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(out.status.success(), "{context}: dump:\n{}", describe(&out));
+    let dumped = image_file_size(&images, pid, 1);
+    // The lines the original had written when it was dumped, and its own after.
+    let k = (1..).find(|&k| counter_bytes(k) >= dumped).expect("k");
+    assert_eq!(counter_bytes(k), dumped, "{context}: the image's log size");
+    wait_log_lines(&log, k as usize + 10, context);
+    let _ = child.kill();
+    wait_status(&mut child, "the original counter");
+    // Every line the original wrote, before the dump and after.
+    let m = log_numbers(&log).len();
+    assert!(
+        fs::metadata(&log).expect("log").len() > dumped,
+        "{context}: the log grew"
+    );
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, _output) = restore_ok(&images, &pidfile, &[]);
+    assert_eq!(restored.root, pid, "{context}: the restored pid");
+    let numbers = wait_log_lines(&log, m + 5, &format!("{context}, restored"));
+    // 1..=m from the original (before and after the dump), then the
+    // restored one going on from k + 1: appended, nothing overwritten.
+    let before: Vec<u64> = (1..=m as u64).collect();
+    assert_eq!(numbers[..m], before[..], "{context}: the original's lines");
+    let restored_lines = &numbers[m..];
+    let expected: Vec<u64> = (k + 1..).take(restored_lines.len()).collect();
+    assert_eq!(
+        restored_lines,
+        &expected[..],
+        "{context}: the restored counter's lines (dumped after line {k})"
+    );
+    restored.assert_running(1, context);
+}
+
+#[test]
+fn a_log_that_shrank_after_the_dump_is_refused_naming_it() {
+    require_root();
+    let (dir, images) = image_dir("restore-log-shrunk");
+    let log = dir.path().join("out.log");
+    let mut child = start_counter(&log);
+    let pid = child.id() as i32;
+    let context = "stdout >> a log truncated after the dump";
+    wait_log_lines(&log, 5, context);
+    let out = cowsnap(&[
+        "dump",
+        "--exit",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(out.status.success(), "{context}: dump:\n{}", describe(&out));
+    wait_status(&mut child, "the counter after dump --exit");
+    let dumped = image_file_size(&images, pid, 1);
+    fs::write(&log, "1\n").expect("truncate the log");
+
+    let pidfile = dir.path().join("restored.pid");
+    let output = run_restore(&images, &pidfile, &[]);
+    let needle = format!(
+        "pid {pid}: fd 1 file {:?} size changed: image {dumped}, now 2",
+        path_str(&log)
+    );
+    assert_restore_failed(&output, &pidfile, &needle, context);
+    assert_nothing_left(&[dir.path()], &[], context);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "{context}: pid {pid} runs"
+    );
+    assert_eq!(
+        fs::read_to_string(&log).expect("log"),
+        "1\n",
+        "{context}: log untouched"
+    );
+}

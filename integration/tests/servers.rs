@@ -2,7 +2,8 @@
 //! (Debian's package, a master and 4 workers) and a preforking Python HTTP
 //! server (Debian's python3, standard library only), with their listening
 //! socket shared by every worker; unix socketpairs and epoll sets; refusals
-//! of sockets that cannot be restored.
+//! of sockets and other fds that cannot be restored (a FIFO held outside
+//! the tree, fanotify), each leaving the tree running.
 //!
 //! Every test asks the servers real requests before and after and compares
 //! the answers, checks that every worker still accepts (each answering
@@ -678,6 +679,78 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     assert!(!task_state(root).starts_with('T'), "tree not stopped");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn dump_refuses_a_fanotify_fd_naming_it_and_the_tree_goes_on_watching() {
+    require_root();
+    let dir = tempdir("fanotify");
+    let watched = dir.path().join("watched");
+    std::fs::write(&watched, b"x").expect("watched file");
+    // FAN_CLASS_NOTIF (0), FAN_MARK_ADD (1), FAN_OPEN (0x20), AT_FDCWD (-100):
+    // one event line per line read from stdin, for each open of `watched`.
+    let script = format!(
+        "import ctypes,os,sys\n\
+        libc=ctypes.CDLL(None,use_errno=True)\n\
+        libc.fanotify_mark.argtypes=[ctypes.c_int,ctypes.c_uint,ctypes.c_uint64,ctypes.c_int,ctypes.c_char_p]\n\
+        fd=libc.fanotify_init(0,os.O_RDONLY)\n\
+        assert fd>=0, os.strerror(ctypes.get_errno())\n\
+        assert libc.fanotify_mark(fd,1,0x20,-100,{watched:?}.encode())==0, os.strerror(ctypes.get_errno())\n\
+        print(fd,flush=True)\n\
+        for line in sys.stdin:\n\
+        \x20   print('event',len(os.read(fd,4096))>0,flush=True)\n"
+    );
+    let mut child = Command::new(PYTHON)
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("fanotify fd");
+    let fd: i32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no fanotify fd: {line:?}"));
+    let (_dir, images) = image_dir("refuse-fanotify");
+    let out = cowsnap(&[
+        "dump",
+        "--pid",
+        &root.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(
+        !out.status.success(),
+        "dump should refuse:\n{}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let needle = format!("pid {root} fd {fd} is anon_inode:[fanotify]");
+    assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
+    assert!(
+        err.contains("1 fd(s) or other state cannot be restored"),
+        "only the fanotify fd is refused: {err}"
+    );
+    assert!(!images.exists(), "no image after a refused dump");
+    assert!(!is_traced(root), "tree no longer traced");
+    assert!(!task_state(root).starts_with('T'), "tree not stopped");
+    // Still watching: an open of the file reaches it as an event.
+    writeln!(stdin, "next").expect("ask for an event");
+    std::fs::read(&watched).expect("open the watched file");
+    line.clear();
+    stdout.read_line(&mut line).expect("event line");
+    assert_eq!(
+        line.trim(),
+        "event True",
+        "the fanotify fd after the refused dump"
+    );
+    drop(stdin);
+    wait_status(&mut child, "the fanotify watcher after its stdin closed");
 }
 
 #[test]

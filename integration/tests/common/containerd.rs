@@ -7,8 +7,10 @@
 //! packages that `.ci/install` provides. No registry is reachable and `ctr
 //! container checkpoint` refuses a container that was not created from an
 //! image, so [`Containerd::import_reference_image`] writes an OCI image
-//! archive itself (static busybox, the reference workload and its shared
-//! libraries) and loads it with `ctr images import`.
+//! archive itself (static busybox, the reference workload and nginx with
+//! their shared libraries) and loads it with `ctr images import`;
+//! [`Containerd::import_postgres_image`] does the same for Debian's
+//! PostgreSQL 15.
 //!
 //! What a harness leaves behind is cleaned by name: each harness has its own
 //! namespace (`cowsnap-<what>-<pid>-<n>`), and every cgroup, runc state
@@ -47,6 +49,15 @@ pub const NGINX_BIN: &str = "/usr/sbin/nginx";
 pub const IMAGE_NGINX_CONF: &str = "/etc/nginx/cowsnap.conf";
 pub const IMAGE_NGINX_PORT: u16 = 8080;
 pub const IMAGE_NGINX_PAGE: &str = "hello from nginx in a container\n";
+/// The name [`Containerd::import_postgres_image`] gives the PostgreSQL image.
+pub const POSTGRES_IMAGE_REF: &str = "cowsnap.test/postgres:15";
+/// PostgreSQL 15 in its image: Debian's server and initdb at the same
+/// paths, with the share files initdb reads, and the user it runs as.
+pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+const PG_LIB_DIR: &str = "/usr/lib/postgresql/15/lib";
+const PG_SHARE_DIR: &str = "/usr/share/postgresql/15";
+pub const PG_USER: &str = "postgres";
+pub const PG_UID: u32 = 999;
 /// Where the reference workload lives in the image.
 pub const IMAGE_WORKLOAD: &str = "/bin/cowsnap-refworkload";
 /// Shell loop that writes an increasing counter to /tmp/count ten times a second.
@@ -605,14 +616,27 @@ impl Containerd {
     pub fn import_reference_image(&self) -> &'static str {
         let archive = self.dir.join("ref-image.tar");
         write_reference_image(&archive, IMAGE_REF);
+        self.import_image(&archive, IMAGE_REF)
+    }
+
+    /// Imports the PostgreSQL image ([`postgres_layer`]) as
+    /// [`POSTGRES_IMAGE_REF`] and returns its name.
+    pub fn import_postgres_image(&self) -> &'static str {
+        let archive = self.dir.join("postgres-image.tar");
+        write_image(&archive, POSTGRES_IMAGE_REF, &postgres_layer());
+        self.import_image(&archive, POSTGRES_IMAGE_REF)
+    }
+
+    /// `ctr images import ARCHIVE`, checked to list `name` afterwards.
+    fn import_image(&self, archive: &Path, name: &'static str) -> &'static str {
         let archive_str = archive.to_str().expect("utf-8 temp path");
         self.ctr_ok(&["images", "import", archive_str]);
         let listed = self.ctr_ok(&["images", "ls", "-q"]);
         assert!(
-            listed.lines().any(|l| l.trim() == IMAGE_REF),
-            "ctr images import did not create {IMAGE_REF}; ctr images ls -q shows:\n{listed}"
+            listed.lines().any(|l| l.trim() == name),
+            "ctr images import did not create {name}; ctr images ls -q shows:\n{listed}"
         );
-        IMAGE_REF
+        name
     }
 
     // -------------------------------------------------------- the container's processes
@@ -1167,33 +1191,80 @@ fn shared_libraries(binary: &str) -> Vec<String> {
 /// their directories (each directory once, remembered in `made_dirs`).
 fn add_libraries(tar: &mut TarWriter, made_dirs: &mut Vec<String>, binary: &str) {
     for lib in shared_libraries(binary) {
-        let rel = lib.trim_start_matches('/');
-        let mut parent = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
-            if !made_dirs.contains(&parent) {
-                tar.dir(&parent, 0o755);
-                made_dirs.push(parent.clone());
-            }
-        }
-        if made_dirs.iter().any(|d| d == rel) {
-            continue;
-        }
-        made_dirs.push(rel.to_string());
-        let bytes = fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
-        tar.file(rel, 0o755, &bytes);
+        add_host_file(tar, made_dirs, &lib, 0o755);
     }
 }
 
-/// The image layer: static busybox with a link per applet in /bin, the
-/// reference workload at [`IMAGE_WORKLOAD`] with the libraries it needs at
-/// the paths ldd gives, the usual mount-point directories and /etc/passwd.
-pub fn reference_layer() -> Vec<u8> {
+/// Adds the directories above `rel` (a path inside the archive) that are
+/// not in `made_dirs` yet.
+fn add_parents(tar: &mut TarWriter, made_dirs: &mut Vec<String>, rel: &str) {
+    let mut parent = String::new();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        parent = if parent.is_empty() {
+            part.to_string()
+        } else {
+            format!("{parent}/{part}")
+        };
+        if !made_dirs.contains(&parent) {
+            tar.dir(&parent, 0o755);
+            made_dirs.push(parent.clone());
+        }
+    }
+}
+
+/// Adds the host's file `path` at the same path, with its directories
+/// (each entry once: `made_dirs` remembers files too).
+fn add_host_file(tar: &mut TarWriter, made_dirs: &mut Vec<String>, path: &str, mode: u32) {
+    let rel = path.trim_start_matches('/');
+    add_parents(tar, made_dirs, rel);
+    if made_dirs.iter().any(|d| d == rel) {
+        return;
+    }
+    made_dirs.push(rel.to_string());
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    tar.file(rel, mode, &bytes);
+}
+
+/// Adds the host's directory `dir` at the same path, recursively (regular
+/// files, directories and symlinks), leaving out the subdirectories named
+/// in `skip`.
+fn add_host_tree(tar: &mut TarWriter, made_dirs: &mut Vec<String>, dir: &str, skip: &[&str]) {
+    let rel = dir.trim_start_matches('/');
+    add_parents(tar, made_dirs, rel);
+    if !made_dirs.iter().any(|d| d == rel) {
+        tar.dir(rel, 0o755);
+        made_dirs.push(rel.to_string());
+    }
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {dir}: {e}"))
+        .map(|e| e.expect("directory entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        let path_str = path.to_str().expect("utf-8 host path");
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {path_str}: {e}"));
+        if meta.is_dir() {
+            if !skip.contains(&name) {
+                add_host_tree(tar, made_dirs, path_str, skip);
+            }
+        } else if meta.file_type().is_symlink() {
+            let target =
+                fs::read_link(&path).unwrap_or_else(|e| panic!("readlink {path_str}: {e}"));
+            tar.symlink(
+                path_str.trim_start_matches('/'),
+                target.to_str().expect("utf-8 link"),
+            );
+        } else if meta.is_file() {
+            add_host_file(tar, made_dirs, path_str, 0o644);
+        }
+    }
+}
+
+/// The directories every image has, static busybox with a link per applet
+/// in /bin.
+fn add_busybox(tar: &mut TarWriter) {
     let busybox = "/bin/busybox";
     let busybox_bytes = fs::read(busybox).unwrap_or_else(|e| {
         panic!("read {busybox}: {e} (install busybox-static: .ci/install does)")
@@ -1202,10 +1273,6 @@ pub fn reference_layer() -> Vec<u8> {
         .arg("--list")
         .output()
         .expect("busybox --list");
-    let workload = workload_bin();
-    let workload_bytes = fs::read(workload).unwrap_or_else(|e| panic!("read {workload}: {e}"));
-
-    let mut tar = TarWriter::default();
     for dir in ["bin", "dev", "etc", "proc", "sys", "run", "root"] {
         tar.dir(dir, 0o755);
     }
@@ -1219,6 +1286,17 @@ pub fn reference_layer() -> Vec<u8> {
             tar.symlink(&format!("bin/{applet}"), "busybox");
         }
     }
+}
+
+/// The image layer: static busybox with a link per applet in /bin, the
+/// reference workload at [`IMAGE_WORKLOAD`] with the libraries it needs at
+/// the paths ldd gives, the usual mount-point directories and /etc/passwd.
+pub fn reference_layer() -> Vec<u8> {
+    let workload = workload_bin();
+    let workload_bytes = fs::read(workload).unwrap_or_else(|e| panic!("read {workload}: {e}"));
+
+    let mut tar = TarWriter::default();
+    add_busybox(&mut tar);
     tar.file(
         IMAGE_WORKLOAD.trim_start_matches('/'),
         0o755,
@@ -1274,12 +1352,79 @@ pub fn reference_layer() -> Vec<u8> {
     tar.finish()
 }
 
+/// The PostgreSQL image's layer: static busybox, Debian's PostgreSQL 15
+/// `postgres` and `initdb` with their libraries, the two modules initdb
+/// loads (snowball dictionaries, PL/pgSQL), the share files it reads (no
+/// manual pages, contrib or extensions but PL/pgSQL's), and a user
+/// [`PG_USER`] for the server, which refuses to run as root.
+pub fn postgres_layer() -> Vec<u8> {
+    let mut tar = TarWriter::default();
+    add_busybox(&mut tar);
+    let mut made_dirs: Vec<String> = Vec::new();
+    for binary in ["postgres", "initdb"] {
+        let path = format!("{PG_BIN_DIR}/{binary}");
+        if !Path::new(&path).exists() {
+            panic!("{path} is missing (install postgresql: .ci/install does)");
+        }
+        add_libraries(&mut tar, &mut made_dirs, &path);
+        add_host_file(&mut tar, &mut made_dirs, &path, 0o755);
+    }
+    for module in ["dict_snowball.so", "plpgsql.so"] {
+        add_host_file(
+            &mut tar,
+            &mut made_dirs,
+            &format!("{PG_LIB_DIR}/{module}"),
+            0o755,
+        );
+    }
+    add_host_tree(
+        &mut tar,
+        &mut made_dirs,
+        PG_SHARE_DIR,
+        &["man", "contrib", "extension"],
+    );
+    for file in ["plpgsql.control", "plpgsql--1.0.sql"] {
+        add_host_file(
+            &mut tar,
+            &mut made_dirs,
+            &format!("{PG_SHARE_DIR}/extension/{file}"),
+            0o644,
+        );
+    }
+    tar.file(
+        "etc/passwd",
+        0o644,
+        format!(
+            "root:x:0:0:root:/root:/bin/sh
+{PG_USER}:x:{PG_UID}:{PG_UID}::/tmp:/bin/sh
+"
+        )
+        .as_bytes(),
+    );
+    tar.file(
+        "etc/group",
+        0o644,
+        format!(
+            "root:x:0:
+{PG_USER}:x:{PG_UID}:
+"
+        )
+        .as_bytes(),
+    );
+    tar.finish()
+}
+
 /// Writes an OCI image archive (oci-layout, index.json, blobs) holding
-/// [`reference_layer`] to `archive`, named `name` (`repo:tag`) through both
-/// annotations containerd's importer reads.
+/// [`reference_layer`] to `archive`, named `name` (`repo:tag`).
 pub fn write_reference_image(archive: &Path, name: &str) {
-    let layer = reference_layer();
-    let layer_digest = sha256_digest(&layer);
+    write_image(archive, name, &reference_layer());
+}
+
+/// Writes an OCI image archive (oci-layout, index.json, blobs) with the one
+/// layer `layer` to `archive`, named `name` (`repo:tag`) through both
+/// annotations containerd's importer reads.
+pub fn write_image(archive: &Path, name: &str, layer: &[u8]) {
+    let layer_digest = sha256_digest(layer);
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -1334,9 +1479,9 @@ pub fn write_reference_image(archive: &Path, name: &str) {
     tar.dir("blobs", 0o755);
     tar.dir("blobs/sha256", 0o755);
     for (digest, bytes) in [
-        (&config_digest, &config),
-        (&manifest_digest, &manifest),
-        (&layer_digest, &layer),
+        (&config_digest, &config[..]),
+        (&manifest_digest, &manifest[..]),
+        (&layer_digest, layer),
     ] {
         let hex = digest.trim_start_matches("sha256:");
         tar.file(&format!("blobs/sha256/{hex}"), 0o644, bytes);

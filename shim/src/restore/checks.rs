@@ -6,6 +6,9 @@
 //!
 //! Files are compared by kind and size, not by (dev, inode): a container's
 //! rootfs restored on another node holds the same files under other inodes.
+//! A file may have grown only when the tree merely appends to it (a log
+//! the original kept writing after a dump without `--exit`, see
+//! [`Growth`]); a container's rootfs is held to the dumped sizes.
 //! Paths are resolved in the restorer's view (see `restore::attrs` for how
 //! the dumper's paths relate to it). This module only reads.
 
@@ -13,7 +16,7 @@ use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::FileTypeExt;
 
-use crate::image::types::{FdKind, ProcessEntry, ProcessImage, SavedFile, VmaKind};
+use crate::image::types::{Fd, FdKind, ProcessEntry, ProcessImage, SavedFile, VmaKind};
 use crate::image::Image;
 
 const DELETED_SUFFIX: &str = " (deleted)";
@@ -50,6 +53,17 @@ pub enum CheckError {
         now: u64,
     },
     #[error(
+        "pid {pid}: {what} {path:?} size changed: image {image}, now {now} \
+         (only a file open write-only with O_APPEND may grow)"
+    )]
+    GrewNotAppendOnly {
+        pid: i32,
+        what: String,
+        path: String,
+        image: u64,
+        now: u64,
+    },
+    #[error(
         "pid {pid}: mapped file {path:?} is too short: {size} bytes, mapped from offset {offset}"
     )]
     MappingPastEnd {
@@ -76,6 +90,29 @@ pub enum CheckError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Which open regular files may have grown since the dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Growth {
+    /// None: every file has its dumped size. For a container, whose rootfs
+    /// is rebuilt from its image's layers (and the writable layer saved
+    /// with the checkpoint): a file of another size there is another file.
+    Exact,
+    /// A file the tree only appends to (every fd of it write-only with
+    /// O_APPEND) may have grown; restore keeps the dumped offset, and the
+    /// process's next write goes to the new end. Not a file that shrank,
+    /// nor one the tree maps, executes or may read. A write-only fd
+    /// without O_APPEND, even one at end of file at the dump, is held to
+    /// its size: its next write would land at the dumped offset, over
+    /// what was appended since.
+    AppendOnlyMayGrow,
+}
+
+/// The fd's file description only ever appends: write-only and O_APPEND.
+pub fn appends_only(flags: u32) -> bool {
+    let flags = flags as i32;
+    flags & libc::O_ACCMODE == libc::O_WRONLY && flags & libc::O_APPEND != 0
 }
 
 /// What a path must be.
@@ -163,17 +200,24 @@ impl StatCache {
 /// - every private or shared file mapping: a regular file longer than the
 ///   mapping's offset (a deleted one is not supported);
 /// - executables and mapped files: the size the dump recorded, if it did;
-/// - every fd: regular files exist with the dumped size (deleted: not
-///   supported), directories and devices exist with their kind, and no fd is
-///   of an unsupported kind (socket, eventfd, ...). Ttys are not checked:
-///   the stdio policy may replace them.
-pub fn check_files(image: &Image) -> Result<(), CheckError> {
+/// - every fd: regular files exist with the dumped size, or larger where
+///   `growth` allows it (deleted: not supported), directories and devices
+///   exist with their kind, and no fd is of an unsupported kind (socket,
+///   eventfd, ...). Ttys are not checked: the stdio policy may replace them.
+pub fn check_files(image: &Image, growth: Growth) -> Result<(), CheckError> {
     let mut cache = StatCache::default();
     // A zombie needs no file: it has no executable, directories or mappings.
     let live = image.tree.processes.iter().zip(&image.processes);
     let saved = Saved::of(&image.tree.saved_files);
     for (entry, process) in live.filter(|(e, _)| e.zombie.is_none()) {
-        check_process(&mut cache, &image.tree.file_sizes, &saved, entry, process)?;
+        check_process(
+            &mut cache,
+            &image.tree.file_sizes,
+            &saved,
+            growth,
+            entry,
+            process,
+        )?;
     }
     Ok(())
 }
@@ -204,6 +248,7 @@ fn check_process(
     cache: &mut StatCache,
     sizes: &std::collections::BTreeMap<String, u64>,
     saved: &Saved,
+    growth: Growth,
     entry: &ProcessEntry,
     process: &ProcessImage,
 ) -> Result<(), CheckError> {
@@ -266,15 +311,7 @@ fn check_process(
             } => return Err(deleted(&what("file"), path)),
             FdKind::File { path, size, .. } => {
                 let meta = cache.check(pid, &what("file"), path, Expect::Regular)?;
-                if meta.len() != *size {
-                    return Err(CheckError::SizeChanged {
-                        pid,
-                        what: what("file"),
-                        path: path.clone(),
-                        image: *size,
-                        now: meta.len(),
-                    });
-                }
+                open_file_size(pid, fd, path, *size, &meta, growth)?;
             }
             FdKind::Directory { path } => {
                 cache.check(pid, &what("directory"), path, Expect::Directory)?;
@@ -303,6 +340,41 @@ fn check_process(
         }
     }
     Ok(())
+}
+
+/// An open regular file has the size the dump recorded, or has grown under
+/// an fd that only appends to it where `growth` allows that.
+fn open_file_size(
+    pid: i32,
+    fd: &Fd,
+    path: &str,
+    image: u64,
+    meta: &Metadata,
+    growth: Growth,
+) -> Result<(), CheckError> {
+    let now = meta.len();
+    let may_grow = growth == Growth::AppendOnlyMayGrow;
+    if now == image || (now > image && may_grow && appends_only(fd.flags)) {
+        return Ok(());
+    }
+    let (what, path) = (format!("fd {} file", fd.fd), path.to_string());
+    Err(if now > image && may_grow {
+        CheckError::GrewNotAppendOnly {
+            pid,
+            what,
+            path,
+            image,
+            now,
+        }
+    } else {
+        CheckError::SizeChanged {
+            pid,
+            what,
+            path,
+            image,
+            now,
+        }
+    })
 }
 
 /// A file whose size the dump recorded must have it still.

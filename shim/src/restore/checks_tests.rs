@@ -127,14 +127,14 @@ fn fixture() -> Fixture {
 #[test]
 fn intact_image_passes() {
     let f = fixture();
-    check_files(&f.open()).expect("all files there");
+    check_files(&f.open(), Growth::AppendOnlyMayGrow).expect("all files there");
 }
 
 #[test]
 fn missing_mapped_file_is_named() {
     let f = fixture();
     std::fs::remove_file(f.path("lib.so")).expect("rm");
-    let e = check_files(&f.open()).expect_err("missing");
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("missing");
     assert_eq!(
         e.to_string(),
         format!("pid {PID}: mapped file {:?} is missing", f.path("lib.so"))
@@ -146,7 +146,7 @@ fn an_empty_path_is_shown_quoted() {
     let f = fixture();
     let mut image = f.open();
     image.tree.processes[0].root = String::new();
-    let e = check_files(&image).expect_err("empty root");
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("empty root");
     assert_eq!(e.to_string(), format!("pid {PID}: root \"\" is missing"));
 }
 
@@ -157,7 +157,7 @@ fn mapped_file_shorter_than_its_offset_is_refused() {
     // An image without recorded sizes (written before they were).
     let mut image = f.open();
     image.tree.file_sizes.clear();
-    let e = check_files(&image).expect_err("too short");
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("too short");
     assert!(
         matches!(
             &e,
@@ -176,7 +176,7 @@ fn mapped_file_shorter_than_its_offset_is_refused() {
 fn executable_or_mapped_file_with_another_size_is_refused() {
     let f = fixture();
     std::fs::write(f.path("lib.so"), vec![0u8; 12288]).expect("grow lib.so");
-    let e = check_files(&f.open()).expect_err("lib.so changed");
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("lib.so changed");
     assert_eq!(
         e.to_string(),
         format!(
@@ -186,7 +186,7 @@ fn executable_or_mapped_file_with_another_size_is_refused() {
     );
     let f = fixture();
     std::fs::write(f.path("exe"), b"\x7fELF, but longer").expect("replace exe");
-    let e = check_files(&f.open()).expect_err("exe changed");
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("exe changed");
     assert!(
         e.to_string()
             .contains(&format!("executable {:?} size changed", f.path("exe"))),
@@ -194,11 +194,28 @@ fn executable_or_mapped_file_with_another_size_is_refused() {
     );
 }
 
+/// The fixture's image with fd 7 (`data`, 10 bytes) opened with `flags`.
+fn with_data_flags(f: &Fixture, flags: i32) -> Image {
+    let mut image = f.open();
+    image.processes[0].fds[1].flags = flags as u32;
+    image
+}
+
 #[test]
 fn open_file_with_another_size_is_refused() {
     let f = fixture();
     std::fs::write(f.path("data"), b"0123456789ab").expect("grow");
-    let e = check_files(&f.open()).expect_err("size");
+    // Open for reading and writing: the process may read what grew.
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("size");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: fd 7 file {:?} size changed: image 10, now 12 \
+             (only a file open write-only with O_APPEND may grow)",
+            f.path("data")
+        )
+    );
+    let e = check_files(&f.open(), Growth::Exact).expect_err("size, exact");
     assert_eq!(
         e.to_string(),
         format!(
@@ -209,11 +226,104 @@ fn open_file_with_another_size_is_refused() {
 }
 
 #[test]
+fn a_grown_file_passes_only_under_a_write_only_append_fd() {
+    let f = fixture();
+    std::fs::write(f.path("data"), b"0123456789 and then more!").expect("grow");
+    let append = libc::O_WRONLY | libc::O_APPEND;
+    check_files(&with_data_flags(&f, append), Growth::AppendOnlyMayGrow).expect("a log that grew");
+    check_files(
+        &with_data_flags(&f, append | libc::O_CLOEXEC | libc::O_NONBLOCK),
+        Growth::AppendOnlyMayGrow,
+    )
+    .expect("other flags do not matter");
+    for (flags, why) in [
+        (libc::O_RDWR | libc::O_APPEND, "readable"),
+        (libc::O_RDONLY | libc::O_APPEND, "read-only"),
+        (libc::O_WRONLY, "write-only without O_APPEND"),
+    ] {
+        let e = check_files(&with_data_flags(&f, flags), Growth::AppendOnlyMayGrow).expect_err(why);
+        assert!(
+            matches!(
+                &e,
+                CheckError::GrewNotAppendOnly {
+                    pid: PID,
+                    image: 10,
+                    now: 25,
+                    ..
+                }
+            ),
+            "{why}: {e}"
+        );
+    }
+    // A container's rootfs: exact sizes, also for a log.
+    let e = check_files(&with_data_flags(&f, append), Growth::Exact).expect_err("container");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: fd 7 file {:?} size changed: image 10, now 25",
+            f.path("data")
+        )
+    );
+}
+
+#[test]
+fn a_shrunk_log_is_refused_naming_both_sizes() {
+    let f = fixture();
+    std::fs::write(f.path("data"), b"0123").expect("shrink");
+    let append = libc::O_WRONLY | libc::O_APPEND;
+    let e =
+        check_files(&with_data_flags(&f, append), Growth::AppendOnlyMayGrow).expect_err("shrunk");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: fd 7 file {:?} size changed: image 10, now 4",
+            f.path("data")
+        )
+    );
+}
+
+#[test]
+fn a_log_that_is_also_mapped_or_executed_must_keep_its_size() {
+    // The same file appended to through fd 7 and mapped: the mapping is
+    // read from it, so it is held to its size.
+    let f = fixture();
+    std::fs::write(f.path("lib.so"), vec![0u8; 12288]).expect("grow lib.so");
+    let mut image = with_data_flags(&f, libc::O_WRONLY | libc::O_APPEND);
+    if let FdKind::File { path, size, .. } = &mut image.processes[0].fds[1].kind {
+        *path = f.path("lib.so");
+        *size = 8192;
+    }
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("mapped");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "pid {PID}: mapped file {:?} size changed: image 8192, now 12288",
+            f.path("lib.so")
+        )
+    );
+    let f = fixture();
+    std::fs::write(f.path("exe"), b"\x7fELF and a log line").expect("grow exe");
+    let mut image = with_data_flags(&f, libc::O_WRONLY | libc::O_APPEND);
+    if let FdKind::File { path, size, .. } = &mut image.processes[0].fds[1].kind {
+        *path = f.path("exe");
+        *size = 4;
+    }
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("executable");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "pid {PID}: executable {:?} size changed",
+            f.path("exe")
+        )),
+        "{e}"
+    );
+}
+
+#[test]
 fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
     let f = fixture();
     let mut image = f.open();
     image.processes[0].vmas[0].deleted = true;
-    let e = check_files(&image).expect_err("deleted mapping");
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("deleted mapping");
     assert_eq!(
         e.to_string(),
         format!(
@@ -226,7 +336,7 @@ fn deleted_mapping_and_deleted_fd_file_are_not_supported() {
     if let FdKind::File { deleted, .. } = &mut image.processes[0].fds[1].kind {
         *deleted = true;
     }
-    let e = check_files(&image).expect_err("deleted fd file");
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("deleted fd file");
     assert_eq!(
         e.to_string(),
         format!(
@@ -285,7 +395,7 @@ fn wrong_kinds_and_unsupported_fds_are_refused() {
     let f = fixture();
     std::fs::remove_file(f.path("exe")).expect("rm exe");
     std::fs::create_dir(f.path("exe")).expect("exe as dir");
-    let e = check_files(&f.open()).expect_err("exe is a dir");
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("exe is a dir");
     assert_eq!(
         e.to_string(),
         format!(
@@ -297,7 +407,7 @@ fn wrong_kinds_and_unsupported_fds_are_refused() {
     let f = fixture();
     std::fs::remove_dir(f.path("d")).expect("rm d");
     std::fs::write(f.path("d"), b"").expect("d as file");
-    let e = check_files(&f.open()).expect_err("cwd is a file");
+    let e = check_files(&f.open(), Growth::AppendOnlyMayGrow).expect_err("cwd is a file");
     assert!(
         matches!(
             &e,
@@ -318,7 +428,7 @@ fn wrong_kinds_and_unsupported_fds_are_refused() {
             link: "anon_inode:[eventfd]".into(),
         },
     });
-    let e = check_files(&image).expect_err("eventfd");
+    let e = check_files(&image, Growth::AppendOnlyMayGrow).expect_err("eventfd");
     assert_eq!(
         e.to_string(),
         format!("not supported: pid {PID} fd 11: anon_inode:[eventfd]")

@@ -181,11 +181,12 @@ struct Ctx {
     stdio: fds::Stdio,
 }
 
-/// Whether the files an image depends on are checked where this runs:
-/// not by the shim, whose root is not the container's.
+/// Whether the files an image depends on are checked where this runs
+/// (not by the shim, whose root is not the container's), and which open
+/// files may have grown since the dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Files {
-    Check,
+    Check(checks::Growth),
     ElsewhereLater,
 }
 
@@ -212,8 +213,8 @@ fn open_and_plan(
         .page_reader()
         .and_then(|reader| reader.verify_frames())
         .map_err(image_error)?;
-    if files == Files::Check {
-        checks::check_files(&image)?;
+    if let Files::Check(growth) = files {
+        checks::check_files(&image, growth)?;
     }
     progress(format_args!("image {} checked", images.display()));
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
@@ -304,7 +305,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
         }
     };
-    let (image, plan) = open_and_plan(&options.images, Files::Check, &progress)?;
+    let (image, plan) = open_and_plan(
+        &options.images,
+        Files::Check(checks::Growth::AppendOnlyMayGrow),
+        &progress,
+    )?;
     // The tmpfs files the root will create: removed again on failure.
     let created_files = saved_files::CreatedFiles::before(&image.tree.saved_files);
     // The packets of the tree's established connections were dropped since
@@ -596,7 +601,8 @@ pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> Resto
                 "restore-init must run as pid 1 of the container's pid namespace".into(),
             ));
         }
-        let (image, plan) = open_and_plan(images, Files::Check, &|_| {})?;
+        // The container's rootfs stays as strict as the image: see `Growth::Exact`.
+        let (image, plan) = open_and_plan(images, Files::Check(checks::Growth::Exact), &|_| {})?;
         if control_len(image.processes.len()) > control.len() {
             return Err(RestoreError::NotSupported(format!(
                 "control region of {} bytes is too small for {} processes",
@@ -1003,6 +1009,12 @@ fn build_process(
     Ok(prepared)
 }
 
+/// Where a private procfs is mounted for the moment to write a sysctl
+/// where /proc/sys is read-only (`sys::ns::write_proc_sys`). /dev: a tmpfs
+/// of the container's own (or the host's devtmpfs, where /proc/sys is
+/// writable anyway and the scratch is never made).
+const PROC_SCRATCH: &str = "/dev/.cowsnap-proc";
+
 /// Moves the namespace's next automatic pid above every pid and tid of
 /// the image: the worker threads restored processes start while building
 /// (decompression) take automatic pids, which must not be one a process
@@ -1017,10 +1029,7 @@ fn pids_out_of_the_way(ctx: &Ctx) -> Result<(), String> {
         .chain(ctx.target_pid.iter().copied())
         .max()
         .unwrap_or(1);
-    // /dev: a tmpfs of the container's own (or the host's devtmpfs, where
-    // /proc/sys is writable anyway and the scratch is never made).
-    let scratch = Path::new("/dev/.cowsnap-proc");
-    crate::sys::ns::set_ns_last_pid(highest, scratch)
+    crate::sys::ns::set_ns_last_pid(highest, Path::new(PROC_SCRATCH))
         .map_err(|e| format!("setting ns_last_pid to {highest}: {e}"))
 }
 
@@ -1731,7 +1740,8 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
     }
     let control = &ctx.control;
     let mut count = 0u32;
-    super::sysv::create_all(segments, ctx.image.manifest.created_unix, |id| {
+    let scratch = Path::new(PROC_SCRATCH);
+    super::sysv::create_all(segments, ctx.image.manifest.created_unix, scratch, |id| {
         if !private_ns {
             control.write_bytes(CONTROL_SYSV + 4 + 4 * count as u64, &id.to_ne_bytes());
             count += 1;

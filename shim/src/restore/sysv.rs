@@ -1,7 +1,8 @@
 //! SysV shared memory of a restored tree. The root, before anything else,
 //! creates every segment of `Tree::sysv_shm` again with its key, size,
 //! owner and mode and its original shmid (a process may have stored the
-//! id: `kernel.shm_next_id` is set right before each `shmget`, and a
+//! id: `kernel.shm_next_id` is set right before each `shmget`, through a
+//! private procfs where /proc/sys is read-only as in a container, and a
 //! different id fails the restore naming it), then writes the pages no
 //! VMA of the tree shows (the others are written by the holder of the
 //! attachment, see `plan`). Attachments come back like shared anonymous
@@ -19,6 +20,7 @@
 //! region and the restore command removes them after killing the tree.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use crate::image::types::{PageRun, SysvShmSegment, Vma, VmaKind};
 use crate::sys::shm::{self, ShmError, SHM_DEST, SHM_LOCKED};
@@ -72,8 +74,9 @@ fn left_by_the_dumped_tree(s: &SysvShmSegment, existing: i32, dumped_at: u64) ->
         })
 }
 
-/// Creates `s` again with its id, key, size, owner and mode.
-fn create_one(s: &SysvShmSegment, dumped_at: u64) -> Result<i32, SysvError> {
+/// Creates `s` again with its id, key, size, owner and mode (`scratch`:
+/// see `shm::set_next_id`).
+fn create_one(s: &SysvShmSegment, dumped_at: u64, scratch: &Path) -> Result<i32, SysvError> {
     let err = |source| SysvError::Shm {
         key: s.key,
         shmid: s.shmid,
@@ -102,7 +105,7 @@ fn create_one(s: &SysvShmSegment, dumped_at: u64) -> Result<i32, SysvError> {
             });
         }
     }
-    shm::set_next_id(s.shmid).map_err(err)?;
+    shm::set_next_id(s.shmid, scratch).map_err(err)?;
     let got = match shm::create(s.key, s.size, s.mode) {
         Ok(id) => id,
         Err(e) => {
@@ -137,11 +140,12 @@ fn create_one(s: &SysvShmSegment, dumped_at: u64) -> Result<i32, SysvError> {
 pub fn create_all(
     segments: &[SysvShmSegment],
     dumped_at: u64,
+    scratch: &Path,
     mut record: impl FnMut(i32),
 ) -> Result<(), SysvError> {
     let mut created = Vec::with_capacity(segments.len());
     for s in segments {
-        match create_one(s, dumped_at) {
+        match create_one(s, dumped_at, scratch) {
             Ok(id) => {
                 record(id);
                 created.push(id);
@@ -336,7 +340,10 @@ mod tests {
         let a = segment(0x7123 + (7 << 15), 0, vec![]);
         let b = segment(0x7124 + (7 << 15), 0x5eed_0001, vec![]);
         let mut seen = Vec::new();
-        create_all(&[a.clone(), b.clone()], 0, |id| seen.push(id)).expect("create");
+        // Used only where /proc/sys is read-only.
+        let scratch_dir = tempfile::tempdir().expect("tempdir");
+        let scratch = scratch_dir.path().join("proc");
+        create_all(&[a.clone(), b.clone()], 0, &scratch, |id| seen.push(id)).expect("create");
         assert_eq!(seen, vec![a.shmid, b.shmid]);
         for s in [&a, &b] {
             let st = shm::stat(s.shmid).expect("stat");
@@ -348,7 +355,8 @@ mod tests {
         // b's key and a's id are taken now: nothing new stays behind.
         let c = segment(0x7125 + (7 << 15), 0, vec![]);
         let mut again = Vec::new();
-        let err = create_all(&[c.clone(), b.clone()], 0, |id| again.push(id)).expect_err("taken");
+        let err = create_all(&[c.clone(), b.clone()], 0, &scratch, |id| again.push(id))
+            .expect_err("taken");
         assert!(
             matches!(
                 err,
@@ -361,7 +369,7 @@ mod tests {
         );
         assert_eq!(again, vec![c.shmid]);
         assert!(shm::stat(c.shmid).is_err(), "c was removed");
-        let err = create_all(std::slice::from_ref(&a), 0, |_| {}).expect_err("id taken");
+        let err = create_all(std::slice::from_ref(&a), 0, &scratch, |_| {}).expect_err("id taken");
         assert!(err.to_string().contains(&a.shmid.to_string()), "{err}");
         remove_created(&[a.shmid, b.shmid], std::process::id() as i32);
         assert!(shm::stat(a.shmid).is_err() && shm::stat(b.shmid).is_err());

@@ -81,12 +81,19 @@ pub fn detach_mounts(pid: i32, unmount: &[&str], remove: &[&str]) -> io::Result<
 }
 
 /// Sets the caller's pid namespace's last automatic pid (the next one
-/// handed out is above it). Where `/proc/sys` is read-only (runc makes it
-/// so in containers) it writes through a private procfs mounted for the
-/// moment at `scratch`, a directory this creates and removes.
+/// handed out is above it); see [`write_proc_sys`] for `scratch`.
 pub fn set_ns_last_pid(value: i32, scratch: &std::path::Path) -> io::Result<()> {
-    const FILE: &str = "sys/kernel/ns_last_pid";
-    match std::fs::write(format!("/proc/{FILE}"), value.to_string()) {
+    write_proc_sys("kernel/ns_last_pid", &value.to_string(), scratch)
+}
+
+/// Writes `value` to the sysctl `/proc/sys/FILE` of the caller's
+/// namespaces. Where `/proc/sys` is read-only (runc makes it so in
+/// containers) it writes through a private procfs mounted for the moment
+/// at `scratch`, a directory this creates and removes: the container's own
+/// /proc/sys stays read-only throughout.
+pub fn write_proc_sys(file: &str, value: &str, scratch: &std::path::Path) -> io::Result<()> {
+    let file = format!("sys/{file}");
+    match std::fs::write(format!("/proc/{file}"), value) {
         Err(e)
             if matches!(
                 e.raw_os_error(),
@@ -100,7 +107,7 @@ pub fn set_ns_last_pid(value: i32, scratch: &std::path::Path) -> io::Result<()> 
     let result = mount(Some("proc"), scratch, Some("proc"), flags, None::<&str>)
         .map_err(|e| io::Error::other(format!("mounting proc at {}: {e}", scratch.display())))
         .and_then(|()| {
-            let written = std::fs::write(scratch.join(FILE), value.to_string());
+            let written = std::fs::write(scratch.join(&file), value);
             let _ = umount2(scratch, MntFlags::MNT_DETACH);
             written
         });
@@ -119,6 +126,58 @@ mod tests {
         let file = std::fs::File::open("/proc/self/stat").expect("open");
         let raw = std::os::fd::IntoRawFd::into_raw_fd(file);
         assert!(owned_fd(raw).is_ok());
+    }
+
+    #[test]
+    fn write_proc_sys_goes_through_a_private_procfs_where_proc_sys_is_read_only() {
+        use nix::mount::{mount, MsFlags};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scratch = dir.path().join("proc");
+        let in_child = scratch.clone();
+        // A child with mount and IPC namespaces of its own (the knob is the
+        // IPC namespace's) and /proc/sys made read-only as runc makes it.
+        let child = crate::sys::testing::TestChild::fork(move || {
+            let none = None::<&str>;
+            let step = || -> Result<(), (i64, String)> {
+                let fail = |code: i64| move |e: nix::Error| (code, e.to_string());
+                nix::sched::unshare(
+                    nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWIPC,
+                )
+                .map_err(fail(2))?;
+                mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+                    .map_err(fail(3))?;
+                mount(Some("/proc/sys"), "/proc/sys", none, MsFlags::MS_BIND, none)
+                    .map_err(fail(4))?;
+                let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+                mount(none, "/proc/sys", none, ro, none).map_err(fail(5))?;
+                const KNOB: &str = "/proc/sys/kernel/shm_next_id";
+                if std::fs::write(KNOB, "7").is_ok() {
+                    return Err((6, "/proc/sys is still writable".into()));
+                }
+                write_proc_sys("kernel/shm_next_id", "7", &in_child)
+                    .map_err(|e| (7, e.to_string()))?;
+                let now = std::fs::read_to_string(KNOB).map_err(|e| (8, e.to_string()))?;
+                if now.trim() != "7" {
+                    return Err((9, format!("{KNOB} is {now:?}")));
+                }
+                if in_child.exists() {
+                    return Err((10, "the scratch directory is left".into()));
+                }
+                Ok(())
+            };
+            match step() {
+                Ok(()) => 1,
+                Err((code, e)) => {
+                    eprintln!("write_proc_sys child, step {code}: {e}");
+                    -code
+                }
+            }
+        });
+        assert_eq!(
+            child.value, 1,
+            "the child's step that failed (see its stderr)"
+        );
+        assert!(!scratch.exists(), "nothing made in this namespace");
     }
 
     #[test]

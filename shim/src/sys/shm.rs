@@ -149,8 +149,10 @@ pub fn lock(shmid: i32) -> Result<(), ShmError> {
 
 /// The id the next segment of this IPC namespace gets. The kernel uses it
 /// once and sets the knob back to -1 itself (it refuses a written -1).
-pub fn set_next_id(value: i32) -> Result<(), ShmError> {
-    std::fs::write(SHM_NEXT_ID, format!("{value}\n"))
+/// `scratch`: where a private procfs may be mounted for the moment when
+/// /proc/sys is read-only (in a container; see `ns::write_proc_sys`).
+pub fn set_next_id(value: i32, scratch: &std::path::Path) -> Result<(), ShmError> {
+    super::ns::write_proc_sys("kernel/shm_next_id", &value.to_string(), scratch)
         .map_err(|source| ShmError::NextId { value, source })
 }
 
@@ -394,11 +396,14 @@ pub(crate) mod tests {
         let _lock = NEXT_ID_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let first = Seg(create(0, PAGE, 0o600).expect("shmget"));
         let want = first.0 + 3; // same sequence number, a later index
-        set_next_id(want).expect("shm_next_id");
+                                // Used only where /proc/sys is read-only.
+        let scratch_dir = tempfile::tempdir().expect("tempdir");
+        let scratch = scratch_dir.path().join("proc");
+        set_next_id(want, &scratch).expect("shm_next_id");
         let got = Seg(create(0, PAGE, 0o600).expect("shmget"));
         assert_eq!(got.0, want);
         // A chosen id left pending is consumed, so the next segment is the kernel's pick.
-        set_next_id(want + 1).expect("shm_next_id");
+        set_next_id(want + 1, &scratch).expect("shm_next_id");
         clear_next_id().expect("clear");
         let next = Seg(create(0, PAGE, 0o600).expect("shmget"));
         assert_ne!(next.0, want + 1);

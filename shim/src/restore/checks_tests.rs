@@ -379,11 +379,11 @@ fn deleted_files_the_image_saved_and_missing_saved_tmpfs_files_pass() {
     if let FdKind::File { saved, .. } = &mut image.processes[0].fds[1].kind {
         *saved = Some(1);
     }
-    check_files(&image).expect("restore makes both");
+    check_files(&image, Growth::Exact).expect("restore makes both");
 
     // A saved tmpfs file that exists is checked as any file is.
     std::fs::write(f.path("data"), b"twelve bytes").expect("data again");
-    let e = check_files(&image).expect_err("size changed");
+    let e = check_files(&image, Growth::Exact).expect_err("size changed");
     assert!(
         e.to_string().contains("size changed: image 10, now 12"),
         "{e}"

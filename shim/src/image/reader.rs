@@ -38,8 +38,8 @@ use super::sockets::{EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_F
 use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
-    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
-    PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
+    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
+    PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
 };
 use super::ImageError;
 
@@ -517,7 +517,9 @@ pub fn check_posix_timers(file: &str, process: &ProcessImage) -> Result<(), Imag
             }
             (true, None) => return Err(bad("SIGEV_THREAD_ID without a target thread".into())),
             (false, Some(tid)) => {
-                return Err(bad(format!("a target thread {tid} without SIGEV_THREAD_ID")))
+                return Err(bad(format!(
+                    "a target thread {tid} without SIGEV_THREAD_ID"
+                )))
             }
             (false, None) => {}
         }
@@ -530,7 +532,9 @@ pub fn check_posix_timers(file: &str, process: &ProcessImage) -> Result<(), Imag
         match (armed && posix_timer_clock_is_absolute(t.clockid), t.expires) {
             (true, Some(at)) if valid_time(at) => {}
             (true, Some(at)) => return Err(bad(format!("expiry {at:?} is not a valid time"))),
-            (true, None) => return Err(bad("armed on an absolute clock without its expiry".into())),
+            (true, None) => {
+                return Err(bad("armed on an absolute clock without its expiry".into()))
+            }
             (false, Some(_)) => {
                 return Err(bad(
                     "an expiry for a disarmed timer or a relative clock".into()

@@ -985,7 +985,11 @@ fn build_process(
     .map_err(|e| e.to_string())?;
     blob_threads(ctx, entry, image, &mut args)?;
     let barrier = ctx.control.addr();
-    posix_timers::push(image, |t: &ThreadImage| ctx.mode.pick(&t.nstid, t.tid), &mut args)?;
+    posix_timers::push(
+        image,
+        |t: &ThreadImage| ctx.mode.pick(&t.nstid, t.tid),
+        &mut args,
+    )?;
     args.set_barrier(barrier, ctx.total_threads + 1);
     args.clear_pdeathsig_after_barrier(true);
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);

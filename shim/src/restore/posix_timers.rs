@@ -31,8 +31,8 @@ pub fn refuse_without_kernel_support(image: &Image) -> Result<(), RestoreError> 
     };
     match crate::sys::restore_sys::timer_create_restore_ids() {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(RestoreError::NotSupported(
-            format!(
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(RestoreError::NotSupported(format!(
                 "pid {} has POSIX timer(s) {}, and this kernel cannot create a timer with a \
                  given id (prctl PR_TIMER_CREATE_RESTORE_IDS, Linux 6.17+)",
                 p.pid,
@@ -41,8 +41,8 @@ pub fn refuse_without_kernel_support(image: &Image) -> Result<(), RestoreError> 
                     .map(|t| t.id.to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
-        )),
+            )))
+        }
         Err(e) => Err(RestoreError::NotSupported(format!(
             "prctl(PR_TIMER_CREATE_RESTORE_IDS): {e}"
         ))),
@@ -93,4 +93,83 @@ pub fn push(
         args.push_posix_timer(blob_entry(image.pid, t, &image.threads, &own_tid)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::types::{SIGEV_SIGNAL, SIGEV_THREAD_ID};
+
+    fn thread(tid: i32, nstid: Vec<i32>) -> ThreadImage {
+        ThreadImage {
+            tid,
+            nstid,
+            regs: Default::default(),
+            xsave: String::new(),
+            sigmask: 0,
+            pending: vec![],
+            sigaltstack: Default::default(),
+            clear_child_tid: 0,
+            rseq: None,
+            comm: String::new(),
+        }
+    }
+
+    fn timer(id: i32) -> PosixTimer {
+        PosixTimer {
+            id,
+            clockid: libc::CLOCK_MONOTONIC,
+            notify: SIGEV_THREAD_ID,
+            signo: 40,
+            sigev_value: 9,
+            thread: Some(501),
+            value: (1, 2),
+            interval: (3, 4),
+            expires: None,
+            overrun: 5,
+        }
+    }
+
+    #[test]
+    fn relative_timer_targets_the_thread_in_its_own_namespace() {
+        let threads = [thread(500, vec![500, 1]), thread(501, vec![501, 2])];
+        let e = blob_entry(500, &timer(7), &threads, |t| *t.nstid.last().unwrap()).expect("entry");
+        assert_eq!(
+            (e.id, e.notify, e.notify_tid, e.signo),
+            (7, SIGEV_THREAD_ID, 2, 40)
+        );
+        assert_eq!(e.settime_flags, 0);
+        assert_eq!(
+            (e.value, e.interval),
+            (
+                abi::Timespec { sec: 1, nsec: 2 },
+                abi::Timespec { sec: 3, nsec: 4 }
+            )
+        );
+    }
+
+    #[test]
+    fn absolute_timer_is_armed_at_its_expiry() {
+        let mut t = timer(1);
+        t.clockid = libc::CLOCK_REALTIME;
+        t.notify = SIGEV_SIGNAL;
+        t.thread = None;
+        t.expires = Some((1_900_000_000, 6));
+        let e = blob_entry(500, &t, &[], |t| t.tid).expect("entry");
+        assert_eq!((e.settime_flags, e.notify_tid), (TIMER_ABSTIME, 0));
+        assert_eq!(
+            e.value,
+            abi::Timespec {
+                sec: 1_900_000_000,
+                nsec: 6
+            }
+        );
+    }
+
+    #[test]
+    fn a_target_that_is_no_thread_is_an_error() {
+        let err = blob_entry(500, &timer(3), &[thread(500, vec![500])], |t| t.tid)
+            .expect_err("no thread 501");
+        assert_eq!(err, "pid 500 POSIX timer 3: no thread 501");
+    }
 }

@@ -925,21 +925,24 @@ ID: 0\nsignal: 35/00000000deadbeef\nnotify: signal/pid.4349\nClockID: 1\n";
                 },
             ]
         );
-        assert_eq!(parse_posix_timers(Path::new("t"), "").expect("empty"), vec![]);
+        assert_eq!(
+            parse_posix_timers(Path::new("t"), "").expect("empty"),
+            vec![]
+        );
     }
 
     #[test]
     fn posix_timers_malformed_lines_are_errors() {
         for bad in [
-            "signal: 10/0\n",                                  // before any ID
-            "ID: x\n",                                         // not a number
-            "ID: 1\nsignal: 10\n",                            // no value
-            "ID: 1\nsignal: 10/zz\n",                         // value not hex
-            "ID: 1\nnotify: bogus/pid.1\n",                   // unknown kind
-            "ID: 1\nnotify: signal/pgid.1\n",                 // unknown target
-            "ID: 1\nnotify: signal/pid\n",                    // no number
-            "ID: 1\nClockID: one\n",                          // not a number
-            "garbage\n",                                       // no colon
+            "signal: 10/0\n",                 // before any ID
+            "ID: x\n",                        // not a number
+            "ID: 1\nsignal: 10\n",            // no value
+            "ID: 1\nsignal: 10/zz\n",         // value not hex
+            "ID: 1\nnotify: bogus/pid.1\n",   // unknown kind
+            "ID: 1\nnotify: signal/pgid.1\n", // unknown target
+            "ID: 1\nnotify: signal/pid\n",    // no number
+            "ID: 1\nClockID: one\n",          // not a number
+            "garbage\n",                      // no colon
         ] {
             assert!(
                 parse_posix_timers(Path::new("t"), bad).is_err(),

@@ -1319,6 +1319,72 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
     );
 }
 
+/// A POSIX timer whose signal was pending (blocked) at the dump: by the
+/// rule of README ("File descriptors"), the pending signal comes back once
+/// (SI_TIMER), and the timer goes on from the time it had left, at its
+/// period: no tick doubled (a second one at once) or lost (a gap).
+#[test]
+fn a_pending_posix_timer_signal_comes_back_once() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-posix-pending-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut child, line) = start_workload("posix_pending.py", &[dir.path().as_os_str()]);
+    assert_eq!(line, "ready");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    // Three expirations: one signal pending, the rest overruns.
+    thread::sleep(Duration::from_millis(1000));
+    let (_img, images) = image_dir("posix-pending");
+    dump_exit(root, &images, &[]);
+    wait_gone(
+        &[root],
+        Some(&mut child),
+        "posix_pending.py after dump --exit",
+    );
+    // The time left at the dump; the restored program starts taking
+    // signals right after the release (it finds `go` at once).
+    let image: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(images.join(format!("proc-{root}.json"))).expect("proc json"),
+    )
+    .expect("json");
+    let left = &image["posix_timers"][0]["value"];
+    let left = left[0].as_f64().expect("sec") + left[1].as_f64().expect("nsec") / 1e9;
+    std::fs::write(dir.path().join("go"), b"").expect("go");
+    thread::sleep(Duration::from_millis(500));
+    restore(&images);
+    let _restored = KillOnDrop(vec![root]);
+    let out = dir.path().join("out.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !out.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no out.json from the restored program"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let got: Vec<(f64, i64, i64)> =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("out.json")).expect("json");
+    const SI_TIMER: i64 = -2;
+    assert!(
+        got.iter().all(|&(_, code, _)| code == SI_TIMER),
+        "every signal is the timer's: {got:?}"
+    );
+    assert!(got[0].0 < 0.1, "the pending signal at once: {got:?}");
+    assert!(
+        (got[1].0 - left).abs() < 0.1,
+        "the next one when the time left ({left:.3} s) ran out: {got:?}"
+    );
+    if left > 0.15 {
+        assert!(got[1].0 > 0.05, "the pending signal doubled: {got:?}");
+    }
+    for w in got[1..].windows(2) {
+        let step = w[1].0 - w[0].0;
+        assert!((0.2..0.45).contains(&step), "then every 300 ms: {got:?}");
+    }
+}
+
 // ------------------------------------------------------------ PostgreSQL
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";

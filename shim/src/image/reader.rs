@@ -346,6 +346,8 @@ fn check_zombie_image(file: &str, process: &ProcessImage) -> Result<(), ImageErr
         format!("{} threads", process.threads.len())
     } else if !process.signals.actions.is_empty() || !process.signals.shared_pending.is_empty() {
         "signal state".into()
+    } else if !process.posix_timers.is_empty() {
+        format!("{} POSIX timers", process.posix_timers.len())
     } else {
         return Ok(());
     };
@@ -1384,6 +1386,22 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert_eq!(t[1].thread, Some(100));
         assert_eq!(t[0].expires, Some((1_800_000_000, 5)));
+    }
+
+    #[test]
+    fn refuses_zombie_with_posix_timers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, 9, |v| {
+            let mut t = timer_json();
+            t["notify"] = json!(0);
+            t["thread"] = serde_json::Value::Null;
+            v["posix_timers"] = json!([t]);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieNotEmpty { pid: 101, what: ref w, .. } if w == "1 POSIX timers"
+        ));
     }
 
     #[test]

@@ -543,7 +543,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
     require_root();
     // A netlink socket, a packet socket and an established TCP connection
     // (without --tcp-established); a named FIFO held outside the tree too;
-    // queued SCM_RIGHTS and a unix peer outside the tree; a POSIX timer,
+    // queued SCM_RIGHTS and a unix peer outside the tree; a POSIX timer on
+    // a CPU-time clock,
     // deleted files; and, supported, a signalfd, a timerfd and an inotify fd.
     let fifo_dir = tempfile::Builder::new()
         .prefix("cowsnap-refuse-")
@@ -568,7 +569,7 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         ifd=libc.inotify_init1(0)\n\
         os.mkfifo({fifo:?}); ffd=os.open({fifo:?},os.O_RDWR)\n\
         x,y=socket.socketpair(); socket.send_fds(x,[b'fd'],[ffd])\n\
-        tid=ctypes.c_long(); libc.timer_create(1,None,ctypes.byref(tid))\n\
+        tid=ctypes.c_long(); libc.timer_create(2,None,ctypes.byref(tid))\n\
         import mmap; m1=open({gone_map:?},'w+b'); m1.write(bytes(4096)); m1.flush(); mm=mmap.mmap(m1.fileno(),4096); m1.close(); os.unlink({gone_map:?})\n\
         g=open({gone_fd:?},'w'); g.write('x'*2000); g.flush(); os.unlink({gone_fd:?})\n\
         o=socket.socket(socket.AF_UNIX); o.connect({outside:?})\n\
@@ -653,8 +654,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         assert!(err.contains(what), "message lacks {what:?}: {err}");
     }
     assert!(
-        err.contains(&format!("pid {root} has POSIX timer(s) 0 (timer_create)")),
-        "names the POSIX timer: {err}"
+        err.contains(&format!("pid {root} has POSIX timer 0 on a CPU-time clock")),
+        "names the POSIX timer on a CPU-time clock: {err}"
     );
     // The signalfd, the timerfd and the inotify fd are supported: not in the list.
     assert!(
@@ -1213,11 +1214,59 @@ fn redis_with_a_background_save_in_progress_restored() {
 
 // ------------------------------------------------------------ event fds
 
+/// `[time, count]` entries of a workload's log.
+fn timeline(v: &serde_json::Value) -> Vec<(f64, u64)> {
+    v.as_array()
+        .expect("log")
+        .iter()
+        .filter_map(|e| Some((e[0].as_f64()?, e[1].as_u64()?)))
+        .collect()
+}
+
+/// Index and length of the longest pause between two entries of a log.
+fn longest_pause(log: &[(f64, u64)]) -> (usize, f64) {
+    log.windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1].0 - w[0].0))
+        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a })
+}
+
+/// A periodic relative timer's log across the downtime `down`: a pause of
+/// at least the downtime, across which the count moved by at most
+/// `max_jump` (a tick due, one pending at the dump) plus the periods of the
+/// pause beyond the downtime (a loaded machine runs the program late after
+/// the release; its overruns count those): the downtime's intervals are
+/// not counted. After it, it ticks at its period (none lost or doubled,
+/// within a few ticks of a loaded machine's lag).
+fn assert_resumes(what: &str, log: &[(f64, u64)], period: f64, down: Duration, max_jump: u64) {
+    let (i, gap) = longest_pause(log);
+    assert!(
+        gap >= down.as_secs_f64(),
+        "{what}: the log shows no pause of the downtime: {gap}"
+    );
+    let jump = log[i + 1].1 - log[i].1;
+    let late = ((gap - down.as_secs_f64()) / period).ceil() as u64;
+    assert!(
+        jump <= max_jump + late,
+        "{what} counted {jump} expirations across a {gap:.2} s pause: downtime counted"
+    );
+    let (t0, n0) = log[i + 1];
+    let (t1, n1) = *log.last().expect("entries");
+    let expected = (t1 - t0) / period;
+    let got = (n1 - n0) as f64;
+    assert!(
+        expected >= 5.0 && (got - expected).abs() <= 3.0 + expected * 0.1,
+        "{what}: {got} expirations in {:.2} s after the restore, {expected:.1} expected",
+        t1 - t0
+    );
+}
+
 /// epoll + eventfd (plain and semaphore) + timerfd (relative periodic,
-/// absolute realtime) + signalfd: the timeline goes on by the rule of
-/// README ("File descriptors"): the relative timer does not count the
-/// downtime, the absolute one fires at its wall-clock time, counters and
-/// masks are kept.
+/// absolute realtime) + signalfd + POSIX timers (SIGEV_SIGNAL, and
+/// SIGEV_THREAD_ID to a second thread): the timeline goes on by the rule
+/// of README ("File descriptors"): the relative timers do not count the
+/// downtime, the absolute one fires at its wall-clock time, counters,
+/// masks and timer ids are kept.
 #[test]
 fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
     require_root();
@@ -1296,17 +1345,8 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
     // The periodic timer: across the longest pause in its log (the tree
     // down) the count moved by about what was pending at the dump, not by
     // the downtime's 30 intervals.
-    let log: Vec<(f64, u64)> = r["log"]
-        .as_array()
-        .expect("log")
-        .iter()
-        .filter_map(|e| Some((e[0].as_f64()?, e[1].as_u64()?)))
-        .collect();
-    let (i, gap) = log
-        .windows(2)
-        .enumerate()
-        .map(|(i, w)| (i, w[1].0 - w[0].0))
-        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    let log = timeline(&r["log"]);
+    let (i, gap) = longest_pause(&log);
     assert!(
         gap >= down.as_secs_f64(),
         "the log shows no pause of the downtime: {gap}"
@@ -1321,6 +1361,104 @@ fn event_fds_keep_their_timeline_across_dump_exit_and_restore() {
         after >= 10,
         "the timer goes on after the restore: {after} ticks"
     );
+
+    // POSIX timers: the ids timer_create gave (not the kernel's first, one
+    // was deleted), the thread-directed one aimed at the restored thread.
+    let ids: Vec<u64> = r["timer_ids"]
+        .as_array()
+        .expect("timer_ids")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert_eq!(ids, [1, 2], "timer ids: {r}");
+    let proc_timers = r["proc_timers"].as_str().expect("proc_timers");
+    for id in &ids {
+        assert!(
+            proc_timers.contains(&format!("ID: {id}\n")),
+            "timer {id} missing after the restore: {proc_timers}"
+        );
+    }
+    let worker = r["worker_tid"].as_u64().expect("worker_tid");
+    assert_ne!(worker, root as u64);
+    assert!(
+        proc_timers.contains(&format!("notify: signal/tid.{worker}\n"))
+            && proc_timers.contains("signal: 37/0000000000000052"),
+        "the SIGEV_THREAD_ID timer lost its thread or value: {proc_timers}"
+    );
+    assert_resumes("SIGEV_SIGNAL timer", &timeline(&r["plog"]), 0.040, down, 3);
+    assert_resumes(
+        "SIGEV_THREAD_ID timer",
+        &timeline(&r["tlog"]),
+        0.100,
+        down,
+        3,
+    );
+}
+
+/// A POSIX timer whose signal was pending (blocked) at the dump: by the
+/// rule of README ("File descriptors"), the pending signal comes back once
+/// (SI_TIMER), and the timer goes on from the time it had left, at its
+/// period: no tick doubled (a second one at once) or lost (a gap).
+#[test]
+fn a_pending_posix_timer_signal_comes_back_once() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnap-posix-pending-")
+        .tempdir()
+        .expect("tempdir");
+    let (mut child, line) = start_workload("posix_pending.py", &[dir.path().as_os_str()]);
+    assert_eq!(line, "ready");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    // Three expirations: one signal pending, the rest overruns.
+    thread::sleep(Duration::from_millis(1000));
+    let (_img, images) = image_dir("posix-pending");
+    dump_exit(root, &images, &[]);
+    wait_gone(
+        &[root],
+        Some(&mut child),
+        "posix_pending.py after dump --exit",
+    );
+    // The time left at the dump; the restored program starts taking
+    // signals right after the release (it finds `go` at once).
+    let image: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(images.join(format!("proc-{root}.json"))).expect("proc json"),
+    )
+    .expect("json");
+    let left = &image["posix_timers"][0]["value"];
+    let left = left[0].as_f64().expect("sec") + left[1].as_f64().expect("nsec") / 1e9;
+    std::fs::write(dir.path().join("go"), b"").expect("go");
+    thread::sleep(Duration::from_millis(500));
+    restore(&images);
+    let _restored = KillOnDrop(vec![root]);
+    let out = dir.path().join("out.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !out.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no out.json from the restored program"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let got: Vec<(f64, i64, i64)> =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("out.json")).expect("json");
+    const SI_TIMER: i64 = -2;
+    assert!(
+        got.iter().all(|&(_, code, _)| code == SI_TIMER),
+        "every signal is the timer's: {got:?}"
+    );
+    assert!(got[0].0 < 0.1, "the pending signal at once: {got:?}");
+    assert!(
+        (got[1].0 - left).abs() < 0.15,
+        "the next one when the time left ({left:.3} s) ran out: {got:?}"
+    );
+    if left > 0.2 {
+        assert!(got[1].0 > 0.05, "the pending signal doubled: {got:?}");
+    }
+    for w in got[1..].windows(2) {
+        let step = w[1].0 - w[0].0;
+        assert!((0.15..0.5).contains(&step), "then every 300 ms: {got:?}");
+    }
 }
 
 // ------------------------------------------------------------ PostgreSQL

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Event fds with a timeline, standard library only (ctypes for timerfd and
-signalfd, which Python 3.11's os module lacks).
+"""Event fds and POSIX timers with a timeline, standard library only (ctypes
+for timerfd, signalfd and timer_create, which Python 3.11's os module lacks).
 
 Usage: events.py DIR
 
@@ -15,6 +15,13 @@ One epoll set watches:
   - an inotify instance watching DIR/watched for IN_CREATE (a second watch
     on DIR, added first and removed, makes its descriptor 2):
     `inotify` counts the events that carry that descriptor.
+Two POSIX timers (timer_create; a first one is deleted, so their ids are
+not the kernel's first): a periodic CLOCK_MONOTONIC SIGEV_SIGNAL timer
+(every 40 ms, SIGRTMIN+2, counted by a handler with timer_getoverrun:
+`pticks`, logged in `plog`), and a periodic SIGEV_THREAD_ID timer (every
+100 ms, SIGRTMIN+3) aimed at a second thread that takes its signals with
+sigwaitinfo (`tticks`, `tlog`). `timer_ids` are the ids timer_create gave,
+`proc_timers` is /proc/self/timers at the report, `worker_tid` the thread's.
 Prints "ready START_WALL" once set up. On SIGUSR1 writes DIR/report.json.
 """
 import ctypes
@@ -24,6 +31,7 @@ import select
 import signal
 import struct
 import sys
+import threading
 import time
 
 out = sys.argv[1]
@@ -75,11 +83,70 @@ try:
 except BlockingIOError:
     pass
 
+class Sigevent(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                ("tid", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
+
+
+SIGEV_SIGNAL, SIGEV_THREAD_ID = 0, 4
+PSIG, TSIG = signal.SIGRTMIN + 2, signal.SIGRTMIN + 3
+libc.timer_getoverrun.argtypes = [ctypes.c_void_p]
+
+
+def timer_create(clock, ev):
+    tid = ctypes.c_void_p(0)
+    check(libc.timer_create(clock, ctypes.byref(ev), ctypes.byref(tid)), "timer_create")
+    return tid
+
+
+def timer_arm(timer, ns):
+    spec = Itimerspec(Timespec(0, ns), Timespec(0, ns))
+    check(libc.timer_settime(timer, 0, ctypes.byref(spec), None), "timer_settime")
+
+
+libc.timer_delete.argtypes = [ctypes.c_void_p]
+libc.timer_settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+throwaway = timer_create(time.CLOCK_MONOTONIC, Sigevent(0, PSIG, SIGEV_SIGNAL, 0))
+ptimer = timer_create(time.CLOCK_MONOTONIC, Sigevent(0x51, PSIG, SIGEV_SIGNAL, 0))
+check(libc.timer_delete(throwaway), "timer_delete")
+signal.pthread_sigmask(signal.SIG_BLOCK, [TSIG])
+worker_ready = threading.Event()
+worker = {}
+
+
+def worker_main():
+    worker["tid"] = threading.get_native_id()
+    worker_ready.set()
+    while True:
+        signal.sigwaitinfo([TSIG])
+        state["tticks"] += 1 + max(0, libc.timer_getoverrun(worker["timer"]))
+        state["tlog"].append([time.monotonic(), state["tticks"]])
+        del state["tlog"][:-200]
+
+
 ep = select.epoll()
 for fd in (periodic, absolute, sigfd, ino):
     ep.register(fd, select.EPOLLIN)
 state = {"ticks": 0, "log": [], "abs_fired": None, "sigusr2": 0, "start_wall": start_wall,
-         "inotify": 0, "inotify_other": 0, "wd": wd}
+         "inotify": 0, "inotify_other": 0, "wd": wd,
+         "pticks": 0, "plog": [], "tticks": 0, "tlog": []}
+
+
+def posix_tick(*_):
+    state["pticks"] += 1 + max(0, libc.timer_getoverrun(ptimer))
+    state["plog"].append([time.monotonic(), state["pticks"]])
+    del state["plog"][:-400]
+
+
+signal.signal(PSIG, posix_tick)
+threading.Thread(target=worker_main, daemon=True).start()
+worker_ready.wait()
+worker["timer"] = timer_create(time.CLOCK_MONOTONIC,
+                               Sigevent(0x52, TSIG, SIGEV_THREAD_ID, worker["tid"]))
+state["timer_ids"] = [ptimer.value, worker["timer"].value]
+state["worker_tid"] = worker["tid"]
+timer_arm(ptimer, 40_000_000)
+timer_arm(worker["timer"], 100_000_000)
 
 
 def report(*_):
@@ -97,6 +164,8 @@ def report(*_):
             except BlockingIOError:
                 break
         state["sem_reads"] = reads
+    with open("/proc/self/timers") as f:
+        state["proc_timers"] = f.read()
     r = dict(state)
     tmp = os.path.join(out, "report.json.tmp")
     with open(tmp, "w") as f:

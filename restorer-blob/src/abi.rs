@@ -13,7 +13,7 @@
 //! +--------------------------+ header_size
 //! | table entries and data   |  Range / Move / Map / Protect / Advise /
 //! |                          |  Thread / u32 groups / sock_filter / auxv /
-//! |                          |  populate Ranges /
+//! |                          |  populate Ranges / PosixTimer /
 //! |                          |  Siginfo (pending signals per thread)
 //! +--------------------------+ (64-byte aligned)
 //! | rt_sigframe + xsave      |  one per thread, each 64-byte aligned
@@ -26,7 +26,7 @@
 /// `"cowsnapB"` little endian.
 pub const ARGS_MAGIC: u64 = u64::from_le_bytes(*b"cowsnapB");
 /// Bumped on every incompatible change of any struct in this file.
-pub const ARGS_VERSION: u32 = 5;
+pub const ARGS_VERSION: u32 = 6;
 
 /// The blob exits with `EXIT_BASE + step` when a step fails.
 pub const EXIT_BASE: i32 = 64;
@@ -171,6 +171,40 @@ impl Siginfo {
     }
 }
 
+/// A `struct timespec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: i64,
+}
+
+/// One POSIX timer: created by thread 0 with its own id once every thread
+/// exists (`PR_TIMER_CREATE_RESTORE_IDS`, so `timer_create` takes the id
+/// from its `timerid` argument), armed by thread 0 once past the barrier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clockid: i32,
+    /// `sigev_notify`: SIGEV_SIGNAL (0), SIGEV_NONE (1), SIGEV_THREAD_ID (4).
+    pub notify: i32,
+    pub signo: i32,
+    pub sigev_value: u64,
+    /// SIGEV_THREAD_ID: the target thread's tid in this process's own pid namespace.
+    pub notify_tid: i32,
+    /// `timer_settime` flags (TIMER_ABSTIME = 1: `value` is an expiry).
+    pub settime_flags: i32,
+    /// `struct itimerspec`: interval, then value; a zero value leaves it disarmed.
+    pub interval: Timespec,
+    pub value: Timespec,
+}
+
+pub const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+pub const PR_TIMER_CREATE_RESTORE_IDS_OFF: u64 = 0;
+pub const PR_TIMER_CREATE_RESTORE_IDS_ON: u64 = 1;
+pub const PR_TIMER_CREATE_RESTORE_IDS_GET: u64 = 2;
+
 /// Creds of the process, applied by every thread (Linux creds are per thread).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -270,8 +304,11 @@ pub const STEP_SIGRETURN: u32 = 29;
 pub const STEP_SIGQUEUE: u32 = 30;
 /// Best effort: a failure is ignored, the step only shows where the blob is.
 pub const STEP_POPULATE: u32 = 31;
+/// `index` is the timer's entry, `addr` its id.
+pub const STEP_TIMER_CREATE: u32 = 32;
+pub const STEP_TIMER_SETTIME: u32 = 33;
 /// The highest step number.
-pub const STEP_LAST: u32 = STEP_POPULATE;
+pub const STEP_LAST: u32 = STEP_TIMER_SETTIME;
 
 /// Human name of a step, for "restorer failed at step X: errno Y".
 pub fn step_name(step: u32) -> &'static str {
@@ -307,6 +344,8 @@ pub fn step_name(step: u32) -> &'static str {
         STEP_SIGRETURN => "rt_sigreturn",
         STEP_SIGQUEUE => "rt_tgsigqueueinfo",
         STEP_POPULATE => "madvise-populate-read",
+        STEP_TIMER_CREATE => "timer_create",
+        STEP_TIMER_SETTIME => "timer_settime",
         _ => "unknown",
     }
 }
@@ -365,6 +404,8 @@ pub struct ArgHeader {
     /// its cached neighbours ("fault-around"), which the original may not
     /// have had. Only ranges without anonymous (written) pages.
     pub unpopulates: Table,
+    /// [`PosixTimer`]s of the process.
+    pub posix_timers: Table,
     /// Written by the blob: threads of this process past the barrier.
     pub threads_passed: u32,
     pub _pad1: u32,
@@ -450,3 +491,4 @@ const _: () = assert!(core::mem::size_of::<RtSigframe>() == 440);
 const _: () = assert!(core::mem::size_of::<PrctlMmMap>() == 104);
 const _: () = assert!(core::mem::size_of::<Siginfo>() == SIGINFO_SIZE);
 const _: () = assert!(core::mem::size_of::<Thread>() == 96);
+const _: () = assert!(core::mem::size_of::<PosixTimer>() == 64);

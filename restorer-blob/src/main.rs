@@ -8,10 +8,13 @@
 //! checks the block, blocks all signals, drops the runtime's rseq, unmaps
 //! every runtime range, runs the `mremap` moves (overlap-safe order),
 //! creates the mappings, fixes protections and advice, sets the mm fields,
-//! clones the other threads, and every thread then sets its fs/gs base, tid
-//! address, rseq, queues its own pending signals (still all blocked), takes
-//! its creds and seccomp filters, waits on the shared barrier and ends with
-//! `rt_sigreturn` into its prepared frame (which restores its real mask).
+//! clones the other threads, creates the POSIX timers (disarmed; a
+//! SIGEV_THREAD_ID target must exist first), and every thread then sets its
+//! fs/gs base, tid address, rseq, queues its own pending signals (still all
+//! blocked), takes its creds and seccomp filters, waits on the shared
+//! barrier and ends with `rt_sigreturn` into its prepared frame (which
+//! restores its real mask); past the barrier, thread 0 arms the timers
+//! first, so their time runs from the release of the tree.
 //!
 //! It owns nothing after that and must never touch memory outside the
 //! block, its stacks and the ranges the block names. On a failed syscall it
@@ -319,6 +322,9 @@ extern "C" fn blob_main(h: *mut ArgHeader) -> ! {
     for i in 1..hd.threads.count {
         clone_thread(&b, i);
     }
+    if hd.posix_timers.count != 0 {
+        create_timers(&b);
+    }
     thread_tail(&b, 0)
 }
 
@@ -330,7 +336,7 @@ fn check(b: &Block) {
     {
         b.fail(STEP_CHECK_ARGS, EBADMSG, 0, 0, b.base());
     }
-    let tables: [(Table, usize); 11] = [
+    let tables: [(Table, usize); 12] = [
         (h.unmaps, size_of::<Range>()),
         (h.moves, size_of::<Move>()),
         (h.maps, size_of::<Map>()),
@@ -342,6 +348,7 @@ fn check(b: &Block) {
         (h.post_barrier_unmaps, size_of::<Range>()),
         (h.populates, size_of::<Range>()),
         (h.unpopulates, size_of::<Range>()),
+        (h.posix_timers, size_of::<PosixTimer>()),
     ];
     for (i, (t, sz)) in tables.iter().enumerate() {
         if !table_fits(h, *t, *sz) {
@@ -614,6 +621,9 @@ fn thread_tail(b: &Block, i: u64) -> ! {
             b.check_ok(r, STEP_BARRIER, ti, 0, 0);
         }
     }
+    if ti == 0 {
+        arm_timers(b);
+    }
 
     // The last thread of this process past the barrier reports success and
     // drops what only the blob needed (no sibling reads it any more).
@@ -771,6 +781,99 @@ fn restore_creds(b: &Block, c: &Creds, ti: u32) {
             let r = unsafe { syscall(SYS_PRCTL, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0) };
             b.check_ok(r, STEP_AMBIENT, ti, cap, 0);
         }
+    }
+}
+
+/// `struct sigevent` of x86_64: sigval, signo, notify, then a union whose
+/// first int is the SIGEV_THREAD_ID tid; 64 bytes in all.
+#[repr(C)]
+struct Sigevent {
+    value: u64,
+    signo: i32,
+    notify: i32,
+    tid: i32,
+    _pad: [i32; 11],
+}
+
+/// Creates every POSIX timer with its id, disarmed. Restore-ids mode is
+/// per process and switched off again at once: only these calls use it.
+fn create_timers(b: &Block) {
+    let hd = *b.hdr();
+    b.step(STEP_TIMER_CREATE, 0);
+    // SAFETY: sets a flag of this process's signal struct.
+    let r = unsafe {
+        syscall(
+            SYS_PRCTL,
+            PR_TIMER_CREATE_RESTORE_IDS,
+            PR_TIMER_CREATE_RESTORE_IDS_ON,
+            0,
+            0,
+        )
+    };
+    b.check_ok(r, STEP_TIMER_CREATE, 0, u64::MAX, 0);
+    for k in 0..hd.posix_timers.count {
+        let t: PosixTimer = b.get(hd.posix_timers, k);
+        let ev = Sigevent {
+            value: t.sigev_value,
+            signo: t.signo,
+            notify: t.notify,
+            tid: t.notify_tid,
+            _pad: [0; 11],
+        };
+        let mut id: i32 = t.id;
+        // SAFETY: `ev` and `id` live on this stack for the call; the
+        // kernel reads both and writes the id back.
+        let r = unsafe {
+            syscall(
+                SYS_TIMER_CREATE,
+                t.clockid as u64,
+                &ev as *const Sigevent as u64,
+                &mut id as *mut i32 as u64,
+                0,
+            )
+        };
+        b.check_ok(r, STEP_TIMER_CREATE, 0, k, t.id as u64);
+        if id != t.id {
+            b.fail(STEP_TIMER_CREATE, EINVAL, 0, k, t.id as u64);
+        }
+    }
+    // SAFETY: clears the flag set above.
+    let r = unsafe {
+        syscall(
+            SYS_PRCTL,
+            PR_TIMER_CREATE_RESTORE_IDS,
+            PR_TIMER_CREATE_RESTORE_IDS_OFF,
+            0,
+            0,
+        )
+    };
+    b.check_ok(r, STEP_TIMER_CREATE, 0, u64::MAX, 0);
+}
+
+/// Arms every timer that was armed at dump (value and interval in the
+/// block, `struct itimerspec` order).
+fn arm_timers(b: &Block) {
+    let hd = *b.hdr();
+    for k in 0..hd.posix_timers.count {
+        let t: PosixTimer = b.get(hd.posix_timers, k);
+        if t.value == (Timespec { sec: 0, nsec: 0 }) {
+            continue;
+        }
+        b.step(STEP_TIMER_SETTIME, 0);
+        let spec = b.entry::<PosixTimer>(hd.posix_timers, k) as u64
+            + core::mem::offset_of!(PosixTimer, interval) as u64;
+        // SAFETY: `spec` is an itimerspec inside the block (interval then
+        // value, adjacent in the checked entry); the kernel only reads it.
+        let r = unsafe {
+            syscall(
+                SYS_TIMER_SETTIME,
+                t.id as u64,
+                t.settime_flags as u64,
+                spec,
+                0,
+            )
+        };
+        b.check_ok(r, STEP_TIMER_SETTIME, 0, k, t.id as u64);
     }
 }
 

@@ -27,6 +27,8 @@ pub const SYS_EXIT_GROUP: u64 = 231;
 pub const SYS_SECCOMP: u64 = 317;
 pub const SYS_RSEQ: u64 = 334;
 pub const SYS_CLONE3: u64 = 435;
+pub const SYS_TIMER_CREATE: u64 = 222;
+pub const SYS_TIMER_SETTIME: u64 = 223;
 
 /// Result of a raw syscall: `Err(errno)` for -4095..-1.
 pub type SysResult = Result<u64, u32>;

@@ -7,6 +7,7 @@ pub mod event_fds;
 pub mod fds;
 pub mod files;
 pub mod memory;
+pub mod posix_timers;
 pub mod saved_files;
 pub mod seize;
 pub mod sockets;
@@ -406,11 +407,14 @@ fn collect(
     let mut fd_tables: Vec<(i32, Vec<crate::image::types::Fd>)> = Vec::new();
     let mut refusals = Vec::new();
     let mut saved_files = saved_files::SavedFiles::new(options.saved_file_limit, options.pid);
+    let mut proc_timers = std::collections::BTreeMap::new();
     for p in seized.processes() {
         let mut fds = collect_fds(p.pid, &mut pipes)?;
         let maps = read_smaps(p.pid)?;
         refuse_unsupported_fds(p.pid, &fds, &mut refusals);
-        refuse_posix_timers(p.pid, &mut refusals);
+        let timers = crate::sys::procfs::read_posix_timers(p.pid)?;
+        posix_timers::refuse_unsupported(p.pid, &timers, &mut refusals);
+        proc_timers.insert(p.pid, timers);
         refuse_what_restore_refuses(p.pid, &maps, &mut refusals);
         saved_files.collect(p.pid, &mut fds, &maps, &mut refusals)?;
         fd_tables.push((p.pid, fds));
@@ -461,7 +465,9 @@ fn collect(
         let facts = tree::read_facts(pid)?;
         let fds = fd_tables.remove(&pid).unwrap_or_default();
         // Before the memory scan: collect maps and unmaps a scratch page.
-        let state = task_state::collect(seized, pid)?;
+        let timers = proc_timers.remove(&pid).unwrap_or_default();
+        let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
+        let state = task_state::collect(seized, pid, &timer_ids)?;
         let maps = read_smaps(pid)?;
         let vmas = scanner
             .scan_process(pid, &maps, writer.pages())
@@ -484,7 +490,14 @@ fn collect(
             itimers: state.itimers,
             threads: state.threads,
             unmapped_shmem: scanner.take_unmapped_shmem(),
+            posix_timers: posix_timers::records(&timers, &state.posix_timers),
         };
+        // What restore checks about the timers, checked before writing.
+        crate::image::reader::check_posix_timers(
+            &crate::image::types::process_file_name(pid),
+            &image,
+        )
+        .map_err(|e| DumpError::NotSupported(e.to_string()))?;
         sysv_vmas.extend(
             image
                 .vmas
@@ -578,24 +591,6 @@ fn refuse_what_restore_refuses(pid: i32, maps: &[MapsEntry], refusals: &mut Vec<
                 }
             ))
         }
-    }
-}
-
-/// POSIX timers (`timer_create`) are not restored: a process holding one
-/// is refused rather than restored without it.
-fn refuse_posix_timers(pid: i32, refusals: &mut Vec<String>) {
-    let path = format!("/proc/{pid}/timers");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let ids: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("ID:"))
-        .map(str::trim)
-        .collect();
-    if !ids.is_empty() {
-        refusals.push(format!(
-            "pid {pid} has POSIX timer(s) {} (timer_create): not supported yet",
-            ids.join(", ")
-        ));
     }
 }
 

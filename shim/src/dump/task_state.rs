@@ -7,7 +7,8 @@
 //! 1. Injection round: one shared anonymous scratch page is mapped through
 //!    the leader; the leader runs the process-wide queries (rt_sigaction for
 //!    1..=64 except SIGKILL/SIGSTOP, which are recorded as default; getitimer
-//!    ×3; brk(0); prctl(PR_GET_SECUREBITS)); every thread runs sigaltstack
+//!    ×3; brk(0); prctl(PR_GET_SECUREBITS); timer_gettime and
+//!    timer_getoverrun of every POSIX timer); every thread runs sigaltstack
 //!    and prctl(PR_GET_TID_ADDRESS) into the page; the page is unmapped and
 //!    every thread's registers are put back (see `sys::inject`). If a signal
 //!    had to be delivered to some thread meanwhile, its state changed, so the
@@ -45,6 +46,19 @@ pub struct TaskState {
     /// PTRACE_SECCOMP_GET_FILTER programs as hex, in index order, which the
     /// kernel defines as install order: index 0 is the *oldest* filter.
     pub seccomp_filters: Vec<String>,
+    /// Per POSIX timer asked for, in that order: what `timer_gettime` and
+    /// `timer_getoverrun` said in the task.
+    pub posix_timers: Vec<TimerReading>,
+}
+
+/// A POSIX timer as the task's own `timer_gettime` / `timer_getoverrun` see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerReading {
+    pub id: i32,
+    /// Time left, (seconds, nanoseconds); (0, 0): disarmed.
+    pub value: (i64, i64),
+    pub interval: (i64, i64),
+    pub overrun: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +103,7 @@ struct Injected {
     itimers: Itimers,
     brk: u64,
     securebits: u32,
+    timers: Vec<TimerReading>,
     /// Per thread, in `tids` order: (sigaltstack, clear_child_tid).
     threads: Vec<(SigAltStack, u64)>,
 }
@@ -214,6 +229,34 @@ impl Calls<'_> {
         )? as u32;
         Ok((actions, itimers, brk, securebits))
     }
+
+    /// `timer_gettime` (a `struct itimerspec`: interval, then value) and
+    /// `timer_getoverrun` of each timer id.
+    fn posix_timers(&mut self, ids: &[i32]) -> Result<Vec<TimerReading>, TaskStateError> {
+        let addr = self.scratch.addr;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            self.call(
+                || format!("timer_gettime({id})"),
+                libc::SYS_timer_gettime,
+                &[id as u64, addr],
+            )?;
+            let b = self.read(32)?;
+            let ts = |off: usize| (word(&b, off) as i64, word(&b, off + 8) as i64);
+            let overrun = self.call(
+                || format!("timer_getoverrun({id})"),
+                libc::SYS_timer_getoverrun,
+                &[id as u64],
+            )? as i32;
+            out.push(TimerReading {
+                id,
+                value: ts(16),
+                interval: ts(0),
+                overrun,
+            });
+        }
+        Ok(out)
+    }
 }
 
 fn word(b: &[u8], off: usize) -> u64 {
@@ -227,6 +270,7 @@ fn word(b: &[u8], off: usize) -> u64 {
 fn inject_round(
     pid: i32,
     tids: &[i32],
+    timer_ids: &[i32],
     syscall_ip: u64,
 ) -> Result<(Injected, u32), TaskStateError> {
     let err = |tid: i32| move |source: InjectError| TaskStateError::Inject { pid, tid, source };
@@ -240,6 +284,7 @@ fn inject_round(
             scratch,
         };
         let (actions, itimers, brk, securebits) = calls.process_state()?;
+        let timers = calls.posix_timers(timer_ids)?;
         let mut threads = Vec::with_capacity(tids.len());
         for &tid in tids {
             if tid == pid {
@@ -263,6 +308,7 @@ fn inject_round(
             itimers,
             brk,
             securebits,
+            timers,
             threads,
         })
     })();
@@ -334,8 +380,13 @@ fn thread_image(
     })
 }
 
-/// Collects the state of process `pid`, which must be seized in `tree`.
-pub fn collect(tree: &SeizedTree, pid: i32) -> Result<TaskState, TaskStateError> {
+/// Collects the state of process `pid`, which must be seized in `tree`,
+/// reading the POSIX timers `timer_ids` (from `/proc/PID/timers`).
+pub fn collect(
+    tree: &SeizedTree,
+    pid: i32,
+    timer_ids: &[i32],
+) -> Result<TaskState, TaskStateError> {
     tree.check_thread()?;
     let process: &SeizedProcess = tree.process(pid).ok_or(TaskStateError::NotSeized { pid })?;
     let syscall_ip =
@@ -346,7 +397,7 @@ pub fn collect(tree: &SeizedTree, pid: i32) -> Result<TaskState, TaskStateError>
         })?;
     let mut injected = None;
     for _ in 0..MAX_ROUNDS {
-        let (got, delivered) = inject_round(pid, &process.tids, syscall_ip)?;
+        let (got, delivered) = inject_round(pid, &process.tids, timer_ids, syscall_ip)?;
         if delivered == 0 {
             injected = Some(got);
             break;
@@ -380,6 +431,7 @@ pub fn collect(tree: &SeizedTree, pid: i32) -> Result<TaskState, TaskStateError>
         brk: injected.brk,
         securebits: injected.securebits,
         seccomp_filters,
+        posix_timers: injected.timers,
     })
 }
 
@@ -423,7 +475,7 @@ mod tests {
             .iter()
             .map(|&t| ptrace::get_regs(t).expect("regs"))
             .collect();
-        let state = collect(&tree, child.pid).expect("collect");
+        let state = collect(&tree, child.pid, &[]).expect("collect");
         // Nothing of the scratch page is left while still seized.
         assert_eq!(maps(child.pid), maps_before);
 
@@ -537,7 +589,7 @@ mod tests {
         assert_eq!(child.recv(1), b"r");
         let tree = SeizedTree::seize_tree(child.pid).expect("seize");
         // getitimer is denied to the task, yet the injected one works.
-        let state = collect(&tree, child.pid).expect("collect");
+        let state = collect(&tree, child.pid, &[]).expect("collect");
         let [allow, deny] = seccomp_programs();
         assert_eq!(
             state.seccomp_filters,
@@ -562,7 +614,7 @@ mod tests {
         wait_state(child.pid, 'T');
         let maps_before = maps(child.pid);
         let tree = SeizedTree::seize_tree(child.pid).expect("seize");
-        let state = collect(&tree, child.pid).expect("collect");
+        let state = collect(&tree, child.pid, &[]).expect("collect");
         assert_eq!(state.threads.len(), 1);
         assert_eq!(state.threads[0].regs.orig_rax, libc::SYS_read as u64);
         tree.detach().expect("detach");
@@ -579,7 +631,7 @@ mod tests {
         assert_eq!(child.recv(1), b"r");
         let tree = SeizedTree::seize_tree(child.pid).expect("seize");
         let me = std::process::id() as i32;
-        let err = collect(&tree, me).expect_err("must fail");
+        let err = collect(&tree, me, &[]).expect_err("must fail");
         assert_eq!(
             err.to_string(),
             format!("pid {me} is not part of the seized tree")

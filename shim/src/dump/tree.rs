@@ -166,6 +166,7 @@ pub fn stat_exit_code(stat: &str) -> Option<&str> {
 pub fn zombie_image(pid: i32) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
+        posix_timers: Vec::new(),
         pid,
         mm: MmFields::default(),
         vmas: Vec::new(),

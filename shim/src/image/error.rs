@@ -181,6 +181,13 @@ pub enum ImageError {
         shmid: i32,
         why: &'static str,
     },
+    #[error("{file}: pid {pid}: POSIX timer {id}: {why}")]
+    BadPosixTimer {
+        file: String,
+        pid: i32,
+        id: i32,
+        why: String,
+    },
     #[error("tree.json: SysV shm segment {shmid} (key {key:#x}): {why}")]
     BadSysvShm { shmid: i32, key: i32, why: String },
     #[error("tree.json: saved file {id} ({path:?}): {why}")]

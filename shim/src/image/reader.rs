@@ -39,7 +39,7 @@ use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
     ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
-    PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
+    PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
 };
 use super::ImageError;
 
@@ -141,6 +141,7 @@ impl Image {
                 check_zombie_image(&entry.file, &process)?;
             }
             check_process(&entry.file, &process, manifest.page_size, index.page_count)?;
+            check_posix_timers(&entry.file, &process)?;
             processes.push(process);
         }
         check_sysv_shm(&tree, &processes, manifest.page_size, index.page_count)?;
@@ -345,6 +346,8 @@ fn check_zombie_image(file: &str, process: &ProcessImage) -> Result<(), ImageErr
         format!("{} threads", process.threads.len())
     } else if !process.signals.actions.is_empty() || !process.signals.shared_pending.is_empty() {
         "signal state".into()
+    } else if !process.posix_timers.is_empty() {
+        format!("{} POSIX timers", process.posix_timers.len())
     } else {
         return Ok(());
     };
@@ -449,6 +452,98 @@ pub(crate) fn check_process(
             return Err(not_covered(vma.end, addr));
         }
         prev = Some((vma.start, vma.end));
+    }
+    Ok(())
+}
+
+/// Clocks a POSIX timer of an image may be on: the ones restore can arm
+/// by the downtime rule of [`PosixTimer`] (CPU-time clocks are refused).
+pub const POSIX_TIMER_CLOCKS: [i32; 4] = [
+    libc::CLOCK_REALTIME,
+    libc::CLOCK_MONOTONIC,
+    libc::CLOCK_BOOTTIME,
+    libc::CLOCK_TAI,
+];
+
+/// Whether a timer on `clockid` keeps its absolute expiry across a restore.
+pub fn posix_timer_clock_is_absolute(clockid: i32) -> bool {
+    clockid == libc::CLOCK_REALTIME || clockid == libc::CLOCK_TAI
+}
+
+/// POSIX timers: unique non-negative ids, a clock of [`POSIX_TIMER_CLOCKS`],
+/// a notify kind restore can create, a signal `timer_create` accepts, a
+/// SIGEV_THREAD_ID target that is a thread of the process, normalised
+/// times, and an absolute expiry exactly for an armed timer on an absolute
+/// clock. Dump runs the same check before writing (`dump::posix_timers`).
+pub fn check_posix_timers(file: &str, process: &ProcessImage) -> Result<(), ImageError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let valid_time = |t: (i64, i64)| t.0 >= 0 && (0..1_000_000_000).contains(&t.1);
+    for t in &process.posix_timers {
+        let bad = |why: String| ImageError::BadPosixTimer {
+            file: file.into(),
+            pid: process.pid,
+            id: t.id,
+            why,
+        };
+        if t.id < 0 {
+            return Err(bad("negative id".into()));
+        }
+        if !seen.insert(t.id) {
+            return Err(bad("id recorded twice".into()));
+        }
+        if !POSIX_TIMER_CLOCKS.contains(&t.clockid) {
+            return Err(bad(format!(
+                "clock {} is not supported (CLOCK_REALTIME, MONOTONIC, BOOTTIME, TAI)",
+                t.clockid
+            )));
+        }
+        match t.notify {
+            SIGEV_SIGNAL | SIGEV_THREAD_ID => {
+                if !(1..=64).contains(&t.signo)
+                    || t.signo == libc::SIGKILL
+                    || t.signo == libc::SIGSTOP
+                {
+                    return Err(bad(format!("signal {} cannot be a timer's", t.signo)));
+                }
+            }
+            SIGEV_NONE if (0..=64).contains(&t.signo) => {}
+            SIGEV_NONE => return Err(bad(format!("signal {} out of range", t.signo))),
+            other => return Err(bad(format!("notify kind {other} is not supported"))),
+        }
+        match (t.notify == SIGEV_THREAD_ID, t.thread) {
+            (true, Some(tid)) if process.threads.iter().any(|th| th.tid == tid) => {}
+            (true, Some(tid)) => {
+                return Err(bad(format!(
+                    "SIGEV_THREAD_ID target {tid} is not a thread of the process"
+                )))
+            }
+            (true, None) => return Err(bad("SIGEV_THREAD_ID without a target thread".into())),
+            (false, Some(tid)) => {
+                return Err(bad(format!(
+                    "a target thread {tid} without SIGEV_THREAD_ID"
+                )))
+            }
+            (false, None) => {}
+        }
+        for (what, time) in [("value", t.value), ("interval", t.interval)] {
+            if !valid_time(time) {
+                return Err(bad(format!("{what} {time:?} is not a valid time")));
+            }
+        }
+        let armed = t.value != (0, 0);
+        match (armed && posix_timer_clock_is_absolute(t.clockid), t.expires) {
+            (true, Some(at)) if valid_time(at) => {}
+            (true, Some(at)) => return Err(bad(format!("expiry {at:?} is not a valid time"))),
+            (true, None) => {
+                return Err(bad("armed on an absolute clock without its expiry".into()))
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    "an expiry for a disarmed timer or a relative clock".into()
+                ))
+            }
+            (false, None) => {}
+        }
     }
     Ok(())
 }
@@ -1242,6 +1337,135 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A valid periodic SIGEV_THREAD_ID timer of the leader (tid 100).
+    fn timer_json() -> serde_json::Value {
+        json!({
+            "id": 3, "clockid": 1, "notify": 4, "signo": 34, "sigev_value": 7,
+            "thread": 100, "value": [0, 250_000_000], "interval": [0, 500_000_000],
+            "overrun": 0
+        })
+    }
+
+    fn timer_err(f: impl FnOnce(&mut serde_json::Value)) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["posix_timers"] = json!([timer_json()]);
+            f(&mut v["posix_timers"]);
+        });
+        match open_err(&dir) {
+            e @ ImageError::BadPosixTimer { pid: 100, .. } => e.to_string(),
+            other => panic!("not a timer error: {other}"),
+        }
+    }
+
+    #[test]
+    fn posix_timers_load_and_older_images_have_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let image = Image::open(&dir).expect("no timers");
+        assert!(image.processes[0].posix_timers.is_empty());
+        edit_json(&dir, "proc-100.json", |v| {
+            let mut realtime = timer_json();
+            realtime["id"] = json!(0);
+            realtime["clockid"] = json!(0);
+            realtime["notify"] = json!(0);
+            realtime["thread"] = serde_json::Value::Null;
+            realtime["expires"] = json!([1_800_000_000, 5]);
+            let mut none = timer_json();
+            none["id"] = json!(9);
+            none["notify"] = json!(1);
+            none["signo"] = json!(0);
+            none["thread"] = serde_json::Value::Null;
+            v["posix_timers"] = json!([realtime, timer_json(), none]);
+        });
+        let image = Image::open(&dir).expect("timers load");
+        let t = &image.processes[0].posix_timers;
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[1].thread, Some(100));
+        assert_eq!(t[0].expires, Some((1_800_000_000, 5)));
+    }
+
+    #[test]
+    fn refuses_zombie_with_posix_timers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        zombie_image(&dir, 9, |v| {
+            let mut t = timer_json();
+            t["notify"] = json!(0);
+            t["thread"] = serde_json::Value::Null;
+            v["posix_timers"] = json!([t]);
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::ZombieNotEmpty { pid: 101, what: ref w, .. } if w == "1 POSIX timers"
+        ));
+    }
+
+    #[test]
+    fn refuses_posix_timer_bad_clock() {
+        let e = timer_err(|t| t[0]["clockid"] = json!(2));
+        assert!(e.contains("clock 2 is not supported"), "{e}");
+    }
+
+    #[test]
+    fn refuses_posix_timer_bad_signal() {
+        for sig in [0, 9, 19, 65] {
+            let e = timer_err(|t| t[0]["signo"] = json!(sig));
+            assert!(e.contains(&format!("signal {sig} cannot")), "{e}");
+        }
+    }
+
+    #[test]
+    fn refuses_posix_timer_duplicate_or_negative_id() {
+        let e = timer_err(|t| {
+            let again = t[0].clone();
+            t.as_array_mut().unwrap().push(again);
+        });
+        assert!(e.contains("timer 3: id recorded twice"), "{e}");
+        let e = timer_err(|t| t[0]["id"] = json!(-1));
+        assert!(e.contains("negative id"), "{e}");
+    }
+
+    #[test]
+    fn refuses_posix_timer_target_not_a_thread() {
+        let e = timer_err(|t| t[0]["thread"] = json!(101));
+        assert!(e.contains("target 101 is not a thread"), "{e}");
+        let e = timer_err(|t| t[0]["thread"] = serde_json::Value::Null);
+        assert!(e.contains("without a target thread"), "{e}");
+        let e = timer_err(|t| t[0]["notify"] = json!(0));
+        assert!(e.contains("without SIGEV_THREAD_ID"), "{e}");
+    }
+
+    #[test]
+    fn refuses_posix_timer_bad_notify() {
+        let e = timer_err(|t| t[0]["notify"] = json!(2));
+        assert!(e.contains("notify kind 2"), "{e}");
+    }
+
+    #[test]
+    fn refuses_posix_timer_bad_times() {
+        let e = timer_err(|t| t[0]["value"] = json!([0, 1_000_000_000]));
+        assert!(e.contains("value (0, 1000000000)"), "{e}");
+        let e = timer_err(|t| t[0]["interval"] = json!([-1, 0]));
+        assert!(e.contains("interval (-1, 0)"), "{e}");
+    }
+
+    #[test]
+    fn refuses_posix_timer_expiry_mismatch() {
+        // Relative clock with an expiry.
+        let e = timer_err(|t| t[0]["expires"] = json!([5, 0]));
+        assert!(e.contains("an expiry for"), "{e}");
+        // Armed realtime timer without one.
+        let e = timer_err(|t| t[0]["clockid"] = json!(0));
+        assert!(e.contains("without its expiry"), "{e}");
+        let e = timer_err(|t| {
+            t[0]["clockid"] = json!(11);
+            t[0]["expires"] = json!([5, -1]);
+        });
+        assert!(e.contains("expiry (5, -1)"), "{e}");
     }
 
     #[test]

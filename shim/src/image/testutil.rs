@@ -153,6 +153,7 @@ pub fn process(pid: i32) -> ProcessImage {
     };
     ProcessImage {
         unmapped_shmem: Vec::new(),
+        posix_timers: Vec::new(),
         pid,
         mm: MmFields {
             start_code: 0x400000,

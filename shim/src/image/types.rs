@@ -35,7 +35,8 @@ pub const FORMAT_MAJOR: u32 = 1;
 /// 1: `sockets.json` (sockets and epoll), optional for a reader.
 /// 2: `Tree::saved_files` (deleted files and files on tmpfs, with their
 /// contents in the page store), optional for a reader.
-pub const FORMAT_MINOR: u32 = 2;
+/// 3: `posix_timers` of a process, optional for a reader.
+pub const FORMAT_MINOR: u32 = 3;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
@@ -299,6 +300,10 @@ pub struct ProcessImage {
     /// from this process's page tables again, so memory use (PSS) matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmapped_shmem: Vec<[u64; 2]>,
+    /// POSIX timers (`timer_create`) of the process, in id order (since
+    /// format 1.3; an older image has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<PosixTimer>,
 }
 
 /// The mm fields `PR_SET_MM_MAP` restores, plus auxv.
@@ -537,6 +542,43 @@ pub struct Itimers {
     pub real: [u64; 2],
     pub virt: [u64; 2],
     pub prof: [u64; 2],
+}
+
+/// `sigev_notify` values a POSIX timer of an image may have.
+pub const SIGEV_SIGNAL: i32 = 0;
+pub const SIGEV_NONE: i32 = 1;
+/// SIGEV_SIGNAL | SIGEV_THREAD_ID (4): the signal goes to one thread.
+pub const SIGEV_THREAD_ID: i32 = 4;
+
+/// One POSIX timer, restored with the same id (`PR_TIMER_CREATE_RESTORE_IDS`).
+/// The rule for time spent while the tree was down, as for a timerfd: a
+/// timer on CLOCK_REALTIME or CLOCK_TAI keeps its absolute expiry
+/// (`expires`; missed expirations show as the first signal's overrun); one
+/// on CLOCK_MONOTONIC or CLOCK_BOOTTIME resumes with the time it had left
+/// (`value`): downtime does not count. (Whether it was set with
+/// TIMER_ABSTIME the kernel does not tell.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clockid: i32,
+    /// [`SIGEV_SIGNAL`], [`SIGEV_NONE`] or [`SIGEV_THREAD_ID`].
+    pub notify: i32,
+    /// Signal sent on expiry (for SIGEV_NONE: what the kernel keeps, unused).
+    pub signo: i32,
+    pub sigev_value: u64,
+    /// SIGEV_THREAD_ID: the target, a [`ThreadImage::tid`] of this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<i32>,
+    /// Time left at dump (`timer_gettime`), (seconds, nanoseconds); (0, 0): disarmed.
+    pub value: (i64, i64),
+    pub interval: (i64, i64),
+    /// For a CLOCK_REALTIME / CLOCK_TAI timer that is armed: its expiry on `clockid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<(i64, i64)>,
+    /// `timer_getoverrun` at dump (the overrun of the last signal delivered):
+    /// recorded, not restored (the kernel has no way to set it).
+    #[serde(default)]
+    pub overrun: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,7 +49,7 @@ use super::blob::{
     self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
 };
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
-use super::{attrs, checks, cleanup, fds, saved_files, signals};
+use super::{attrs, checks, cleanup, fds, posix_timers, saved_files, signals};
 
 /// Which pid namespace the tree comes back in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -653,6 +653,7 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
             )));
         }
     }
+    posix_timers::refuse_without_kernel_support(image)?;
     Ok(())
 }
 
@@ -990,6 +991,11 @@ fn build_process(
     .map_err(|e| e.to_string())?;
     blob_threads(ctx, entry, image, &mut args)?;
     let barrier = ctx.control.addr();
+    posix_timers::push(
+        image,
+        |t: &ThreadImage| ctx.mode.pick(&t.nstid, t.tid),
+        &mut args,
+    )?;
     args.set_barrier(barrier, ctx.total_threads + 1);
     args.clear_pdeathsig_after_barrier(true);
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);

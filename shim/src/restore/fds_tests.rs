@@ -8,6 +8,7 @@ use crate::sys::restore_sys::{self, in_child};
 pub(crate) fn process(pid: i32, fds: Vec<Fd>) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
+        posix_timers: Vec::new(),
         pid,
         mm: MmFields {
             exe_file: "/bin/true".into(),

@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod exec;
 pub mod fds;
 pub mod plan;
+pub mod posix_timers;
 pub mod saved_files;
 pub mod signals;
 pub mod sockets;

@@ -283,6 +283,7 @@ fn vma(kind: VmaKind, start: u64, pages: &[Option<PageId>]) -> Vma {
 fn image(pid: i32, vmas: Vec<Vma>) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
+        posix_timers: Vec::new(),
         pid,
         mm: crate::image::types::MmFields {
             exe_file: String::new(),

@@ -467,6 +467,25 @@ pub fn set_itimer(which: Itimer, interval_us: u64, value_us: u64) -> io::Result<
     cvt(unsafe { libc::setitimer(which.which(), &new, std::ptr::null_mut()) }).map(|_| ())
 }
 
+/// Whether this kernel lets `timer_create` take the id from its argument
+/// (`prctl(PR_TIMER_CREATE_RESTORE_IDS)`, Linux 6.17+): asks for the mode
+/// (`PR_TIMER_CREATE_RESTORE_IDS_GET`); an older kernel says EINVAL.
+pub fn timer_create_restore_ids() -> io::Result<()> {
+    const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
+    const PR_TIMER_CREATE_RESTORE_IDS_GET: libc::c_ulong = 2;
+    // SAFETY: a query of a flag of the calling process; no pointer.
+    cvt(unsafe {
+        libc::prctl(
+            PR_TIMER_CREATE_RESTORE_IDS,
+            PR_TIMER_CREATE_RESTORE_IDS_GET,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+    .map(|_| ())
+}
+
 /// `getitimer(which)` as (interval, value) in microseconds.
 pub fn get_itimer(which: Itimer) -> io::Result<[u64; 2]> {
     let mut cur = libc::itimerval {

@@ -299,6 +299,7 @@ pub struct BlobArgs {
     post_barrier_unmaps: Vec<Range>,
     populates: Vec<Range>,
     unpopulates: Vec<Range>,
+    posix_timers: Vec<abi::PosixTimer>,
     drop_rseq: bool,
 }
 
@@ -484,6 +485,13 @@ impl BlobArgs {
             Some(last) if last.start + last.len == start => last.len += len,
             _ => self.populates.push(Range { start, len }),
         }
+        self
+    }
+
+    /// A POSIX timer the blob creates with its id (after the threads) and
+    /// arms once past the barrier.
+    pub fn push_posix_timer(&mut self, t: abi::PosixTimer) -> &mut Self {
+        self.posix_timers.push(t);
         self
     }
 
@@ -808,6 +816,7 @@ pub fn prepare(args: &BlobArgs, placement: Placement) -> Result<Prepared, BlobEr
         + 48 * args.maps.len() as u64
         + 24 * (args.protects.len() + args.advises.len() + args.post_barrier_unmaps.len()) as u64
         + 16 * (args.populates.len() + args.unpopulates.len()) as u64
+        + 64 * args.posix_timers.len() as u64
         + 112 * args.threads.len() as u64
         + args
             .threads
@@ -1111,6 +1120,7 @@ fn build_block(
     h.post_barrier_unmaps = b.table(&args.post_barrier_unmaps);
     h.populates = b.table(&args.populates);
     h.unpopulates = b.table(&args.unpopulates);
+    h.posix_timers = b.table(&args.posix_timers);
 
     // Frames, then the thread table that points at them.
     let mut threads = Vec::new();

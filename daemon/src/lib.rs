@@ -16,6 +16,7 @@
 //! This crate never ptraces, forks inside the async runtime, or runs `ctr`.
 
 pub mod checkpoint;
+pub mod client;
 pub mod ctrd;
 pub mod error;
 pub mod layout;

@@ -93,8 +93,7 @@ pub async fn checkpoint(
         Ok(t) => {
             let status = t.into_inner().process.map_or(0, |p| p.status);
             if status != TaskStatus::Running as i32 && status != TaskStatus::Paused as i32 {
-                let name = TaskStatus::try_from(status)
-                    .map_or("UNKNOWN", |s| s.as_str_name());
+                let name = TaskStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name());
                 return Err(ApiError::NoRunningTask {
                     id: id.clone(),
                     detail: format!(" (its task is {name})"),
@@ -107,7 +106,12 @@ pub async fn checkpoint(
                 detail: String::new(),
             })
         }
-        Err(s) => return Err(ApiError::containerd(format!("get the task of container {id:?}"), s)),
+        Err(s) => {
+            return Err(ApiError::containerd(
+                format!("get the task of container {id:?}"),
+                s,
+            ))
+        }
     }
     match ctrd
         .images()
@@ -123,7 +127,12 @@ pub async fn checkpoint(
             })
         }
         Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => return Err(ApiError::containerd(format!("look up image {:?}", spec.reference), s)),
+        Err(s) => {
+            return Err(ApiError::containerd(
+                format!("look up image {:?}", spec.reference),
+                s,
+            ))
+        }
     }
 
     let leased = ctrd.begin_lease(&scope.namespace, "checkpoint").await?;
@@ -149,9 +158,15 @@ async fn store_checkpoint(
     let mut index = OciIndex::new();
     let runtime = container.runtime.clone().unwrap_or_default();
     index.annotations.extend([
-        (layout::ANNOTATION_IMAGE.to_string(), container.image.clone()),
+        (
+            layout::ANNOTATION_IMAGE.to_string(),
+            container.image.clone(),
+        ),
         (layout::ANNOTATION_RUNTIME.to_string(), runtime.name.clone()),
-        (layout::ANNOTATION_SNAPSHOTTER.to_string(), container.snapshotter.clone()),
+        (
+            layout::ANNOTATION_SNAPSHOTTER.to_string(),
+            container.snapshotter.clone(),
+        ),
         (layout::ANNOTATION_CONTAINER.to_string(), id.clone()),
     ]);
     let with_platform = |d: Descriptor| OciDescriptor {
@@ -347,7 +362,10 @@ pub async fn restore(
             }))
             .await
             .map_err(|s| {
-                ApiError::containerd(format!("prepare snapshot {id:?} on {parent} ({snapshotter})"), s)
+                ApiError::containerd(
+                    format!("prepare snapshot {id:?} on {parent} ({snapshotter})"),
+                    s,
+                )
             })?;
         created.snapshot = Some(snapshotter.clone());
         ctrd.containers()
@@ -393,7 +411,13 @@ pub async fn restore(
             }))
             .await
             .map_err(|s| {
-                ApiError::containerd(format!("create the task of container {id:?} from {:?}", spec.reference), s)
+                ApiError::containerd(
+                    format!(
+                        "create the task of container {id:?} from {:?}",
+                        spec.reference
+                    ),
+                    s,
+                )
             })?;
         created.task = true;
         step(Step::TaskCreated);
@@ -405,7 +429,10 @@ pub async fn restore(
             }))
             .await
             .map_err(|s| {
-                ApiError::containerd(format!("restore container {id:?} from {:?}", spec.reference), s)
+                ApiError::containerd(
+                    format!("restore container {id:?} from {:?}", spec.reference),
+                    s,
+                )
             })?
             .into_inner();
         Ok(started.pid)
@@ -482,7 +509,9 @@ async fn get_container(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<Con
         .await
     {
         Ok(r) => r.into_inner().container.ok_or_else(|| {
-            ApiError::Internal(format!("containerd returned no record for container {id:?}"))
+            ApiError::Internal(format!(
+                "containerd returned no record for container {id:?}"
+            ))
         }),
         Err(s) if s.code() == Code::NotFound => Err(ApiError::ContainerNotFound {
             namespace: scope.namespace.clone(),
@@ -533,15 +562,26 @@ async fn read_checkpoint_index(
 ) -> Result<Result<OciIndex, String>, ApiError> {
     let target = image.target.clone().unwrap_or_default();
     if !layout::is_index_media_type(&target.media_type) {
-        return Ok(Err(format!("its target is a {}, not an index", target.media_type)));
+        return Ok(Err(format!(
+            "its target is a {}, not an index",
+            target.media_type
+        )));
     }
     let bytes = ctrd.read_blob(scope, &target.digest).await?;
     let index: OciIndex = match serde_json::from_slice(&bytes) {
         Ok(i) => i,
-        Err(e) => return Ok(Err(format!("its index {} does not parse: {e}", target.digest))),
+        Err(e) => {
+            return Ok(Err(format!(
+                "its index {} does not parse: {e}",
+                target.digest
+            )))
+        }
     };
     if index.by_media_type(layout::MEDIA_TYPE_CHECKPOINT).is_none() {
-        return Ok(Err(format!("its index has no {}", layout::MEDIA_TYPE_CHECKPOINT)));
+        return Ok(Err(format!(
+            "its index has no {}",
+            layout::MEDIA_TYPE_CHECKPOINT
+        )));
     }
     Ok(Ok(index))
 }
@@ -555,7 +595,10 @@ async fn decode_any(
     let bytes = ctrd.read_blob(scope, &blob.digest).await?;
     Any::decode(bytes.as_slice()).map_err(|e| ApiError::NotACheckpoint {
         reference: reference.to_string(),
-        reason: format!("its {} blob {} does not decode: {e}", blob.media_type, blob.digest),
+        reason: format!(
+            "its {} blob {} does not decode: {e}",
+            blob.media_type, blob.digest
+        ),
     })
 }
 
@@ -612,7 +655,9 @@ async fn rootfs_chain_id(
 pub async fn list(ctrd: &Containerd, scope: &Scope) -> Result<Vec<CheckpointInfo>, ApiError> {
     let images = ctrd
         .images()
-        .list(scope.request(ListImagesRequest { filters: Vec::new() }))
+        .list(scope.request(ListImagesRequest {
+            filters: Vec::new(),
+        }))
         .await
         .map_err(|s| ApiError::containerd("list images", s))?
         .into_inner()
@@ -653,7 +698,11 @@ pub fn checkpoint_info(image: &Image, index: &OciIndex) -> CheckpointInfo {
         .collect();
     CheckpointInfo {
         checkpoint_ref: image.name.clone(),
-        digest: image.target.as_ref().map(|t| t.digest.clone()).unwrap_or_default(),
+        digest: image
+            .target
+            .as_ref()
+            .map(|t| t.digest.clone())
+            .unwrap_or_default(),
         created_at: image.created_at,
         image: annotation(layout::ANNOTATION_IMAGE),
         runtime: annotation(layout::ANNOTATION_RUNTIME),

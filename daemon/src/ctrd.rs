@@ -154,10 +154,17 @@ impl Containerd {
         let plain = Scope::new(&scope.namespace);
         if let Err(e) = self
             .leases()
-            .delete(plain.request(DeleteLeaseRequest { id: id.clone(), sync: false }))
+            .delete(plain.request(DeleteLeaseRequest {
+                id: id.clone(),
+                sync: false,
+            }))
             .await
         {
-            log::warn!("delete lease {id} in namespace {}: {}", scope.namespace, e.message());
+            log::warn!(
+                "delete lease {id} in namespace {}: {}",
+                scope.namespace,
+                e.message()
+            );
         }
     }
 

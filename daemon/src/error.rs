@@ -33,7 +33,9 @@ pub enum ApiError {
     AlreadyExists { namespace: String, what: String },
     #[error("image {reference:?} is not a checkpoint: {reason}")]
     NotACheckpoint { reference: String, reason: String },
-    #[error("checkpoint {reference:?} needs image {image:?}, which is not in namespace {namespace:?}")]
+    #[error(
+        "checkpoint {reference:?} needs image {image:?}, which is not in namespace {namespace:?}"
+    )]
     MissingImage {
         namespace: String,
         reference: String,

@@ -24,12 +24,12 @@ pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_DOCKER_LIST: &str =
     "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_TYPE_DOCKER_MANIFEST: &str =
-    "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// The task's image: containerd calls any runtime's checkpoint by runc's name.
 pub const MEDIA_TYPE_CHECKPOINT: &str =
     "application/vnd.containerd.container.criu.checkpoint.criu.tar";
-pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.containerd.container.checkpoint.config.v1+proto";
+pub const MEDIA_TYPE_CONFIG: &str =
+    "application/vnd.containerd.container.checkpoint.config.v1+proto";
 pub const MEDIA_TYPE_OPTIONS: &str =
     "application/vnd.containerd.container.checkpoint.options.v1+proto";
 pub const MEDIA_TYPE_RUNTIME_OPTIONS: &str =
@@ -147,7 +147,12 @@ impl OciIndex {
         self.manifests
             .iter()
             .enumerate()
-            .map(|(i, m)| (format!("containerd.io/gc.ref.content.{i}"), m.digest.clone()))
+            .map(|(i, m)| {
+                (
+                    format!("containerd.io/gc.ref.content.{i}"),
+                    m.digest.clone(),
+                )
+            })
             .collect()
     }
 }
@@ -192,7 +197,10 @@ mod tests {
     fn ctr_container_checkpoint_index_is_restorable() {
         let index: OciIndex = serde_json::from_str(CTR_INDEX).unwrap();
         assert_eq!(index.not_restorable(), None);
-        assert_eq!(index.by_media_type(MEDIA_TYPE_CHECKPOINT).unwrap().size, 1024);
+        assert_eq!(
+            index.by_media_type(MEDIA_TYPE_CHECKPOINT).unwrap().size,
+            1024
+        );
         let labels = index.gc_labels();
         assert_eq!(labels["containerd.io/gc.ref.content.1"], "sha256:bb");
     }

@@ -63,7 +63,10 @@ pub fn check_existing_reference(reference: &str) -> Result<(), ApiError> {
     if reference.len() > MAX_REFERENCE_LEN {
         return Err(malformed("it is longer than 255 characters"));
     }
-    if reference.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if reference
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(malformed("it has a space or a control character"));
     }
     Ok(())
@@ -110,12 +113,16 @@ fn check_domain(domain: &str) -> Result<(), String> {
     };
     if let Some(port) = port {
         if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("port {port:?} of domain {domain:?} is not a number"));
+            return Err(format!(
+                "port {port:?} of domain {domain:?} is not a number"
+            ));
         }
     }
     for label in host.split('.') {
         let ok = !label.is_empty()
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -179,8 +186,17 @@ fn check_tag(tag: &str) -> Result<(), String> {
 
 fn check_digest(digest: &str) -> Result<(), String> {
     match digest.split_once(':') {
-        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) => Ok(()),
-        _ => Err(format!("digest {digest:?} is not sha256:<64 lowercase hex digits>")),
+        Some(("sha256", hex))
+            if hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "digest {digest:?} is not sha256:<64 lowercase hex digits>"
+        )),
     }
 }
 
@@ -215,7 +231,10 @@ mod tests {
         ] {
             let err = check_reference(r).expect_err(r).to_string();
             assert!(err.contains(why), "{r}: {err}");
-            assert!(err.contains(&format!("{r:?}")), "{r}: {err} does not name it");
+            assert!(
+                err.contains(&format!("{r:?}")),
+                "{r}: {err} does not name it"
+            );
         }
     }
 

@@ -80,9 +80,7 @@ pub async fn serve_unix(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CheckpointServiceServer<Agent>>()
-        .await;
+    health.set_serving::<CheckpointServiceServer<Agent>>().await;
     health.set_serving::<MigrationServiceServer<Agent>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -181,7 +181,8 @@ impl CheckpointService for Agent {
         let r = request.into_inner();
         check_existing_reference(&r.checkpoint_ref)?;
         let scope = Scope::new(&r.namespace);
-        let (image, index) = checkpoint::get_checkpoint(&self.ctrd, &scope, &r.checkpoint_ref).await?;
+        let (image, index) =
+            checkpoint::get_checkpoint(&self.ctrd, &scope, &r.checkpoint_ref).await?;
         let blob = index
             .by_media_type(layout::MEDIA_TYPE_CHECKPOINT)
             .expect("a checkpoint's index has a task checkpoint");
@@ -236,16 +237,20 @@ impl MigrationService for Agent {
 
 /// `cowsnap inspect --json` of the cowsnap image in checkpoint tar `tar`.
 fn inspect_tar(tar: &[u8], reference: &str) -> Result<String, ApiError> {
-    let fail = |what: String| ApiError::Internal(format!("inspect checkpoint {reference:?}: {what}"));
+    let fail =
+        |what: String| ApiError::Internal(format!("inspect checkpoint {reference:?}: {what}"));
     let dir = tempfile::Builder::new()
         .prefix("cowsnapd-inspect-")
         .tempdir()
         .map_err(|e| fail(format!("temporary directory: {e}")))?;
     let mut archive = tar::Archive::new(tar);
     archive.set_preserve_permissions(false);
-    archive
-        .unpack(dir.path())
-        .map_err(|e| fail(format!("unpack its checkpoint tar into {}: {e}", dir.path().display())))?;
+    archive.unpack(dir.path()).map_err(|e| {
+        fail(format!(
+            "unpack its checkpoint tar into {}: {e}",
+            dir.path().display()
+        ))
+    })?;
     let image_dir = find_image_dir(dir.path())
         .ok_or_else(|| fail("its checkpoint tar holds no manifest.json".to_string()))?;
     cowsnap::image::inspect::inspect(&image_dir, true).map_err(|e| fail(e.to_string()))

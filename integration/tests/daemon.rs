@@ -25,14 +25,15 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 const DAEMON_BIN: &str = "cowsnapd";
+const CTL_BIN: &str = "cowsnap-ctl";
 
-/// `cowsnapd` built into the test's target directory and profile (cargo
+/// `cowsnapd` and `cowsnap-ctl` (its directory) built into the test's target directory and profile (cargo
 /// builds no other package's binaries for an integration test).
-/// `COWSNAPD_BIN` wins.
-fn daemon_bin() -> PathBuf {
+/// `COWSNAPD_BIN_DIR` wins.
+fn daemon_bin_dir() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("COWSNAPD_BIN") {
+        if let Some(path) = std::env::var_os("COWSNAPD_BIN_DIR") {
             return PathBuf::from(path);
         }
         let exe = std::env::current_exe().expect("test executable path");
@@ -44,7 +45,7 @@ fn daemon_bin() -> PathBuf {
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let mut build = Command::new(env!("CARGO"));
         build
-            .args(["build", "--quiet", "-p", "cowsnapd", "--bin", DAEMON_BIN])
+            .args(["build", "--quiet", "-p", "cowsnapd", "--bins"])
             .env("CARGO_TARGET_DIR", &target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null());
@@ -55,7 +56,7 @@ fn daemon_bin() -> PathBuf {
             build.status().expect("run cargo build").success(),
             "cargo build -p cowsnapd failed"
         );
-        profile_dir.join(DAEMON_BIN)
+        profile_dir
     })
     .clone()
 }
@@ -73,7 +74,7 @@ impl Daemon {
         let socket = ctrd.dir().join("cowsnapd/cowsnapd.sock");
         let log = ctrd.dir().join("cowsnapd.log");
         let log_file = std::fs::File::create(&log).expect("cowsnapd log");
-        let child = Command::new(daemon_bin())
+        let child = Command::new(daemon_bin_dir().join(DAEMON_BIN))
             .arg("--socket")
             .arg(&socket)
             .arg("--containerd")
@@ -99,6 +100,25 @@ impl Daemon {
             thread::sleep(Duration::from_millis(50));
         }
         daemon
+    }
+
+    /// `cowsnap-ctl --socket SOCKET -n NAMESPACE ARGS`, which must succeed;
+    /// its stdout.
+    fn ctl(&self, namespace: &str, args: &[&str]) -> String {
+        let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cowsnap-ctl");
+        assert!(
+            output.status.success(),
+            "cowsnap-ctl {args:?} failed:\n{}",
+            common::describe(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     fn log_text(&self) -> String {
@@ -191,13 +211,20 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
 fn cowsnapd_health_and_reflection() {
     let ctrd = Containerd::start("daemon-health");
     let daemon = Daemon::start(&ctrd);
-    let mode = std::fs::metadata(&daemon.socket).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&daemon.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
     runtime().block_on(async {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
         let mut health = HealthClient::new(daemon.channel().await);
-        for service in ["", "cowsnap.v1.CheckpointService", "cowsnap.v1.MigrationService"] {
+        for service in [
+            "",
+            "cowsnap.v1.CheckpointService",
+            "cowsnap.v1.MigrationService",
+        ] {
             let status = health
                 .check(HealthCheckRequest {
                     service: service.to_string(),
@@ -206,7 +233,11 @@ fn cowsnapd_health_and_reflection() {
                 .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"))
                 .into_inner()
                 .status;
-            assert_eq!(status, ServingStatus::Serving as i32, "health of {service:?}");
+            assert_eq!(
+                status,
+                ServingStatus::Serving as i32,
+                "health of {service:?}"
+            );
         }
 
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -238,7 +269,10 @@ fn cowsnapd_health_and_reflection() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
         ] {
-            assert!(names.iter().any(|n| n == wanted), "reflection lists {names:?}, not {wanted}");
+            assert!(
+                names.iter().any(|n| n == wanted),
+                "reflection lists {names:?}, not {wanted}"
+            );
         }
     });
 }
@@ -313,7 +347,10 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
         .collect();
     assert_eq!(
         stages,
-        [CheckpointStage::Dumping as i32, CheckpointStage::Dumped as i32],
+        [
+            CheckpointStage::Dumping as i32,
+            CheckpointStage::Dumped as i32
+        ],
         "stages of {events:?}"
     );
     let Some(CheckpointEventKind::Done(info)) = events.last() else {
@@ -333,7 +370,10 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
     assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
     // ctr sees the checkpoint as an image.
     let images = ctrd.ctr_ok(&["images", "ls", "-q"]);
-    assert!(images.lines().any(|l| l == reference), "ctr images ls: {images}");
+    assert!(
+        images.lines().any(|l| l == reference),
+        "ctr images ls: {images}"
+    );
 
     rt.block_on(async {
         assert_status(
@@ -354,7 +394,9 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
             "ListCheckpoints: {listed:?}"
         );
         assert!(
-            listed.iter().all(|c| c.checkpoint_ref != harness::IMAGE_REF),
+            listed
+                .iter()
+                .all(|c| c.checkpoint_ref != harness::IMAGE_REF),
             "ListCheckpoints lists the plain image: {listed:?}"
         );
         let inspected = client
@@ -386,6 +428,27 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
     assert_eq!(running.pid as u32, task.pid);
     // The restored loop goes on from its value at the checkpoint.
     ctrd.wait_counter_above(&restored, before);
+
+    // The CLI lists and inspects it; ctr restores what cowsnapd stored.
+    let listed = daemon.ctl(&ns, &["ls"]);
+    assert!(
+        listed.lines().any(|l| l.starts_with(reference)),
+        "cowsnap ctl ls:\n{listed}"
+    );
+    let inspected = daemon.ctl(&ns, &["inspect", "--json", reference]);
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).expect("inspect --json");
+    assert_eq!(inspected["checkpoint_ref"], reference, "{inspected}");
+    let by_ctr = ctrd.container_id("by-ctr");
+    let output = ctrd.restore_container(&by_ctr, reference, false);
+    assert!(
+        output.status.success(),
+        "ctr containers restore of cowsnapd's checkpoint failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    ctrd.wait_status(&by_ctr, "RUNNING");
+    ctrd.wait_counter_above(&by_ctr, before);
+    ctrd.kill_and_delete(&by_ctr);
 
     rt.block_on(async {
         assert_status(

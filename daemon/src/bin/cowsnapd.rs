@@ -41,14 +41,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let ctrd = Containerd::connect(&args.containerd).await?;
     let listener = bind_unix(&args.socket)?;
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("no SIGTERM handler ({e}); stop cowsnapd with SIGINT");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("no SIGTERM handler ({e}); stop cowsnapd with SIGINT");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -9,11 +9,13 @@ WORKDIR /src
 COPY . .
 # cowsnap is linked statically: the containerd shim also runs it as the
 # restore helper inside containers' rootfs.
-RUN cargo build --release --locked -p cowsnap --bin containerd-shim-cowsnap-v1 \
+RUN cargo build --release --locked -p cowsnap --bin containerd-shim-cowsnap-v1 -p cowsnapd --bins \
  && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
       -p cowsnap --bin cowsnap --target x86_64-unknown-linux-gnu \
  && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/cowsnap /out/cowsnap \
- && install -D -m 0755 target/release/containerd-shim-cowsnap-v1 /out/containerd-shim-cowsnap-v1
+ && install -D -m 0755 target/release/containerd-shim-cowsnap-v1 /out/containerd-shim-cowsnap-v1 \
+ && install -D -m 0755 target/release/cowsnapd /out/cowsnapd \
+ && install -D -m 0755 target/release/cowsnap-ctl /out/cowsnap-ctl
 
 FROM debian:bookworm-slim
 COPY --from=build /out/ /usr/local/bin/

@@ -102,6 +102,13 @@ enum Command {
     },
     /// Check an image completely (files, checksums, frames, page references).
     Verify { dir: PathBuf },
+    /// Talk to cowsnapd (checkpoint, restore, ls, inspect, rm): runs
+    /// `cowsnap-ctl` from beside this binary or from PATH.
+    #[command(disable_help_flag = true)]
+    Ctl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// `4096`, `64K`, `64M`, `1G` (powers of 1024).
@@ -193,6 +200,7 @@ fn main() -> ExitCode {
         Command::Verify { dir } => cowsnap::image::inspect::verify(&dir)
             .map(|line| println!("{line}"))
             .map_err(|e| e.to_string()),
+        Command::Ctl { args } => Err(exec_ctl(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -201,4 +209,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Replaces this process with `cowsnap-ctl ARGS` (the gRPC client lives in
+/// its own binary so that this one, the static engine, stays free of an
+/// async runtime); returns only why that failed.
+fn exec_ctl(args: &[std::ffi::OsString]) -> String {
+    use std::os::unix::process::CommandExt;
+    const CTL: &str = "cowsnap-ctl";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(CTL)))
+        .filter(|path| path.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(CTL));
+    let err = std::process::Command::new(&program).args(args).exec();
+    format!("ctl: run {}: {err}", program.display())
 }

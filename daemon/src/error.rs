@@ -1,0 +1,105 @@
+//! What a cowsnapd RPC can fail with, and the gRPC status each failure is
+//! sent as. Every variant names the container, checkpoint or path
+//! concerned.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("container {id:?} not found in namespace {namespace:?}")]
+    ContainerNotFound { namespace: String, id: String },
+    #[error("checkpoint {reference:?} not found in namespace {namespace:?}")]
+    CheckpointNotFound {
+        namespace: String,
+        reference: String,
+    },
+    #[error("checkpoint ref {reference:?} is malformed: {reason}")]
+    MalformedReference { reference: String, reason: String },
+    #[error("{field} {value:?} is invalid: {reason}")]
+    InvalidArgument {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("container {id:?} runs under runtime {runtime:?}, not {expected}: cowsnapd checkpoints only its own runtime's containers")]
+    OtherRuntime {
+        id: String,
+        runtime: String,
+        expected: &'static str,
+    },
+    #[error("container {id:?} has no running task to checkpoint{detail}")]
+    NoRunningTask { id: String, detail: String },
+    #[error("{what} already exists in namespace {namespace:?}")]
+    AlreadyExists { namespace: String, what: String },
+    #[error("image {reference:?} is not a checkpoint: {reason}")]
+    NotACheckpoint { reference: String, reason: String },
+    #[error(
+        "checkpoint {reference:?} needs image {image:?}, which is not in namespace {namespace:?}"
+    )]
+    MissingImage {
+        namespace: String,
+        reference: String,
+        image: String,
+    },
+    #[error("not supported yet: {0}")]
+    NotSupportedYet(String),
+    /// containerd answered with an error; its code is passed on.
+    #[error("{action}: {}", .status.message())]
+    Containerd { action: String, status: Status },
+    #[error("containerd at {address} is unreachable: {detail}")]
+    ContainerdUnavailable { address: String, detail: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A containerd failure of `action` (e.g. "checkpoint task of container
+    /// \"web\""), keeping containerd's status code.
+    pub fn containerd(action: impl Into<String>, status: Status) -> ApiError {
+        ApiError::Containerd {
+            action: action.into(),
+            status,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::ContainerNotFound { .. } | ApiError::CheckpointNotFound { .. } => {
+                Code::NotFound
+            }
+            ApiError::MalformedReference { .. }
+            | ApiError::InvalidArgument { .. }
+            | ApiError::NotACheckpoint { .. } => Code::InvalidArgument,
+            ApiError::OtherRuntime { .. }
+            | ApiError::NoRunningTask { .. }
+            | ApiError::MissingImage { .. } => Code::FailedPrecondition,
+            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::NotSupportedYet(_) => Code::Unimplemented,
+            ApiError::Containerd { status, .. } => refusal_code(status),
+            ApiError::ContainerdUnavailable { .. } => Code::Unavailable,
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// The engine refuses what it cannot restore (an fd of a kind it does not
+/// handle, ...) and the shim reports that as UNKNOWN through containerd;
+/// the refusal's wording is the engine's stable "cannot checkpoint" /
+/// "not supported" phrasing, which is sent as UNIMPLEMENTED.
+// TODO(issue 13): typed engine errors through the shim instead of wording.
+fn refusal_code(status: &Status) -> Code {
+    let message = status.message();
+    if status.code() == Code::Unknown
+        && (message.contains("not supported") || message.contains("unsupported"))
+    {
+        Code::Unimplemented
+    } else {
+        status.code()
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}

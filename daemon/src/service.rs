@@ -1,0 +1,269 @@
+//! The tonic services of `cowsnap.v1`: each RPC checks its arguments,
+//! runs the step functions of [`crate::checkpoint`] and streams their
+//! progress. Failures become gRPC statuses through [`ApiError`].
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::checkpoint::{self, CheckpointSpec, RestoreSpec, Step};
+use crate::ctrd::{Containerd, Scope};
+use crate::error::ApiError;
+use crate::layout;
+use crate::proto::checkpoint_event::Event as CheckpointEventKind;
+use crate::proto::checkpoint_service_server::CheckpointService;
+use crate::proto::migration_service_server::MigrationService;
+use crate::proto::restore_event::Event as RestoreEventKind;
+use crate::proto::*;
+use crate::reference::{check_container_id, check_existing_reference, check_reference};
+
+/// Events a streaming RPC has produced and not yet sent.
+const EVENT_BACKLOG: usize = 16;
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The state every RPC shares: the containerd it drives.
+#[derive(Clone)]
+pub struct Agent {
+    ctrd: Containerd,
+}
+
+impl Agent {
+    pub fn new(ctrd: Containerd) -> Agent {
+        Agent { ctrd }
+    }
+}
+
+/// Runs `work` in a task of its own and streams what it sends on the
+/// channel it is given, then its error if it fails: the RPC answers at
+/// once and a client that goes away does not stop a half-done checkpoint.
+fn stream_events<T, F, Fut>(work: F) -> EventStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::UnboundedSender<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<T, Status>>(EVENT_BACKLOG);
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<T>();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            if forward.send(Ok(event)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let result = work(events_tx).await;
+        if let Err(e) = result {
+            log::warn!("{e}");
+            let _ = tx.send(Err(e.into())).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl CheckpointService for Agent {
+    type CheckpointStream = EventStream<CheckpointEvent>;
+    type RestoreStream = EventStream<RestoreEvent>;
+    type ExportCheckpointStream = EventStream<CheckpointChunk>;
+
+    async fn checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<Self::CheckpointStream>, Status> {
+        let r = request.into_inner();
+        check_container_id("container_id", &r.container_id)?;
+        check_reference(&r.checkpoint_ref)?;
+        if r.options.as_ref().is_some_and(|o| o.include_rw_layer) {
+            return Err(ApiError::NotSupportedYet(
+                "checkpointing the writable layer (options.include_rw_layer)".into(),
+            )
+            .into());
+        }
+        let spec = CheckpointSpec {
+            scope: Scope::new(&r.namespace),
+            container_id: r.container_id,
+            leave_running: r.leave_running,
+            reference: r.checkpoint_ref,
+        };
+        log::info!(
+            "checkpoint container {:?} of namespace {:?} as {:?}",
+            spec.container_id,
+            spec.scope.namespace,
+            spec.reference
+        );
+        let ctrd = self.ctrd.clone();
+        Ok(Response::new(stream_events(move |events| async move {
+            let send = |event| {
+                let _ = events.send(CheckpointEvent { event: Some(event) });
+            };
+            let info = checkpoint::checkpoint(&ctrd, &spec, |step| {
+                let stage = match step {
+                    Step::Dumping => CheckpointStage::Dumping,
+                    Step::Dumped => CheckpointStage::Dumped,
+                    Step::TaskStopped => CheckpointStage::TaskStopped,
+                    Step::ContainerCreated | Step::TaskCreated => return,
+                };
+                send(CheckpointEventKind::Stage(stage as i32));
+            })
+            .await?;
+            send(CheckpointEventKind::Done(info));
+            Ok(())
+        })))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let r = request.into_inner();
+        check_existing_reference(&r.checkpoint_ref)?;
+        check_container_id("new_container_id", &r.new_container_id)?;
+        if r.options.as_ref().is_some_and(|o| o.apply_rw_layer) {
+            return Err(ApiError::NotSupportedYet(
+                "restoring the writable layer (options.apply_rw_layer)".into(),
+            )
+            .into());
+        }
+        let spec = RestoreSpec {
+            scope: Scope::new(&r.namespace),
+            reference: r.checkpoint_ref,
+            new_container_id: r.new_container_id,
+        };
+        log::info!(
+            "restore {:?} as container {:?} of namespace {:?}",
+            spec.reference,
+            spec.new_container_id,
+            spec.scope.namespace
+        );
+        let ctrd = self.ctrd.clone();
+        Ok(Response::new(stream_events(move |events| async move {
+            let send = |event| {
+                let _ = events.send(RestoreEvent { event: Some(event) });
+            };
+            let restored = checkpoint::restore(&ctrd, &spec, |step| {
+                let stage = match step {
+                    Step::ContainerCreated => RestoreStage::ContainerCreated,
+                    Step::TaskCreated => RestoreStage::TaskCreated,
+                    Step::Dumping | Step::Dumped | Step::TaskStopped => return,
+                };
+                send(RestoreEventKind::Stage(stage as i32));
+            })
+            .await?;
+            send(RestoreEventKind::Done(RestoredTask {
+                container_id: spec.new_container_id.clone(),
+                pid: restored.pid,
+                restore_ms: restored.elapsed_ms,
+            }));
+            Ok(())
+        })))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        let scope = Scope::new(&request.into_inner().namespace);
+        let checkpoints = checkpoint::list(&self.ctrd, &scope).await?;
+        Ok(Response::new(ListCheckpointsResponse { checkpoints }))
+    }
+
+    async fn inspect_checkpoint(
+        &self,
+        request: Request<InspectCheckpointRequest>,
+    ) -> Result<Response<InspectCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        check_existing_reference(&r.checkpoint_ref)?;
+        let scope = Scope::new(&r.namespace);
+        let (image, index) =
+            checkpoint::get_checkpoint(&self.ctrd, &scope, &r.checkpoint_ref).await?;
+        let blob = index
+            .by_media_type(layout::MEDIA_TYPE_CHECKPOINT)
+            .expect("a checkpoint's index has a task checkpoint");
+        let tar = self.ctrd.read_blob(&scope, &blob.digest).await?;
+        let reference = r.checkpoint_ref.clone();
+        let report = tokio::task::spawn_blocking(move || inspect_tar(&tar, &reference))
+            .await
+            .map_err(|e| ApiError::Internal(format!("inspect {:?}: {e}", r.checkpoint_ref)))??;
+        Ok(Response::new(InspectCheckpointResponse {
+            checkpoint: Some(checkpoint::checkpoint_info(&image, &index)),
+            image_report_json: report,
+        }))
+    }
+
+    async fn delete_checkpoint(
+        &self,
+        request: Request<DeleteCheckpointRequest>,
+    ) -> Result<Response<DeleteCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        check_existing_reference(&r.checkpoint_ref)?;
+        checkpoint::delete(&self.ctrd, &Scope::new(&r.namespace), &r.checkpoint_ref).await?;
+        log::info!("deleted checkpoint {:?}", r.checkpoint_ref);
+        Ok(Response::new(DeleteCheckpointResponse {}))
+    }
+
+    async fn export_checkpoint(
+        &self,
+        _request: Request<ExportCheckpointRequest>,
+    ) -> Result<Response<Self::ExportCheckpointStream>, Status> {
+        Err(ApiError::NotSupportedYet("ExportCheckpoint (image streaming)".into()).into())
+    }
+
+    async fn import_checkpoint(
+        &self,
+        _request: Request<Streaming<ImportCheckpointRequest>>,
+    ) -> Result<Response<ImportCheckpointResponse>, Status> {
+        Err(ApiError::NotSupportedYet("ImportCheckpoint (image streaming)".into()).into())
+    }
+}
+
+#[tonic::async_trait]
+impl MigrationService for Agent {
+    type MigrateStream = EventStream<MigrateEvent>;
+
+    async fn migrate(
+        &self,
+        _request: Request<MigrateRequest>,
+    ) -> Result<Response<Self::MigrateStream>, Status> {
+        Err(ApiError::NotSupportedYet("Migrate (live migration between nodes)".into()).into())
+    }
+}
+
+/// `cowsnap inspect --json` of the cowsnap image in checkpoint tar `tar`.
+fn inspect_tar(tar: &[u8], reference: &str) -> Result<String, ApiError> {
+    let fail =
+        |what: String| ApiError::Internal(format!("inspect checkpoint {reference:?}: {what}"));
+    let dir = tempfile::Builder::new()
+        .prefix("cowsnapd-inspect-")
+        .tempdir()
+        .map_err(|e| fail(format!("temporary directory: {e}")))?;
+    let mut archive = tar::Archive::new(tar);
+    archive.set_preserve_permissions(false);
+    archive.unpack(dir.path()).map_err(|e| {
+        fail(format!(
+            "unpack its checkpoint tar into {}: {e}",
+            dir.path().display()
+        ))
+    })?;
+    let image_dir = find_image_dir(dir.path())
+        .ok_or_else(|| fail("its checkpoint tar holds no manifest.json".to_string()))?;
+    cowsnap::image::inspect::inspect(&image_dir, true).map_err(|e| fail(e.to_string()))
+}
+
+/// The directory holding manifest.json: the tar's top or one level down.
+fn find_image_dir(top: &Path) -> Option<PathBuf> {
+    if top.join("manifest.json").is_file() {
+        return Some(top.to_path_buf());
+    }
+    std::fs::read_dir(top)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("manifest.json").is_file())
+}

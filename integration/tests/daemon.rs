@@ -1,0 +1,476 @@
+//! End-to-end tests of `cowsnapd` against a private containerd with the
+//! cowsnap shim (common/containerd.rs): the gRPC API through generated
+//! tonic clients, on the daemon's unix socket.
+//!
+//! Run one at a time (`--test-threads=1`), like the other containerd tests.
+
+mod common;
+#[path = "common/containerd.rs"]
+mod harness;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cowsnapd::proto::checkpoint_event::Event as CheckpointEventKind;
+use cowsnapd::proto::checkpoint_service_client::CheckpointServiceClient;
+use cowsnapd::proto::restore_event::Event as RestoreEventKind;
+use cowsnapd::proto::*;
+use harness::{Containerd, COUNTER_LOOP, COWSNAP_RUNTIME, RUNC_RUNTIME};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const DAEMON_BIN: &str = "cowsnapd";
+const CTL_BIN: &str = "cowsnap-ctl";
+
+/// `cowsnapd` and `cowsnap-ctl` (its directory) built into the test's target directory and profile (cargo
+/// builds no other package's binaries for an integration test).
+/// `COWSNAPD_BIN_DIR` wins.
+fn daemon_bin_dir() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("COWSNAPD_BIN_DIR") {
+            return PathBuf::from(path);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args(["build", "--quiet", "-p", "cowsnapd", "--bins"])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().expect("run cargo build").success(),
+            "cargo build -p cowsnapd failed"
+        );
+        profile_dir
+    })
+    .clone()
+}
+
+/// A running cowsnapd on a socket in the harness's directory, killed
+/// when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ctrd: &Containerd) -> Daemon {
+        let socket = ctrd.dir().join("cowsnapd/cowsnapd.sock");
+        let log = ctrd.dir().join("cowsnapd.log");
+        let log_file = std::fs::File::create(&log).expect("cowsnapd log");
+        let child = Command::new(daemon_bin_dir().join(DAEMON_BIN))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--containerd")
+            .arg(&ctrd.address)
+            .arg("--verbose")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn cowsnapd");
+        let mut daemon = Daemon { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("cowsnapd exited with {status}:\n{}", daemon.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cowsnapd did not listen on {} in 30 s:\n{}",
+                daemon.socket.display(),
+                daemon.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    /// `cowsnap-ctl --socket SOCKET -n NAMESPACE ARGS`, which must succeed;
+    /// its stdout.
+    fn ctl(&self, namespace: &str, args: &[&str]) -> String {
+        let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cowsnap-ctl");
+        assert!(
+            output.status.success(),
+            "cowsnap-ctl {args:?} failed:\n{}",
+            common::describe(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn channel(&self) -> Channel {
+        cowsnapd::client::connect(&self.socket)
+            .await
+            .expect("connect to cowsnapd")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- cowsnapd log\n{}", self.log_text());
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Every event of a Checkpoint, or its status.
+async fn checkpoint(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    id: &str,
+    reference: &str,
+) -> Result<Vec<CheckpointEventKind>, tonic::Status> {
+    let mut stream = client
+        .checkpoint(CheckpointRequest {
+            namespace: namespace.to_string(),
+            container_id: id.to_string(),
+            leave_running: true,
+            checkpoint_ref: reference.to_string(),
+            options: None,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        events.extend(event?.event);
+    }
+    Ok(events)
+}
+
+async fn restore(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    reference: &str,
+    id: &str,
+) -> Result<Vec<RestoreEventKind>, tonic::Status> {
+    let mut stream = client
+        .restore(RestoreRequest {
+            namespace: namespace.to_string(),
+            checkpoint_ref: reference.to_string(),
+            new_container_id: id.to_string(),
+            options: None,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        events.extend(event?.event);
+    }
+    Ok(events)
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, names: &str) {
+    let status = result.expect_err("the RPC must fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(names),
+        "the {code:?} message does not name {names:?}: {}",
+        status.message()
+    );
+}
+
+/// 1. cowsnapd serves on a 0600 unix socket, reports SERVING through the
+///    standard health service and lists its services through reflection.
+#[test]
+fn cowsnapd_health_and_reflection() {
+    let ctrd = Containerd::start("daemon-health");
+    let daemon = Daemon::start(&ctrd);
+    let mode = std::fs::metadata(&daemon.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    runtime().block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let mut health = HealthClient::new(daemon.channel().await);
+        for service in [
+            "",
+            "cowsnap.v1.CheckpointService",
+            "cowsnap.v1.MigrationService",
+        ] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.to_string(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"))
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                ServingStatus::Serving as i32,
+                "health of {service:?}"
+            );
+        }
+
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        let mut reflection = ServerReflectionClient::new(daemon.channel().await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let response = responses
+            .next()
+            .await
+            .expect("a reflection answer")
+            .expect("reflection answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("reflection answered {response:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for wanted in [
+            "cowsnap.v1.CheckpointService",
+            "cowsnap.v1.MigrationService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(
+                names.iter().any(|n| n == wanted),
+                "reflection lists {names:?}, not {wanted}"
+            );
+        }
+    });
+}
+
+/// 2. Through the API: a running counter container is checkpointed (it
+///    keeps running), listed and inspected; the container is deleted and
+///    restored under a new id, where the counter goes on. Bad requests get
+///    precise codes: an unknown container NOT_FOUND, a malformed ref
+///    INVALID_ARGUMENT, a container of runc's runtime FAILED_PRECONDITION,
+///    a taken ref ALREADY_EXISTS, Migrate UNIMPLEMENTED; a deleted
+///    checkpoint is NOT_FOUND.
+#[test]
+fn cowsnapd_checkpoints_and_restores_a_counter() {
+    let ctrd = Containerd::start_cowsnap("daemon");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("counter");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", COUNTER_LOOP]);
+    let runc_id = ctrd.container_id("runc");
+    ctrd.run(RUNC_RUNTIME, image, &runc_id, &["sh", "-c", COUNTER_LOOP]);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/daemon-counter:1";
+    let restored = ctrd.container_id("restored");
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+
+    rt.block_on(async {
+        assert_status(
+            checkpoint(&mut client, &ns, "no-such-container", reference).await,
+            Code::NotFound,
+            "no-such-container",
+        );
+        assert_status(
+            checkpoint(&mut client, &ns, &id, "Not A/Ref:").await,
+            Code::InvalidArgument,
+            "Not A/Ref:",
+        );
+        assert_status(
+            checkpoint(&mut client, &ns, &runc_id, reference).await,
+            Code::FailedPrecondition,
+            &runc_id,
+        );
+        assert_status(
+            restore(&mut client, &ns, "cowsnap.test/none:1", &restored).await,
+            Code::NotFound,
+            "cowsnap.test/none:1",
+        );
+        let mut migration =
+            migration_service_client::MigrationServiceClient::new(daemon.channel().await);
+        let migrate = migration
+            .migrate(MigrateRequest {
+                namespace: ns.clone(),
+                container_id: id.clone(),
+                target: "https://127.0.0.1:1".into(),
+                options: None,
+            })
+            .await
+            .map(|_| ());
+        assert_status(migrate, Code::Unimplemented, "not supported yet");
+    });
+
+    let before = ctrd.wait_counter_above(&id, 10);
+    let events = rt
+        .block_on(checkpoint(&mut client, &ns, &id, reference))
+        .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    let stages: Vec<i32> = events
+        .iter()
+        .filter_map(|e| match e {
+            CheckpointEventKind::Stage(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            CheckpointStage::Dumping as i32,
+            CheckpointStage::Dumped as i32
+        ],
+        "stages of {events:?}"
+    );
+    let Some(CheckpointEventKind::Done(info)) = events.last() else {
+        panic!("the checkpoint did not end with done: {events:?}");
+    };
+    assert_eq!(info.checkpoint_ref, reference);
+    assert_eq!(info.runtime, COWSNAP_RUNTIME);
+    assert_eq!(info.container_id, id);
+    assert!(
+        info.blobs
+            .iter()
+            .any(|b| b.media_type == cowsnapd::layout::MEDIA_TYPE_CHECKPOINT && b.size > 0),
+        "no task checkpoint in {info:?}"
+    );
+    // leave_running: the counter goes on.
+    ctrd.wait_counter_above(&id, before);
+    assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
+    // ctr sees the checkpoint as an image.
+    let images = ctrd.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        images.lines().any(|l| l == reference),
+        "ctr images ls: {images}"
+    );
+
+    rt.block_on(async {
+        assert_status(
+            checkpoint(&mut client, &ns, &id, reference).await,
+            Code::AlreadyExists,
+            reference,
+        );
+        let listed = client
+            .list_checkpoints(ListCheckpointsRequest {
+                namespace: ns.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .checkpoints;
+        assert!(
+            listed.iter().any(|c| c.checkpoint_ref == reference),
+            "ListCheckpoints: {listed:?}"
+        );
+        assert!(
+            listed
+                .iter()
+                .all(|c| c.checkpoint_ref != harness::IMAGE_REF),
+            "ListCheckpoints lists the plain image: {listed:?}"
+        );
+        let inspected = client
+            .inspect_checkpoint(InspectCheckpointRequest {
+                namespace: ns.clone(),
+                checkpoint_ref: reference.to_string(),
+            })
+            .await
+            .expect("inspect")
+            .into_inner();
+        let report: serde_json::Value =
+            serde_json::from_str(&inspected.image_report_json).expect("inspect report json");
+        assert!(
+            report.to_string().contains("sh"),
+            "the report does not show the shell: {report}"
+        );
+    });
+
+    ctrd.kill_and_delete(&id);
+    ctrd.track(&restored);
+    let events = rt
+        .block_on(restore(&mut client, &ns, reference, &restored))
+        .unwrap_or_else(|e| panic!("restore: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    let Some(RestoreEventKind::Done(task)) = events.last() else {
+        panic!("the restore did not end with done: {events:?}");
+    };
+    assert!(task.pid > 0, "{task:?}");
+    let running = ctrd.wait_status(&restored, "RUNNING");
+    assert_eq!(running.pid as u32, task.pid);
+    // The restored loop goes on from its value at the checkpoint.
+    ctrd.wait_counter_above(&restored, before);
+
+    // The CLI lists and inspects it; ctr restores what cowsnapd stored.
+    let listed = daemon.ctl(&ns, &["ls"]);
+    assert!(
+        listed.lines().any(|l| l.starts_with(reference)),
+        "cowsnap ctl ls:\n{listed}"
+    );
+    let inspected = daemon.ctl(&ns, &["inspect", "--json", reference]);
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).expect("inspect --json");
+    assert_eq!(inspected["checkpoint_ref"], reference, "{inspected}");
+    let by_ctr = ctrd.container_id("by-ctr");
+    let output = ctrd.restore_container(&by_ctr, reference, false);
+    assert!(
+        output.status.success(),
+        "ctr containers restore of cowsnapd's checkpoint failed:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    ctrd.wait_status(&by_ctr, "RUNNING");
+    ctrd.wait_counter_above(&by_ctr, before);
+    ctrd.kill_and_delete(&by_ctr);
+
+    rt.block_on(async {
+        assert_status(
+            restore(&mut client, &ns, reference, &restored).await,
+            Code::AlreadyExists,
+            &restored,
+        );
+        client
+            .delete_checkpoint(DeleteCheckpointRequest {
+                namespace: ns.clone(),
+                checkpoint_ref: reference.to_string(),
+            })
+            .await
+            .expect("delete");
+        let gone = client
+            .inspect_checkpoint(InspectCheckpointRequest {
+                namespace: ns.clone(),
+                checkpoint_ref: reference.to_string(),
+            })
+            .await;
+        assert_status(gone, Code::NotFound, reference);
+    });
+    ctrd.kill_and_delete(&restored);
+    ctrd.kill_and_delete(&runc_id);
+}

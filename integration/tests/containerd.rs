@@ -1467,3 +1467,152 @@ fn cowsnap_terminal_container_checkpoint_restore() {
     assert_helper_gone(task.pid);
     ctrd.kill_and_delete(&restored);
 }
+
+/// The default capabilities of ctr 1.6's spec, every one dropped below.
+const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Rewrites file `name` of the tar `blob` in place with `edit`'s result,
+/// padded with spaces to the same length (so every tar header stays).
+fn edit_tar_member(blob: &mut [u8], name: &str, edit: impl FnOnce(&[u8]) -> Vec<u8>) {
+    let mut at = 0;
+    while at + 512 <= blob.len() && blob[at] != 0 {
+        let header = &blob[at..at + 512];
+        let member = String::from_utf8_lossy(&header[..100])
+            .trim_end_matches('\0')
+            .to_string();
+        let size_field = String::from_utf8_lossy(&header[124..136]);
+        let size =
+            usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+                .expect("tar size");
+        let data = at + 512;
+        if member.trim_start_matches("./") == name {
+            let mut new = edit(&blob[data..data + size]);
+            assert!(
+                new.len() <= size,
+                "{name}: edited {} bytes > {size}",
+                new.len()
+            );
+            new.resize(size, b' ');
+            blob[data..data + size].copy_from_slice(&new);
+            return;
+        }
+        at = data + size.div_ceil(512) * 512;
+    }
+    panic!("{name} not in the checkpoint tar");
+}
+
+/// 10. A checkpoint gives a container no more than its spec grants. A
+///     container runs as user 1000 with every capability dropped; its
+///     checkpoint restores as it was (uid 1000, no capability). Then the
+///     image in the content store is edited to claim uid 0 and every
+///     capability for every process, its checksum in manifest.json fixed,
+///     and the restore is refused, naming the pid and the claim, with
+///     nothing of it left.
+#[test]
+fn cowsnap_restore_refuses_an_image_claiming_more_than_the_spec_grants() {
+    let ctrd = Containerd::start_cowsnap("forged");
+    let image = ctrd.import_reference_image_as("cowsnap.test/ref-user:1", "1000:1000");
+    let id = ctrd.container_id("unprivileged");
+    let mut flags = vec!["--null-io"];
+    for cap in DEFAULT_CAPS {
+        flags.extend(["--cap-drop", cap]);
+    }
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        &flags,
+        image,
+        &id,
+        &["sh", "-c", COUNTER_LOOP],
+    );
+    ctrd.wait_counter_above(&id, 2);
+    let reference = "cowsnap.test/unprivileged:1";
+    ctrd.checkpoint_container(&id, reference, false);
+    ctrd.kill_and_delete(&id);
+
+    // As it was: within the spec.
+    let genuine = ctrd.container_id("genuine");
+    let output = ctrd.restore_container(&genuine, reference, false);
+    assert!(
+        output.status.success(),
+        "genuine restore:\n{}",
+        common::describe(&output)
+    );
+    let init = ctrd.wait_status(&genuine, "RUNNING").pid;
+    let identity = harness::process_identity(init).expect("restored init");
+    assert_eq!(identity["Uid"], "1000 1000 1000 1000", "{identity:#?}");
+    assert_eq!(identity["CapEff"], "0000000000000000", "{identity:#?}");
+    assert_eq!(identity["CapBnd"], "0000000000000000", "{identity:#?}");
+    ctrd.kill_and_delete(&genuine);
+
+    // The forgery, written over the blob in the content store.
+    let images = harness::parse_images(&ctrd.ctr_ok(&["images", "ls"]));
+    let (_, index_digest) = images
+        .iter()
+        .find(|(name, _)| name == reference)
+        .expect("checkpoint listed");
+    let index: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", index_digest])).expect("index");
+    let digest = index["manifests"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mediaType"] == CHECKPOINT_MEDIA_TYPE))
+        .and_then(|m| m["digest"].as_str())
+        .expect("checkpoint blob")
+        .to_string();
+    let blob_path = ctrd
+        .dir()
+        .join("root/io.containerd.content.v1.content/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut blob = fs::read(&blob_path).expect("read the checkpoint blob");
+    let mut tree_hash = String::new();
+    edit_tar_member(&mut blob, "tree.json", |bytes| {
+        let mut tree: serde_json::Value = serde_json::from_slice(bytes).expect("tree.json");
+        for p in tree["processes"].as_array_mut().expect("processes") {
+            let creds = &mut p["creds"];
+            creds["uids"] = serde_json::json!([0, 0, 0, 0]);
+            creds["gids"] = serde_json::json!([0, 0, 0, 0]);
+            for set in ["cap_bounding", "cap_permitted", "cap_effective"] {
+                creds[set] = serde_json::json!((1u64 << 41) - 1);
+            }
+        }
+        let mut out = serde_json::to_vec(&tree).expect("json");
+        out.resize(bytes.len(), b' ');
+        tree_hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&out));
+        out
+    });
+    edit_tar_member(&mut blob, "manifest.json", |bytes| {
+        let mut manifest: serde_json::Value = serde_json::from_slice(bytes).expect("manifest");
+        for f in manifest["files"].as_array_mut().expect("files") {
+            if f["name"] == "tree.json" {
+                f["xxh3_128"] = serde_json::json!(tree_hash);
+            }
+        }
+        serde_json::to_vec(&manifest).expect("json")
+    });
+    fs::write(&blob_path, &blob).expect("write the forged blob");
+
+    let forged = ctrd.container_id("forged");
+    assert_restore_refused(
+        &ctrd,
+        &forged,
+        reference,
+        &[
+            "the image claims uids [0, 0, 0, 0], the container's spec allows only uid 1000",
+            "a restore gives no process more than its container grants",
+        ],
+    );
+}

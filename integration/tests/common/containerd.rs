@@ -619,6 +619,13 @@ impl Containerd {
         self.import_image(&archive, IMAGE_REF)
     }
 
+    /// The reference image as `name`, whose config runs its process as `user`.
+    pub fn import_reference_image_as(&self, name: &'static str, user: &str) -> &'static str {
+        let archive = self.dir.join("ref-image-user.tar");
+        write_image_as(&archive, name, &reference_layer(), Some(user));
+        self.import_image(&archive, name)
+    }
+
     /// Imports the PostgreSQL image ([`postgres_layer`]) as
     /// [`POSTGRES_IMAGE_REF`] and returns its name.
     pub fn import_postgres_image(&self) -> &'static str {
@@ -1424,8 +1431,14 @@ pub fn write_reference_image(archive: &Path, name: &str) {
 /// layer `layer` to `archive`, named `name` (`repo:tag`) through both
 /// annotations containerd's importer reads.
 pub fn write_image(archive: &Path, name: &str, layer: &[u8]) {
+    write_image_as(archive, name, layer, None)
+}
+
+/// [`write_image`] with the image config's `User` (e.g. `1000:1000`),
+/// which ctr puts in the container's spec.
+pub fn write_image_as(archive: &Path, name: &str, layer: &[u8], user: Option<&str>) {
     let layer_digest = sha256_digest(layer);
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
@@ -1435,6 +1448,9 @@ pub fn write_image(archive: &Path, name: &str, layer: &[u8]) {
         },
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
     });
+    if let Some(user) = user {
+        config["config"]["User"] = serde_json::json!(user);
+    }
     let config = serde_json::to_vec(&config).expect("config json");
     let config_digest = sha256_digest(&config);
     let manifest = serde_json::json!({

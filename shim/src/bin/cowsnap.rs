@@ -80,6 +80,9 @@ enum Command {
         images: PathBuf,
         #[arg(long)]
         control_fd: i32,
+        /// What the container's spec grants (JSON of `restore::limits::Limits`).
+        #[arg(long)]
+        limits: String,
     },
     /// The controller of a container restore (run by the containerd shim):
     /// waits for the helper, container init INIT_PID, to rebuild the tree,
@@ -178,12 +181,20 @@ fn main() -> ExitCode {
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }
-        Command::RestoreInit { images, control_fd } => {
-            match cowsnap::sys::ns::owned_fd(control_fd) {
-                Ok(fd) => Err(cowsnap::restore::restore_as_init(&images, fd).to_string()),
-                Err(e) => Err(format!("--control-fd {control_fd}: {e}")),
+        Command::RestoreInit {
+            images,
+            control_fd,
+            limits,
+        } => match (
+            cowsnap::sys::ns::owned_fd(control_fd),
+            serde_json::from_str::<cowsnap::restore::limits::Limits>(&limits),
+        ) {
+            (Ok(fd), Ok(limits)) => {
+                Err(cowsnap::restore::restore_as_init(&images, fd, &limits).to_string())
             }
-        }
+            (Err(e), _) => Err(format!("--control-fd {control_fd}: {e}")),
+            (_, Err(e)) => Err(format!("--limits: {e}")),
+        },
         Command::RestoreControl {
             images,
             init_pid,

@@ -15,7 +15,9 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::{json, Value};
+use oci_spec::runtime::{Capability, LinuxCapabilitiesBuilder, MountBuilder, Spec, UserBuilder};
+
+use crate::restore::limits::Limits;
 
 use crate::restore::ContainerRestore;
 
@@ -157,7 +159,13 @@ pub fn prepare_restore(
     terminal: bool,
 ) -> Result<PreparedRestore, CrError> {
     let failed = |what: String| CrError::Failed(format!("restore of task {id}: {what}"));
-    let fd = ContainerRestore::prepare(checkpoint).map_err(|e| match e {
+    let config_path = bundle.join("config.json");
+    let spec =
+        Spec::load(&config_path).map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
+    // The image is checked against what the task's spec grants here,
+    // before the container exists, and again by the helper itself.
+    let limits = Limits::from_spec(&spec, bounding_set());
+    let fd = ContainerRestore::prepare(checkpoint, &limits).map_err(|e| match e {
         crate::restore::RestoreError::NotSupported(m) => CrError::NotSupported(m),
         e => failed(e.to_string()),
     })?;
@@ -169,21 +177,17 @@ pub fn prepare_restore(
             helper.display()
         )));
     }
-    let config_path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
+    let mut derived = derive_spec(spec, bundle, &helper, checkpoint, &limits)
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
-    let spec: Value = serde_json::from_str(&text)
-        .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
-    let mut derived = derive_spec(spec, bundle, &helper, checkpoint)
-        .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
-    if let Some(process) = derived.get_mut("process").and_then(Value::as_object_mut) {
-        process.insert("terminal".into(), json!(terminal));
+    if let Some(process) = derived.process_mut().as_mut() {
+        process.set_terminal(Some(terminal));
     }
     let dir = bundle.join(DERIVED_BUNDLE);
     std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     let out = dir.join("config.json");
-    let bytes = serde_json::to_vec_pretty(&derived).map_err(|e| failed(e.to_string()))?;
-    std::fs::write(&out, bytes).map_err(|e| failed(format!("{}: {e}", out.display())))?;
+    derived
+        .save(&out)
+        .map_err(|e| failed(format!("{}: {e}", out.display())))?;
     let control = fd
         .try_clone()
         .map_err(|e| failed(format!("duplicating the control region's fd: {e}")))?;
@@ -252,162 +256,126 @@ pub fn control_restore(images: &Path, init_pid: i32, control: OwnedFd) -> Result
 /// The bundle spec for the restore helper: the task's own spec (rootfs,
 /// namespaces, cgroup, mounts, rlimits) with the helper as its process,
 /// running as root with every capability and no seccomp or LSM profile
-/// (each restored process takes back its own), and the helper and the
-/// image bind-mounted read-only under [`HIDDEN_DIR`].
+/// (each restored process takes back its own, within `limits`, which the
+/// helper gets on its command line: what the task's spec grants), and the
+/// helper and the image bind-mounted read-only under [`HIDDEN_DIR`].
 fn derive_spec(
-    mut spec: Value,
+    mut spec: Spec,
     bundle: &Path,
     helper: &Path,
     image: &Path,
-) -> Result<Value, String> {
-    let root = spec.pointer_mut("/root/path").ok_or("no root.path")?;
-    let root_path = PathBuf::from(root.as_str().ok_or("root.path is not a string")?);
-    if root_path.is_relative() {
-        *root = json!(bundle.join(root_path).to_string_lossy());
+    limits: &Limits,
+) -> Result<Spec, String> {
+    let root = spec.root_mut().as_mut().ok_or("no root.path")?;
+    if root.path().is_relative() {
+        let absolute = bundle.join(root.path());
+        root.set_path(absolute);
     }
-    let process = spec
-        .get_mut("process")
-        .and_then(Value::as_object_mut)
-        .ok_or("no process")?;
-    process.insert(
-        "args".into(),
-        json!([
-            HELPER_DEST,
-            "restore-init",
-            "--images",
-            IMAGE_DEST,
-            "--control-fd",
-            "3"
-        ]),
+    let limits = serde_json::to_string(limits).map_err(|e| e.to_string())?;
+    let caps: oci_spec::runtime::Capabilities = helper_caps(bounding_set()).into_iter().collect();
+    let process = spec.process_mut().as_mut().ok_or("no process")?;
+    process.set_args(Some(vec![
+        HELPER_DEST.into(),
+        "restore-init".into(),
+        "--images".into(),
+        IMAGE_DEST.into(),
+        "--control-fd".into(),
+        "3".into(),
+        "--limits".into(),
+        limits,
+    ]));
+    process.set_cwd("/".into());
+    process.set_user(
+        UserBuilder::default()
+            .uid(0u32)
+            .gid(0u32)
+            .build()
+            .map_err(|e| e.to_string())?,
     );
-    process.insert("cwd".into(), json!("/"));
-    process.insert("user".into(), json!({"uid": 0, "gid": 0}));
-    process.insert("noNewPrivileges".into(), json!(false));
-    let caps = json!(helper_caps(bounding_set()));
-    process.insert(
-        "capabilities".into(),
-        json!({"bounding": caps, "effective": caps, "permitted": caps, "inheritable": caps}),
-    );
-    process.remove("apparmorProfile");
-    process.remove("selinuxLabel");
-    if let Some(linux) = spec.get_mut("linux").and_then(Value::as_object_mut) {
-        linux.remove("seccomp");
+    process.set_no_new_privileges(Some(false));
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps.clone())
+            .inheritable(caps)
+            .build()
+            .map_err(|e| e.to_string())?,
+    ));
+    process.set_apparmor_profile(None);
+    process.set_selinux_label(None);
+    if let Some(linux) = spec.linux_mut().as_mut() {
+        linux.set_seccomp(None);
     }
-    let mounts = spec
-        .as_object_mut()
-        .ok_or("spec is not an object")?
-        .entry("mounts")
-        .or_insert_with(|| json!([]))
-        .as_array_mut()
-        .ok_or("mounts is not an array")?;
-    mounts.push(json!({
-        "destination": HELPER_DEST, "type": "bind",
-        "source": helper.to_string_lossy(), "options": ["bind", "ro"]
-    }));
-    mounts.push(json!({
-        "destination": IMAGE_DEST, "type": "bind",
-        "source": image.to_string_lossy(), "options": ["rbind", "ro"]
-    }));
+    let bind = |destination: &str, source: &Path, options: &[&str]| {
+        MountBuilder::default()
+            .destination(destination)
+            .typ("bind")
+            .source(source)
+            .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let helper_mount = bind(HELPER_DEST, helper, &["bind", "ro"])?;
+    let image_mount = bind(IMAGE_DEST, image, &["rbind", "ro"])?;
+    let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
+    mounts.push(helper_mount);
+    mounts.push(image_mount);
     Ok(spec)
 }
 
 /// The shim's own capability bounding set (runc cannot grant more);
 /// every capability when it cannot be read.
 fn bounding_set() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapBnd:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .unwrap_or(u64::MAX)
+    caps::read(None, caps::CapSet::Bounding)
+        .map_or(u64::MAX, |set| crate::restore::limits::cap_bits(&set))
 }
 
 /// The helper's capabilities: every one in `bounding` (bit n = capability n).
-fn helper_caps(bounding: u64) -> Vec<&'static str> {
-    ALL_CAPS
+fn helper_caps(bounding: u64) -> Vec<Capability> {
+    crate::restore::limits::cap_names(bounding)
         .iter()
-        .enumerate()
-        .filter(|(bit, _)| bounding & (1u64 << bit) != 0)
-        .map(|(_, name)| *name)
+        .filter_map(|name| name.strip_prefix("CAP_")?.parse().ok())
         .collect()
 }
 
 /// Whether the ELF file at `path` has no program interpreter (PT_INTERP).
 fn is_static(path: &Path) -> std::io::Result<bool> {
+    use object::read::elf::{ElfFile64, ProgramHeader};
     let bytes = std::fs::read(path)?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
-        return Err(bad());
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(bytes[32..40].try_into().map_err(|_| bad())?) as usize;
-    let (phentsize, phnum) = (u16_at(54), u16_at(56));
-    for k in 0..phnum {
-        let at = phoff + k * phentsize;
-        let p_type = bytes
-            .get(at..at + 4)
-            .ok_or_else(bad)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))?;
-        if p_type == 3 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    let bad = |e: object::Error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a 64-bit ELF file: {e}"),
+        )
+    };
+    let elf = ElfFile64::<object::Endianness>::parse(bytes.as_slice()).map_err(bad)?;
+    let endian = elf.endian();
+    Ok(!elf
+        .elf_program_headers()
+        .iter()
+        .any(|ph| ph.p_type(endian) == object::elf::PT_INTERP))
 }
-
-const ALL_CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn limits() -> Limits {
+        Limits {
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![],
+            bounding: 1 << 5,
+            no_new_privs: true,
+            seccomp: true,
+        }
+    }
 
     #[test]
     fn derived_spec_runs_the_helper_with_the_image_mounted() {
-        let spec = json!({
+        let spec: Spec = serde_json::from_value(json!({
             "ociVersion": "1.0.2",
             "process": {"args": ["sh"], "cwd": "/app", "user": {"uid": 1000, "gid": 1000},
                         "noNewPrivileges": true, "apparmorProfile": "x",
@@ -415,17 +383,25 @@ mod tests {
             "root": {"path": "rootfs"},
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
             "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}, "namespaces": [{"type": "pid"}]}
-        });
+        }))
+        .expect("spec");
         let out = derive_spec(
             spec,
             Path::new("/b"),
             Path::new("/h/cowsnap"),
             Path::new("/img"),
+            &limits(),
         )
         .expect("derive");
+        let out = serde_json::to_value(&out).expect("json");
         assert_eq!(out["root"]["path"], "/b/rootfs");
         assert_eq!(out["process"]["args"][0], HELPER_DEST);
         assert_eq!(out["process"]["args"][5], "3");
+        assert_eq!(out["process"]["args"][6], "--limits");
+        let passed: Limits =
+            serde_json::from_str(out["process"]["args"][7].as_str().expect("limits"))
+                .expect("json");
+        assert_eq!(passed, limits());
         assert_eq!(out["process"]["user"]["uid"], 0);
         assert_eq!(out["process"]["noNewPrivileges"], false);
         assert!(out["process"].get("apparmorProfile").is_none());
@@ -447,23 +423,33 @@ mod tests {
 
     #[test]
     fn helper_caps_stay_inside_the_bounding_set() {
+        let every = caps::all().len();
         let all = helper_caps(u64::MAX);
-        assert_eq!(all.len(), ALL_CAPS.len());
+        assert_eq!(all.len(), every);
         // This machine's shim: everything but CAP_SYS_RESOURCE (bit 24).
-        let some = helper_caps(0x0000_01ff_feff_ffff);
-        assert_eq!(some.len(), ALL_CAPS.len() - 1);
-        assert!(!some.contains(&"CAP_SYS_RESOURCE"));
-        assert!(some.contains(&"CAP_SYS_ADMIN") && some.contains(&"CAP_CHECKPOINT_RESTORE"));
-        assert_eq!(helper_caps(1 << 21), vec!["CAP_SYS_ADMIN"]);
+        let some = helper_caps(!(1u64 << 24));
+        assert_eq!(some.len(), every - 1);
+        assert!(!some.contains(&Capability::SysResource));
+        assert!(
+            some.contains(&Capability::SysAdmin) && some.contains(&Capability::CheckpointRestore)
+        );
+        assert_eq!(helper_caps(1 << 21), vec![Capability::SysAdmin]);
     }
 
     #[test]
     fn derived_spec_refuses_a_spec_without_root() {
+        let spec: Spec = serde_json::from_value(
+            json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}}}),
+        )
+        .expect("spec");
+        let mut spec = spec;
+        spec.set_root(None);
         let err = derive_spec(
-            json!({"process": {}}),
+            spec,
             Path::new("/b"),
             Path::new("/h"),
             Path::new("/i"),
+            &limits(),
         )
         .expect_err("no root");
         assert!(err.contains("root.path"), "{err}");

@@ -8,7 +8,7 @@ pub mod pagestore;
 pub mod reader;
 pub mod sockets;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 pub mod types;
 pub mod writer;
 

@@ -519,8 +519,12 @@ impl ContainerRestore {
     /// The shim's side, before the container exists: opens, checks and
     /// plans the image (so what cannot be restored is refused now) and
     /// returns the control region, a memfd for the helper and the controller.
-    pub fn prepare(images: &Path) -> Result<std::os::fd::OwnedFd, RestoreError> {
+    pub fn prepare(
+        images: &Path,
+        limits: &super::limits::Limits,
+    ) -> Result<std::os::fd::OwnedFd, RestoreError> {
         let (image, _plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        limits.check(&image)?;
         if image.tree.processes[0].nspid.last() != Some(&1) {
             return Err(RestoreError::NotSupported(format!(
                 "image {}: its root (pid {}) was not a pid namespace init, so it was not a container",
@@ -580,7 +584,11 @@ impl ContainerRestore {
 /// fresh pid namespace, with the control region on `control_fd`. It
 /// becomes the restored root and does not return; a failure is recorded in
 /// the root's slot (the shim reports it) and returned.
-pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> RestoreError {
+pub fn restore_as_init(
+    images: &Path,
+    control_fd: std::os::fd::OwnedFd,
+    limits: &super::limits::Limits,
+) -> RestoreError {
     use std::os::fd::{AsFd, AsRawFd};
     let len = match nix::sys::stat::fstat(control_fd.as_raw_fd()) {
         Ok(st) => st.st_size as u64,
@@ -603,6 +611,7 @@ pub fn restore_as_init(images: &Path, control_fd: std::os::fd::OwnedFd) -> Resto
         }
         // The container's rootfs stays as strict as the image: see `Growth::Exact`.
         let (image, plan) = open_and_plan(images, Files::Check(checks::Growth::Exact), &|_| {})?;
+        limits.check(&image)?;
         if control_len(image.processes.len()) > control.len() {
             return Err(RestoreError::NotSupported(format!(
                 "control region of {} bytes is too small for {} processes",

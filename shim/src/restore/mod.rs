@@ -9,6 +9,7 @@ pub mod checks;
 pub mod cleanup;
 pub mod exec;
 pub mod fds;
+pub mod limits;
 pub mod plan;
 pub mod posix_timers;
 pub mod saved_files;

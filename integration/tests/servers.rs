@@ -1795,3 +1795,71 @@ fn a_deleted_file_over_the_saved_file_limit_is_refused_and_the_tree_keeps_runnin
     let _ = child.kill();
     let _ = child.wait();
 }
+
+// ------------------------------------------------------------------ Node.js
+
+#[test]
+fn node_http_server_restored_with_its_timers_and_watch() {
+    require_root();
+    let dir = tempdir("node");
+    let port = free_port();
+    let mut child = Command::new("/usr/bin/node")
+        .arg(workload("node_server.js"))
+        .arg(port.to_string())
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start node (is the nodejs package installed?)");
+    let root = child.id() as i32;
+    let _cleanup = KillOnDrop(vec![root]);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready", "node did not start");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ask = |context: &str| -> serde_json::Value {
+        let body = get(addr, "/").unwrap_or_else(|e| panic!("{context}: {e}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{context}: {e}: {body}"))
+    };
+    let before = ask("before the dump");
+    assert_eq!(before["hits"], 1);
+    let pids = descendants(root);
+    let pss_before = pss_anon_shmem(&pids);
+    let (_img, images) = image_dir("node");
+    dump_exit(root, &images, &[]);
+    wait_gone(&pids, Some(&mut child), "node after dump --exit");
+    restore(&images);
+    let _restored = KillOnDrop(vec![root]);
+    assert_pss_close(
+        pss_before,
+        pss_anon_shmem(&pids),
+        "node (Pss_Anon + Pss_Shmem)",
+    );
+    let after = ask("after the restore");
+    assert_eq!(
+        (&after["pid"], &after["hits"], &after["ballast"]),
+        (&before["pid"], &serde_json::json!(2), &before["ballast"]),
+        "{before} -> {after}"
+    );
+    // The interval timer runs on: a second more is a few ticks.
+    thread::sleep(Duration::from_millis(1000));
+    std::fs::write(dir.path().join("new-file"), b"x").expect("touch in the watched dir");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let last = loop {
+        let r = ask("watching");
+        if r["watched"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
+            break r;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        last["ticks"].as_u64() > after["ticks"].as_u64(),
+        "the timer ticks on: {after} -> {last}"
+    );
+    assert!(
+        last["watched"].as_u64().unwrap_or(0) >= 1,
+        "the fs.watch (inotify) fires after the restore: {last}"
+    );
+}

@@ -362,6 +362,21 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         kill_all(&watch, child);
         return Err(e);
     }
+    if let Some(copy) = super::mount_ns::private_copy(ctx.image.tree.mount_ns.as_ref()) {
+        let root = watch.pid(0);
+        if let Err(message) = super::mount_ns::mount_procfs(root, copy.mounts) {
+            kill_all(&watch, child);
+            return Err(RestoreError::Process {
+                pid: ctx.image.tree.processes[0].pid,
+                message: format!("mount namespace: {message}"),
+            });
+        }
+        progress(format_args!(
+            "own mount namespace: {} mount(s) made again, {} detached",
+            copy.mounts.len(),
+            copy.unmounted.len()
+        ));
+    }
     progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
     let root_pid = watch.pid(0);
@@ -858,6 +873,15 @@ fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Stagi
     // come and go, and a parent-death signal follows the parent *thread*.
     if !(ctx.mode == PidNs::Container && i == 0) {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    }
+    // Before the root forks or creates files: those on a recorded tmpfs
+    // belong in the tree's namespace.
+    if i == 0 && ctx.mode != PidNs::Container {
+        if let Some(copy) = super::mount_ns::private_copy(ctx.image.tree.mount_ns.as_ref()) {
+            if let Err(message) = super::mount_ns::enter_new(&copy) {
+                fail_slot(ctx, i, &format!("mount namespace: {message}"));
+            }
+        }
     }
     if i == 0 && ctx.mode != PidNs::Current {
         if let Err(message) = pids_out_of_the_way(ctx) {

@@ -1983,7 +1983,10 @@ impl Unshared {
 
 impl Drop for Unshared {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.init), Signal::SIGKILL);
+        // While unshare lives its init's pid cannot have been reused.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.init), Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

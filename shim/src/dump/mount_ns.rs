@@ -353,6 +353,98 @@ mod tests {
         );
     }
 
+    /// A child in a private copy of this mount namespace that ran `then`
+    /// there (0 on success).
+    fn in_private_copy(then: impl FnOnce() -> i64) -> crate::sys::testing::TestChild {
+        use nix::mount::{mount, MsFlags};
+        let child = crate::sys::testing::TestChild::fork(|| {
+            let none: Option<&str> = None;
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_err()
+                || mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).is_err()
+            {
+                return -1;
+            }
+            then()
+        });
+        assert_eq!(child.value, 0, "the child's namespace was not set up");
+        child
+    }
+
+    #[test]
+    fn a_private_copy_with_a_tmpfs_is_recorded_and_a_bind_mount_refused() {
+        use nix::mount::{mount, MsFlags};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        std::fs::create_dir(&t).expect("mkdir");
+        let tmpfs = t.clone();
+        let child = in_private_copy(move || {
+            let opts = Some("size=64k,mode=711");
+            mount(
+                Some("cowsnap-unit"),
+                &tmpfs,
+                Some("tmpfs"),
+                MsFlags::MS_NODEV,
+                opts,
+            )
+            .map_or(-1, |_| 0)
+        });
+        let mut refusals = Vec::new();
+        let got = collect(child.pid, &mut refusals).expect("collect");
+        assert!(refusals.is_empty(), "{refusals:?}");
+        let Some(MountNs::PrivateCopy { mounts, .. }) = got else {
+            panic!("not a private copy: {got:?}");
+        };
+        let want = t.to_str().expect("utf-8");
+        let m = mounts
+            .iter()
+            .find(|m| m.mountpoint == want)
+            .unwrap_or_else(|| panic!("no {want} in {mounts:?}"));
+        assert_eq!(
+            (m.fstype, m.source.as_str()),
+            (RecreatedFs::Tmpfs, "cowsnap-unit")
+        );
+        assert!(m.flags.iter().any(|f| f == "nodev"), "{:?}", m.flags);
+        assert!(
+            m.data.contains("size=64k") && m.data.contains("mode=711"),
+            "{}",
+            m.data
+        );
+
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir(&src).expect("mkdir");
+        std::fs::create_dir(&dst).expect("mkdir");
+        let (s, d) = (src.clone(), dst.clone());
+        let child = in_private_copy(move || {
+            let none: Option<&str> = None;
+            mount(Some(&s), &d, none, MsFlags::MS_BIND, none).map_or(-1, |_| 0)
+        });
+        let got = collect(child.pid, &mut refusals).expect("collect");
+        assert_eq!(got, None);
+        let want = format!(
+            "pid {} lives in a mount namespace of its own whose mounts differ from this one's: {} (",
+            child.pid,
+            dst.display()
+        );
+        assert!(
+            refusals.len() == 1 && refusals[0].starts_with(&want),
+            "{refusals:?}"
+        );
+    }
+
+    #[test]
+    fn a_root_of_its_own_is_left_to_its_runtime() {
+        // As a container after pivot_root: a root directory other than ours.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let child = in_private_copy(move || nix::unistd::chroot(&root).map_or(-1, |_| 0));
+        let mut refusals = Vec::new();
+        assert_eq!(
+            collect(child.pid, &mut refusals).expect("collect"),
+            Some(MountNs::OwnRoot)
+        );
+        assert!(refusals.is_empty(), "{refusals:?}");
+    }
+
     #[test]
     fn the_dumpers_own_namespace_is_none() {
         let mut refusals = Vec::new();

@@ -349,6 +349,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         mode.name()
     ));
 
+    if ctx.image.tree.mount_ns == Some(crate::image::types::MountNs::OwnRoot) {
+        progress(format_args!(
+            "the tree had a root directory of its own (a container's): restored in this mount namespace"
+        ));
+    }
     let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
     let first = if needs_init { 1 } else { ctx.target_pid[0] };
     let child = match clone::clone3(&[first], mode == PidNs::New)? {

@@ -1992,6 +1992,38 @@ impl Drop for Unshared {
     }
 }
 
+/// A tmpfs mounted in this (the test's) mount namespace, lazily unmounted
+/// on drop.
+struct LateMount(std::path::PathBuf);
+
+impl LateMount {
+    fn new(at: &Path) -> LateMount {
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=64k",
+                "cowsnap-late",
+                path_str(at),
+            ])
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs on {}: {status}",
+            at.display()
+        );
+        LateMount(at.to_path_buf())
+    }
+}
+
+impl Drop for LateMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// `/proc/PID/ns/mnt` (PID may be `self`).
 fn mnt_ns(pid: &str) -> String {
     fs::read_link(format!("/proc/{pid}/ns/mnt"))
@@ -2043,6 +2075,11 @@ fn restore_gives_the_tree_its_private_mount_namespace_with_its_procfs() {
         ready = path_str(&ready)
     );
     let mut tree = Unshared::start(&script, &ready);
+    // Mounted here after the tree's copy was made: the tree never saw it,
+    // and its restored namespace (a copy of this one) must not either.
+    let late = dir.path().join("late");
+    fs::create_dir(&late).expect("mkdir late");
+    let _late = LateMount::new(&late);
     let original_inside = procfs_pids(&format!("/proc/{}/root/proc", tree.init));
     assert_eq!(
         original_inside.len(),
@@ -2075,6 +2112,11 @@ fn restore_gives_the_tree_its_private_mount_namespace_with_its_procfs() {
         recorded["mount_ns"]["kind"], "private_copy",
         "mount_ns of tree.json: {}",
         recorded["mount_ns"]
+    );
+    let unmounted = recorded["mount_ns"]["unmounted"].to_string();
+    assert!(
+        unmounted.contains(path_str(&late)),
+        "the late mount is not among those to detach: {unmounted}"
     );
 
     let pidfile = dir.path().join("restored.pid");
@@ -2117,6 +2159,12 @@ fn restore_gives_the_tree_its_private_mount_namespace_with_its_procfs() {
     assert!(
         table.contains(&tmpfs),
         "{context}: no {tmpfs:?} in\n{}",
+        table.join("\n")
+    );
+    assert!(
+        !table.iter().any(|m| m.contains(path_str(&late))),
+        "{context}: {} was mounted after the tree's copy, yet the restored tree has it:\n{}",
+        late.display(),
         table.join("\n")
     );
     let last_on_proc = table

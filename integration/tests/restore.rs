@@ -1940,3 +1940,313 @@ fn a_log_that_shrank_after_the_dump_is_refused_naming_it() {
         "{context}: log untouched"
     );
 }
+
+// ------------------------------------------------------------ mount namespace
+
+/// A shell run as `unshare --pid --fork --mount-proc sh -c SCRIPT`: pid 1
+/// of a new pid namespace, in a private copy of this mount namespace with
+/// a procfs of its own on /proc. Dropping it kills the namespace.
+struct Unshared {
+    child: Child,
+    /// The shell, pid 1 of the namespace, as seen from here.
+    init: i32,
+}
+
+impl Unshared {
+    /// Starts `script`, which touches `ready` once its mounts are made.
+    fn start(script: &str, ready: &Path) -> Unshared {
+        let mut child = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn unshare --pid --fork --mount-proc sh");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("unshare sh -c {script:?} ended early: {status}");
+            }
+            assert!(Instant::now() < deadline, "sh -c {script:?} not ready");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id();
+        let init = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("children of unshare")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the namespace's init");
+        Unshared { child, init }
+    }
+}
+
+impl Drop for Unshared {
+    fn drop(&mut self) {
+        // While unshare lives its init's pid cannot have been reused.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.init), Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tmpfs mounted in this (the test's) mount namespace, lazily unmounted
+/// on drop.
+struct LateMount(std::path::PathBuf);
+
+impl LateMount {
+    fn new(at: &Path) -> LateMount {
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=64k",
+                "cowsnap-late",
+                path_str(at),
+            ])
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs on {}: {status}",
+            at.display()
+        );
+        LateMount(at.to_path_buf())
+    }
+}
+
+impl Drop for LateMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `/proc/PID/ns/mnt` (PID may be `self`).
+fn mnt_ns(pid: &str) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/mnt: {e}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Each mount of `/proc/PID/mountinfo` without its ids and propagation
+/// tags: (root, mount point, flags, fstype, source, options).
+fn mount_table(pid: &str) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/mountinfo: {e}"))
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields
+                .iter()
+                .position(|f| *f == "-")
+                .unwrap_or(fields.len());
+            let mut kept: Vec<&str> = fields[3..6.min(fields.len())].to_vec();
+            kept.extend(fields.get(dash + 1..).unwrap_or_default());
+            kept.join(" ")
+        })
+        .collect()
+}
+
+/// The pids a procfs shows (its numeric entries), sorted.
+fn procfs_pids(dir: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+#[test]
+fn restore_gives_the_tree_its_private_mount_namespace_with_its_procfs() {
+    require_root();
+    let (dir, images) = image_dir("mntns");
+    let t = dir.path().join("t");
+    fs::create_dir(&t).expect("mkdir t");
+    let ready = dir.path().join("ready");
+    let script = format!(
+        "mount -t tmpfs -o size=1m,mode=700 cowsnap-mntns {t} || exit 1; \
+         sleep 1000 & sleep 1000 & : > {ready}; wait",
+        t = path_str(&t),
+        ready = path_str(&ready)
+    );
+    let mut tree = Unshared::start(&script, &ready);
+    // Mounted here after the tree's copy was made: the tree never saw it,
+    // and its restored namespace (a copy of this one) must not either.
+    let late = dir.path().join("late");
+    fs::create_dir(&late).expect("mkdir late");
+    let _late = LateMount::new(&late);
+    let original_inside = procfs_pids(&format!("/proc/{}/root/proc", tree.init));
+    assert_eq!(
+        original_inside.len(),
+        3,
+        "sh and two sleeps: {original_inside:?}"
+    );
+    let before = mount_table("self");
+    let ours = |m: &String| {
+        let mountpoint = m.split(' ').nth(1).unwrap_or_default();
+        mountpoint == "/proc" || m.contains(path_str(dir.path()))
+    };
+
+    let output = cowsnap(&[
+        "dump",
+        "--exit",
+        "--pid",
+        &tree.init.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(
+        output.status.success(),
+        "dump --exit:\n{}",
+        describe(&output)
+    );
+    wait_status(&mut tree.child, "unshare once its init is gone");
+    let tree_json = fs::read_to_string(images.join("tree.json")).expect("tree.json");
+    let recorded: serde_json::Value = serde_json::from_str(&tree_json).expect("tree.json");
+    assert_eq!(
+        recorded["mount_ns"]["kind"], "private_copy",
+        "mount_ns of tree.json: {}",
+        recorded["mount_ns"]
+    );
+    let unmounted = recorded["mount_ns"]["unmounted"].to_string();
+    assert!(
+        unmounted.contains(path_str(&late)),
+        "the late mount is not among those to detach: {unmounted}"
+    );
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &[]);
+    let context = "restored from unshare --mount-proc";
+    let root = restored.root.to_string();
+    assert_eq!(
+        ns_pid(restored.root),
+        1,
+        "{context}: the root is its namespace's init"
+    );
+    restored.assert_running(3, context);
+    let theirs = mnt_ns(&root);
+    assert_ne!(
+        theirs,
+        mnt_ns("self"),
+        "{context}: in the caller's mount namespace"
+    );
+    for pid in restored.pids() {
+        assert_eq!(
+            mnt_ns(&pid.to_string()),
+            theirs,
+            "{context}: pid {pid}'s mount namespace"
+        );
+    }
+    // Their /proc is a procfs of the restored pid namespace: its pids, no other.
+    let mut inside: Vec<i32> = restored.pids().into_iter().map(ns_pid).collect();
+    inside.sort_unstable();
+    assert_eq!(
+        procfs_pids(&format!("/proc/{root}/root/proc")),
+        inside,
+        "{context}: the pids its /proc shows"
+    );
+    assert_eq!(inside, original_inside, "{context}: namespace pids");
+    let table = mount_table(&root);
+    let tmpfs = format!(
+        "/ {} rw,relatime tmpfs cowsnap-mntns rw,size=1024k,mode=700",
+        path_str(&t)
+    );
+    assert!(
+        table.contains(&tmpfs),
+        "{context}: no {tmpfs:?} in\n{}",
+        table.join("\n")
+    );
+    assert!(
+        !table.iter().any(|m| m.contains(path_str(&late))),
+        "{context}: {} was mounted after the tree's copy, yet the restored tree has it:\n{}",
+        late.display(),
+        table.join("\n")
+    );
+    let last_on_proc = table
+        .iter()
+        .rev()
+        .find(|m| m.split(' ').nth(1) == Some("/proc"));
+    assert!(
+        last_on_proc.is_some_and(|m| m.contains(" proc proc ")),
+        "{context}: the top mount on /proc is {last_on_proc:?}"
+    );
+
+    // Nothing of it reached the caller's namespace (other tests on this
+    // machine may mount elsewhere meanwhile: /proc and this test's
+    // directory are what a leak would touch).
+    let after = mount_table("self");
+    let before_ours: Vec<&String> = before.iter().filter(|m| ours(m)).collect();
+    let after_ours: Vec<&String> = after.iter().filter(|m| ours(m)).collect();
+    assert_eq!(
+        after_ours, before_ours,
+        "{context}: the caller's mounts changed"
+    );
+    eprintln!(
+        "{context}: {}",
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
+}
+
+#[test]
+fn dump_refuses_a_mount_namespace_with_a_bind_mount_and_leaves_the_tree_running() {
+    require_root();
+    let (dir, images) = image_dir("mntns-bind");
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    fs::create_dir(&src).expect("mkdir src");
+    fs::create_dir(&dst).expect("mkdir dst");
+    let ready = dir.path().join("ready");
+    let script = format!(
+        "mount --bind {src} {dst} || exit 1; sleep 1000 & : > {ready}; wait",
+        src = path_str(&src),
+        dst = path_str(&dst),
+        ready = path_str(&ready)
+    );
+    let mut tree = Unshared::start(&script, &ready);
+    let pids = descendants(tree.init);
+    assert_eq!(pids.len(), 2, "sh and sleep: {pids:?}");
+
+    let output = cowsnap(&[
+        "dump",
+        "--exit",
+        "--pid",
+        &tree.init.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(!output.status.success(), "dump of a bind mount succeeded");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let why = format!(
+        "pid {} lives in a mount namespace of its own whose mounts differ from this one's: {} (",
+        tree.init,
+        path_str(&dst)
+    );
+    assert!(
+        stderr.contains(&why),
+        "no {why:?} in:\n{}",
+        describe(&output)
+    );
+    assert!(
+        fs::read_dir(&images).map_or(true, |mut d| d.next().is_none()),
+        "an image was left in {}",
+        images.display()
+    );
+    assert!(
+        matches!(tree.child.try_wait(), Ok(None)),
+        "unshare ended: the tree was not left running"
+    );
+    assert_eq!(descendants(tree.init), pids, "the tree after the refusal");
+    for pid in pids {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let state = status_field(&status, "State:").unwrap_or_default();
+        let tracer = status_field(&status, "TracerPid:").unwrap_or_default();
+        assert!(
+            state.starts_with('S') && tracer == "0",
+            "pid {pid} after the refusal: state {state:?}, tracer {tracer}"
+        );
+    }
+}

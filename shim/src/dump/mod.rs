@@ -7,6 +7,7 @@ pub mod event_fds;
 pub mod fds;
 pub mod files;
 pub mod memory;
+pub mod mount_ns;
 pub mod posix_timers;
 pub mod saved_files;
 pub mod seize;
@@ -138,6 +139,8 @@ pub enum DumpError {
     SavedFile(#[from] saved_files::SavedFileError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    MountNs(#[from] mount_ns::MountNsError),
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
     #[error("pid {pid} is not a member of cgroup {cgroup}")]
@@ -433,6 +436,7 @@ fn collect(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    let mount_ns = mount_ns::collect(options.pid, &mut refusals)?;
     let mut socket_dump = sockets::collect(
         options.pid,
         &fd_tables,
@@ -545,6 +549,7 @@ fn collect(
         sysv_shm,
         file_sizes,
         saved_files,
+        mount_ns,
     })?;
     let pipe_images: Vec<PipeImage> = pipes.into_images();
     writer.write_pipes(&pipe_images)?;

@@ -190,6 +190,12 @@ pub enum ImageError {
     },
     #[error("tree.json: SysV shm segment {shmid} (key {key:#x}): {why}")]
     BadSysvShm { shmid: i32, key: i32, why: String },
+    #[error("tree.json: mount_ns mount {index} ({mountpoint:?}): {why}")]
+    BadRecreatedMount {
+        index: usize,
+        mountpoint: String,
+        why: String,
+    },
     #[error("tree.json: saved file {id} ({path:?}): {why}")]
     BadSavedFile { id: u32, path: String, why: String },
     #[error("{file}: pid {pid} {what} names saved file {id}, which tree.json does not hold")]

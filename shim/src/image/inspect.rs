@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::types::{FormatVersion, PageRun, ZombieExit};
+use super::types::{FormatVersion, MountNs, PageRun, ZombieExit};
 use super::{Image, ImageError};
 
 /// Everything `cowsnap inspect` reports.
@@ -27,6 +27,9 @@ pub struct InspectReport {
     /// Tree order (parents first).
     pub processes: Vec<ProcessReport>,
     pub totals: Totals,
+    /// The tree's own mount namespace, when it was not the dumper's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mount_ns: Option<MountNs>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -223,6 +226,7 @@ pub fn inspect_report(image: &Image) -> InspectReport {
         root_pid: manifest.root_pid,
         processes,
         totals,
+        mount_ns: image.tree.mount_ns.clone(),
     }
 }
 
@@ -304,6 +308,9 @@ fn render_text(r: &InspectReport) -> String {
             comm_column(p)
         );
     }
+    if let Some(ns) = &r.mount_ns {
+        let _ = writeln!(out, "mount namespace: {}", mount_ns_text(ns));
+    }
     let _ = writeln!(out, "totals:");
     let rows: [(&str, String); 14] = [
         ("threads", t.threads.to_string()),
@@ -339,6 +346,34 @@ fn render_text(r: &InspectReport) -> String {
         let _ = writeln!(out, "  {:>4} processes: {} pages", b.processes, b.pages);
     }
     out
+}
+
+/// What restore makes of the tree's own mount namespace, in a line.
+fn mount_ns_text(ns: &MountNs) -> String {
+    match ns {
+        MountNs::OwnRoot => {
+            "its own, with its own root (a container's: left to its runtime)".into()
+        }
+        MountNs::PrivateCopy { mounts, unmounted } => {
+            let made: Vec<String> = mounts
+                .iter()
+                .map(|m| format!("{} on {}", m.fstype.name(), m.mountpoint))
+                .collect();
+            format!(
+                "a private copy of the dumper's; made again: {}; detached: {}",
+                if made.is_empty() {
+                    "none".into()
+                } else {
+                    made.join(", ")
+                },
+                if unmounted.is_empty() {
+                    "none".into()
+                } else {
+                    unmounted.join(", ")
+                }
+            )
+        }
+    }
 }
 
 /// `comm`, and for a zombie how it ended (what its parent's wait will report).
@@ -436,6 +471,24 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&inspect(&dir, true).unwrap()).unwrap();
         assert_eq!(json["totals"]["pages_shared"], 2);
         assert_eq!(json["processes"][1]["pid"], testutil::CHILD);
+    }
+
+    #[test]
+    fn inspect_shows_the_mount_namespace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        assert!(!inspect(&dir, false).unwrap().contains("mount namespace"));
+        testutil::edit_json(&dir, "tree.json", |v| {
+            v["mount_ns"] = serde_json::json!({"kind": "private_copy", "unmounted": ["/mnt/usb"],
+                "mounts": [{"mountpoint": "/proc", "fstype": "proc", "flags": ["rw"]}]});
+        });
+        let text = inspect(&dir, false).unwrap();
+        assert!(
+            text.contains("made again: proc on /proc; detached: /mnt/usb"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&inspect(&dir, true).unwrap()).unwrap();
+        assert_eq!(json["mount_ns"]["mounts"][0]["mountpoint"], "/proc");
     }
 
     #[test]

@@ -37,9 +37,9 @@ use super::pagestore::{validate_index, PageStoreReader};
 use super::sockets::{EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_FILE};
 use super::types::FdKind;
 use super::types::{
-    FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
-    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
-    PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
+    FileEntry, Manifest, MountNs, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree,
+    VmaKind, ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, MOUNT_FLAGS,
+    PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
 };
 use super::ImageError;
 
@@ -146,6 +146,7 @@ impl Image {
         }
         check_sysv_shm(&tree, &processes, manifest.page_size, index.page_count)?;
         check_saved_files(&tree, &processes, manifest.page_size, index.page_count)?;
+        check_mount_ns(&tree)?;
         let pipes: Vec<PipeImage> = parse_json(PIPES_FILE, &take(PIPES_FILE))?;
         // Optional: images of format 1.0 have no sockets.
         let sockets: SocketsImage = if manifest.files.iter().any(|f| f.name == SOCKETS_FILE) {
@@ -662,6 +663,53 @@ pub(crate) fn check_sockets(
 /// `tree.json`'s saved files: ids dense from 0, absolute paths, mode bits
 /// only, (dev, inode) unique, content runs ascending inside the file and
 /// inside the page store; every fd's `saved` names one of them.
+/// The mounts a restore makes again: absolute, normal paths (no `..`, no
+/// NUL), flags restore knows, data without NUL. Restore mounts them only
+/// in the tree's new namespace, never in the caller's.
+pub(crate) fn check_mount_ns(tree: &Tree) -> Result<(), ImageError> {
+    let Some(MountNs::PrivateCopy { mounts, unmounted }) = &tree.mount_ns else {
+        return Ok(());
+    };
+    let normal = |path: &str| {
+        path.starts_with('/')
+            && !path.contains('\0')
+            && std::path::Path::new(path).components().all(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+    };
+    if let Some(path) = unmounted.iter().find(|p| !normal(p) || *p == "/") {
+        return Err(ImageError::BadRecreatedMount {
+            index: 0,
+            mountpoint: path.clone(),
+            why: "unmounted: not an absolute, normal path other than /".into(),
+        });
+    }
+    for (index, m) in mounts.iter().enumerate() {
+        let bad = |why: String| ImageError::BadRecreatedMount {
+            index,
+            mountpoint: m.mountpoint.clone(),
+            why,
+        };
+        if !normal(&m.mountpoint) {
+            return Err(bad("mountpoint is not an absolute, normal path".into()));
+        }
+        if let Some(flag) = m
+            .flags
+            .iter()
+            .find(|f| !MOUNT_FLAGS.iter().any(|(name, _)| name == f))
+        {
+            return Err(bad(format!("unknown mount flag {flag:?}")));
+        }
+        if m.data.contains('\0') || m.source.contains('\0') {
+            return Err(bad("data or source holds a NUL".into()));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_saved_files(
     tree: &Tree,
     processes: &[ProcessImage],
@@ -1279,6 +1327,64 @@ mod tests {
             open_err(&dir),
             ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("past the store")
         ));
+    }
+
+    /// An image whose tree.json holds `mount_ns`.
+    fn mount_ns_image(mount_ns: serde_json::Value) -> Result<Image, ImageError> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "tree.json", |v| v["mount_ns"] = mount_ns);
+        Image::open(&dir)
+    }
+
+    #[test]
+    fn mount_ns_loads_and_each_way_a_mount_can_be_wrong_is_named() {
+        // Older images have none.
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(Image::open(&build(tmp.path())).unwrap().tree.mount_ns, None);
+        let proc = json!({"mountpoint": "/proc", "fstype": "proc", "flags": ["rw", "nosuid"]});
+        let tmpfs = json!({"mountpoint": "/mnt/t", "fstype": "tmpfs", "flags": ["rw"],
+                           "data": "size=1024k,mode=755"});
+        let image = mount_ns_image(json!({"kind": "private_copy", "mounts": [proc, tmpfs]}))
+            .expect("opens");
+        let Some(MountNs::PrivateCopy { mounts, unmounted }) = image.tree.mount_ns else {
+            panic!("not a private copy: {:?}", image.tree.mount_ns);
+        };
+        assert_eq!(mounts.len(), 2);
+        assert!(unmounted.is_empty(), "unmounted defaults to none");
+        assert_eq!(mounts[0].data, "", "data defaults to empty");
+        assert_eq!(mounts[1].fstype, super::super::types::RecreatedFs::Tmpfs);
+        let own = mount_ns_image(json!({"kind": "own_root"})).expect("opens");
+        assert_eq!(own.tree.mount_ns, Some(MountNs::OwnRoot));
+
+        let why = |m: serde_json::Value| match mount_ns_image(
+            json!({"kind": "private_copy", "mounts": [m]}),
+        ) {
+            Err(ImageError::BadRecreatedMount { index: 0, why, .. }) => why,
+            other => panic!("expected BadRecreatedMount, got {:?}", other.map(|_| ())),
+        };
+        let with = |field: &str, value: serde_json::Value| {
+            let mut m = json!({"mountpoint": "/mnt/t", "fstype": "tmpfs", "flags": ["rw"]});
+            m[field] = value;
+            m
+        };
+        assert!(why(with("mountpoint", json!("mnt/t"))).contains("absolute"));
+        assert!(why(with("mountpoint", json!("/mnt/../etc"))).contains("normal"));
+        assert!(why(with("flags", json!(["rw", "bind"]))).contains("unknown mount flag \"bind\""));
+        assert!(why(with("data", json!("size=1\0"))).contains("NUL"));
+        let err = mount_ns_image(json!({"kind": "private_copy", "mounts": [],
+            "unmounted": ["/"]}))
+        .map(|_| ())
+        .expect_err("/ is never detached");
+        assert!(
+            matches!(err, ImageError::BadRecreatedMount { ref why, .. } if why.contains("unmounted"))
+        );
+        // A filesystem restore cannot make is refused by the parser, named.
+        let err = mount_ns_image(json!({"kind": "private_copy",
+            "mounts": [with("fstype", json!("ext4"))]}))
+        .map(|_| ())
+        .expect_err("ext4 is not recreated");
+        assert!(err.to_string().contains("ext4"), "{err}");
     }
 
     /// An image whose tree.json holds `files` as its saved files.

@@ -81,6 +81,7 @@ pub fn tree() -> Tree {
         sysv_shm: Vec::new(),
         saved_files: Vec::new(),
         file_sizes: Default::default(),
+        mount_ns: None,
     }
 }
 

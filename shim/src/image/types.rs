@@ -36,7 +36,8 @@ pub const FORMAT_MAJOR: u32 = 1;
 /// 2: `Tree::saved_files` (deleted files and files on tmpfs, with their
 /// contents in the page store), optional for a reader.
 /// 3: `posix_timers` of a process, optional for a reader.
-pub const FORMAT_MINOR: u32 = 3;
+/// 4: `Tree::mount_ns` (the tree's own mount namespace), optional for a reader.
+pub const FORMAT_MINOR: u32 = 4;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
@@ -107,7 +108,86 @@ pub struct Tree {
     /// tmpfs mounts it used. Absent in images before format 1.2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub saved_files: Vec<SavedFile>,
+    /// The tree's mount namespace when it was not the dumper's (see
+    /// [`MountNs`]). Absent when it was, and in images before format 1.4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_ns: Option<MountNs>,
 }
+
+/// The mount namespace of a tree that did not share the dumper's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MountNs {
+    /// The tree had a root directory of its own (a container, pivot_root):
+    /// its mounts are its runtime's to make (runc, for `restore-init`); a
+    /// CLI restore leaves the tree in the caller's namespace, as before 1.4.
+    OwnRoot,
+    /// A private copy of the dumper's namespace (`unshare --mount`) whose
+    /// only differences are `mounts` and `unmounted`: the restored root
+    /// gets a new mount namespace, private propagation, these mounts
+    /// again, in order, and none at `unmounted`.
+    PrivateCopy {
+        mounts: Vec<RecreatedMount>,
+        /// Mount points the dumper had and the tree did not (mounted
+        /// outside after the copy was made, which private propagation kept
+        /// from the tree), latest first; detached in the restored
+        /// namespace when they are mounted there.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unmounted: Vec<String>,
+    },
+}
+
+/// A mount the tree saw and the dumper did not, of a kind restore makes
+/// afresh (nothing of its contents is kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecreatedMount {
+    /// Absolute path, as the tree saw it.
+    pub mountpoint: String,
+    pub fstype: RecreatedFs,
+    /// The source mountinfo showed (a name only: these filesystems have no
+    /// device); empty means the filesystem's name.
+    #[serde(default)]
+    pub source: String,
+    /// Per-mount flags as mountinfo shows them (`rw`, `nosuid`, `nodev`,
+    /// `noexec`, `relatime`, ...): see [`MOUNT_FLAGS`].
+    pub flags: Vec<String>,
+    /// The filesystem's own options (`size=1024k,mode=755`; `hidepid=2`),
+    /// without `rw`/`ro`; passed as the mount's data.
+    #[serde(default)]
+    pub data: String,
+}
+
+/// Filesystems a restore can make again from nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecreatedFs {
+    /// A procfs, mounted by a process of the restored pid namespace.
+    Proc,
+    /// An empty tmpfs.
+    Tmpfs,
+}
+
+impl RecreatedFs {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecreatedFs::Proc => "proc",
+            RecreatedFs::Tmpfs => "tmpfs",
+        }
+    }
+}
+
+/// The per-mount flags mountinfo can show, with their `MS_*` bits.
+pub const MOUNT_FLAGS: [(&str, u64); 9] = [
+    ("rw", 0),
+    ("ro", libc::MS_RDONLY),
+    ("nosuid", libc::MS_NOSUID),
+    ("nodev", libc::MS_NODEV),
+    ("noexec", libc::MS_NOEXEC),
+    ("relatime", libc::MS_RELATIME),
+    ("noatime", libc::MS_NOATIME),
+    ("nodiratime", libc::MS_NODIRATIME),
+    ("strictatime", libc::MS_STRICTATIME),
+];
 
 /// A file the image carries with its contents, because it may not exist at
 /// restore: one deleted while open or mapped (`deleted`; restore re-creates

@@ -112,6 +112,7 @@ fn fixture() -> Fixture {
         saved_files: Vec::new(),
         // As the dump records them: the executable and the mapped file.
         file_sizes: [(p("exe"), 4), (p("lib.so"), 8192)].into_iter().collect(),
+        mount_ns: None,
     })
     .expect("tree");
     w.write_process(&proc_image).expect("process");

@@ -349,6 +349,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         mode.name()
     ));
 
+    if ctx.image.tree.mount_ns == Some(crate::image::types::MountNs::OwnRoot) {
+        progress(format_args!(
+            "the tree had a root directory of its own (a container's): restored in this mount namespace"
+        ));
+    }
     let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
     let first = if needs_init { 1 } else { ctx.target_pid[0] };
     let child = match clone::clone3(&[first], mode == PidNs::New)? {
@@ -361,6 +366,21 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     if let Err(e) = wait_in_place(&watch, Some(child)) {
         kill_all(&watch, child);
         return Err(e);
+    }
+    if let Some(copy) = super::mount_ns::private_copy(ctx.image.tree.mount_ns.as_ref()) {
+        let root = watch.pid(0);
+        if let Err(message) = super::mount_ns::mount_procfs(root, copy.mounts) {
+            kill_all(&watch, child);
+            return Err(RestoreError::Process {
+                pid: ctx.image.tree.processes[0].pid,
+                message: format!("mount namespace: {message}"),
+            });
+        }
+        progress(format_args!(
+            "own mount namespace: {} mount(s) made again, {} detached",
+            copy.mounts.len(),
+            copy.unmounted.len()
+        ));
     }
     progress(format_args!("every process in place; releasing the tree"));
     mem::futex_add_and_wake(ctx.control.word(0));
@@ -858,6 +878,15 @@ fn run_process(ctx: &Ctx, i: usize, pipes: Option<&fds::PipeSet>, staging: Stagi
     // come and go, and a parent-death signal follows the parent *thread*.
     if !(ctx.mode == PidNs::Container && i == 0) {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    }
+    // Before the root forks or creates files: those on a recorded tmpfs
+    // belong in the tree's namespace.
+    if i == 0 && ctx.mode != PidNs::Container {
+        if let Some(copy) = super::mount_ns::private_copy(ctx.image.tree.mount_ns.as_ref()) {
+            if let Err(message) = super::mount_ns::enter_new(&copy) {
+                fail_slot(ctx, i, &format!("mount namespace: {message}"));
+            }
+        }
     }
     if i == 0 && ctx.mode != PidNs::Current {
         if let Err(message) = pids_out_of_the_way(ctx) {

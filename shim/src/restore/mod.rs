@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod exec;
 pub mod fds;
 pub mod limits;
+pub mod mount_ns;
 pub mod plan;
 pub mod posix_timers;
 pub mod saved_files;

@@ -1,6 +1,7 @@
-//! Namespaces from outside: taking an inherited fd by number, and removing
+//! Namespaces from outside: taking an inherited fd by number, removing
 //! mounts from another process's mount namespace (the container restore
-//! helper's bind mounts, once the restored tree runs).
+//! helper's bind mounts, once the restored tree runs), and making fresh
+//! mounts in another process's mount and pid namespaces.
 
 use std::ffi::CString;
 use std::io;
@@ -76,6 +77,100 @@ pub fn detach_mounts(pid: i32, unmount: &[&str], remove: &[&str]) -> io::Result<
         }
         other => Err(io::Error::other(format!(
             "unmounting in the mount namespace of pid {pid}: helper ended with {other:?}"
+        ))),
+    }
+}
+
+/// One `mount(2)` of a filesystem made from nothing (no source device).
+#[derive(Debug, Clone)]
+pub struct FreshMount {
+    pub source: CString,
+    pub fstype: CString,
+    pub target: CString,
+    pub flags: libc::c_ulong,
+    pub data: CString,
+}
+
+/// Makes `mounts`, in order, in the mount namespace of `pid` by a process
+/// of its pid namespace (a procfs shows the pid namespace of the process
+/// that mounts it). Works from a multi-threaded process: a forked child
+/// enters both namespaces and forks the mounter, and both make only raw
+/// syscalls. The mounter is a process of `pid`'s pid namespace for the
+/// moment, with an automatic pid; its parent, outside, reaps it.
+pub fn mount_in(pid: i32, mounts: &[FreshMount]) -> io::Result<()> {
+    let open = |kind: &str| {
+        let path = format!("/proc/{pid}/ns/{kind}");
+        std::fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    };
+    let (mnt_ns, pid_ns) = (open("mnt")?, open("pid")?);
+    use std::os::fd::AsRawFd;
+    let (mnt_fd, pid_fd) = (mnt_ns.as_raw_fd(), pid_ns.as_raw_fd());
+    // SAFETY: the child only makes raw syscalls on data prepared before the
+    // fork and leaves with _exit, so the parent's other threads (and their
+    // locks) do not matter.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if child == 0 {
+        // SAFETY: raw syscalls on valid fds, NUL-terminated strings and a
+        // local status word.
+        unsafe {
+            if libc::setns(pid_fd, libc::CLONE_NEWPID) != 0
+                || libc::setns(mnt_fd, libc::CLONE_NEWNS) != 0
+            {
+                libc::_exit(100);
+            }
+            let mounter = libc::fork();
+            if mounter < 0 {
+                libc::_exit(99);
+            }
+            if mounter == 0 {
+                for (k, m) in mounts.iter().enumerate() {
+                    if libc::mount(
+                        m.source.as_ptr(),
+                        m.target.as_ptr(),
+                        m.fstype.as_ptr(),
+                        m.flags,
+                        m.data.as_ptr().cast(),
+                    ) != 0
+                    {
+                        libc::_exit(101 + k as i32);
+                    }
+                }
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            if libc::waitpid(mounter, &mut status, 0) != mounter || !libc::WIFEXITED(status) {
+                libc::_exit(99);
+            }
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
+        .map_err(io::Error::from)?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, 100) => Err(io::Error::other(format!(
+            "entering the pid and mount namespaces of pid {pid} failed"
+        ))),
+        nix::sys::wait::WaitStatus::Exited(_, code) if code > 100 => {
+            let what = mounts
+                .get((code - 101) as usize)
+                .map(|m| {
+                    format!(
+                        "{} on {}",
+                        m.fstype.to_string_lossy(),
+                        m.target.to_string_lossy()
+                    )
+                })
+                .unwrap_or_default();
+            Err(io::Error::other(format!(
+                "mounting {what} in the mount namespace of pid {pid} failed"
+            )))
+        }
+        other => Err(io::Error::other(format!(
+            "mounting in the mount namespace of pid {pid}: helper ended with {other:?}"
         ))),
     }
 }

@@ -1921,3 +1921,70 @@ fn cowsnap_restore_whose_controller_is_killed_leaves_nothing_running() {
     before.assert_left_running(&ctrd, "the original, after the failed restore");
     ctrd.kill_and_delete(&id);
 }
+
+/// 7. containerd SIGKILLed while the shim dumps, and started again: the
+///    shim outlives it and keeps the task; once containerd is back the
+///    task runs on as before and nothing of the checkpoint is kept.
+#[test]
+fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
+    let mut ctrd = Containerd::start_cowsnap("ckpt-restart");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let before = BeforeFault::take(&ctrd, &id);
+
+    let mut ctr = ctrd.spawn_ctr(&["task", "checkpoint", &id]);
+    let dump = shim_dump_under_way(&before, &mut ctr);
+    ctrd.restart(|| {
+        let output = common::wait_output(ctr, "ctr task checkpoint");
+        eprintln!(
+            "ctr task checkpoint with containerd killed during dump {dump}:\n{}",
+            common::describe(&output)
+        );
+        assert!(
+            !output.status.success(),
+            "ctr task checkpoint succeeded though containerd was killed during it"
+        );
+    });
+    // The shim answered containerd at once (it would otherwise be taken
+    // for dead and the container deleted), and keeps the task as ctr left
+    // it: paused, since ctr pauses a running task for the checkpoint and
+    // its resume could not reach containerd.
+    let task = ctrd.wait_status(&id, "PAUSED");
+    assert_eq!(
+        task.pid, before.init,
+        "the task has another init after the restart"
+    );
+    // The dump goes on to its end; the shim then removes what nobody will store.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while common::all_pids().contains(&dump) && !common::task_state(dump).starts_with('Z') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cowsnap dump {dump} still runs"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let scratch_has_checkpoint = || {
+        fs::read_dir(ctrd.scratch_dir()).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("ctd-"))
+        })
+    };
+    while scratch_has_checkpoint() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned checkpoint stays in {}",
+            ctrd.scratch_dir().display()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    ctrd.ctr_ok(&["task", "resume", &id]);
+    before.assert_left_running(&ctrd, "after containerd's restart and a resume");
+    ctrd.kill_and_delete(&id);
+}

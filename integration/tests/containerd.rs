@@ -1988,3 +1988,78 @@ fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
     before.assert_left_running(&ctrd, "after containerd's restart and a resume");
     ctrd.kill_and_delete(&id);
 }
+
+/// Runs `cmd ARGS`, which must succeed.
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd} {}:\n{}",
+        args.join(" "),
+        common::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// 8. The content store's filesystem full when containerd stores the
+///    checkpoint: ctr's checkpoint fails saying so, the container runs on
+///    as before, and nothing of the checkpoint is in the content store,
+///    neither a blob nor an ingest left behind.
+#[test]
+fn cowsnap_checkpoint_into_a_full_content_store_leaves_container_running() {
+    let ctrd = Containerd::start_cowsnap("ckpt-enospc");
+    // A tmpfs over the content store (the harness unmounts it at the end);
+    // once the image is in, it is shrunk to leave 4 MiB.
+    let content = ctrd.dir().join("root/io.containerd.content.v1.content");
+    let content_str = content.to_str().expect("utf-8 path");
+    run_ok(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=512m", "tmpfs", content_str],
+    );
+    for dir in ["ingest", "blobs/sha256"] {
+        fs::create_dir_all(content.join(dir)).expect("content store dirs on the tmpfs");
+    }
+    let image = ctrd.import_reference_image();
+    let used: u64 = run_ok("df", &["--output=used", "-B1", content_str])
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df used bytes");
+    let size = format!("remount,size={}k", used / 1024 + 4096);
+    run_ok("mount", &["-o", &size, content_str]);
+
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let before = BeforeFault::take(&ctrd, &id);
+    let output = ctrd.ctr(&["task", "checkpoint", &id]);
+    assert!(
+        !output.status.success(),
+        "ctr task checkpoint succeeded into a full content store:\n{}",
+        common::describe(&output)
+    );
+    let message = String::from_utf8_lossy(&output.stderr);
+    eprintln!("ctr task checkpoint {id} failed as it must:\n{message}");
+    assert!(
+        message.contains("no space left on device"),
+        "ctr's error does not say the disk is full:\n{message}"
+    );
+    before.assert_left_running(&ctrd, "after the full content store");
+    let ingests: Vec<_> = fs::read_dir(content.join("ingest"))
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    assert!(
+        ingests.is_empty(),
+        "ingests left in the content store: {ingests:?}\n{}",
+        ctrd.ctr_ok(&["content", "active"])
+    );
+    ctrd.kill_and_delete(&id);
+}

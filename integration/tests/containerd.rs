@@ -1792,6 +1792,21 @@ fn cowsnap_checkpoint_whose_dump_is_killed_leaves_container_running() {
 
     let mut ctr = ctrd.spawn_ctr(&["task", "checkpoint", &id]);
     let dump = shim_dump_under_way(&before, &mut ctr);
+    // The shim answers during the dump (ctr paused the task for it) and
+    // refuses what would change the task under it.
+    assert_eq!(
+        ctrd.task(&id).map(|t| t.status),
+        Some("PAUSED".to_string()),
+        "the task while its dump runs"
+    );
+    let resume = ctrd.ctr(&["task", "resume", &id]);
+    assert!(
+        !resume.status.success()
+            && String::from_utf8_lossy(&resume.stderr)
+                .contains("checkpoint of the task is in progress"),
+        "ctr task resume during the dump:\n{}",
+        common::describe(&resume)
+    );
     kill(Pid::from_raw(dump), Signal::SIGKILL).expect("SIGKILL the shim's cowsnap dump");
     let output = common::wait_output(ctr, "ctr task checkpoint");
     assert!(
@@ -1853,7 +1868,7 @@ fn cowsnap_restore_whose_controller_is_killed_leaves_nothing_running() {
         let restoring = scope.spawn(|| {
             let output = ctrd.ctr(&["containers", "restore", "--live", &restored, reference]);
             if !output.status.success()
-                || !ctrd.task(&restored).is_some_and(|t| t.status == "CREATED")
+                || ctrd.task(&restored).is_none_or(|t| t.status != "CREATED")
             {
                 return output;
             }

@@ -1299,6 +1299,25 @@ mod tests {
     }
 
     #[test]
+    fn a_running_checkpoint_refuses_what_would_change_the_task() {
+        let busy: ttrpc::Error = TaskError::Checkpointing {
+            id: "c".into(),
+            op: Op::Resume,
+        }
+        .into();
+        match busy {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+                assert_eq!(
+                    s.message(),
+                    "task c: cannot resume: a checkpoint of the task is in progress"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn exit_cell_wakes_waiters_with_the_first_status() {
         let cell = Arc::new(ExitCell::default());
         let c2 = cell.clone();

@@ -21,6 +21,7 @@
 //! - when the spec has a seccomp profile, every process has a seccomp
 //!   filter (whether that filter is as strict as the profile is not
 //!   compared).
+//!
 //! A violation refuses the restore, naming the pid, the field, what the
 //! image claims and what the spec allows.
 

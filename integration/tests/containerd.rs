@@ -2068,12 +2068,21 @@ fn cowsnap_checkpoint_into_a_full_content_store_leaves_container_running() {
         "ctr's error does not say the disk is full:\n{message}"
     );
     before.assert_left_running(&ctrd, "after the full content store");
-    let ingests: Vec<_> = fs::read_dir(content.join("ingest"))
-        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
-        .unwrap_or_default();
+    // The failed ingest goes with ctr's lease, when containerd's garbage
+    // collector runs after the lease is deleted: at once, or a moment later.
+    let ingests = || -> Vec<std::path::PathBuf> {
+        fs::read_dir(content.join("ingest"))
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ingests().is_empty() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
     assert!(
-        ingests.is_empty(),
-        "ingests left in the content store: {ingests:?}\n{}",
+        ingests().is_empty(),
+        "ingests left in the content store: {:?}\n{}",
+        ingests(),
         ctrd.ctr_ok(&["content", "active"])
     );
     ctrd.kill_and_delete(&id);

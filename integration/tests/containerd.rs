@@ -1717,9 +1717,9 @@ impl BeforeFault {
         let left: Vec<_> = fs::read_dir(ctrd.scratch_dir())
             .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
             .unwrap_or_default();
-        // ctd-checkpointNNN: where containerd has a checkpoint written
-        // (its restore's ctrd-checkpointNNN it never removes, even after
-        // a restore that worked).
+        // ctd-checkpointNNN: where containerd has a checkpoint written.
+        // (containerd 1.6 leaves the ctrd-checkpointNNN it unpacks a
+        // checkpoint into for a restore; seen after the failed restore.)
         let checkpoints: Vec<_> = left
             .iter()
             .filter(|p| {

@@ -1616,3 +1616,470 @@ fn cowsnap_restore_refuses_an_image_claiming_more_than_the_spec_grants() {
         ],
     );
 }
+
+// ------------------------------------------------------------ faults
+
+/// The reference tree with enough memory that a dump takes a moment (the
+/// faults below strike while it runs) beside the counter loop.
+fn big_tree_script() -> String {
+    format!(
+        "{IMAGE_WORKLOAD} --mode plain --mib 384 --children 1 --dirty-pct 10 \
+         --ready /tmp/ready & {COUNTER_LOOP}"
+    )
+}
+
+/// Waits until the reference tree in `id` has written its ready file.
+fn wait_tree_ready(ctrd: &Containerd, id: &str) {
+    let ready = ctrd.host_path(id, "/tmp/ready");
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reference tree in {id} not ready within {:?}",
+            common::PATIENCE
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a fault during a checkpoint of a running task must not change,
+/// taken before it: the task's init, its cgroup, the content store.
+struct BeforeFault {
+    id: String,
+    init: i32,
+    cgroup: std::path::PathBuf,
+    content: Vec<String>,
+}
+
+impl BeforeFault {
+    fn take(ctrd: &Containerd, id: &str) -> BeforeFault {
+        let init = ctrd.wait_status(id, "RUNNING").pid;
+        ctrd.wait_counter_above(id, 0);
+        BeforeFault {
+            id: id.to_string(),
+            init,
+            cgroup: harness::cgroup_dir(init).expect("cgroup of the task's init"),
+            content: ctrd.content_digests(),
+        }
+    }
+
+    /// Pids in the task's cgroup, read directly: `ctr task ls` waits while
+    /// the shim runs a checkpoint.
+    fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// The task runs on as before the fault: RUNNING with the same init,
+    /// counting, its cgroup thawed, no process traced or stopped; no
+    /// checkpoint image is listed, the content store holds what it held,
+    /// and containerd's checkpoint scratch directory is empty.
+    fn assert_left_running(&self, ctrd: &Containerd, context: &str) {
+        let id = &self.id;
+        let task = ctrd.wait_status(id, "RUNNING");
+        assert_eq!(task.pid, self.init, "{context}: the task has another init");
+        let now = ctrd.counter(id).expect("counter");
+        ctrd.wait_counter_above(id, now);
+        let freezer = freezer_state(&self.cgroup);
+        assert!(
+            freezer == "THAWED" || freezer == "0",
+            "{context}: cgroup {} is {freezer}",
+            self.cgroup.display()
+        );
+        for pid in self.pids() {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let tracer = common::status_field(&status, "TracerPid:").unwrap_or_default();
+            let state = common::status_field(&status, "State:").unwrap_or_default();
+            assert!(
+                tracer == "0" || tracer.is_empty(),
+                "{context}: {pid} ({}) is traced by {tracer}",
+                common::comm(pid)
+            );
+            assert!(
+                !state.starts_with('t') && !state.starts_with('T'),
+                "{context}: {pid} ({}) is {state}",
+                common::comm(pid)
+            );
+        }
+        let images = harness::parse_images(&ctrd.ctr_ok(&["images", "ls"]));
+        assert!(
+            images.iter().all(|(name, _)| !name.contains("checkpoint")),
+            "{context}: a checkpoint image is listed: {images:?}"
+        );
+        assert_eq!(
+            ctrd.content_digests(),
+            self.content,
+            "{context}: the content store changed"
+        );
+        let left: Vec<_> = fs::read_dir(ctrd.scratch_dir())
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default();
+        // ctd-checkpointNNN: where containerd has a checkpoint written.
+        // (containerd 1.6 leaves the ctrd-checkpointNNN it unpacks a
+        // checkpoint into for a restore; seen after the failed restore.)
+        let checkpoints: Vec<_> = left
+            .iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("ctd-"))
+            })
+            .collect();
+        assert!(
+            checkpoints.is_empty(),
+            "{context}: checkpoint directories left in containerd's TMPDIR: {checkpoints:?}"
+        );
+    }
+}
+
+/// freezer.state of a v1 freezer cgroup, or cgroup.freeze of a v2 one.
+fn freezer_state(cgroup: &std::path::Path) -> String {
+    fs::read_to_string(cgroup.join("freezer.state"))
+        .or_else(|_| fs::read_to_string(cgroup.join("cgroup.freeze")))
+        .unwrap_or_else(|e| panic!("freezer state of {}: {e}", cgroup.display()))
+        .trim()
+        .to_string()
+}
+
+/// The `cowsnap dump` the shim runs for a checkpoint of the task whose
+/// init is `init` (the shim's child; its engine is its own child, with the
+/// same command line), once the engine has seized a process of the task:
+/// the checkpoint is under way. Fails if `ctr` ends first.
+fn shim_dump_under_way(before: &BeforeFault, ctr: &mut std::process::Child) -> i32 {
+    let wanted = format!(" dump --pid {} ", before.init);
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let dump = common::all_pids().into_iter().find(|&pid| {
+            common::cmdline(pid).contains(&wanted)
+                && common::cmdline(common::ppid(pid)).contains(harness::SHIM_BIN_NAME)
+        });
+        if let Some(dump) = dump {
+            if before.pids().iter().any(|&p| common::is_traced(p)) {
+                return dump;
+            }
+        }
+        if let Ok(Some(status)) = ctr.try_wait() {
+            panic!("ctr task checkpoint ended ({status}) before its dump could be caught running");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cowsnap dump of {} seen running",
+            before.init
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// 5. The shim's `cowsnap dump` SIGKILLed while it dumps: ctr's
+///    checkpoint fails saying so, and the container runs on as before
+///    (RUNNING, counting, thawed, untraced), with no checkpoint image and
+///    nothing added to the content store.
+#[test]
+fn cowsnap_checkpoint_whose_dump_is_killed_leaves_container_running() {
+    let ctrd = Containerd::start_cowsnap("ckpt-killed");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let before = BeforeFault::take(&ctrd, &id);
+
+    let mut ctr = ctrd.spawn_ctr(&["task", "checkpoint", &id]);
+    let dump = shim_dump_under_way(&before, &mut ctr);
+    // The shim answers during the dump (ctr paused the task for it) and
+    // refuses what would change the task under it.
+    assert_eq!(
+        ctrd.task(&id).map(|t| t.status),
+        Some("PAUSED".to_string()),
+        "the task while its dump runs"
+    );
+    let resume = ctrd.ctr(&["task", "resume", &id]);
+    assert!(
+        !resume.status.success()
+            && String::from_utf8_lossy(&resume.stderr)
+                .contains("checkpoint of the task is in progress"),
+        "ctr task resume during the dump:\n{}",
+        common::describe(&resume)
+    );
+    kill(Pid::from_raw(dump), Signal::SIGKILL).expect("SIGKILL the shim's cowsnap dump");
+    let output = common::wait_output(ctr, "ctr task checkpoint");
+    assert!(
+        !output.status.success(),
+        "ctr task checkpoint succeeded though its dump was killed:\n{}",
+        common::describe(&output)
+    );
+    let message = String::from_utf8_lossy(&output.stderr);
+    eprintln!("ctr task checkpoint {id} failed as it must:\n{message}");
+    let wanted = format!("cowsnap dump (pid {dump}) was killed by SIGKILL");
+    assert!(
+        message.contains(&wanted) && message.contains("the container keeps running"),
+        "ctr's error does not say {wanted:?}:\n{message}"
+    );
+    before.assert_left_running(&ctrd, "after the killed dump");
+    ctrd.kill_and_delete(&id);
+}
+
+/// 6. The shim's `cowsnap restore-control` SIGKILLed while it restores:
+///    the restore fails, nothing of the new container runs (no process in
+///    its cgroup, no controller left, the task not RUNNING), it deletes
+///    cleanly, and the original container is untouched.
+#[test]
+fn cowsnap_restore_whose_controller_is_killed_leaves_nothing_running() {
+    let ctrd = Containerd::start_cowsnap("restore-killed");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let reference = "cowsnap.test/killed-restore:1";
+    ctrd.checkpoint_container(&id, reference, false);
+    let before = BeforeFault::take(&ctrd, &id);
+
+    let restored = ctrd.container_id("restored");
+    let address = ctrd.address.to_string_lossy().into_owned();
+    let controller_of_ours = |pid: i32| {
+        common::cmdline(pid).contains(" restore-control ")
+            && common::cmdline(common::ppid(pid)).contains(&address)
+    };
+    // ctr restores the checkpoint's spec as it is, cgroupsPath included:
+    // the new container's processes join the original's cgroup. They are
+    // the ones in a pid namespace of their own.
+    let host_ns = fs::read_link("/proc/self/ns/pid").expect("host pid namespace");
+    let original_ns = fs::read_link(format!("/proc/{}/ns/pid", before.init)).expect("pid ns");
+    let in_new_container = |pid: i32| {
+        fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .is_ok_and(|ns| ns != host_ns && ns != original_ns)
+            && harness::cgroup_dir(pid).is_some_and(|c| c == before.cgroup)
+    };
+    ctrd.track(&restored);
+    let (output, killed) = thread::scope(|scope| {
+        // `ctr containers restore --live`, then `ctr task start` if it left
+        // the task CREATED: the controller runs in whichever starts it.
+        let restoring = scope.spawn(|| {
+            let output = ctrd.ctr(&["containers", "restore", "--live", &restored, reference]);
+            if !output.status.success()
+                || ctrd.task(&restored).is_none_or(|t| t.status != "CREATED")
+            {
+                return output;
+            }
+            ctrd.ctr(&["task", "start", "-d", &restored])
+        });
+        let deadline = std::time::Instant::now() + common::PATIENCE;
+        let killed = loop {
+            let controller = common::all_pids()
+                .into_iter()
+                .find(|&p| controller_of_ours(p));
+            let helper: Vec<i32> = common::all_pids()
+                .into_iter()
+                .filter(|&p| in_new_container(p))
+                .collect();
+            // Under way: the helper, the new container's init, rebuilds the
+            // tree while the controller waits to release it (its ptrace
+            // phase is too short to be caught reliably).
+            if let Some(pid) = controller.filter(|_| !helper.is_empty()) {
+                kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL restore-control");
+                eprintln!("killed restore-control {pid}; the new container held {helper:?}");
+                break pid;
+            }
+            assert!(
+                !restoring.is_finished() && std::time::Instant::now() < deadline,
+                "no cowsnap restore-control of {restored} seen running"
+            );
+            thread::sleep(Duration::from_millis(2));
+        };
+        (restoring.join().expect("restore thread"), killed)
+    });
+    let message = String::from_utf8_lossy(&output.stderr);
+    eprintln!("restore with its controller {killed} killed:\n{message}");
+    let wanted = format!("cowsnap restore-control (pid {killed}) was killed by SIGKILL");
+    assert!(
+        !output.status.success() && message.contains(&wanted),
+        "the restore does not fail saying {wanted:?}:\n{}",
+        common::describe(&output)
+    );
+    let task = ctrd.task(&restored);
+    assert!(
+        task.as_ref().is_none_or(|t| t.status != "RUNNING"),
+        "the restored task is {task:?} after its controller was killed"
+    );
+    let left: Vec<(i32, String)> = common::all_pids()
+        .into_iter()
+        .filter(|&p| in_new_container(p) || controller_of_ours(p))
+        .map(|p| (p, common::cmdline(p)))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left of the failed restore of {restored}: {left:?}"
+    );
+    if task.is_some() {
+        ctrd.ctr_ok(&["task", "delete", &restored]);
+    }
+    ctrd.ctr_ok(&["containers", "delete", &restored]);
+    assert!(
+        !ctrd.containers().contains(&restored),
+        "{restored} still listed after delete"
+    );
+    before.assert_left_running(&ctrd, "the original, after the failed restore");
+    ctrd.kill_and_delete(&id);
+}
+
+/// 7. containerd SIGKILLed while the shim dumps, and started again: the
+///    shim outlives it and keeps the task; once containerd is back the
+///    task runs on as before and nothing of the checkpoint is kept.
+#[test]
+fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
+    let mut ctrd = Containerd::start_cowsnap("ckpt-restart");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let before = BeforeFault::take(&ctrd, &id);
+
+    let mut ctr = ctrd.spawn_ctr(&["task", "checkpoint", &id]);
+    let dump = shim_dump_under_way(&before, &mut ctr);
+    ctrd.restart(|| {
+        let output = common::wait_output(ctr, "ctr task checkpoint");
+        eprintln!(
+            "ctr task checkpoint with containerd killed during dump {dump}:\n{}",
+            common::describe(&output)
+        );
+        assert!(
+            !output.status.success(),
+            "ctr task checkpoint succeeded though containerd was killed during it"
+        );
+    });
+    // The shim answered containerd at once (it would otherwise be taken
+    // for dead and the container deleted), and keeps the task as ctr left
+    // it: paused, since ctr pauses a running task for the checkpoint and
+    // its resume could not reach containerd.
+    let task = ctrd.wait_status(&id, "PAUSED");
+    assert_eq!(
+        task.pid, before.init,
+        "the task has another init after the restart"
+    );
+    // The dump goes on to its end; the shim then removes what nobody will store.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while common::all_pids().contains(&dump) && !common::task_state(dump).starts_with('Z') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cowsnap dump {dump} still runs"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let scratch_has_checkpoint = || {
+        fs::read_dir(ctrd.scratch_dir()).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("ctd-"))
+        })
+    };
+    while scratch_has_checkpoint() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned checkpoint stays in {}",
+            ctrd.scratch_dir().display()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    ctrd.ctr_ok(&["task", "resume", &id]);
+    before.assert_left_running(&ctrd, "after containerd's restart and a resume");
+    ctrd.kill_and_delete(&id);
+}
+
+/// Runs `cmd ARGS`, which must succeed.
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd} {}:\n{}",
+        args.join(" "),
+        common::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// 8. The content store's filesystem full when containerd stores the
+///    checkpoint: ctr's checkpoint fails saying so, the container runs on
+///    as before, and nothing of the checkpoint is in the content store,
+///    neither a blob nor an ingest left behind.
+#[test]
+fn cowsnap_checkpoint_into_a_full_content_store_leaves_container_running() {
+    let ctrd = Containerd::start_cowsnap("ckpt-enospc");
+    // A tmpfs over the content store (the harness unmounts it at the end);
+    // once the image is in, it is shrunk to leave 4 MiB.
+    let content = ctrd.dir().join("root/io.containerd.content.v1.content");
+    let content_str = content.to_str().expect("utf-8 path");
+    run_ok(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=512m", "tmpfs", content_str],
+    );
+    for dir in ["ingest", "blobs/sha256"] {
+        fs::create_dir_all(content.join(dir)).expect("content store dirs on the tmpfs");
+    }
+    let image = ctrd.import_reference_image();
+    let used: u64 = run_ok("df", &["--output=used", "-B1", content_str])
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df used bytes");
+    let size = format!("remount,size={}k", used / 1024 + 4096);
+    run_ok("mount", &["-o", &size, content_str]);
+
+    let id = ctrd.container_id("tree");
+    ctrd.run(
+        COWSNAP_RUNTIME,
+        image,
+        &id,
+        &["sh", "-c", &big_tree_script()],
+    );
+    wait_tree_ready(&ctrd, &id);
+    let before = BeforeFault::take(&ctrd, &id);
+    let output = ctrd.ctr(&["task", "checkpoint", &id]);
+    assert!(
+        !output.status.success(),
+        "ctr task checkpoint succeeded into a full content store:\n{}",
+        common::describe(&output)
+    );
+    let message = String::from_utf8_lossy(&output.stderr);
+    eprintln!("ctr task checkpoint {id} failed as it must:\n{message}");
+    assert!(
+        message.contains("no space left on device"),
+        "ctr's error does not say the disk is full:\n{message}"
+    );
+    before.assert_left_running(&ctrd, "after the full content store");
+    // The failed ingest goes with ctr's lease, when containerd's garbage
+    // collector runs after the lease is deleted: at once, or a moment later.
+    let ingests = || -> Vec<std::path::PathBuf> {
+        fs::read_dir(content.join("ingest"))
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ingests().is_empty() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        ingests().is_empty(),
+        "ingests left in the content store: {:?}\n{}",
+        ingests(),
+        ctrd.ctr_ok(&["content", "active"])
+    );
+    ctrd.kill_and_delete(&id);
+}

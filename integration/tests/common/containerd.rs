@@ -185,6 +185,8 @@ pub struct Containerd {
     pub namespace: String,
     log: PathBuf,
     daemon: Option<Child>,
+    /// How the daemon is started, kept for [`Containerd::restart`].
+    launch: Launch,
     /// Container ids created through this harness, for the cleanup.
     containers: Mutex<Vec<String>>,
     /// Exec ids of processes started with `ctr task exec -d`, whose IO
@@ -192,6 +194,13 @@ pub struct Containerd {
     execs: Mutex<Vec<String>>,
     /// Ids used for unique container names.
     serial: AtomicU32,
+}
+
+/// containerd's command line and environment, the same at every start.
+struct Launch {
+    config: PathBuf,
+    path: String,
+    engine: Option<PathBuf>,
 }
 
 /// One task as `ctr task ls` shows it.
@@ -243,9 +252,19 @@ impl Containerd {
             .expect("tempdir for containerd")
             .keep();
         // From here on a panic drops the harness, which removes the directory.
+        let path = format!(
+            "{}:{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut ctrd = Containerd {
             address: dir.join("containerd.sock"),
             log: dir.join("containerd.log"),
+            launch: Launch {
+                config: dir.join("config.toml"),
+                path,
+                engine,
+            },
             dir,
             namespace,
             daemon: None,
@@ -254,7 +273,6 @@ impl Containerd {
             serial: AtomicU32::new(0),
         };
         let dir = &ctrd.dir;
-        let config = dir.join("config.toml");
         // Overlayfs works on this ext4 root; the CRI plugin would want a CNI
         // setup and is not needed by ctr.
         let text = format!(
@@ -270,30 +288,71 @@ impl Containerd {
             sock = ctrd.address.display(),
             debug = dir.join("debug.sock").display(),
         );
-        fs::write(&config, text).expect("write containerd config");
-        let log_file = fs::File::create(&ctrd.log).expect("containerd log file");
-        let path = format!(
-            "{}:{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        fs::write(&ctrd.launch.config, text).expect("write containerd config");
+        fs::create_dir(ctrd.scratch_dir()).expect("containerd's TMPDIR");
+        ctrd.spawn_daemon();
+        ctrd.wait_ready();
+        ctrd
+    }
+
+    /// Starts the containerd process (appending to its log).
+    fn spawn_daemon(&mut self) {
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("containerd log file");
         let mut daemon = Command::new("/usr/bin/containerd");
-        if let Some(engine) = engine {
+        if let Some(engine) = &self.launch.engine {
             // containerd passes its environment on to the shims it starts.
             daemon.env("COWSNAP_BIN", engine);
         }
         let daemon = daemon
             .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
+            .arg(&self.launch.config)
+            .env("PATH", &self.launch.path)
+            // containerd's task service makes the directory a shim's
+            // checkpoint goes into (ctd-checkpointNNN) under TMPDIR: a
+            // private one, so a test sees what is left there.
+            .env("TMPDIR", self.scratch_dir())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log fd"))
             .stderr(log_file)
             .spawn()
             .expect("spawn containerd");
-        ctrd.daemon = Some(daemon);
-        ctrd.wait_ready();
-        ctrd
+        self.daemon = Some(daemon);
+    }
+
+    /// containerd's TMPDIR, where its task service makes the directory
+    /// each checkpoint is written to before it goes into the content store.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// SIGKILLs containerd (the shims stay, as they do when containerd
+    /// crashes) and starts it again with the same configuration; returns
+    /// once it answers. `while_down` runs in between.
+    pub fn restart(&mut self, while_down: impl FnOnce()) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        while_down();
+        self.spawn_daemon();
+        self.wait_ready();
+    }
+
+    /// Digests in the content store (`ctr content ls -q`), sorted.
+    pub fn content_digests(&self) -> Vec<String> {
+        let mut digests: Vec<String> = self
+            .ctr_ok(&["content", "ls", "-q"])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        digests.sort();
+        digests
     }
 
     fn wait_ready(&mut self) {

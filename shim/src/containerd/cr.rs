@@ -112,7 +112,7 @@ pub fn checkpoint(req: &CheckpointRequest) -> Result<(), CrError> {
     Err(CrError::Failed(format!(
         "checkpoint of task {} failed, the container keeps running: {}",
         req.id,
-        engine_reason(&output)
+        engine_reason("dump", &output)
     )))
 }
 
@@ -128,14 +128,32 @@ fn run_engine(cmd: Command, bin: &Path) -> Result<super::runc::Reaped, CrError> 
     })
 }
 
-/// The engine's last line is its error ("cowsnap: <reason>").
-fn engine_reason(output: &super::runc::Reaped) -> String {
+/// Why `cowsnap COMMAND` failed: the signal that killed it (a killed
+/// engine prints nothing, and its cleanup is done by then: see
+/// `dump::supervise`), else its last line ("cowsnap: <reason>").
+fn engine_reason(command: &str, output: &super::runc::Reaped) -> String {
+    if let Some(signal) = killed_by(output.status) {
+        return format!(
+            "cowsnap {command} (pid {}) was killed by {signal}",
+            output.pid
+        );
+    }
     String::from_utf8_lossy(&output.stderr)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(|l| l.trim_start_matches("cowsnap: ").to_string())
-        .unwrap_or_else(|| format!("cowsnap ended with status {}", output.status))
+        .unwrap_or_else(|| format!("cowsnap {command} ended with status {}", output.status))
+}
+
+/// The signal a reaped status (128 + signal for a killed child) names.
+/// cowsnap itself exits with 0, 1 or 2, never above 128.
+fn killed_by(status: i32) -> Option<String> {
+    let number = status.checked_sub(128).filter(|n| *n > 0)?;
+    Some(match nix::sys::signal::Signal::try_from(number) {
+        Ok(signal) => signal.as_str().to_string(),
+        Err(_) => format!("signal {number}"),
+    })
 }
 
 pub struct PreparedRestore {
@@ -229,7 +247,7 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
     if output.status != 0 {
         return Err(CrError::Failed(format!(
             "restore of task {id}: {}",
-            engine_reason(&output)
+            engine_reason("restore-control", &output)
         )));
     }
     Ok(())
@@ -453,6 +471,28 @@ mod tests {
         )
         .expect_err("no root");
         assert!(err.contains("root.path"), "{err}");
+    }
+
+    #[test]
+    fn engine_reason_names_the_signal_that_killed_it() {
+        let reaped = |status: i32, stderr: &str| super::super::runc::Reaped {
+            pid: 42,
+            status,
+            stdout: vec![],
+            stderr: stderr.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            engine_reason("dump", &reaped(137, "")),
+            "cowsnap dump (pid 42) was killed by SIGKILL"
+        );
+        assert_eq!(
+            engine_reason("dump", &reaped(1, "progress\ncowsnap: pid 7: gone\n")),
+            "pid 7: gone"
+        );
+        assert_eq!(
+            engine_reason("restore-control", &reaped(2, "")),
+            "cowsnap restore-control ended with status 2"
+        );
     }
 
     #[test]

@@ -103,6 +103,7 @@ impl Runc {
         let binary = self.binary.clone();
         let Reaped {
             status,
+            pid: _,
             stdout,
             stderr,
         } = run_reaped(cmd, capture).map_err(|e| match e {
@@ -285,6 +286,8 @@ pub fn read_pid_file(pid_file: &Path) -> Result<i32, std::io::Error> {
 
 /// How a child run by [`run_reaped`] ended, and what it printed.
 pub struct Reaped {
+    pub pid: i32,
+    /// The exit code, or 128 + the signal that killed it (the reaper's encoding).
     pub status: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -344,6 +347,7 @@ pub fn run_reaped(mut cmd: Command, capture: bool) -> Result<Reaped, ReapedError
         }
     };
     Ok(Reaped {
+        pid,
         status,
         stdout,
         stderr,

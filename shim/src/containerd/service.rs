@@ -95,6 +95,12 @@ pub enum TaskError {
         what: &'static str,
         detail: String,
     },
+    /// The shim runs a checkpoint of the task: it holds no lock meanwhile
+    /// (State and Connect must answer, or a containerd that restarts
+    /// during a dump takes the shim for dead and deletes the container),
+    /// so what would change the task under the dump is refused.
+    #[error("task {id}: cannot {op}: a checkpoint of the task is in progress")]
+    Checkpointing { id: String, op: Op },
     #[error("task {id}: {what}: task is {state}")]
     NotRunning {
         id: String,
@@ -112,7 +118,9 @@ impl TaskError {
             | TaskError::Finished { .. } => Code::NOT_FOUND,
             TaskError::Exists(_) | TaskError::ExecExists { .. } => Code::ALREADY_EXISTS,
             TaskError::Options { .. } => Code::INVALID_ARGUMENT,
-            TaskError::NotRunning { .. } => Code::FAILED_PRECONDITION,
+            TaskError::NotRunning { .. } | TaskError::Checkpointing { .. } => {
+                Code::FAILED_PRECONDITION
+            }
             TaskError::Checkpoint {
                 source: CrError::NotSupported(_),
                 ..
@@ -215,6 +223,8 @@ struct Container {
     rootfs_mounted: bool,
     /// Create carried a checkpoint: Start restores from it.
     checkpoint: Option<PathBuf>,
+    /// A Checkpoint runs its dump (see [`TaskError::Checkpointing`]).
+    checkpointing: bool,
     init: Process,
     execs: HashMap<String, Process>,
 }
@@ -230,6 +240,17 @@ impl Container {
                 id: self.id.clone(),
                 exec_id: exec_id.to_string(),
             })
+    }
+
+    /// Refuses `op` while a checkpoint of the task runs.
+    fn not_checkpointing(&self, op: Op) -> Result<(), TaskError> {
+        if self.checkpointing {
+            return Err(TaskError::Checkpointing {
+                id: self.id.clone(),
+                op,
+            });
+        }
+        Ok(())
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -512,6 +533,7 @@ impl TaskService {
             no_pivot: ro.no_pivot_root,
             rootfs_mounted,
             checkpoint: from_checkpoint.then(|| PathBuf::from(&req.checkpoint)),
+            checkpointing: false,
             init: Process::new(
                 "",
                 ProcessKind::Init,
@@ -658,6 +680,8 @@ fn restore(c: &mut Container) -> Result<(), TaskError> {
 
 fn start_exec(c: &mut Container, exec_id: &str) -> Result<u32, TaskError> {
     let id = c.id.clone();
+    // The dump would find a process whose parent is outside the tree.
+    c.not_checkpointing(Op::Start)?;
     if matches!(
         c.init.state,
         ProcessState::Paused | ProcessState::Stopped | ProcessState::Deleted
@@ -804,6 +828,7 @@ impl containerd_shim::Task for TaskService {
                 ..Default::default()
             });
         }
+        c.not_checkpointing(Op::Delete)?;
         let was = c.init.state;
         let next = c
             .init
@@ -899,6 +924,7 @@ impl containerd_shim::Task for TaskService {
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.with_container(&req.id, |c| {
+            c.not_checkpointing(Op::Pause)?;
             let next = c.init.transition(&req.id, Op::Pause)?;
             c.runc.pause(&c.id).map_err(c.runc_err())?;
             c.init.state = next;
@@ -916,6 +942,7 @@ impl containerd_shim::Task for TaskService {
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         self.with_container(&req.id, |c| {
+            c.not_checkpointing(Op::Resume)?;
             let next = c.init.transition(&req.id, Op::Resume)?;
             c.runc.resume(&c.id).map_err(c.runc_err())?;
             c.init.state = next;
@@ -933,11 +960,12 @@ impl containerd_shim::Task for TaskService {
 
     fn checkpoint(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.with_container(&req.id, |c| {
+        let request = self.with_container(&req.id, |c| {
             let id = c.id.clone();
+            c.not_checkpointing(Op::Checkpoint)?;
             c.init.transition(&id, Op::Checkpoint)?;
             let opts = options::checkpoint_options(req.options.as_ref()).map_err(|source| {
                 TaskError::Options {
@@ -945,18 +973,44 @@ impl containerd_shim::Task for TaskService {
                     source,
                 }
             })?;
-            let request = cr::CheckpointRequest {
-                id: id.clone(),
+            c.checkpointing = true;
+            Ok(cr::CheckpointRequest {
+                id,
                 init_pid: c.init.pid,
                 bundle: c.bundle.clone(),
                 path: PathBuf::from(&req.path),
                 exit: opts.exit,
                 image_path: opts.image_path,
                 work_path: opts.work_path,
-            };
-            // The engine kills the tree when `exit` is set; the exit then
-            // reaches the dispatcher like any other.
-            cr::checkpoint(&request).map_err(|source| TaskError::Checkpoint { id, source })
+            })
+        })?;
+        // The dump runs without the lock. The engine kills the tree when
+        // `exit` is set; the exit then reaches the dispatcher like any other.
+        let result = cr::checkpoint(&request);
+        if let Some(c) = self.inner.containers().get_mut(&req.id) {
+            c.checkpointing = false;
+        }
+        // containerd's connection closed during the dump (containerd died):
+        // nobody will store this checkpoint nor remove the directory
+        // containerd made for it, so the shim does. A client's image_path
+        // is the client's to keep.
+        if ctx.cancel_rx.try_recv().is_err_and(|e| e.is_disconnected()) {
+            if request.image_path.is_none() {
+                if let Err(e) = std::fs::remove_dir_all(&request.path) {
+                    log::warn!("removing {}: {e}", request.path.display());
+                }
+            }
+            return Err(TaskError::Checkpoint {
+                id: request.id.clone(),
+                source: cr::CrError::Failed(
+                    "containerd went away during the checkpoint; the image was removed".into(),
+                ),
+            }
+            .into());
+        }
+        result.map_err(|source| TaskError::Checkpoint {
+            id: request.id.clone(),
+            source,
         })?;
         self.inner.publish(
             topics::TASK_CHECKPOINTED_EVENT_TOPIC,
@@ -1115,6 +1169,7 @@ impl containerd_shim::Task for TaskService {
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         Ok(self.with_container(&req.id, |c| {
             let id = c.id.clone();
+            c.not_checkpointing(Op::Update)?;
             c.init.transition(&id, Op::Update)?;
             let json = options::json_payload("UpdateTaskRequest.resources", req.resources.as_ref())
                 .map_err(|source| TaskError::Options {
@@ -1238,6 +1293,25 @@ mod tests {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::FAILED_PRECONDITION);
                 assert_eq!(s.message(), "task c: cannot pause: task is stopped");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_running_checkpoint_refuses_what_would_change_the_task() {
+        let busy: ttrpc::Error = TaskError::Checkpointing {
+            id: "c".into(),
+            op: Op::Resume,
+        }
+        .into();
+        match busy {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+                assert_eq!(
+                    s.message(),
+                    "task c: cannot resume: a checkpoint of the task is in progress"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -716,6 +716,62 @@ pub(crate) fn parse_hex_u64(value: &str, file: &str, field: &str) -> Result<u64,
     u64::from_str_radix(value, 16).map_err(|_| bad())
 }
 
+/// Decompresses frame `frame` (`entry` its index entry, `checksum` its
+/// parsed `xxh3_64`) from its compressed bytes into `out`, which must be
+/// exactly the frame's length, and checks its length and checksum. Reads no
+/// file: [`PageStoreReader`] and the fuzz targets share it.
+pub fn decode_frame(
+    frame: usize,
+    entry: &FrameEntry,
+    page_size: u64,
+    checksum: u64,
+    compressed: &[u8],
+    out: &mut [u8],
+) -> Result<(), ImageError> {
+    let expected = entry.page_count.saturating_mul(page_size);
+    if out.len() as u64 != expected {
+        return Err(ImageError::FrameBufferSize {
+            frame,
+            expected,
+            actual: out.len() as u64,
+        });
+    }
+    let corrupt = |reason: String| ImageError::FrameCorrupt {
+        frame,
+        offset: entry.offset,
+        reason,
+    };
+    match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(size)) if size != expected => {
+            return Err(ImageError::FrameLength {
+                frame,
+                expected,
+                actual: size,
+            })
+        }
+        Ok(_) => {}
+        Err(_) => return Err(corrupt("no valid zstd frame header".into())),
+    }
+    let n =
+        zstd::bulk::decompress_to_buffer(compressed, out).map_err(|e| corrupt(e.to_string()))?;
+    if n as u64 != expected {
+        return Err(ImageError::FrameLength {
+            frame,
+            expected,
+            actual: n as u64,
+        });
+    }
+    let actual = xxh3_64(out);
+    if actual != checksum {
+        return Err(ImageError::FrameChecksum {
+            frame,
+            expected: format!("{checksum:016x}"),
+            actual: format!("{actual:016x}"),
+        });
+    }
+    Ok(())
+}
+
 /// Reads and decompresses frames of a page store. Shareable between threads
 /// (`&self` everywhere) so frames can be decompressed in parallel.
 pub struct PageStoreReader {
@@ -801,40 +857,14 @@ impl PageStoreReader {
         }
         let mut compressed = Vec::new();
         self.read_compressed(frame, entry, &mut compressed)?;
-        let corrupt = |reason: String| ImageError::FrameCorrupt {
+        decode_frame(
             frame,
-            offset: entry.offset,
-            reason,
-        };
-        match zstd::zstd_safe::get_frame_content_size(&compressed) {
-            Ok(Some(size)) if size != expected => {
-                return Err(ImageError::FrameLength {
-                    frame,
-                    expected,
-                    actual: size,
-                })
-            }
-            Ok(_) => {}
-            Err(_) => return Err(corrupt("no valid zstd frame header".into())),
-        }
-        let n = zstd::bulk::decompress_to_buffer(&compressed, out)
-            .map_err(|e| corrupt(e.to_string()))?;
-        if n as u64 != expected {
-            return Err(ImageError::FrameLength {
-                frame,
-                expected,
-                actual: n as u64,
-            });
-        }
-        let actual = xxh3_64(out);
-        if actual != self.checksums[frame] {
-            return Err(ImageError::FrameChecksum {
-                frame,
-                expected: format!("{:016x}", self.checksums[frame]),
-                actual: format!("{actual:016x}"),
-            });
-        }
-        Ok(())
+            entry,
+            self.page_size,
+            self.checksums[frame],
+            &compressed,
+            out,
+        )
     }
 
     /// Checks every frame on every core (each thread reusing one buffer):

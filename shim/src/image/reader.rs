@@ -87,34 +87,33 @@ impl Image {
                 }
                 Err(e) => return Err(ImageError::io(&path, e)),
             };
-            if actual != entry.size {
-                return Err(ImageError::SizeMismatch {
-                    name: entry.name.clone(),
-                    expected: entry.size,
-                    actual,
-                });
-            }
+            check_size(entry, actual)?;
         }
-        let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
         for (i, entry) in manifest.files.iter().enumerate() {
-            let expected = parse_hex_u128(&entry.xxh3_128, &format!("files[{i}].xxh3_128"))?;
             let path = dir.join(&entry.name);
             let actual = if entry.name == PAGES_FILE {
                 hash_file(&path)?
             } else {
                 let bytes = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
                 let hash = xxh3_128(&bytes);
-                contents.insert(entry.name.as_str(), bytes);
+                contents.insert(entry.name.clone(), bytes);
                 hash
             };
-            if actual != expected {
-                return Err(ImageError::ChecksumMismatch {
-                    name: entry.name.clone(),
-                    expected: format!("{expected:032x}"),
-                    actual: format!("{actual:032x}"),
-                });
-            }
+            check_hash(i, entry, actual)?;
         }
+        Image::from_checked_files(dir, manifest, contents)
+    }
+
+    /// The rest of [`open`](Self::open), once every file of `manifest` has
+    /// its size and checksum: parses and cross-checks `contents` (every
+    /// listed file but `pages`, by name). [`super::fuzz`] opens in-memory
+    /// images through here too.
+    pub(crate) fn from_checked_files(
+        dir: &Path,
+        manifest: Manifest,
+        mut contents: HashMap<String, Vec<u8>>,
+    ) -> Result<Image, ImageError> {
         let mut take = |name: &str| contents.remove(name).unwrap_or_default();
 
         let index: PageIndex = parse_json(PAGE_INDEX_FILE, &take(PAGE_INDEX_FILE))?;
@@ -182,7 +181,7 @@ impl Image {
 
 /// Checks format name and version on the raw JSON first, so that an image of
 /// another major version is refused as such even if its fields differ.
-fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     let value: serde_json::Value = parse_json(MANIFEST_FILE, bytes)?;
     let format = value.get("format").and_then(|f| f.as_str());
     if format != Some(FORMAT_NAME) {
@@ -229,7 +228,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
 
 /// Every listed name is a plain file of the image, listed once, and the
 /// files every image has are there.
-fn check_file_list(manifest: &Manifest) -> Result<(), ImageError> {
+pub(crate) fn check_file_list(manifest: &Manifest) -> Result<(), ImageError> {
     let mut seen = HashSet::new();
     for FileEntry { name, .. } in &manifest.files {
         let plain = !name.is_empty()
@@ -711,6 +710,31 @@ fn parse_json<T: DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, ImageE
         source,
     })?;
     Ok(value)
+}
+
+/// A listed file's size against the manifest's.
+pub(crate) fn check_size(entry: &FileEntry, actual: u64) -> Result<(), ImageError> {
+    if actual != entry.size {
+        return Err(ImageError::SizeMismatch {
+            name: entry.name.clone(),
+            expected: entry.size,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A listed file's xxh3-128 against `files[i].xxh3_128` of the manifest.
+pub(crate) fn check_hash(i: usize, entry: &FileEntry, actual: u128) -> Result<(), ImageError> {
+    let expected = parse_hex_u128(&entry.xxh3_128, &format!("files[{i}].xxh3_128"))?;
+    if actual != expected {
+        return Err(ImageError::ChecksumMismatch {
+            name: entry.name.clone(),
+            expected: format!("{expected:032x}"),
+            actual: format!("{actual:032x}"),
+        });
+    }
+    Ok(())
 }
 
 fn parse_hex_u128(value: &str, field: &str) -> Result<u128, ImageError> {

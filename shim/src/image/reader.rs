@@ -2,14 +2,18 @@
 //! field named, anything a restore could trip over:
 //!
 //! - `manifest.json`: absent (incomplete image), another format name, another
-//!   major version or a newer minor, a page size that is not a power of two,
+//!   major version or a newer minor, a page size that is not a power of two
+//!   from 4 KiB to 1 MiB,
 //!   file names that are not plain names of the image, a required file
 //!   (`tree.json`, `pipes.json`, `pages.index.json`, `pages`) not listed;
 //! - every listed file: missing, another size, another xxh3-128 (the `pages`
 //!   file is hashed streaming, in MiB chunks);
 //! - every JSON file: unparsable (the file is named);
 //! - `pages.index.json`: frames not contiguous, past the end of `pages`, page
-//!   ids not dense, frame page counts off, bytes after the last frame;
+//!   ids not dense, frame page counts off, frames over 256 MiB decompressed
+//!   or shorter than any zstd frame of their length (so page counts, and
+//!   what `inspect` and restore allocate per page, stay proportional to the
+//!   size of `pages`), bytes after the last frame;
 //! - `tree.json`: empty, duplicate pids, root not first, a child before its
 //!   parent, a process file not in the manifest or naming another pid;
 //!   a zombie as the root, as a parent, with threads, or killed by a signal
@@ -18,9 +22,10 @@
 //! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
 //!   runs unaligned, empty or not covering their VMA exactly, page ids past
 //!   the store;
-//! - `tree.json` `sysv_shm`: a shmid twice, page runs not covering the
-//!   segment's pages exactly or past the store, a SysV shm VMA whose
-//!   segment is not recorded or is smaller than the VMA's window.
+//! - `tree.json` `sysv_shm`: a shmid twice, a size that overflows when
+//!   rounded to pages, page runs not covering the segment's pages exactly or
+//!   past the store, a SysV shm VMA whose segment is not recorded or is
+//!   smaller than the VMA's window (or whose window's end overflows).
 //!
 //! Frame contents are not decompressed here (`inspect::verify` does that;
 //! restore checks each frame's checksum as it decompresses it).
@@ -38,8 +43,8 @@ use super::sockets::{EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_F
 use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree, VmaKind,
-    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE,
-    PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
+    ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE,
 };
 use super::ImageError;
 
@@ -217,7 +222,9 @@ pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     }
     let manifest: Manifest =
         serde_path_to_error::deserialize(value).map_err(|e| ImageError::json(MANIFEST_FILE, e))?;
-    if manifest.page_size == 0 || !manifest.page_size.is_power_of_two() {
+    if !manifest.page_size.is_power_of_two()
+        || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&manifest.page_size)
+    {
         return Err(ImageError::BadPageSize {
             file: MANIFEST_FILE.into(),
             page_size: manifest.page_size,
@@ -651,7 +658,12 @@ pub(crate) fn check_sysv_shm(
         if !seen.insert(s.shmid) {
             return Err(bad("listed twice".into()));
         }
-        let len = s.size.next_multiple_of(page_size);
+        let Some(len) = s.size.checked_next_multiple_of(page_size) else {
+            return Err(bad(format!(
+                "size {:#x} overflows when rounded to pages",
+                s.size
+            )));
+        };
         let mut offset = 0u64;
         for run in &s.pages {
             if run.start() != offset || run.pages() == 0 {
@@ -692,7 +704,10 @@ pub(crate) fn check_sysv_shm(
             let Some(s) = tree.sysv_shm.iter().find(|s| s.shmid == v.inode as i32) else {
                 return Err(unrecorded("no such segment"));
             };
-            if v.offset + v.len() > s.size.next_multiple_of(page_size) {
+            // An end or a segment length past u64 is refused, not wrapped.
+            let segment_len = s.size.checked_next_multiple_of(page_size);
+            let window_end = v.offset.checked_add(v.len());
+            if window_end.is_none_or(|end| segment_len.is_none_or(|len| end > len)) {
                 return Err(unrecorded("the window ends past the segment"));
             }
         }
@@ -853,16 +868,20 @@ mod tests {
 
     #[test]
     fn refuses_bad_page_size() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = build(tmp.path());
-        edit_manifest(&dir, |m| m["page_size"] = json!(3000));
-        assert!(matches!(
-            open_err(&dir),
-            ImageError::BadPageSize {
-                page_size: 3000,
-                ..
-            }
-        ));
+        // Not a power of two; powers of two outside 4 KiB..=1 MiB (a frame
+        // or a VMA's page count derived from them would overflow).
+        for page_size in [3000, 0, 2048, 1 << 21, 1 << 62] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = build(tmp.path());
+            edit_manifest(&dir, |m| m["page_size"] = json!(page_size));
+            assert!(
+                matches!(
+                    open_err(&dir),
+                    ImageError::BadPageSize { page_size: p, .. } if p == page_size
+                ),
+                "{page_size}"
+            );
+        }
     }
 
     #[test]
@@ -1207,6 +1226,36 @@ mod tests {
         assert!(matches!(
             open_err(&dir),
             ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("past the store")
+        ));
+    }
+
+    /// Found by fuzzing (`fuzz/corpus/tree/regress-sysv-size-overflow`,
+    /// `fuzz/corpus/process/regress-sysv-window-overflow`): sizes near
+    /// 2^64 overflowed while being rounded or added (a panic with overflow
+    /// checks, a wrapped comparison without).
+    #[test]
+    fn refuses_sysv_sizes_that_overflow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        sysv_image(&dir, true, json!([]));
+        edit_json(&dir, "tree.json", |v| {
+            v["sysv_shm"][0]["size"] = json!(u64::MAX)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("overflows")
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let runs = json!([{"kind": "absent", "start": 0, "pages": 4}]);
+        sysv_image(&dir, true, runs);
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][0]["offset"] = json!(u64::MAX - 0xfff)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::SysvShmUnrecorded { pid: 100, shmid: 7, why, .. } if why.contains("past the segment")
         ));
     }
 

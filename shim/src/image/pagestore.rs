@@ -1180,7 +1180,7 @@ mod tests {
         }
     }
 
-    /// Found by fuzzing (`fuzz/corpus/page_index/regress-huge-frame`): an
+    /// Found with the fuzz targets (input `fuzz/corpus/page_index/regress-huge-frame`): an
     /// index claiming 2^40 pages in one frame of 10149 bytes made
     /// `inspect` allocate 4 TiB per page counter and abort.
     #[test]

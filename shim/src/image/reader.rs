@@ -19,7 +19,8 @@
 //!   a zombie as the root, as a parent, with threads, or killed by a signal
 //!   that cannot end a process; a zombie's process file that is not empty
 //!   (any VMA, fd, thread, signal action or pending signal);
-//! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
+//! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping or
+//!   whose offset plus length overflows, page
 //!   runs unaligned, empty or not covering their VMA exactly, page ids past
 //!   the store;
 //! - `tree.json` `sysv_shm`: a shmid twice, a size that overflows when
@@ -372,7 +373,13 @@ pub(crate) fn check_process(
     let pid = process.pid;
     let mut prev: Option<(u64, u64)> = None;
     for vma in &process.vmas {
-        if vma.start >= vma.end || vma.start % page_size != 0 || vma.end % page_size != 0 {
+        // The offset too: restore adds the length to it (a file or
+        // segment offset past 2^64 is no mapping).
+        if vma.start >= vma.end
+            || vma.start % page_size != 0
+            || vma.end % page_size != 0
+            || vma.offset.checked_add(vma.end - vma.start).is_none()
+        {
             return Err(ImageError::BadVma {
                 file: file.into(),
                 pid,
@@ -1229,7 +1236,7 @@ mod tests {
         ));
     }
 
-    /// Found by fuzzing (`fuzz/corpus/tree/regress-sysv-size-overflow`,
+    /// Found with the fuzz targets (inputs `fuzz/corpus/tree/regress-sysv-size-overflow`,
     /// `fuzz/corpus/process/regress-sysv-window-overflow`): sizes near
     /// 2^64 overflowed while being rounded or added (a panic with overflow
     /// checks, a wrapped comparison without).
@@ -1250,8 +1257,9 @@ mod tests {
         let dir = build(tmp.path());
         let runs = json!([{"kind": "absent", "start": 0, "pages": 4}]);
         sysv_image(&dir, true, runs);
+        // Offset plus length fits in u64, the segment's length does not.
         edit_json(&dir, "proc-100.json", |v| {
-            v["vmas"][0]["offset"] = json!(u64::MAX - 0xfff)
+            v["vmas"][0]["offset"] = json!(u64::MAX - 0x4fff)
         });
         assert!(matches!(
             open_err(&dir),
@@ -1369,6 +1377,25 @@ mod tests {
                 pid: 100,
                 start: 0x20000,
                 end: 0x22010,
+                ..
+            }
+        ));
+    }
+
+    /// Found with the fuzz targets: restore planning adds a shared VMA's
+    /// length to its offset, which overflowed.
+    #[test]
+    fn refuses_vma_offset_that_overflows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][1]["offset"] = json!(u64::MAX - 0x1000)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadVma {
+                pid: 100,
+                start: 0x20000,
                 ..
             }
         ));

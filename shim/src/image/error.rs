@@ -80,7 +80,7 @@ pub enum ImageError {
         found: u64,
         supported: u32,
     },
-    #[error("{file}: field page_size is {page_size}, not a power of two")]
+    #[error("{file}: field page_size is {page_size}, not a power of two from 4096 to 1048576")]
     BadPageSize { file: String, page_size: u64 },
     #[error("{file}: field page_size is {found}, manifest says {expected}")]
     PageSizeMismatch {
@@ -267,6 +267,19 @@ pub enum ImageError {
     // --- pages.index.json and pages ---
     #[error("pages.index.json: field pages_per_frame is 0")]
     ZeroPagesPerFrame,
+    #[error("pages.index.json: frames of {pages_per_frame} pages of {page_size} bytes exceed {max} bytes")]
+    FrameTooLarge {
+        pages_per_frame: u64,
+        page_size: u64,
+        max: u64,
+    },
+    #[error("pages.index.json: frame {frame} is {compressed_len} bytes, shorter than any zstd frame of {page_count} pages ({min} bytes)")]
+    FrameTooShort {
+        frame: usize,
+        compressed_len: u64,
+        page_count: u64,
+        min: u64,
+    },
     #[error("pages.index.json: frame {frame} at offset {offset}, expected {expected} (frames must be contiguous)")]
     FrameNotContiguous {
         frame: usize,

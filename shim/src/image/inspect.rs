@@ -134,7 +134,7 @@ pub fn inspect_report(image: &Image) -> InspectReport {
     };
     // A saved file's pages are referenced by the file (no process).
     for &[_, first, pages] in image.tree.saved_files.iter().flat_map(|f| &f.pages) {
-        totals.saved_file_pages += pages;
+        totals.saved_file_pages = totals.saved_file_pages.saturating_add(pages);
         let lo = (first as usize).min(page_count);
         let hi = (first.saturating_add(pages) as usize).min(page_count);
         for r in &mut refs[lo..hi] {
@@ -171,11 +171,13 @@ pub fn inspect_report(image: &Image) -> InspectReport {
                 PageRun::Mapped { pages, .. } => mapped += pages,
             }
         }
+        // Each process's counts are bounded by its address space, their
+        // sums over thousands of processes are not: saturate.
         totals.threads += process.threads.len();
-        totals.pages_referenced += stored;
-        totals.pages_zero += zero;
-        totals.pages_absent += absent;
-        totals.pages_mapped += mapped;
+        totals.pages_referenced = totals.pages_referenced.saturating_add(stored);
+        totals.pages_zero = totals.pages_zero.saturating_add(zero);
+        totals.pages_absent = totals.pages_absent.saturating_add(absent);
+        totals.pages_mapped = totals.pages_mapped.saturating_add(mapped);
         processes.push(ProcessReport {
             pid: entry.pid,
             ppid: entry.ppid,

@@ -3,6 +3,7 @@
 //! a live process.
 
 pub mod error;
+pub mod fuzz;
 pub mod inspect;
 pub mod pagestore;
 pub mod reader;

@@ -31,7 +31,10 @@ use std::time::Duration;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
-use super::types::{FrameEntry, PageId, PageIndex, PAGES_FILE, PAGE_INDEX_FILE};
+use super::types::{
+    FrameEntry, PageId, PageIndex, MAX_FRAME_BYTES, MAX_PAGE_SIZE, MIN_PAGE_SIZE, PAGES_FILE,
+    PAGE_INDEX_FILE,
+};
 use super::ImageError;
 
 /// 1024 pages of 4 KiB: 4 MiB frames, big enough to compress well, small
@@ -133,13 +136,19 @@ impl PageStoreWriter {
         page_size: u64,
         options: PageStoreOptions,
     ) -> Result<Self, ImageError> {
-        if page_size == 0 || !page_size.is_power_of_two() {
+        // Only page sizes a reader accepts.
+        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
             return Err(ImageError::BadOption {
                 field: "page_size",
                 value: page_size,
             });
         }
-        if options.pages_per_frame == 0 || options.pages_per_frame > (1 << 20) {
+        if options.pages_per_frame == 0
+            || options
+                .pages_per_frame
+                .checked_mul(page_size)
+                .is_none_or(|bytes| bytes > MAX_FRAME_BYTES)
+        {
             return Err(ImageError::BadOption {
                 field: "pages_per_frame",
                 value: options.pages_per_frame,
@@ -631,6 +640,16 @@ pub fn validate_index(
     if ppf == 0 {
         return Err(ImageError::ZeroPagesPerFrame);
     }
+    if ppf
+        .checked_mul(page_size)
+        .is_none_or(|bytes| bytes > MAX_FRAME_BYTES)
+    {
+        return Err(ImageError::FrameTooLarge {
+            pages_per_frame: ppf,
+            page_size,
+            max: MAX_FRAME_BYTES,
+        });
+    }
     let mut checksums = Vec::with_capacity(index.frames.len());
     let mut offset = 0u64;
     let mut first_page = 0u64;
@@ -672,6 +691,16 @@ pub fn validate_index(
                 pages_per_frame: ppf,
             });
         }
+        // Frame bytes are bounded above, so this cannot overflow.
+        let min = min_zstd_frame_len(frame.page_count * page_size);
+        if frame.compressed_len < min {
+            return Err(ImageError::FrameTooShort {
+                frame: i,
+                compressed_len: frame.compressed_len,
+                page_count: frame.page_count,
+                min,
+            });
+        }
         checksums.push(parse_hex_u64(
             &frame.xxh3_64,
             PAGE_INDEX_FILE,
@@ -702,6 +731,18 @@ pub fn validate_index(
     Ok(checksums)
 }
 
+/// The shortest a zstd frame holding `content` bytes (> 0) can be: a frame
+/// header of at least 6 bytes (magic, descriptor, window or size byte),
+/// then blocks of at most 128 KiB of content each, every one at least 4
+/// bytes (a 3-byte header and an RLE byte, or a compressed block's two
+/// section headers). A longer claim of content than this is a lie.
+pub fn min_zstd_frame_len(content: u64) -> u64 {
+    const HEADER: u64 = 6;
+    const BLOCK_CONTENT: u64 = 128 << 10;
+    const BLOCK: u64 = 4;
+    HEADER + content.div_ceil(BLOCK_CONTENT) * BLOCK
+}
+
 /// Parses exactly 16 lowercase or uppercase hex digits.
 pub(crate) fn parse_hex_u64(value: &str, file: &str, field: &str) -> Result<u64, ImageError> {
     let bad = || ImageError::BadChecksumField {
@@ -714,6 +755,62 @@ pub(crate) fn parse_hex_u64(value: &str, file: &str, field: &str) -> Result<u64,
         return Err(bad());
     }
     u64::from_str_radix(value, 16).map_err(|_| bad())
+}
+
+/// Decompresses frame `frame` (`entry` its index entry, `checksum` its
+/// parsed `xxh3_64`) from its compressed bytes into `out`, which must be
+/// exactly the frame's length, and checks its length and checksum. Reads no
+/// file: [`PageStoreReader`] and the fuzz targets share it.
+pub fn decode_frame(
+    frame: usize,
+    entry: &FrameEntry,
+    page_size: u64,
+    checksum: u64,
+    compressed: &[u8],
+    out: &mut [u8],
+) -> Result<(), ImageError> {
+    let expected = entry.page_count.saturating_mul(page_size);
+    if out.len() as u64 != expected {
+        return Err(ImageError::FrameBufferSize {
+            frame,
+            expected,
+            actual: out.len() as u64,
+        });
+    }
+    let corrupt = |reason: String| ImageError::FrameCorrupt {
+        frame,
+        offset: entry.offset,
+        reason,
+    };
+    match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(size)) if size != expected => {
+            return Err(ImageError::FrameLength {
+                frame,
+                expected,
+                actual: size,
+            })
+        }
+        Ok(_) => {}
+        Err(_) => return Err(corrupt("no valid zstd frame header".into())),
+    }
+    let n =
+        zstd::bulk::decompress_to_buffer(compressed, out).map_err(|e| corrupt(e.to_string()))?;
+    if n as u64 != expected {
+        return Err(ImageError::FrameLength {
+            frame,
+            expected,
+            actual: n as u64,
+        });
+    }
+    let actual = xxh3_64(out);
+    if actual != checksum {
+        return Err(ImageError::FrameChecksum {
+            frame,
+            expected: format!("{checksum:016x}"),
+            actual: format!("{actual:016x}"),
+        });
+    }
+    Ok(())
 }
 
 /// Reads and decompresses frames of a page store. Shareable between threads
@@ -801,40 +898,14 @@ impl PageStoreReader {
         }
         let mut compressed = Vec::new();
         self.read_compressed(frame, entry, &mut compressed)?;
-        let corrupt = |reason: String| ImageError::FrameCorrupt {
+        decode_frame(
             frame,
-            offset: entry.offset,
-            reason,
-        };
-        match zstd::zstd_safe::get_frame_content_size(&compressed) {
-            Ok(Some(size)) if size != expected => {
-                return Err(ImageError::FrameLength {
-                    frame,
-                    expected,
-                    actual: size,
-                })
-            }
-            Ok(_) => {}
-            Err(_) => return Err(corrupt("no valid zstd frame header".into())),
-        }
-        let n = zstd::bulk::decompress_to_buffer(&compressed, out)
-            .map_err(|e| corrupt(e.to_string()))?;
-        if n as u64 != expected {
-            return Err(ImageError::FrameLength {
-                frame,
-                expected,
-                actual: n as u64,
-            });
-        }
-        let actual = xxh3_64(out);
-        if actual != self.checksums[frame] {
-            return Err(ImageError::FrameChecksum {
-                frame,
-                expected: format!("{:016x}", self.checksums[frame]),
-                actual: format!("{actual:016x}"),
-            });
-        }
-        Ok(())
+            entry,
+            self.page_size,
+            self.checksums[frame],
+            &compressed,
+            out,
+        )
     }
 
     /// Checks every frame on every core (each thread reusing one buffer):
@@ -1089,6 +1160,85 @@ mod tests {
         ));
     }
 
+    fn index(pages_per_frame: u64, frames: Vec<FrameEntry>) -> PageIndex {
+        PageIndex {
+            page_size: PS,
+            pages_per_frame,
+            page_count: frames.iter().map(|f| f.page_count).sum(),
+            frames,
+        }
+    }
+
+    fn frame_entry(offset: u64, compressed_len: u64, first_page: u64, pages: u64) -> FrameEntry {
+        FrameEntry {
+            offset,
+            compressed_len,
+            first_page,
+            page_count: pages,
+            xxh3_64: "0".repeat(16),
+            compressed_xxh3_64: None,
+        }
+    }
+
+    /// Found by reviewing the parsers; replayed by the fuzz corpus (input `fuzz/corpus/page_index/regress-huge-frame`): an
+    /// index claiming 2^40 pages in one frame of 10149 bytes made
+    /// `inspect` allocate 4 TiB per page counter and abort.
+    #[test]
+    fn refuses_frames_larger_than_their_bytes_allow() {
+        let huge = index(1 << 40, vec![frame_entry(0, 10149, 0, 1 << 40)]);
+        assert!(matches!(
+            validate_index(&huge, PS, 10149),
+            Err(ImageError::FrameTooLarge {
+                pages_per_frame: 0x100_0000_0000,
+                ..
+            })
+        ));
+        let over = index(u64::MAX, vec![frame_entry(0, 100, 0, 1)]);
+        assert!(matches!(
+            validate_index(&over, PS, 100),
+            Err(ImageError::FrameTooLarge { .. })
+        ));
+        // 256 MiB frames are allowed, but not from 20 bytes.
+        let ppf = MAX_FRAME_BYTES / PS;
+        let short = index(ppf, vec![frame_entry(0, 20, 0, ppf)]);
+        let min = 6 + 4 * (MAX_FRAME_BYTES >> 17);
+        assert!(matches!(
+            validate_index(&short, PS, 20),
+            Err(ImageError::FrameTooShort { frame: 0, compressed_len: 20, min: m, .. }) if m == min
+        ));
+        let tiny = index(1, vec![frame_entry(0, 9, 0, 1)]);
+        assert!(matches!(
+            validate_index(&tiny, PS, 9),
+            Err(ImageError::FrameTooShort { min: 10, .. })
+        ));
+    }
+
+    /// The shortest frames zstd really makes (4 MiB of zeros, at any level)
+    /// are not refused as too short.
+    #[test]
+    fn the_most_compressed_frames_pass_the_length_bound() {
+        for level in [-5, 1, 19] {
+            let dir = tempfile::tempdir().unwrap();
+            let options = PageStoreOptions {
+                pages_per_frame: 1024,
+                level,
+                workers: 1,
+            };
+            let mut w = PageStoreWriter::create(dir.path(), PS, options).unwrap();
+            w.append(&vec![0u8; 1025 * PS as usize]).unwrap();
+            let summary = w.finish().unwrap();
+            let frame = &summary.index.frames[0];
+            assert!(
+                frame.compressed_len >= min_zstd_frame_len(1024 * PS),
+                "level {level}: {} bytes",
+                frame.compressed_len
+            );
+            validate_index(&summary.index, PS, summary.file_size).expect("valid");
+            let reader = PageStoreReader::open(dir.path(), &summary.index).unwrap();
+            reader.verify_frames_decompressed().unwrap();
+        }
+    }
+
     #[test]
     fn refuses_bad_options() {
         let dir = tempfile::tempdir().unwrap();
@@ -1103,6 +1253,21 @@ mod tests {
             PageStoreWriter::create(dir.path(), 3000, options(4, 1)),
             Err(ImageError::BadOption {
                 field: "page_size",
+                ..
+            })
+        ));
+        // What a reader would refuse, the writer does not write.
+        assert!(matches!(
+            PageStoreWriter::create(dir.path(), 1 << 21, options(4, 1)),
+            Err(ImageError::BadOption {
+                field: "page_size",
+                ..
+            })
+        ));
+        assert!(matches!(
+            PageStoreWriter::create(dir.path(), PS, options(MAX_FRAME_BYTES / PS + 1, 1)),
+            Err(ImageError::BadOption {
+                field: "pages_per_frame",
                 ..
             })
         ));

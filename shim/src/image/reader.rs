@@ -2,25 +2,31 @@
 //! field named, anything a restore could trip over:
 //!
 //! - `manifest.json`: absent (incomplete image), another format name, another
-//!   major version or a newer minor, a page size that is not a power of two,
+//!   major version or a newer minor, a page size that is not a power of two
+//!   from 4 KiB to 1 MiB,
 //!   file names that are not plain names of the image, a required file
 //!   (`tree.json`, `pipes.json`, `pages.index.json`, `pages`) not listed;
 //! - every listed file: missing, another size, another xxh3-128 (the `pages`
 //!   file is hashed streaming, in MiB chunks);
 //! - every JSON file: unparsable (the file is named);
 //! - `pages.index.json`: frames not contiguous, past the end of `pages`, page
-//!   ids not dense, frame page counts off, bytes after the last frame;
+//!   ids not dense, frame page counts off, frames over 256 MiB decompressed
+//!   or shorter than any zstd frame of their length (so page counts, and
+//!   what `inspect` and restore allocate per page, stay proportional to the
+//!   size of `pages`), bytes after the last frame;
 //! - `tree.json`: empty, duplicate pids, root not first, a child before its
 //!   parent, a process file not in the manifest or naming another pid;
 //!   a zombie as the root, as a parent, with threads, or killed by a signal
 //!   that cannot end a process; a zombie's process file that is not empty
 //!   (any VMA, fd, thread, signal action or pending signal);
-//! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping, page
+//! - `proc-<pid>.json`: VMAs empty, unaligned, unsorted or overlapping or
+//!   whose offset plus length overflows, page
 //!   runs unaligned, empty or not covering their VMA exactly, page ids past
 //!   the store;
-//! - `tree.json` `sysv_shm`: a shmid twice, page runs not covering the
-//!   segment's pages exactly or past the store, a SysV shm VMA whose
-//!   segment is not recorded or is smaller than the VMA's window.
+//! - `tree.json` `sysv_shm`: a shmid twice, a size that overflows when
+//!   rounded to pages, page runs not covering the segment's pages exactly or
+//!   past the store, a SysV shm VMA whose segment is not recorded or is
+//!   smaller than the VMA's window (or whose window's end overflows).
 //!
 //! Frame contents are not decompressed here (`inspect::verify` does that;
 //! restore checks each frame's checksum as it decompresses it).
@@ -38,8 +44,9 @@ use super::sockets::{EpollObject, SocketKind, SocketsImage, UnixState, SOCKETS_F
 use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, MountNs, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree,
-    VmaKind, ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, MOUNT_FLAGS,
-    PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
+    VmaKind, ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE, MOUNT_FLAGS, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL,
+    SIGEV_THREAD_ID, TREE_FILE,
 };
 use super::ImageError;
 
@@ -87,34 +94,33 @@ impl Image {
                 }
                 Err(e) => return Err(ImageError::io(&path, e)),
             };
-            if actual != entry.size {
-                return Err(ImageError::SizeMismatch {
-                    name: entry.name.clone(),
-                    expected: entry.size,
-                    actual,
-                });
-            }
+            check_size(entry, actual)?;
         }
-        let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
         for (i, entry) in manifest.files.iter().enumerate() {
-            let expected = parse_hex_u128(&entry.xxh3_128, &format!("files[{i}].xxh3_128"))?;
             let path = dir.join(&entry.name);
             let actual = if entry.name == PAGES_FILE {
                 hash_file(&path)?
             } else {
                 let bytes = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
                 let hash = xxh3_128(&bytes);
-                contents.insert(entry.name.as_str(), bytes);
+                contents.insert(entry.name.clone(), bytes);
                 hash
             };
-            if actual != expected {
-                return Err(ImageError::ChecksumMismatch {
-                    name: entry.name.clone(),
-                    expected: format!("{expected:032x}"),
-                    actual: format!("{actual:032x}"),
-                });
-            }
+            check_hash(i, entry, actual)?;
         }
+        Image::from_checked_files(dir, manifest, contents)
+    }
+
+    /// The rest of [`open`](Self::open), once every file of `manifest` has
+    /// its size and checksum: parses and cross-checks `contents` (every
+    /// listed file but `pages`, by name). [`super::fuzz`] opens in-memory
+    /// images through here too.
+    pub(crate) fn from_checked_files(
+        dir: &Path,
+        manifest: Manifest,
+        mut contents: HashMap<String, Vec<u8>>,
+    ) -> Result<Image, ImageError> {
         let mut take = |name: &str| contents.remove(name).unwrap_or_default();
 
         let index: PageIndex = parse_json(PAGE_INDEX_FILE, &take(PAGE_INDEX_FILE))?;
@@ -184,7 +190,7 @@ impl Image {
 
 /// Checks format name and version on the raw JSON first, so that an image of
 /// another major version is refused as such even if its fields differ.
-fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     let value: serde_json::Value = parse_json(MANIFEST_FILE, bytes)?;
     let format = value.get("format").and_then(|f| f.as_str());
     if format != Some(FORMAT_NAME) {
@@ -220,7 +226,9 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
     }
     let manifest: Manifest =
         serde_path_to_error::deserialize(value).map_err(|e| ImageError::json(MANIFEST_FILE, e))?;
-    if manifest.page_size == 0 || !manifest.page_size.is_power_of_two() {
+    if !manifest.page_size.is_power_of_two()
+        || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&manifest.page_size)
+    {
         return Err(ImageError::BadPageSize {
             file: MANIFEST_FILE.into(),
             page_size: manifest.page_size,
@@ -231,7 +239,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
 
 /// Every listed name is a plain file of the image, listed once, and the
 /// files every image has are there.
-fn check_file_list(manifest: &Manifest) -> Result<(), ImageError> {
+pub(crate) fn check_file_list(manifest: &Manifest) -> Result<(), ImageError> {
     let mut seen = HashSet::new();
     for FileEntry { name, .. } in &manifest.files {
         let plain = !name.is_empty()
@@ -370,7 +378,13 @@ pub(crate) fn check_process(
     let pid = process.pid;
     let mut prev: Option<(u64, u64)> = None;
     for vma in &process.vmas {
-        if vma.start >= vma.end || vma.start % page_size != 0 || vma.end % page_size != 0 {
+        // The offset too: restore adds the length to it (a file or
+        // segment offset past 2^64 is no mapping).
+        if vma.start >= vma.end
+            || vma.start % page_size != 0
+            || vma.end % page_size != 0
+            || vma.offset.checked_add(vma.end - vma.start).is_none()
+        {
             return Err(ImageError::BadVma {
                 file: file.into(),
                 pid,
@@ -795,7 +809,12 @@ pub(crate) fn check_sysv_shm(
         if !seen.insert(s.shmid) {
             return Err(bad("listed twice".into()));
         }
-        let len = s.size.next_multiple_of(page_size);
+        let Some(len) = s.size.checked_next_multiple_of(page_size) else {
+            return Err(bad(format!(
+                "size {:#x} overflows when rounded to pages",
+                s.size
+            )));
+        };
         let mut offset = 0u64;
         for run in &s.pages {
             if run.start() != offset || run.pages() == 0 {
@@ -836,7 +855,10 @@ pub(crate) fn check_sysv_shm(
             let Some(s) = tree.sysv_shm.iter().find(|s| s.shmid == v.inode as i32) else {
                 return Err(unrecorded("no such segment"));
             };
-            if v.offset + v.len() > s.size.next_multiple_of(page_size) {
+            // An end or a segment length past u64 is refused, not wrapped.
+            let segment_len = s.size.checked_next_multiple_of(page_size);
+            let window_end = v.offset.checked_add(v.len());
+            if window_end.is_none_or(|end| segment_len.is_none_or(|len| end > len)) {
                 return Err(unrecorded("the window ends past the segment"));
             }
         }
@@ -854,6 +876,31 @@ fn parse_json<T: DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, ImageE
         source,
     })?;
     Ok(value)
+}
+
+/// A listed file's size against the manifest's.
+pub(crate) fn check_size(entry: &FileEntry, actual: u64) -> Result<(), ImageError> {
+    if actual != entry.size {
+        return Err(ImageError::SizeMismatch {
+            name: entry.name.clone(),
+            expected: entry.size,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A listed file's xxh3-128 against `files[i].xxh3_128` of the manifest.
+pub(crate) fn check_hash(i: usize, entry: &FileEntry, actual: u128) -> Result<(), ImageError> {
+    let expected = parse_hex_u128(&entry.xxh3_128, &format!("files[{i}].xxh3_128"))?;
+    if actual != expected {
+        return Err(ImageError::ChecksumMismatch {
+            name: entry.name.clone(),
+            expected: format!("{expected:032x}"),
+            actual: format!("{actual:032x}"),
+        });
+    }
+    Ok(())
 }
 
 fn parse_hex_u128(value: &str, field: &str) -> Result<u128, ImageError> {
@@ -972,16 +1019,20 @@ mod tests {
 
     #[test]
     fn refuses_bad_page_size() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = build(tmp.path());
-        edit_manifest(&dir, |m| m["page_size"] = json!(3000));
-        assert!(matches!(
-            open_err(&dir),
-            ImageError::BadPageSize {
-                page_size: 3000,
-                ..
-            }
-        ));
+        // Not a power of two; powers of two outside 4 KiB..=1 MiB (a frame
+        // or a VMA's page count derived from them would overflow).
+        for page_size in [3000, 0, 2048, 1 << 21, 1 << 62] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = build(tmp.path());
+            edit_manifest(&dir, |m| m["page_size"] = json!(page_size));
+            assert!(
+                matches!(
+                    open_err(&dir),
+                    ImageError::BadPageSize { page_size: p, .. } if p == page_size
+                ),
+                "{page_size}"
+            );
+        }
     }
 
     #[test]
@@ -1387,6 +1438,37 @@ mod tests {
         assert!(err.to_string().contains("ext4"), "{err}");
     }
 
+    /// Found by reviewing the parsers; replayed by the fuzz corpus (inputs `fuzz/corpus/tree/regress-sysv-size-overflow`,
+    /// `fuzz/corpus/process/regress-sysv-window-overflow`): sizes near
+    /// 2^64 overflowed while being rounded or added (a panic with overflow
+    /// checks, a wrapped comparison without).
+    #[test]
+    fn refuses_sysv_sizes_that_overflow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        sysv_image(&dir, true, json!([]));
+        edit_json(&dir, "tree.json", |v| {
+            v["sysv_shm"][0]["size"] = json!(u64::MAX)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadSysvShm { shmid: 7, ref why, .. } if why.contains("overflows")
+        ));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let runs = json!([{"kind": "absent", "start": 0, "pages": 4}]);
+        sysv_image(&dir, true, runs);
+        // Offset plus length fits in u64, the segment's length does not.
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][0]["offset"] = json!(u64::MAX - 0x4fff)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::SysvShmUnrecorded { pid: 100, shmid: 7, why, .. } if why.contains("past the segment")
+        ));
+    }
+
     /// An image whose tree.json holds `files` as its saved files.
     fn saved_image(files: serde_json::Value) -> Result<Image, ImageError> {
         let tmp = tempfile::tempdir().unwrap();
@@ -1626,6 +1708,25 @@ mod tests {
                 pid: 100,
                 start: 0x20000,
                 end: 0x22010,
+                ..
+            }
+        ));
+    }
+
+    /// Found by reviewing the parsers (now in the fuzz corpus): restore planning adds a shared VMA's
+    /// length to its offset, which overflowed.
+    #[test]
+    fn refuses_vma_offset_that_overflows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        edit_json(&dir, "proc-100.json", |v| {
+            v["vmas"][1]["offset"] = json!(u64::MAX - 0x1000)
+        });
+        assert!(matches!(
+            open_err(&dir),
+            ImageError::BadVma {
+                pid: 100,
+                start: 0x20000,
                 ..
             }
         ));

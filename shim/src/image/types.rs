@@ -45,6 +45,15 @@ pub const PIPES_FILE: &str = "pipes.json";
 pub const PAGE_INDEX_FILE: &str = "pages.index.json";
 pub const PAGES_FILE: &str = "pages";
 
+/// Page sizes an image may have (powers of two): Linux's 4 KiB, the 16 and
+/// 64 KiB of arm64 and ppc64, with a margin. Every size derived from an
+/// untrusted image is bounded through these.
+pub const MIN_PAGE_SIZE: u64 = 4 << 10;
+pub const MAX_PAGE_SIZE: u64 = 1 << 20;
+/// Largest decompressed frame (`pages_per_frame * page_size`), so that
+/// whoever decompresses one (a buffer per thread) allocates a bounded size.
+pub const MAX_FRAME_BYTES: u64 = 256 << 20;
+
 /// Name of the per-process metadata file.
 pub fn process_file_name(pid: i32) -> String {
     format!("proc-{pid}.json")

@@ -61,6 +61,14 @@ pub enum PlanError {
     ProcessOrder { pid: i32, tree_pid: i32 },
     #[error("no staging hole of {bytes} bytes free in every target layout")]
     NoStagingSpace { bytes: u64 },
+    #[error("proc-{pid}.json: VMA {start:#x}-{end:#x} has {pages} pages, more than the {max} a restore plans page by page")]
+    VmaTooLarge {
+        pid: i32,
+        start: u64,
+        end: u64,
+        pages: u64,
+        max: u64,
+    },
     #[error("not supported: pid {pid} VMA {start:#x}-{end:#x} of kind {kind:?}: {why}")]
     NotSupported {
         pid: i32,
@@ -197,6 +205,10 @@ const PAGE: u64 = 4096;
 const STAGING_FLOOR: u64 = 0x1000_0000_0000;
 const STAGING_GAP: u64 = 16 * PAGE;
 const USER_TOP: u64 = 0x7fff_ffff_f000;
+/// Pages of one VMA the plan handles (256 GiB): it walks a VMA page by
+/// page, absent pages too, holding some 50 bytes per page, so an image
+/// must not be able to make it loop or allocate without bound.
+pub const MAX_VMA_PAGES: u64 = 1 << 26;
 
 /// Whether VMAs of this kind are rebuilt from staging segments by fork sharing.
 fn is_private_memory(kind: VmaKind) -> bool {
@@ -508,6 +520,7 @@ impl Taken {
 /// Builds the plan. `processes[i]` must describe `tree[i]`.
 pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<RestorePlan, PlanError> {
     let forest = build_forest(tree, processes)?;
+    check_vma_sizes(processes)?;
     let mut segments: Vec<Segment> = Vec::new();
     let mut stats = PlanStats::default();
 
@@ -824,6 +837,30 @@ fn grows_down(vma: &Vma) -> bool {
         vma.kind,
         VmaKind::PrivateAnon | VmaKind::Heap | VmaKind::Stack
     ) && vma.vm_flags.iter().any(|f| f == "gd")
+}
+
+/// Every VMA the plan walks page by page is at most [`MAX_VMA_PAGES`] long.
+fn check_vma_sizes(processes: &[ProcessImage]) -> Result<(), PlanError> {
+    for image in processes {
+        for vma in &image.vmas {
+            let walked = is_private_memory(vma.kind)
+                || matches!(
+                    vma.kind,
+                    VmaKind::SharedAnon | VmaKind::Memfd | VmaKind::SysvShm
+                );
+            let pages = vma.end.saturating_sub(vma.start) / PAGE;
+            if walked && pages > MAX_VMA_PAGES {
+                return Err(PlanError::VmaTooLarge {
+                    pid: image.pid,
+                    start: vma.start,
+                    end: vma.end,
+                    pages,
+                    max: MAX_VMA_PAGES,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Forest, PlanError> {

@@ -617,6 +617,32 @@ fn tree_errors_are_precise() {
     ));
 }
 
+/// Found by reviewing the parsers; replayed by the fuzz corpus (input `fuzz/corpus/image/regress-huge-vma`):
+/// a VMA of 2^52 absent pages shared by two processes made the plan walk
+/// it page by page, for ever (and collect it into a vector of 2^52 wants).
+#[test]
+fn a_vma_too_large_to_plan_is_refused_at_once() {
+    let mut huge = vma(VmaKind::PrivateAnon, 0x1000, &[Some(0)]);
+    let end = 0xffff_ffff_ffff_f000;
+    huge.pages.push(PageRun::Absent {
+        start: huge.end,
+        pages: (end - huge.end) / PAGE,
+    });
+    huge.end = end;
+    let images = vec![image(10, vec![huge.clone()]), image(11, vec![huge])];
+    let tree = vec![entry(10, 1), entry(11, 10)];
+    assert_eq!(
+        plan(&tree, &images),
+        Err(PlanError::VmaTooLarge {
+            pid: 10,
+            start: 0x1000,
+            end,
+            pages: (end - 0x1000) / PAGE,
+            max: MAX_VMA_PAGES,
+        })
+    );
+}
+
 #[test]
 fn staging_avoids_every_target_vma() {
     let base = parent_pages();

@@ -1,0 +1,26 @@
+//! Writes the seed corpus `fuzz/corpus/<target>/` from the base image
+//! (`fuzz/seed/image`): for each target its own file of that image (for
+//! `image`, the archive of every file). Run after `seed/make.sh`; afl-fuzz
+//! grows the corpus from there.
+
+use std::path::Path;
+
+use cowsnap::image::fuzz::{archive, Target};
+
+fn main() -> std::io::Result<()> {
+    let base = cowsnap_fuzz::base();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    for target in Target::ALL {
+        let dir = corpus.join(target.name());
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let seed = match target.file(&base) {
+            Some(name) => base.get(&name).cloned().unwrap_or_default(),
+            None => archive(&base),
+        };
+        std::fs::write(dir.join("seed"), seed)?;
+    }
+    Ok(())
+}

@@ -162,6 +162,20 @@ fn dump_exit(root: i32, images: &Path, extra: &[&str]) -> Output {
     out
 }
 
+/// `cowsnap dump` (without --exit) of `root`, which must refuse; its stderr.
+fn dump_refused(root: i32, images: &Path, extra: &[&str]) -> String {
+    let root = root.to_string();
+    let mut args = vec!["dump", "--pid", &root, "--images", path_str(images)];
+    args.extend_from_slice(extra);
+    let out = cowsnap(&args);
+    assert!(
+        !out.status.success(),
+        "dump should refuse:\n{}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `cowsnap restore` with its output in files beside the image (the
 /// restored tree keeps the command's stdio, so a pipe would never end).
 fn restore(images: &Path) -> Output {
@@ -598,22 +612,8 @@ fn dump_names_every_socket_it_cannot_restore_and_leaves_the_tree_running() {
         .open(&fifo)
         .expect("open the FIFO here too");
     let (_dir, images) = image_dir("refuse-sockets");
-    let out = cowsnap(&[
-        "dump",
-        "--pid",
-        &root.to_string(),
-        "--images",
-        path_str(&images),
-        // The deleted files (2000 and 4096 bytes) are over it.
-        "--saved-file-limit",
-        "1K",
-    ]);
-    assert!(
-        !out.status.success(),
-        "dump should refuse:\n{}",
-        describe(&out)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // The deleted files (2000 and 4096 bytes) are over it.
+    let err = dump_refused(root, &images, &["--saved-file-limit", "1K"]);
     for (fd, what) in [
         (fds[0], "is socket:[".to_string()),
         (fds[1], "is socket:[".to_string()),
@@ -718,19 +718,7 @@ fn dump_refuses_a_fanotify_fd_naming_it_and_the_tree_goes_on_watching() {
         .parse()
         .unwrap_or_else(|_| panic!("no fanotify fd: {line:?}"));
     let (_dir, images) = image_dir("refuse-fanotify");
-    let out = cowsnap(&[
-        "dump",
-        "--pid",
-        &root.to_string(),
-        "--images",
-        path_str(&images),
-    ]);
-    assert!(
-        !out.status.success(),
-        "dump should refuse:\n{}",
-        describe(&out)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = dump_refused(root, &images, &[]);
     let needle = format!("pid {root} fd {fd} is anon_inode:[fanotify]");
     assert!(err.contains(&needle), "message lacks {needle:?}: {err}");
     assert!(
@@ -1765,21 +1753,7 @@ fn a_deleted_file_over_the_saved_file_limit_is_refused_and_the_tree_keeps_runnin
         .next()
         .expect("the temporary file's fd");
     let (_img, images) = image_dir("pool-limit");
-    let out = cowsnap(&[
-        "dump",
-        "--pid",
-        &root.to_string(),
-        "--images",
-        path_str(&images),
-        "--saved-file-limit",
-        "8K",
-    ]);
-    assert!(
-        !out.status.success(),
-        "dump should refuse:\n{}",
-        describe(&out)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = dump_refused(root, &images, &["--saved-file-limit", "8K"]);
     let needle = format!(
         "pid {root} fd {fd} is deleted file {path:?} of 14000 bytes, over the saved-file limit of 8192 bytes (--saved-file-limit)"
     );

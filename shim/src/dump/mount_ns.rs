@@ -43,30 +43,6 @@ pub struct MountInfo {
     pub super_options: String,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, `\134` for `\`).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match octal {
-            Some(d) => {
-                let v = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
-                out.push(v as u8);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Parses a `/proc/PID/mountinfo` text (see proc(5)).
 pub fn parse_mountinfo(path: &Path, text: &str) -> Result<Vec<MountInfo>, MountNsError> {
     let mut mounts = Vec::new();
@@ -88,11 +64,11 @@ pub fn parse_mountinfo(path: &Path, text: &str) -> Result<Vec<MountInfo>, MountN
             return Err(bad("too few fields"));
         }
         mounts.push(MountInfo {
-            root: unescape(fields[3]),
-            mountpoint: unescape(fields[4]),
+            root: crate::sys::procfs::unescape_mountinfo(fields[3]),
+            mountpoint: crate::sys::procfs::unescape_mountinfo(fields[4]),
             flags: fields[5].to_string(),
             fstype: fields[dash + 1].to_string(),
-            source: unescape(fields[dash + 2]),
+            source: crate::sys::procfs::unescape_mountinfo(fields[dash + 2]),
             super_options: fields[dash + 3].to_string(),
         });
     }

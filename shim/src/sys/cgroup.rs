@@ -236,8 +236,8 @@ impl CgroupLayout {
                 continue;
             }
             let mount = || CgroupMount {
-                root: unescape_mountinfo(fields[3]),
-                point: PathBuf::from(unescape_mountinfo(fields[4])),
+                root: crate::sys::procfs::unescape_mountinfo(fields[3]),
+                point: PathBuf::from(crate::sys::procfs::unescape_mountinfo(fields[4])),
             };
             let super_options = rfields.get(2).copied().unwrap_or("");
             match rfields[0] {
@@ -280,30 +280,6 @@ impl CgroupLayout {
         let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
         self.v2.as_ref().map(|m| m.dir_of(path))
     }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match octal {
-            Some(d) => {
-                let value = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
-                out.push(value as u8);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The freezer cgroup directory of `pid` (see [`CgroupLayout::freezer_dir`]).

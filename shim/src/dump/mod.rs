@@ -495,6 +495,8 @@ fn collect(
             threads: state.threads,
             unmapped_shmem: scanner.take_unmapped_shmem(),
             posix_timers: posix_timers::records(&timers, &state.posix_timers),
+            // The writer names its runs file.
+            runs_file: None,
         };
         // What restore checks about the timers, checked before writing.
         crate::image::reader::check_posix_timers(

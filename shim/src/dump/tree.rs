@@ -167,6 +167,7 @@ pub fn zombie_image(pid: i32) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
         posix_timers: Vec::new(),
+        runs_file: None,
         pid,
         mm: MmFields::default(),
         vmas: Vec::new(),

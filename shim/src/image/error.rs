@@ -205,6 +205,8 @@ pub enum ImageError {
         what: String,
         id: u32,
     },
+    #[error("{file}: {why}")]
+    BadRuns { file: String, why: String },
     #[error("{file}: pid {pid}: vma {start:#x}-{end:#x} is empty, inverted or not page aligned")]
     BadVma {
         file: String,

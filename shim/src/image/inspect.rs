@@ -398,6 +398,7 @@ fn comm_column(p: &ProcessReport) -> String {
 /// Returns a one-line summary on success.
 pub fn verify(dir: &Path) -> Result<String, ImageError> {
     let image = Image::open(dir)?;
+    image.verify_pages_file()?;
     let reader = image.page_reader()?;
     let frames = reader.frame_count();
     reader.verify_frames_decompressed()?;

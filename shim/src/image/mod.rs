@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod inspect;
 pub mod pagestore;
 pub mod reader;
+pub mod runs;
 pub mod sockets;
 #[cfg(test)]
 pub(crate) mod testutil;

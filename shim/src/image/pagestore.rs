@@ -818,6 +818,12 @@ pub fn decode_frame(
 pub struct PageStoreReader {
     path: PathBuf,
     file: File,
+    /// The whole file mapped read-only, when it could be: frames are then
+    /// checked and decompressed where they lie in the page cache, with no
+    /// copy and no buffer. (A file truncated under a reader would fault;
+    /// frames past the length it had at open are read, and refused, by
+    /// `pread`.)
+    map: Option<FileMap>,
     page_size: u64,
     pages_per_frame: u64,
     page_count: u64,
@@ -832,9 +838,11 @@ impl PageStoreReader {
         let file = File::open(&path).map_err(|e| ImageError::io(&path, e))?;
         let size = file.metadata().map_err(|e| ImageError::io(&path, e))?.len();
         let checksums = validate_index(index, index.page_size, size)?;
+        let map = FileMap::new(&file, size);
         Ok(PageStoreReader {
             path,
             file,
+            map,
             page_size: index.page_size,
             pages_per_frame: index.pages_per_frame,
             page_count: index.page_count,
@@ -896,14 +904,14 @@ impl PageStoreReader {
                 actual: out.len() as u64,
             });
         }
-        let mut compressed = Vec::new();
-        self.read_compressed(frame, entry, &mut compressed)?;
+        let mut buf = Vec::new();
+        let compressed = self.compressed(frame, entry, &mut buf)?;
         decode_frame(
             frame,
             entry,
             self.page_size,
             self.checksums[frame],
-            &compressed,
+            compressed,
             out,
         )
     }
@@ -976,6 +984,25 @@ impl PageStoreReader {
         }
     }
 
+    /// Frame `frame`'s compressed bytes (`entry` is its index entry): in
+    /// the mapping, or read into `buf`.
+    fn compressed<'a>(
+        &'a self,
+        frame: usize,
+        entry: &FrameEntry,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ImageError> {
+        if let Some(bytes) = self
+            .map
+            .as_ref()
+            .and_then(|m| m.get(entry.offset, entry.compressed_len))
+        {
+            return Ok(bytes);
+        }
+        self.read_compressed(frame, entry, buf)?;
+        Ok(&buf[..])
+    }
+
     /// Frame `frame`'s compressed bytes (`entry` is its index entry) into `buf`.
     fn read_compressed(
         &self,
@@ -1013,8 +1040,7 @@ impl PageStoreReader {
         buf: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
         let entry = self.entry(frame)?;
-        self.read_compressed(frame, entry, buf)?;
-        let actual = xxh3_64(buf);
+        let actual = xxh3_64(self.compressed(frame, entry, buf)?);
         if actual != want {
             return Err(ImageError::FrameChecksum {
                 frame,
@@ -1038,6 +1064,63 @@ impl PageStoreReader {
             frame,
             frame_count: self.frames.len(),
         })
+    }
+}
+
+/// A read-only shared mapping of a whole file.
+struct FileMap {
+    addr: *const u8,
+    len: u64,
+}
+
+// SAFETY: the mapping is read-only and lives until drop; `&FileMap` only
+// hands out shared slices of it.
+unsafe impl Send for FileMap {}
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// `len` bytes of `file` mapped, or None (an empty file, or mmap failed:
+    /// the reader then uses `pread`).
+    fn new(file: &File, len: u64) -> Option<FileMap> {
+        use std::os::fd::AsRawFd;
+        if len == 0 || usize::try_from(len).is_err() {
+            return None;
+        }
+        // SAFETY: a fresh read-only shared mapping of an open file; nothing
+        // else is at the address the kernel picks.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(FileMap {
+            addr: addr as *const u8,
+            len,
+        })
+    }
+
+    fn get(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: [offset, end) lies inside the mapping, which outlives `self`.
+        Some(unsafe { std::slice::from_raw_parts(self.addr.add(offset as usize), len as usize) })
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
     }
 }
 

@@ -97,19 +97,56 @@ impl Image {
             check_size(entry, actual)?;
         }
         let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut pages_entry = None;
         for (i, entry) in manifest.files.iter().enumerate() {
+            if entry.name == PAGES_FILE {
+                pages_entry = Some(i);
+                continue;
+            }
             let path = dir.join(&entry.name);
-            let actual = if entry.name == PAGES_FILE {
-                hash_file(&path)?
-            } else {
-                let bytes = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
-                let hash = xxh3_128(&bytes);
-                contents.insert(entry.name.clone(), bytes);
-                hash
-            };
-            check_hash(i, entry, actual)?;
+            let bytes = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
+            check_hash(i, entry, xxh3_128(&bytes))?;
+            contents.insert(entry.name.clone(), bytes);
         }
-        Image::from_checked_files(dir, manifest, contents)
+        // `pages` is read whole only when a frame lacks the checksum of its
+        // compressed bytes (images before format 1.1): otherwise those
+        // checksums (in the index, whose own checksum was just checked)
+        // cover every byte of it, the index's frames tiling the file, and
+        // whoever reads frames checks them (restore: all of them, in
+        // parallel, before any process exists; `verify`: the whole file too).
+        let image = Image::from_checked_files(dir, manifest, contents)?;
+        if let Some(i) = pages_entry {
+            if !image
+                .index
+                .frames
+                .iter()
+                .all(|f| f.compressed_xxh3_64.is_some())
+            {
+                image.check_pages_file(i)?;
+            }
+        }
+        Ok(image)
+    }
+
+    /// Checks the whole `pages` file against its manifest checksum
+    /// (`entry`: its index in the manifest's files).
+    fn check_pages_file(&self, entry: usize) -> Result<(), ImageError> {
+        let path = self.dir.join(PAGES_FILE);
+        check_hash(entry, &self.manifest.files[entry], hash_file(&path)?)
+    }
+
+    /// [`check_pages_file`](Self::check_pages_file) by name: `verify` checks
+    /// every byte of the image.
+    pub fn verify_pages_file(&self) -> Result<(), ImageError> {
+        match self
+            .manifest
+            .files
+            .iter()
+            .position(|f| f.name == PAGES_FILE)
+        {
+            Some(i) => self.check_pages_file(i),
+            None => Ok(()),
+        }
     }
 
     /// The rest of [`open`](Self::open), once every file of `manifest` has
@@ -135,7 +172,25 @@ impl Image {
         check_tree(&tree, &manifest)?;
         let mut processes = Vec::with_capacity(tree.processes.len());
         for entry in &tree.processes {
-            let process: ProcessImage = parse_json(&entry.file, &take(&entry.file))?;
+            let mut process: ProcessImage = parse_json(&entry.file, &take(&entry.file))?;
+            if let Some(name) = &process.runs_file {
+                let expected = super::runs::runs_file_name(entry.pid);
+                let bad = |why: String| ImageError::BadRuns {
+                    file: entry.file.clone(),
+                    why,
+                };
+                if *name != expected {
+                    return Err(bad(format!(
+                        "field runs_file is {name:?}, expected {expected:?}"
+                    )));
+                }
+                if !manifest.files.iter().any(|f| f.name == *name) {
+                    return Err(bad(format!(
+                        "runs file {name} is not listed in manifest.json"
+                    )));
+                }
+                super::runs::decode_into(name, &take(name), &mut process.vmas, manifest.page_size)?;
+            }
             if process.pid != entry.pid {
                 return Err(ImageError::ProcessPidMismatch {
                     file: entry.file.clone(),
@@ -950,8 +1005,17 @@ mod tests {
     fn round_trip() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = build(tmp.path());
-        let image = Image::open(&dir).unwrap();
+        let mut image = Image::open(&dir).unwrap();
         assert_eq!(image.tree, testutil::tree());
+        // The runs came back from the binary runs files.
+        for (p, pid) in image
+            .processes
+            .iter_mut()
+            .zip([testutil::ROOT, testutil::CHILD])
+        {
+            assert_eq!(p.runs_file, Some(format!("proc-{pid}.runs")));
+            p.runs_file = None;
+        }
         assert_eq!(image.processes[0], testutil::process(testutil::ROOT));
         assert_eq!(image.processes[1], testutil::process(testutil::CHILD));
         assert_eq!(image.pipes, testutil::pipes());
@@ -1152,10 +1216,56 @@ mod tests {
         let last = pages.len() - 1;
         pages[last] ^= 0x55;
         std::fs::write(&path, pages).unwrap();
+        // Every frame has the checksum of its compressed bytes: open leaves
+        // `pages` to them (restore checks them all first), and `verify`
+        // checks the whole file as well.
+        let image = Image::open(&dir).unwrap();
+        assert!(matches!(
+            image.page_reader().unwrap().verify_frames(),
+            Err(ImageError::FrameChecksum { frame: 2, .. })
+        ));
+        assert!(matches!(
+            crate::image::inspect::verify(&dir),
+            Err(ImageError::ChecksumMismatch { name, .. }) if name == PAGES_FILE
+        ));
+        // An image whose frames lack those checksums (before format 1.1)
+        // is refused at open, by the whole file's checksum.
+        let index = dir.join(PAGE_INDEX_FILE);
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        for frame in value["frames"].as_array_mut().unwrap() {
+            frame.as_object_mut().unwrap().remove("compressed_xxh3_64");
+        }
+        rewrite(&dir, PAGE_INDEX_FILE, &serde_json::to_vec(&value).unwrap());
         assert!(matches!(
             open_err(&dir),
             ImageError::ChecksumMismatch { name, .. } if name == PAGES_FILE
         ));
+    }
+
+    #[test]
+    fn refuses_a_runs_file_of_another_name_or_not_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(tmp.path());
+        let json = dir.join("proc-101.json");
+        let original = std::fs::read(&json).unwrap();
+        let mut value: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        value["runs_file"] = json!("proc-100.runs");
+        rewrite(&dir, "proc-101.json", &serde_json::to_vec(&value).unwrap());
+        let e = open_err(&dir).to_string();
+        assert!(
+            e.contains("proc-101.json: field runs_file is \"proc-100.runs\""),
+            "{e}"
+        );
+        rewrite(&dir, "proc-101.json", &original);
+        edit_manifest(&dir, |m| {
+            m["files"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|f| f["name"] != "proc-101.runs");
+        });
+        let e = open_err(&dir).to_string();
+        assert!(e.contains("runs file proc-101.runs is not listed"), "{e}");
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub fn process(pid: i32) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
         posix_timers: Vec::new(),
+        runs_file: None,
         pid,
         mm: MmFields {
             start_code: 0x400000,
@@ -250,9 +251,23 @@ pub fn rewrite(dir: &Path, name: &str, bytes: &[u8]) {
     });
 }
 
-/// Applies `f` to JSON file `name` and fixes the manifest.
+/// Applies `f` to JSON file `name` and fixes the manifest. A process file
+/// is edited with its page runs inline (`vmas[i].pages`, as in images
+/// before format 1.5) and written back that way, without `runs_file`.
 pub fn edit_json(dir: &Path, name: &str, f: impl FnOnce(&mut Value)) {
     let mut value: Value = serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+    if let Some(runs) = value
+        .get("runs_file")
+        .and_then(|r| r.as_str())
+        .map(String::from)
+    {
+        let mut process: crate::image::types::ProcessImage =
+            serde_json::from_value(value.clone()).unwrap();
+        let bytes = std::fs::read(dir.join(&runs)).unwrap();
+        crate::image::runs::decode_into(&runs, &bytes, &mut process.vmas, 4096).unwrap();
+        process.runs_file = None;
+        value = serde_json::to_value(&process).unwrap();
+    }
     f(&mut value);
     rewrite(dir, name, &serde_json::to_vec(&value).unwrap());
 }

@@ -37,7 +37,9 @@ pub const FORMAT_MAJOR: u32 = 1;
 /// contents in the page store), optional for a reader.
 /// 3: `posix_timers` of a process, optional for a reader.
 /// 4: `Tree::mount_ns` (the tree's own mount namespace), optional for a reader.
-pub const FORMAT_MINOR: u32 = 4;
+/// 5: page runs in a binary `proc-<pid>.runs` per process
+/// ([`ProcessImage::runs_file`]), no longer in its JSON.
+pub const FORMAT_MINOR: u32 = 5;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
@@ -393,6 +395,11 @@ pub struct ProcessImage {
     /// format 1.3; an older image has none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub posix_timers: Vec<PosixTimer>,
+    /// The file holding every VMA's page runs (`proc-<pid>.runs`, see
+    /// [`super::runs`]), since format 1.5; before, the runs are in the
+    /// JSON. The reader fills [`Vma::pages`] from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_file: Option<String>,
 }
 
 /// The mm fields `PR_SET_MM_MAP` restores, plus auxv.
@@ -436,7 +443,11 @@ pub struct Vma {
     pub offset: u64,
     /// Two-letter VmFlags from smaps (`rd`, `wr`, `dc`, `gd`, `wf`, `hg`, ...).
     pub vm_flags: Vec<String>,
-    /// Page runs covering [start, end) exactly, in address order.
+    /// Page runs covering [start, end) exactly, in address order. Since
+    /// format 1.5 they are stored in the process's binary runs file
+    /// ([`ProcessImage::runs_file`]) and absent from the JSON; the reader
+    /// puts them back here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<PageRun>,
 }
 

@@ -155,9 +155,23 @@ impl ImageWriter {
     pub fn pages(&mut self) -> &mut PageStoreWriter {
         &mut self.pages
     }
-    /// Writes `proc-<pid>.json` (compact: it can be megabytes).
+    /// Writes `proc-<pid>.json` (compact) and its page runs, in binary,
+    /// as `proc-<pid>.runs` (they are most of its size).
     pub fn write_process(&mut self, process: &ProcessImage) -> Result<(), ImageError> {
-        self.write_json(&process_file_name(process.pid), process, false)
+        let json = process_file_name(process.pid);
+        if self.names.contains(&json) {
+            return Err(ImageError::DuplicateFile { name: json });
+        }
+        let name = super::runs::runs_file_name(process.pid);
+        let runs = super::runs::encode(&process.vmas)
+            .map_err(|e| ImageError::io(self.work_dir.join(&name), e))?;
+        self.write_file(&name, &runs)?;
+        let mut light = process.clone();
+        for vma in &mut light.vmas {
+            vma.pages = Vec::new();
+        }
+        light.runs_file = Some(name);
+        self.write_json(&json, &light, false)
     }
     pub fn write_tree(&mut self, tree: &Tree) -> Result<(), ImageError> {
         self.write_json(TREE_FILE, tree, true)?;
@@ -256,9 +270,6 @@ impl ImageWriter {
         value: &T,
         pretty: bool,
     ) -> Result<(), ImageError> {
-        if self.names.contains(name) || name == MANIFEST_FILE {
-            return Err(ImageError::DuplicateFile { name: name.into() });
-        }
         let serialized = if pretty {
             serde_json::to_vec_pretty(value)
         } else {
@@ -268,14 +279,22 @@ impl ImageWriter {
             file: name.into(),
             source,
         })?;
+        self.write_file(name, &bytes)
+    }
+
+    /// Writes `bytes` as file `name` of the image and lists it.
+    fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), ImageError> {
+        if self.names.contains(name) || name == MANIFEST_FILE {
+            return Err(ImageError::DuplicateFile { name: name.into() });
+        }
         let path = self.work_dir.join(name);
         // Record the name before creating so that a failed write is cleaned up too.
         self.names.insert(name.into());
-        write_synced(&path, &bytes)?;
+        write_synced(&path, bytes)?;
         self.files.push(FileEntry {
             name: name.into(),
             size: bytes.len() as u64,
-            xxh3_128: format!("{:032x}", xxh3_128(&bytes)),
+            xxh3_128: format!("{:032x}", xxh3_128(bytes)),
         });
         Ok(())
     }

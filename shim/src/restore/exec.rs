@@ -192,15 +192,28 @@ enum Files {
 
 /// Opens and checks an image and plans its restore: everything that can
 /// be refused is refused here, before anything is created.
+static TRACE_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+fn trace(what: std::fmt::Arguments) {
+    if std::env::var_os("COWSNAP_TRACE").is_some() {
+        let t = TRACE_START
+            .get_or_init(Instant::now)
+            .elapsed()
+            .as_secs_f64();
+        eprintln!("trace {t:7.3} pid {}: {what}", std::process::id());
+    }
+}
+
 fn open_and_plan(
     images: &Path,
     files: Files,
     progress: &dyn Fn(std::fmt::Arguments),
 ) -> Result<(Image, RestorePlan), RestoreError> {
+    trace(format_args!("open"));
     let image = Image::open(images).map_err(|source| RestoreError::Image {
         dir: images.to_path_buf(),
         source,
     })?;
+    trace(format_args!("opened"));
     refuse_unsupported(&image)?;
     // Every frame's contents, before any process exists (README: the image
     // is checked completely first); the manifest's checksum of `pages` alone
@@ -213,9 +226,11 @@ fn open_and_plan(
         .page_reader()
         .and_then(|reader| reader.verify_frames())
         .map_err(image_error)?;
+    trace(format_args!("frames verified"));
     if let Files::Check(growth) = files {
         checks::check_files(&image, growth)?;
     }
+    trace(format_args!("files checked"));
     progress(format_args!("image {} checked", images.display()));
     let plan = plan::plan(&image.tree.processes, &image.processes)?;
     progress(format_args!(
@@ -969,7 +984,10 @@ fn build_process(
     }
     // Pages this process holds for its subtree in segments it inherited.
     fills.extend(me.pre_fork_writes.iter().copied());
-    populate(&reader, &staging, &fills).map_err(|e| format!("populating shared pages: {e}"))?;
+    trace(format_args!("staging mapped, {} fills", fills.len()));
+    populate(&reader, &staging, &fills, cores())
+        .map_err(|e| format!("populating shared pages: {e}"))?;
+    trace(format_args!("staging populated"));
     drop(reader);
     for &child in &me.children {
         match clone::clone3(&[ctx.target_pid[child]], false) {
@@ -989,6 +1007,7 @@ fn build_process(
         }
     }
 
+    trace(format_args!("children forked"));
     // Own memory: segments only this process uses, its private pages, zaps.
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
@@ -1002,7 +1021,16 @@ fn build_process(
         }
     }
     let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
-    populate(&reader, &staging, &me.writes).map_err(|e| format!("writing private pages: {e}"))?;
+    trace(format_args!("own mapped, {} writes", me.writes.len()));
+    // Siblings write their own pages at the same time, each in its own
+    // process: share the cores among them. (Threads of one process breaking
+    // copy-on-write pages also cost each other TLB shootdowns.)
+    let siblings = me
+        .parent
+        .map_or(1, |parent| ctx.plan.processes[parent].children.len());
+    populate(&reader, &staging, &me.writes, (cores() / siblings).max(1))
+        .map_err(|e| format!("writing private pages: {e}"))?;
+    trace(format_args!("own written"));
     drop(reader);
     for z in &me.zero_writes {
         staging.zero(z.staging, z.len).map_err(|e| e.to_string())?;
@@ -1039,8 +1067,10 @@ fn build_process(
     args.set_status(ctx.control.addr() + slot(i) + SLOT_STATUS);
     args.push_post_barrier_unmap(barrier, PAGE);
     args.push_post_barrier_unmap((ctx.control.addr() + slot(i)) & !(PAGE - 1), PAGE);
+    trace(format_args!("blob args ready"));
     let prepared =
         blob::prepare(&args, Placement::Auto).map_err(|e| format!("loading the restorer: {e}"))?;
+    trace(format_args!("blob prepared"));
     let region = prepared.blob_range();
     let mut bytes = region.start.to_ne_bytes().to_vec();
     bytes.extend_from_slice(&region.len.to_ne_bytes());
@@ -1174,12 +1204,18 @@ fn map_segment_backing(
 /// Part of a frame to copy: (page index in the frame, destination address, pages).
 type FramePart = (u64, u64, u64);
 
+/// Runs of at least this many pages are faulted in as one call before
+/// they are written ([`Staging::prefault`]); shorter ones fault page by
+/// page, which costs less than a call per run.
+const PREFAULT_PAGES: u64 = 16;
+
 /// Writes `fills` (pages at absolute staging addresses) from the page
-/// store, decompressing each needed frame once, on every core.
+/// store, decompressing each needed frame once, on up to `threads` threads.
 fn populate(
     reader: &crate::image::pagestore::PageStoreReader,
     staging: &Staging,
     fills: &[PageFill],
+    threads: usize,
 ) -> Result<(), String> {
     if fills.is_empty() {
         return Ok(());
@@ -1203,10 +1239,7 @@ fn populate(
     }
     let work: Vec<(usize, Vec<FramePart>)> = by_frame.into_iter().collect();
     let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(work.len());
+    let workers = threads.clamp(1, work.len());
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -1222,6 +1255,7 @@ fn populate(
                         // (the holder's big regions): decompress in place.
                         if let [(0, dest, n)] = parts[..] {
                             if n * page == len as u64 {
+                                staging.prefault(dest, len as u64);
                                 staging
                                     .fill_with(dest, len as u64, |out| {
                                         reader.read_frame_into(*frame, out)
@@ -1236,6 +1270,9 @@ fn populate(
                             .read_frame_into(*frame, &mut buf)
                             .map_err(|e| e.to_string())?;
                         for &(in_frame, dest, n) in parts {
+                            if n >= PREFAULT_PAGES {
+                                staging.prefault(dest, n * page);
+                            }
                             let from = (in_frame * page) as usize;
                             let to = from + (n * page) as usize;
                             staging
@@ -1251,6 +1288,10 @@ fn populate(
                 .unwrap_or_else(|_| Err("page writer panicked".into()))
         })
     })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Moves, non-staged mappings, protections, advice and mm fields of one process.
@@ -1815,7 +1856,7 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
                     ..*f
                 })
                 .collect();
-            populate(&reader, &staging, &fills).map_err(context)?;
+            populate(&reader, &staging, &fills, cores()).map_err(context)?;
         }
         let attached = ctx.image.processes.iter().any(|p| {
             p.vmas

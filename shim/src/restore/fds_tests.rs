@@ -9,6 +9,7 @@ pub(crate) fn process(pid: i32, fds: Vec<Fd>) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
         posix_timers: Vec::new(),
+        runs_file: None,
         pid,
         mm: MmFields {
             exe_file: "/bin/true".into(),

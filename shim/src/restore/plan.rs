@@ -226,19 +226,23 @@ enum Want {
     Absent,
 }
 
-fn page_wants(vma: &Vma) -> impl Iterator<Item = (u64, Want)> + '_ {
-    vma.pages.iter().flat_map(|run| {
+fn page_wants(vma: &Vma) -> Vec<(u64, Want)> {
+    let mut wants = Vec::with_capacity((vma.len() / PAGE) as usize);
+    for run in &vma.pages {
         let (start, pages) = (run.start(), run.pages());
-        (0..pages).map(move |i| {
-            let addr = start + i * PAGE;
-            let want = match *run {
-                PageRun::Stored { first, .. } => Want::Page(first + i),
-                PageRun::Zero { .. } => Want::Zero,
-                PageRun::Absent { .. } | PageRun::Mapped { .. } => Want::Absent,
-            };
-            (addr, want)
-        })
-    })
+        match *run {
+            PageRun::Stored { first, .. } => {
+                wants.extend((0..pages).map(|i| (start + i * PAGE, Want::Page(first + i))))
+            }
+            PageRun::Zero { .. } => {
+                wants.extend((0..pages).map(|i| (start + i * PAGE, Want::Zero)))
+            }
+            PageRun::Absent { .. } | PageRun::Mapped { .. } => {
+                wants.extend((0..pages).map(|i| (start + i * PAGE, Want::Absent)))
+            }
+        }
+    }
+    wants
 }
 
 /// The restore tree: parents, depths, LCA queries.
@@ -344,42 +348,56 @@ struct References {
 
 impl References {
     fn collect(processes: &[ProcessImage]) -> References {
-        let each = || {
-            processes.iter().enumerate().flat_map(|(p, image)| {
-                image
-                    .vmas
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, vma)| is_private_memory(vma.kind))
-                    .flat_map(move |(v, vma)| {
-                        page_wants(vma).filter_map(move |(addr, want)| match want {
-                            Want::Page(id) => Some((id, (p, v, addr))),
-                            _ => None,
-                        })
-                    })
-            })
-        };
-        let mut count: Vec<usize> = Vec::new();
-        for (id, _) in each() {
-            let id = id as usize;
-            if id >= count.len() {
-                count.resize(id + 1, 0);
+        // Stored runs of private memory: (process, VMA index, run). Plain
+        // loops over runs, not an iterator chain per page: this walks every
+        // reference of the tree twice.
+        let each_run = |f: &mut dyn FnMut(ProcIdx, usize, u64, PageId, u64)| {
+            for (p, image) in processes.iter().enumerate() {
+                for (v, vma) in image.vmas.iter().enumerate() {
+                    if !is_private_memory(vma.kind) {
+                        continue;
+                    }
+                    for run in &vma.pages {
+                        if let PageRun::Stored {
+                            start,
+                            pages,
+                            first,
+                        } = *run
+                        {
+                            f(p, v, start, first, pages);
+                        }
+                    }
+                }
             }
-            count[id] += 1;
-        }
-        let mut start = Vec::with_capacity(count.len() + 1);
-        let mut total = 0;
-        for c in &count {
+        };
+        // Counts per id by a difference array: O(runs + ids).
+        let mut diff: Vec<i64> = Vec::new();
+        each_run(&mut |_, _, _, first, pages| {
+            let end = (first + pages) as usize;
+            if end >= diff.len() {
+                diff.resize(end + 1, 0);
+            }
+            diff[first as usize] += 1;
+            diff[end] -= 1;
+        });
+        let ids = diff.len().saturating_sub(1);
+        let mut start = Vec::with_capacity(ids + 1);
+        let (mut total, mut running) = (0usize, 0i64);
+        for d in diff.iter().take(ids) {
+            running += d;
             start.push(total);
-            total += c;
+            total += running as usize;
         }
         start.push(total);
         let mut next = start.clone();
         let mut entries = vec![(0, 0, 0); total];
-        for (id, entry) in each() {
-            entries[next[id as usize]] = entry;
-            next[id as usize] += 1;
-        }
+        each_run(&mut |p, v, addr, first, pages| {
+            for i in 0..pages {
+                let id = (first + i) as usize;
+                entries[next[id]] = (p, v, addr + i * PAGE);
+                next[id] += 1;
+            }
+        });
         References { start, entries }
     }
 
@@ -431,9 +449,12 @@ impl Populated {
             .and_then(|v| v.get((slot.offset / PAGE) as usize))
             .copied()
             .filter(|&(_, id)| id != NO_PAGE);
-        first
-            .into_iter()
-            .chain(self.more.get(&slot).into_iter().flatten().copied())
+        let more = if self.more.is_empty() {
+            None
+        } else {
+            self.more.get(&slot)
+        };
+        first.into_iter().chain(more.into_iter().flatten().copied())
     }
 
     fn insert(&mut self, slot: Slot, writer: ProcIdx, id: PageId, segments: &[Segment]) {
@@ -540,6 +561,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     let mut slot_of = Slots::new(refs.page_count());
     let mut populated = Populated::default();
     let mut pre_fork: Vec<Vec<PageFill>> = vec![Vec::new(); processes.len()];
+    let lineages: Vec<Vec<ProcIdx>> = (0..processes.len()).map(|p| forest.lineage(p)).collect();
     for id in 0..refs.page_count() {
         let group = refs.of(id);
         let Some(&(first_proc, _, _)) = group.first() else {
@@ -554,7 +576,8 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
             .fold(first_proc, |l, r| forest.lca(l, r.0));
         let (up, uv, uaddr) = *group.iter().find(|r| r.0 == holder).unwrap_or(&group[0]);
         let user_vma = &processes[up].vmas[uv];
-        let found = forest.lineage(holder).into_iter().find_map(|ancestor| {
+        let user_backing = backing_of(user_vma);
+        let found = lineages[holder].iter().find_map(|&ancestor| {
             created[ancestor].iter().find_map(|&segment| {
                 let (tp, tv) = template_of[segment];
                 let template = &processes[tp].vmas[tv];
@@ -565,8 +588,13 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                     segment,
                     offset: uaddr - template.start,
                 };
-                (segment_matches(&segments[segment], slot.offset, user_vma, uaddr)
-                    && populated.can_write(slot, holder, id, &refs, &forest))
+                (segment_matches(
+                    &segments[segment],
+                    slot.offset,
+                    &user_backing,
+                    user_vma.start,
+                    uaddr,
+                ) && populated.can_write(slot, holder, id, &refs, &forest))
                 .then_some(slot)
             })
         });
@@ -978,8 +1006,17 @@ fn merge_zaps(zaps: &mut Vec<Zap>) {
 
 /// Whether segment `segment` at byte `offset` shows what `vma` shows at `addr`
 /// when neither was written.
-fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool {
-    match (&segment.backing, backing_of(vma)) {
+/// Whether `segment` at `offset` can stand for page `addr` of a VMA that
+/// starts at `vma_start` and has backing `vma_backing` (its
+/// [`backing_of`], computed once per VMA by the caller).
+fn segment_matches(
+    segment: &Segment,
+    offset: u64,
+    vma_backing: &SegmentBacking,
+    vma_start: u64,
+    addr: u64,
+) -> bool {
+    match (&segment.backing, vma_backing) {
         (SegmentBacking::Anon, SegmentBacking::Anon) => true,
         (SegmentBacking::AnonGrowsDown, SegmentBacking::AnonGrowsDown) => true,
         (
@@ -993,7 +1030,7 @@ fn segment_matches(segment: &Segment, offset: u64, vma: &Vma, addr: u64) -> bool
                 file: fb,
                 offset: ob,
             },
-        ) => *a == b && *fa == fb && oa + offset == ob + (addr - vma.start),
+        ) => a == b && fa == fb && oa + offset == ob + (addr - vma_start),
         _ => false,
     }
 }
@@ -1018,7 +1055,8 @@ fn plan_vma(
     taken: &mut Taken,
     stats: &mut PlanStats,
 ) {
-    let wants: Vec<(u64, Want)> = page_wants(vma).collect();
+    let wants = page_wants(vma);
+    let vma_backing = backing_of(vma);
     let n = wants.len();
 
     // Candidate bases: (segment, displacement = target address - segment offset).
@@ -1048,7 +1086,9 @@ fn plan_vma(
                 continue;
             }
             let slot = Slot { segment, offset };
-            if !taken.contains(slot) && segment_matches(&segments[segment], offset, vma, addr) {
+            if !taken.contains(slot)
+                && segment_matches(&segments[segment], offset, &vma_backing, vma.start, addr)
+            {
                 source[i] = Some(slot);
                 taken.insert(slot, segments);
             }

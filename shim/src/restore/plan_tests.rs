@@ -284,6 +284,7 @@ fn image(pid: i32, vmas: Vec<Vma>) -> ProcessImage {
     ProcessImage {
         unmapped_shmem: Vec::new(),
         posix_timers: Vec::new(),
+        runs_file: None,
         pid,
         mm: crate::image::types::MmFields {
             exe_file: String::new(),

@@ -186,6 +186,24 @@ impl Staging {
         Ok(())
     }
 
+    /// Faults `len` bytes at `addr` in for writing in one call
+    /// (MADV_POPULATE_WRITE: the page tables filled in a batch, no fault
+    /// per page), before they are written. Best effort: where the kernel
+    /// cannot (older than 5.14, or out of memory) the writes fault as usual.
+    pub fn prefault(&self, addr: u64, len: u64) {
+        if self.check(addr, len).is_ok() {
+            // SAFETY: the range is a read-write staging mapping; populating
+            // it changes no contents.
+            unsafe {
+                libc::madvise(
+                    addr as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+    }
+
     /// Drops pages back to their backing (MADV_DONTNEED).
     pub fn zap(&self, addr: u64, len: u64) -> Result<(), MemError> {
         self.check(addr, len)?;

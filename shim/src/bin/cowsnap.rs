@@ -67,6 +67,10 @@ enum Command {
         /// namespace init); `current`: this namespace, every pid must be free.
         #[arg(long, value_parser = ["new", "current"])]
         pid_ns: Option<String>,
+        /// An OCI seccomp profile (JSON, a runtime spec's `linux.seccomp`)
+        /// every restored process is put under, on top of its own filters.
+        #[arg(long)]
+        seccomp_profile: Option<PathBuf>,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
             images,
             pidfile,
             pid_ns,
+            seccomp_profile,
             quiet,
         } => {
             let pid_ns = pid_ns.map(|n| {
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
                 pidfile,
                 pid_ns,
                 progress: !quiet,
+                seccomp_profile,
             };
             cowsnap::restore::restore(&options)
                 .map(|summary| println!("{summary}"))

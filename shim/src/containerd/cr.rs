@@ -182,7 +182,12 @@ pub fn prepare_restore(
         Spec::load(&config_path).map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
     // The image is checked against what the task's spec grants here,
     // before the container exists, and again by the helper itself.
-    let limits = Limits::from_spec(&spec, bounding_set());
+    let limits = Limits::from_spec(&spec, bounding_set()).map_err(|e| match e {
+        crate::restore::seccomp::SeccompError::NotSupported(m) => CrError::NotSupported(format!(
+            "restore of task {id}: the spec's seccomp profile uses {m}"
+        )),
+        e => failed(e.to_string()),
+    })?;
     let fd = ContainerRestore::prepare(checkpoint, &limits).map_err(|e| match e {
         crate::restore::RestoreError::NotSupported(m) => CrError::NotSupported(m),
         e => failed(e.to_string()),
@@ -275,7 +280,9 @@ pub fn control_restore(images: &Path, init_pid: i32, control: OwnedFd) -> Result
 /// namespaces, cgroup, mounts, rlimits) with the helper as its process,
 /// running as root with every capability and no seccomp or LSM profile
 /// (each restored process takes back its own, within `limits`, which the
-/// helper gets on its command line: what the task's spec grants), and the
+/// helper gets on its command line: what the task's spec grants, its
+/// seccomp profile compiled, which the restorer installs last on every
+/// process: the helper itself must not run under it), and the
 /// helper and the image bind-mounted read-only under [`HIDDEN_DIR`].
 fn derive_spec(
     mut spec: Spec,
@@ -387,7 +394,12 @@ mod tests {
             additional_gids: vec![],
             bounding: 1 << 5,
             no_new_privs: true,
-            seccomp: true,
+            seccomp: Some(
+                crate::restore::seccomp::SeccompProgram::from_bytes(vec![
+                    0x06, 0, 0, 0, 0, 0, 0xff, 0x7f,
+                ])
+                .expect("one instruction"),
+            ),
         }
     }
 

@@ -49,6 +49,7 @@ use super::blob::{
     self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
 };
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
+use super::seccomp::{self, SeccompProgram};
 use super::{attrs, checks, cleanup, fds, posix_timers, saved_files, signals};
 
 /// Which pid namespace the tree comes back in.
@@ -89,6 +90,9 @@ pub struct RestoreOptions {
     /// None: new when the dumped root was a namespace init, else current.
     pub pid_ns: Option<PidNs>,
     pub progress: bool,
+    /// An OCI seccomp profile (JSON: a runtime spec's `linux.seccomp`)
+    /// every restored process is put under, on top of its own filters.
+    pub seccomp_profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,8 @@ pub enum RestoreError {
     Mem(#[from] MemError),
     #[error("not supported: {0}")]
     NotSupported(String),
+    #[error("seccomp profile {path}: {message}")]
+    SeccompProfile { path: PathBuf, message: String },
     #[error("pid {pid}: {message}")]
     Process { pid: i32, message: String },
     #[error("pid {pid}: {failure}")]
@@ -179,6 +185,8 @@ struct Ctx {
     total_threads: u32,
     fd_base: i32,
     stdio: fds::Stdio,
+    /// Installed by the restorer after each process's own filters.
+    spec_seccomp: Option<SeccompProgram>,
 }
 
 /// Whether the files an image depends on are checked where this runs
@@ -293,6 +301,7 @@ fn context(
         total_threads,
         fd_base,
         stdio,
+        spec_seccomp: None,
     })
 }
 
@@ -305,6 +314,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
         }
     };
+    let spec_seccomp = options
+        .seccomp_profile
+        .as_deref()
+        .map(seccomp::compile_file)
+        .transpose()?;
     let (image, plan) = open_and_plan(
         &options.images,
         Files::Check(checks::Growth::AppendOnlyMayGrow),
@@ -341,7 +355,8 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         None => None,
     };
     let control = SharedRegion::new(control_len(processes))?;
-    let ctx = context(image, plan, mode, control)?;
+    let mut ctx = context(image, plan, mode, control)?;
+    ctx.spec_seccomp = spec_seccomp;
     progress(format_args!(
         "restoring {} processes ({} threads) into the {} pid namespace",
         processes,
@@ -639,7 +654,9 @@ pub fn restore_as_init(
                 image.processes.len()
             )));
         }
-        context(image, plan, PidNs::Container, control)
+        let mut ctx = context(image, plan, PidNs::Container, control)?;
+        ctx.spec_seccomp = limits.seccomp.clone();
+        Ok(ctx)
     })();
     match prepared {
         Ok(ctx) => {
@@ -1501,12 +1518,14 @@ fn blob_threads(
         cap_ambient: c.cap_ambient,
         securebits: c.securebits,
     });
-    // The dump lists filters oldest first, the order they are installed in.
-    let filters = c
+    // The dump lists filters oldest first, the order they are installed in;
+    // a spec's profile comes last (`restore::seccomp`: filters stack).
+    let mut filters = c
         .seccomp_filters
         .iter()
         .map(|h| hex::decode(h).map_err(|e| format!("seccomp filter hex: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    filters.extend(ctx.spec_seccomp.iter().map(|p| p.bytes().to_vec()));
     args.set_seccomp(c.no_new_privs, filters);
     Ok(())
 }

@@ -1667,7 +1667,8 @@ fn next_mkdir_report(ctrd: &Containerd, id: &str) -> String {
 ///     restores with the image's filter and the spec's on top (one filter
 ///     more), mkdir still denied. Then the image is edited to have no
 ///     seccomp filter in any process (and re-checksummed): it restores, and
-///     its processes are under the spec's filter alone, mkdir denied.
+///     its processes are under the spec's filter alone, mkdir denied. An
+///     image whose own filter fakes seccomp(2) is refused.
 #[test]
 fn cowsnap_restore_puts_every_process_under_the_spec_seccomp_profile() {
     let ctrd = Containerd::start_cowsnap("seccomp");
@@ -1750,7 +1751,32 @@ fn cowsnap_restore_puts_every_process_under_the_spec_seccomp_profile() {
         "mkdir in {forged}, restored from an image without filters: {report:?}"
     );
     ctrd.kill_and_delete(&forged);
+
+    // The forgery that fights back: each process's own filter answers
+    // seccomp(2) with SECCOMP_RET_ERRNO | 0, "success" without installing
+    // anything, so the spec's filter, installed after it, would never go
+    // in. The controller counts every thread's filters before releasing
+    // the tree: refused.
+    forge_checkpoint(&ctrd, reference, |process| {
+        process["creds"]["seccomp_mode"] = serde_json::json!(2);
+        process["creds"]["seccomp_filters"] = serde_json::json!([FAKE_SECCOMP_FILTER]);
+    });
+    let faked = ctrd.container_id("confined-faked");
+    assert_restore_refused(
+        &ctrd,
+        &faked,
+        reference,
+        &[
+            "has 1 seccomp filters after the restorer, 2 expected",
+            "a filter of the image kept one from being installed",
+        ],
+    );
 }
+
+/// x86_64 classic BPF, hex: `ld [0]` (nr); `jeq 317 (seccomp)`; `ret
+/// ERRNO|0`; `ret ALLOW`.
+const FAKE_SECCOMP_FILTER: &str =
+    "2000000000000000150000013d0100000600000000000500060000000000ff7f";
 
 // ------------------------------------------------------------ faults
 

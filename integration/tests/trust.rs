@@ -774,17 +774,18 @@ fn restored_under_profile(uid: Option<u32>) {
         .iter()
         .filter_map(|p| p["pid"].as_i64())
         .collect();
-    let deadline = Instant::now() + BOUND;
-    while tree
-        .iter()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the dumped tree {tree:?} never ended"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    let wait_free = || {
+        let deadline = Instant::now() + BOUND;
+        // A zombie holds its pid too, until whoever inherited it reaps it.
+        while tree
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(Instant::now() < deadline, "the tree {tree:?} never ended");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_free();
     fs::remove_file(&last).expect("remove the loop's last answer");
 
     let restore = |profile: &Path| {
@@ -850,4 +851,74 @@ fn restored_under_profile(uid: Option<u32>) {
             "{report}: not back to its own creds"
         );
     }
+
+    // A forged image whose own filter fakes the syscall that would confine
+    // it (SECCOMP_RET_ERRNO with errno 0: "success", nothing done): as
+    // root, seccomp itself, so the profile would never go in; without
+    // no_new_privs, capset, which its filters precede, so the process would
+    // keep the restorer's capabilities. Either is refused.
+    wait_free();
+    let (nr, claim) = match uid {
+        None => (libc::SYS_seccomp, "seccomp filters after the restorer"),
+        Some(_) => (libc::SYS_capset, "effective capabilities"),
+    };
+    forge_tree(&images, |process| {
+        process["creds"]["seccomp_mode"] = serde_json::json!(2);
+        process["creds"]["seccomp_filters"] = serde_json::json!([faking_filter(nr as u32)]);
+    });
+    let output = restore(&profile);
+    assert!(
+        !output.status.success() && String::from_utf8_lossy(&output.stderr).contains(claim),
+        "restore of an image whose filter fakes syscall {nr} (uid {uid:?}) did not refuse \
+         naming {claim:?}:\n{}",
+        describe(&output)
+    );
+    wait_free();
+}
+
+/// A classic BPF filter (hex, as images store them) that answers syscall
+/// `nr` with SECCOMP_RET_ERRNO | 0 (it returns 0 without running) and
+/// allows every other.
+fn faking_filter(nr: u32) -> String {
+    let insn = |code: u16, jt: u8, jf: u8, k: u32| {
+        let mut b = code.to_le_bytes().to_vec();
+        b.extend([jt, jf]);
+        b.extend(k.to_le_bytes());
+        b
+    };
+    let program = [
+        insn(0x20, 0, 0, 0),           // ld [0]: seccomp_data.nr
+        insn(0x15, 0, 1, nr),          // jeq nr
+        insn(0x06, 0, 0, 0x0005_0000), // ret ERRNO | 0
+        insn(0x06, 0, 0, 0x7fff_0000), // ret ALLOW
+    ]
+    .concat();
+    program.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites every process entry of the image's `tree.json` with `edit` and
+/// fixes its size and checksum in `manifest.json`, as a forger would.
+fn forge_tree(images: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = images.join("tree.json");
+    let mut tree: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).expect("read tree.json")).expect("tree.json");
+    for p in tree["processes"].as_array_mut().expect("processes") {
+        edit(p);
+    }
+    let bytes = serde_json::to_vec(&tree).expect("json");
+    fs::write(&path, &bytes).expect("write tree.json");
+    let manifest_path = images.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).expect("read manifest.json"))
+            .expect("manifest.json");
+    let entry = manifest["files"]
+        .as_array_mut()
+        .expect("files")
+        .iter_mut()
+        .find(|f| f["name"] == "tree.json")
+        .expect("tree.json in the manifest");
+    entry["size"] = bytes.len().into();
+    entry["xxh3_128"] = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes)).into();
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json"))
+        .expect("write manifest.json");
 }

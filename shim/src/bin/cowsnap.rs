@@ -99,6 +99,10 @@ enum Command {
         init_pid: i32,
         #[arg(long)]
         control_fd: i32,
+        /// The container's spec has a seccomp profile, which every restored
+        /// thread must have on top of its image's filters.
+        #[arg(long)]
+        spec_seccomp: bool,
     },
     /// Summarise an image: the tree, per-process VMAs and pages, sharing and compression totals.
     Inspect {
@@ -205,8 +209,9 @@ fn main() -> ExitCode {
             images,
             init_pid,
             control_fd,
+            spec_seccomp,
         } => match cowsnap::sys::ns::owned_fd(control_fd) {
-            Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd)
+            Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd, spec_seccomp)
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(format!("--control-fd {control_fd}: {e}")),

@@ -163,6 +163,9 @@ pub struct PreparedRestore {
     control: OwnedFd,
     checkpoint: PathBuf,
     id: String,
+    /// The spec has a seccomp profile: the controller checks that every
+    /// restored thread has it on top of its own filters.
+    spec_seccomp: bool,
 }
 
 /// Called in Start for a task created from a checkpoint: checks the image,
@@ -200,6 +203,7 @@ pub fn prepare_restore(
             helper.display()
         )));
     }
+    let spec_seccomp = limits.seccomp.is_some();
     let mut derived = derive_spec(spec, bundle, &helper, checkpoint, &limits)
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
     if let Some(process) = derived.process_mut().as_mut() {
@@ -220,6 +224,7 @@ pub fn prepare_restore(
         control,
         checkpoint: checkpoint.to_path_buf(),
         id: id.to_string(),
+        spec_seccomp,
     })
 }
 
@@ -233,6 +238,7 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
         control,
         checkpoint,
         id,
+        spec_seccomp,
         ..
     } = prepared;
     // The controller runs in its own process: it ptraces the restored
@@ -247,6 +253,9 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
         .arg(init_pid.to_string())
         .arg("--control-fd")
         .arg("3");
+    if spec_seccomp {
+        cmd.arg("--spec-seccomp");
+    }
     crate::sys::spawn::pass_fds_from_3(&mut cmd, vec![control]);
     let output = run_engine(cmd, &bin)?;
     if output.status != 0 {
@@ -261,11 +270,17 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
 /// The controller of a container restore (`cowsnap restore-control`, run
 /// by the shim): waits for the helper (container init `init_pid`) to
 /// rebuild the tree, releases it, then removes the helper's mounts.
-pub fn control_restore(images: &Path, init_pid: i32, control: OwnedFd) -> Result<String, CrError> {
+/// `spec_seccomp`: the task's spec has a seccomp profile.
+pub fn control_restore(
+    images: &Path,
+    init_pid: i32,
+    control: OwnedFd,
+    spec_seccomp: bool,
+) -> Result<String, CrError> {
     let restore =
         ContainerRestore::attach(images, control).map_err(|e| CrError::Failed(e.to_string()))?;
     let summary = restore
-        .control(init_pid)
+        .control(init_pid, spec_seccomp)
         .map_err(|e| CrError::Failed(e.to_string()))?;
     crate::sys::ns::detach_mounts(
         init_pid,

@@ -8,7 +8,15 @@
 //! load it with) and the restorer blob installs the program after the
 //! image's filters. Seccomp filters stack and the kernel applies the most
 //! restrictive result of all of them, so every restored process is at least
-//! as strict as the spec by construction.
+//! as strict as the spec by construction. An image's filter runs before the
+//! profile is installed and could fake that `seccomp` call (an errno-0
+//! answer is "success"); the controller therefore counts every thread's
+//! filters in `/proc` before releasing the tree (`exec::check_confinement`).
+//!
+//! After the profile the restorer still makes a few syscalls (capset and
+//! prctl when filters go in before capset; futex for the barrier; prctl,
+//! timer_settime and munmap past it; rt_sigreturn): a profile that denies
+//! one of them fails the restore at that step, naming it.
 //!
 //! The compilation follows runc: a syscall name this libseccomp does not know
 //! is skipped, a rule whose action is the default action is skipped, and

@@ -1668,7 +1668,8 @@ fn next_mkdir_report(ctrd: &Containerd, id: &str) -> String {
 ///     more), mkdir still denied. Then the image is edited to have no
 ///     seccomp filter in any process (and re-checksummed): it restores, and
 ///     its processes are under the spec's filter alone, mkdir denied. An
-///     image whose own filter fakes seccomp(2) is refused.
+///     image whose own filter fakes seccomp(2) is refused, and so is a
+///     profile that denies what the restorer needs after installing it.
 #[test]
 fn cowsnap_restore_puts_every_process_under_the_spec_seccomp_profile() {
     let ctrd = Containerd::start_cowsnap("seccomp");
@@ -1769,6 +1770,42 @@ fn cowsnap_restore_puts_every_process_under_the_spec_seccomp_profile() {
         &[
             "has 1 seccomp filters after the restorer, 2 expected",
             "a filter of the image kept one from being installed",
+        ],
+    );
+
+    // A profile the restorer could not finish under (its main thread
+    // clears the parent-death signal past the barrier; this one denies
+    // prctl(PR_SET_PDEATHSIG), which neither runc after installing it nor
+    // the shell needs) is refused before the container exists, naming it.
+    let profile = ctrd.dir().join("deny-pdeathsig.json");
+    fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["prctl"], "action": "SCMP_ACT_ERRNO",
+                          "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}]}]}"#,
+    )
+    .expect("write the profile");
+    let profile_arg = profile.to_str().expect("utf-8 path").to_string();
+    let id = ctrd.container_id("pdeathsig");
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        &["--null-io", "--seccomp", "--seccomp-profile", &profile_arg],
+        image,
+        &id,
+        &["sh", "-c", MKDIR_LOOP],
+    );
+    ctrd.wait_counter_above(&id, 2);
+    let reference = "cowsnap.test/pdeathsig:1";
+    ctrd.checkpoint_container(&id, reference, false);
+    ctrd.kill_and_delete(&id);
+    let refused = ctrd.container_id("pdeathsig-restored");
+    assert_restore_refused(
+        &ctrd,
+        &refused,
+        reference,
+        &[
+            "the spec's seccomp profile denies prctl, which the restorer makes after installing \
+             it (PR_SET_PDEATHSIG past the barrier)",
         ],
     );
 }

@@ -186,9 +186,12 @@ pub fn prepare_restore(
     // The image is checked against what the task's spec grants here,
     // before the container exists, and again by the helper itself.
     let limits = Limits::from_spec(&spec, bounding_set()).map_err(|e| match e {
-        crate::restore::seccomp::SeccompError::NotSupported(m) => CrError::NotSupported(format!(
-            "restore of task {id}: the spec's seccomp profile uses {m}"
-        )),
+        e @ (crate::restore::seccomp::SeccompError::NotSupported(_)
+        | crate::restore::seccomp::SeccompError::BlocksRestorer { .. }) => {
+            let reason = e.to_string();
+            let reason = reason.strip_prefix("not supported: ").unwrap_or(&reason);
+            CrError::NotSupported(format!("restore of task {id}: {reason}"))
+        }
         e => failed(e.to_string()),
     })?;
     let fd = ContainerRestore::prepare(checkpoint, &limits).map_err(|e| match e {

@@ -92,7 +92,11 @@ impl Limits {
                     })
                 });
         let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-            Some(profile) => Some(super::seccomp::compile(profile)?),
+            // Without noNewPrivileges the program may precede capset.
+            Some(profile) => Some(super::seccomp::compile(
+                profile,
+                !process.and_then(|p| p.no_new_privileges()).unwrap_or(false),
+            )?),
             None => None,
         };
         Ok(Limits {
@@ -211,7 +215,9 @@ mod tests {
                 "process": {"user": {"uid": 1000, "gid": 1000, "additionalGids": [5]},
                             "cwd": "/", "capabilities": {"bounding": []},
                             "noNewPrivileges": true},
-                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}
+                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+                    {"names": ["futex", "prctl", "munmap", "rt_sigreturn"],
+                     "action": "SCMP_ACT_ALLOW"}]}}
             })),
             u64::MAX,
         )

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod posix_timers;
 pub mod saved_files;
 pub mod seccomp;
+pub mod seccomp_bpf;
 pub mod signals;
 pub mod sockets;
 pub mod sysv;

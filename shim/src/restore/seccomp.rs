@@ -14,9 +14,10 @@
 //! filters in `/proc` before releasing the tree (`exec::check_confinement`).
 //!
 //! After the profile the restorer still makes a few syscalls (capset and
-//! prctl when filters go in before capset; futex for the barrier; prctl,
-//! timer_settime and munmap past it; rt_sigreturn): a profile that denies
-//! one of them fails the restore at that step, naming it.
+//! prctl when filters go in before capset; futex for the barrier; prctl and
+//! munmap past it; rt_sigreturn): [`compile`] runs the program on each
+//! ([`super::seccomp_bpf`]) and refuses a profile that denies one, naming
+//! it, rather than let a process fail or die with the tree half released.
 //!
 //! The compilation follows runc: a syscall name this libseccomp does not know
 //! is skipped, a rule whose action is the default action is skipped, and
@@ -34,6 +35,8 @@ use libseccomp::{
 };
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator};
 use serde::{Deserialize, Serialize};
+
+use super::seccomp_bpf::{self, SeccompData};
 
 /// `struct sock_filter`: 8 bytes per instruction.
 const INSN: usize = 8;
@@ -53,6 +56,17 @@ pub enum SeccompError {
     },
     #[error("the spec's seccomp profile: {what} {value} is out of range")]
     OutOfRange { what: String, value: u64 },
+    #[error(
+        "not supported: the spec's seccomp profile denies {syscall}, which the restorer \
+         makes after installing it ({when}); it answers {ret:#010x}"
+    )]
+    BlocksRestorer {
+        syscall: &'static str,
+        when: &'static str,
+        ret: u32,
+    },
+    #[error("the spec's seccomp program cannot be evaluated: {0}")]
+    Evaluate(#[from] super::seccomp_bpf::BpfError),
     #[error("exporting the spec's seccomp program: {0}")]
     Export(#[source] std::io::Error),
     #[error("the spec's seccomp program has {len} bytes: not 1 to {MAX_INSNS} whole instructions")]
@@ -150,9 +164,104 @@ fn compare(op: LinuxSeccompOperator, value: u64, value_two: Option<u64>) -> (Scm
     }
 }
 
+/// What the restorer calls once a process's filters are in, with the
+/// arguments it passes (addresses as 0), when, and whether an errno answer
+/// is harmless (the restorer ignores it). Not listed: `timer_settime`,
+/// called only to arm a timer the image has armed, which a process under
+/// a profile denying it could not have done.
+const RESTORER_TAIL: [(&str, i64, [u64; 3], &str, bool); 5] = [
+    (
+        "futex",
+        libc::SYS_futex,
+        [0, 0, 0],
+        "FUTEX_WAIT at the barrier",
+        false,
+    ),
+    (
+        "futex",
+        libc::SYS_futex,
+        [0, 1, i32::MAX as u64],
+        "FUTEX_WAKE at the barrier",
+        false,
+    ),
+    (
+        "prctl",
+        libc::SYS_prctl,
+        [1, 0, 0],
+        "PR_SET_PDEATHSIG past the barrier",
+        false,
+    ),
+    (
+        "munmap",
+        libc::SYS_munmap,
+        [0, 0, 0],
+        "its status pages past the barrier",
+        true,
+    ),
+    (
+        "rt_sigreturn",
+        libc::SYS_rt_sigreturn,
+        [0, 0, 0],
+        "into the restored registers",
+        false,
+    ),
+];
+
+/// What it calls besides when the filters go in before capset (a process
+/// without no_new_privs, see the restorer blob).
+const BEFORE_CAPSET: [(&str, i64, [u64; 3], &str, bool); 3] = [
+    (
+        "capset",
+        libc::SYS_capset,
+        [0, 0, 0],
+        "dropping the helper's capabilities",
+        false,
+    ),
+    (
+        "prctl",
+        libc::SYS_prctl,
+        [47, 4, 0],
+        "PR_CAP_AMBIENT_CLEAR_ALL",
+        false,
+    ),
+    (
+        "prctl",
+        libc::SYS_prctl,
+        [47, 2, 0],
+        "PR_CAP_AMBIENT_RAISE",
+        false,
+    ),
+];
+
+/// `SECCOMP_RET_ERRNO`.
+const RET_ERRNO: u32 = 0x0005_0000;
+
+/// Refuses a program under which the restorer could not finish (it would
+/// fail, or die, with the tree half released).
+fn check_restorer_can_finish(
+    program: &SeccompProgram,
+    before_capset: bool,
+) -> Result<(), SeccompError> {
+    let extra: &[_] = if before_capset { &BEFORE_CAPSET } else { &[] };
+    for &(syscall, nr, args, when, errno_ok) in RESTORER_TAIL.iter().chain(extra) {
+        let ret = seccomp_bpf::evaluate(program.bytes(), &SeccompData::x86_64(nr, &args))?;
+        let harmless = errno_ok && ret & seccomp_bpf::RET_ACTION_FULL == RET_ERRNO;
+        if !seccomp_bpf::allows(ret) && !harmless {
+            return Err(SeccompError::BlocksRestorer { syscall, when, ret });
+        }
+    }
+    Ok(())
+}
+
 /// Compiles `profile` for the architectures it names (the native one
-/// always) into the program the restorer installs.
-pub fn compile(profile: &LinuxSeccomp) -> Result<SeccompProgram, SeccompError> {
+/// always) into the program the restorer installs, and checks that the
+/// restorer can finish under it; `before_capset`: some process may lack
+/// no_new_privs (the spec does not set it), so the program also precedes
+/// capset.
+pub fn compile(
+    profile: &LinuxSeccomp,
+    before_capset: bool,
+) -> Result<SeccompProgram, SeccompError> {
     if profile.listener_path().is_some() {
         return Err(SeccompError::NotSupported(
             "a listenerPath (user notification)".into(),
@@ -221,7 +330,9 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<SeccompProgram, SeccompError> {
             }
         }
     }
-    export(&filter)
+    let program = export(&filter)?;
+    check_restorer_can_finish(&program, before_capset)?;
+    Ok(program)
 }
 
 /// Reads an OCI seccomp profile (a runtime spec's `linux.seccomp` object,
@@ -233,7 +344,8 @@ pub fn compile_file(path: &std::path::Path) -> Result<SeccompProgram, super::Res
     };
     let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
     let profile: LinuxSeccomp = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
-    compile(&profile).map_err(|e| error(e.to_string()))
+    // The processes of a host image may lack no_new_privs.
+    compile(&profile, true).map_err(|e| error(e.to_string()))
 }
 
 fn export(filter: &ScmpFilterContext) -> Result<SeccompProgram, SeccompError> {
@@ -315,7 +427,7 @@ mod tests {
 
     #[test]
     fn a_profile_denying_mkdir_denies_it_in_the_kernel_and_allows_the_rest() {
-        let program = compile(&deny_mkdir()).expect("compiles");
+        let program = compile(&deny_mkdir(), true).expect("compiles");
         let json = serde_json::to_string(&program).expect("serializes");
         assert_eq!(
             serde_json::from_str::<SeccompProgram>(&json).expect("parses"),
@@ -354,7 +466,8 @@ mod tests {
             let p = profile(serde_json::json!({
                 "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
                 "syscalls": [
-                    {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["read", "write", "futex", "prctl", "munmap", "rt_sigreturn",
+                               "capset"], "action": "SCMP_ACT_ALLOW"},
                     {"names": ["clone"], "action": act,
                      "args": [{"index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
                     {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
@@ -362,14 +475,14 @@ mod tests {
                               {"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]}
                 ]
             }));
-            let program = compile(&p).unwrap_or_else(|e| panic!("{act}: {e}"));
+            let program = compile(&p, true).unwrap_or_else(|e| panic!("{act}: {e}"));
             assert!(program.instructions() > 4, "{act}: {program:?}");
         }
         let notify = profile(serde_json::json!({
             "defaultAction": "SCMP_ACT_ALLOW",
             "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
         }));
-        let e = compile(&notify).expect_err("notify");
+        let e = compile(&notify, true).expect_err("notify");
         assert!(
             e.to_string().starts_with(
                 "not supported: the spec's seccomp profile uses SCMP_ACT_NOTIFY (syscalls[0])"
@@ -379,8 +492,67 @@ mod tests {
         let big_errno = profile(serde_json::json!({
             "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 70000
         }));
-        let e = compile(&big_errno).expect_err("errno out of range");
+        let e = compile(&big_errno, true).expect_err("errno out of range");
         assert!(e.to_string().contains("errnoRet 70000"), "{e}");
+    }
+
+    #[test]
+    fn a_profile_the_restorer_cannot_finish_under_is_refused() {
+        let deny = |names: &[&str]| {
+            profile(serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": names, "action": "SCMP_ACT_ERRNO"}]
+            }))
+        };
+        let e = compile(&deny(&["futex"]), false).expect_err("futex");
+        assert!(
+            e.to_string().starts_with(
+                "not supported: the spec's seccomp profile denies futex, which the restorer \
+                 makes after installing it (FUTEX_WAIT at the barrier)"
+            ),
+            "{e}"
+        );
+        let e = compile(&deny(&["rt_sigreturn"]), false).expect_err("rt_sigreturn");
+        assert!(e.to_string().contains("denies rt_sigreturn"), "{e}");
+        // capset only matters where filters precede it.
+        compile(&deny(&["capset"]), false).expect("capset after the filters");
+        let e = compile(&deny(&["capset"]), true).expect_err("capset before");
+        assert!(e.to_string().contains("denies capset"), "{e}");
+        // munmap's errno is ignored by the restorer; being killed is not.
+        compile(&deny(&["munmap", "timer_settime"]), true).expect("errno for munmap");
+        let kill_munmap = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["munmap"], "action": "SCMP_ACT_KILL_PROCESS"}]
+        }));
+        let e = compile(&kill_munmap, false).expect_err("killed by munmap");
+        assert!(e.to_string().contains("denies munmap"), "{e}");
+        // A profile that allows futex only for FUTEX_WAKE still blocks the barrier.
+        let wake_only = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["futex"], "action": "SCMP_ACT_ERRNO",
+                          "args": [{"index": 1, "value": 0, "op": "SCMP_CMP_EQ"}]}]
+        }));
+        let e = compile(&wake_only, false).expect_err("no FUTEX_WAIT");
+        assert!(e.to_string().contains("FUTEX_WAIT"), "{e}");
+    }
+
+    /// The interpreter agrees with the kernel on a real compiled profile.
+    #[test]
+    fn the_interpreter_answers_as_the_kernel_does() {
+        let program = compile(&deny_mkdir(), true).expect("compiles");
+        let ask = |nr: i64, args: &[u64]| {
+            seccomp_bpf::evaluate(program.bytes(), &SeccompData::x86_64(nr, args)).expect("runs")
+        };
+        assert_eq!(ask(libc::SYS_mkdirat, &[]), 0x0005_0001);
+        assert_eq!(
+            ask(libc::SYS_getpriority, &[libc::PRIO_PGRP as u64]),
+            0x0005_000d
+        );
+        assert_eq!(
+            ask(libc::SYS_getpriority, &[libc::PRIO_PROCESS as u64]),
+            0x7fff_0000
+        );
+        assert_eq!(ask(libc::SYS_getpid, &[]), 0x7fff_0000);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 # (dumping needs root, the host pid namespace and CAP_SYS_ADMIN/CAP_SYS_PTRACE.)
 
 FROM rust:1-bookworm AS build
-# rust:1-bookworm has gcc and binutils (objcopy flattens the restorer blob).
+# rust:1-bookworm has gcc and binutils (objcopy flattens the restorer blob);
+# libseccomp-dev gives libseccomp.a (linked statically, .cargo/config.toml).
+RUN apt-get update && apt-get install -y --no-install-recommends libseccomp-dev
 WORKDIR /src
 COPY . .
 # cowsnap is linked statically: the containerd shim also runs it as the

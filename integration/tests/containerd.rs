@@ -992,8 +992,9 @@ fn assert_helper_gone(init: i32) {
 ///    capabilities, and one chrooted. After `ctr container checkpoint` and
 ///    `ctr container restore --live`, every one of them (by pid inside the
 ///    container) has the uids, gids, groups, capability sets, no_new_privs,
-///    seccomp mode and filter count, comm, cwd and root it had; the helper's
-///    mounts and directory are gone.
+///    seccomp mode, comm, cwd and root it had, and one seccomp filter more
+///    (the spec's profile, on top of its own); the helper's mounts and
+///    directory are gone.
 #[test]
 fn cowsnap_restore_gives_back_identities() {
     let ctrd = Containerd::start_cowsnap("identity");
@@ -1078,9 +1079,15 @@ fn cowsnap_restore_gives_back_identities() {
             )
         });
         for (key, value) in was {
+            // The spec's profile goes on top of each process's own filters.
+            let value = if key == "Seccomp_filters" {
+                (value.parse::<u32>().expect("a count") + 1).to_string()
+            } else {
+                value.clone()
+            };
             assert_eq!(
                 now.get(key),
-                Some(value),
+                Some(&value),
                 "{key} of process {ns} ({}) differs after the restore",
                 was["cmdline"]
             );
@@ -1516,6 +1523,52 @@ fn edit_tar_member(blob: &mut [u8], name: &str, edit: impl FnOnce(&[u8]) -> Vec<
     panic!("{name} not in the checkpoint tar");
 }
 
+/// Rewrites checkpoint `reference` in the content store as a forger
+/// would: `edit` changes every process entry of its `tree.json` (which
+/// must not grow), and the file's checksum in `manifest.json` is fixed to
+/// match.
+fn forge_checkpoint(ctrd: &Containerd, reference: &str, edit: impl Fn(&mut serde_json::Value)) {
+    let images = harness::parse_images(&ctrd.ctr_ok(&["images", "ls"]));
+    let (_, index_digest) = images
+        .iter()
+        .find(|(name, _)| name == reference)
+        .expect("checkpoint listed");
+    let index: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", index_digest])).expect("index");
+    let digest = index["manifests"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mediaType"] == CHECKPOINT_MEDIA_TYPE))
+        .and_then(|m| m["digest"].as_str())
+        .expect("checkpoint blob")
+        .to_string();
+    let blob_path = ctrd
+        .dir()
+        .join("root/io.containerd.content.v1.content/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut blob = fs::read(&blob_path).expect("read the checkpoint blob");
+    let mut tree_hash = String::new();
+    edit_tar_member(&mut blob, "tree.json", |bytes| {
+        let mut tree: serde_json::Value = serde_json::from_slice(bytes).expect("tree.json");
+        for p in tree["processes"].as_array_mut().expect("processes") {
+            edit(p);
+        }
+        let mut out = serde_json::to_vec(&tree).expect("json");
+        out.resize(bytes.len(), b' ');
+        tree_hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&out));
+        out
+    });
+    edit_tar_member(&mut blob, "manifest.json", |bytes| {
+        let mut manifest: serde_json::Value = serde_json::from_slice(bytes).expect("manifest");
+        for f in manifest["files"].as_array_mut().expect("files") {
+            if f["name"] == "tree.json" {
+                f["xxh3_128"] = serde_json::json!(tree_hash);
+            }
+        }
+        serde_json::to_vec(&manifest).expect("json")
+    });
+    fs::write(&blob_path, &blob).expect("write the forged blob");
+}
+
 /// 10. A checkpoint gives a container no more than its spec grants. A
 ///     container runs as user 1000 with every capability dropped; its
 ///     checkpoint restores as it was (uid 1000, no capability). Then the
@@ -1560,50 +1613,14 @@ fn cowsnap_restore_refuses_an_image_claiming_more_than_the_spec_grants() {
     ctrd.kill_and_delete(&genuine);
 
     // The forgery, written over the blob in the content store.
-    let images = harness::parse_images(&ctrd.ctr_ok(&["images", "ls"]));
-    let (_, index_digest) = images
-        .iter()
-        .find(|(name, _)| name == reference)
-        .expect("checkpoint listed");
-    let index: serde_json::Value =
-        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", index_digest])).expect("index");
-    let digest = index["manifests"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["mediaType"] == CHECKPOINT_MEDIA_TYPE))
-        .and_then(|m| m["digest"].as_str())
-        .expect("checkpoint blob")
-        .to_string();
-    let blob_path = ctrd
-        .dir()
-        .join("root/io.containerd.content.v1.content/blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"));
-    let mut blob = fs::read(&blob_path).expect("read the checkpoint blob");
-    let mut tree_hash = String::new();
-    edit_tar_member(&mut blob, "tree.json", |bytes| {
-        let mut tree: serde_json::Value = serde_json::from_slice(bytes).expect("tree.json");
-        for p in tree["processes"].as_array_mut().expect("processes") {
-            let creds = &mut p["creds"];
-            creds["uids"] = serde_json::json!([0, 0, 0, 0]);
-            creds["gids"] = serde_json::json!([0, 0, 0, 0]);
-            for set in ["cap_bounding", "cap_permitted", "cap_effective"] {
-                creds[set] = serde_json::json!((1u64 << 41) - 1);
-            }
+    forge_checkpoint(&ctrd, reference, |process| {
+        let creds = &mut process["creds"];
+        creds["uids"] = serde_json::json!([0, 0, 0, 0]);
+        creds["gids"] = serde_json::json!([0, 0, 0, 0]);
+        for set in ["cap_bounding", "cap_permitted", "cap_effective"] {
+            creds[set] = serde_json::json!((1u64 << 41) - 1);
         }
-        let mut out = serde_json::to_vec(&tree).expect("json");
-        out.resize(bytes.len(), b' ');
-        tree_hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&out));
-        out
     });
-    edit_tar_member(&mut blob, "manifest.json", |bytes| {
-        let mut manifest: serde_json::Value = serde_json::from_slice(bytes).expect("manifest");
-        for f in manifest["files"].as_array_mut().expect("files") {
-            if f["name"] == "tree.json" {
-                f["xxh3_128"] = serde_json::json!(tree_hash);
-            }
-        }
-        serde_json::to_vec(&manifest).expect("json")
-    });
-    fs::write(&blob_path, &blob).expect("write the forged blob");
 
     let forged = ctrd.container_id("forged");
     assert_restore_refused(
@@ -1616,6 +1633,187 @@ fn cowsnap_restore_refuses_an_image_claiming_more_than_the_spec_grants() {
         ],
     );
 }
+
+/// A seccomp profile allowing everything but `mkdir` and `mkdirat` (EPERM).
+const DENY_MKDIR_PROFILE: &str = r#"{"defaultAction": "SCMP_ACT_ALLOW",
+  "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+  "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#;
+
+/// A counter loop that also makes a directory each round and writes how
+/// that went to /tmp/last ("made", or "failed" and mkdir's message).
+const MKDIR_LOOP: &str = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; \
+                          if mkdir /tmp/d$i 2>/tmp/err; then echo made > /tmp/last; \
+                          else echo \"failed $(cat /tmp/err)\" > /tmp/last; fi; sleep 0.1; done";
+
+/// Waits until a round of [`MKDIR_LOOP`] in `id` started after now reports,
+/// and returns its report.
+fn next_mkdir_report(ctrd: &Containerd, id: &str) -> String {
+    let from = ctrd.wait_counter_above(id, 0);
+    ctrd.wait_counter_above(id, from + 1);
+    // The loop truncates the file before writing it again.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let report = fs::read_to_string(ctrd.host_path(id, "/tmp/last")).unwrap_or_default();
+        if !report.trim().is_empty() || std::time::Instant::now() > deadline {
+            return report;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// 11. A container's seccomp profile binds its restored processes whatever
+///     the image says. A container runs under a profile denying mkdir and
+///     mkdirat (`ctr run --seccomp --seccomp-profile`); its checkpoint
+///     restores with the image's filter and the spec's on top (one filter
+///     more), mkdir still denied. Then the image is edited to have no
+///     seccomp filter in any process (and re-checksummed): it restores, and
+///     its processes are under the spec's filter alone, mkdir denied. An
+///     image whose own filter fakes seccomp(2) is refused, and so is a
+///     profile that denies what the restorer needs after installing it.
+#[test]
+fn cowsnap_restore_puts_every_process_under_the_spec_seccomp_profile() {
+    let ctrd = Containerd::start_cowsnap("seccomp");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("confined");
+    let profile = ctrd.dir().join("deny-mkdir.json");
+    fs::write(&profile, DENY_MKDIR_PROFILE).expect("write the profile");
+    let profile_arg = profile.to_str().expect("utf-8 path").to_string();
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        &["--null-io", "--seccomp", "--seccomp-profile", &profile_arg],
+        image,
+        &id,
+        &["sh", "-c", MKDIR_LOOP],
+    );
+    let report = next_mkdir_report(&ctrd, &id);
+    assert!(
+        report.contains("Operation not permitted"),
+        "the profile does not deny mkdir in {id}: {report:?}"
+    );
+    let init = ctrd.wait_status(&id, "RUNNING").pid;
+    let before = harness::process_identity(init).expect("init");
+    eprintln!("init of {id} before the checkpoint: {before:?}");
+    let filters_before: u32 = before["Seccomp_filters"].parse().expect("a count");
+    assert!(filters_before >= 1, "{before:#?}");
+    let reference = "cowsnap.test/confined:1";
+    ctrd.checkpoint_container(&id, reference, false);
+    ctrd.kill_and_delete(&id);
+
+    // As it was, and the spec's filter on top.
+    let genuine = ctrd.container_id("confined-genuine");
+    let output = ctrd.restore_container(&genuine, reference, false);
+    assert!(
+        output.status.success(),
+        "genuine restore:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    let init = ctrd.wait_status(&genuine, "RUNNING").pid;
+    let identity = harness::process_identity(init).expect("restored init");
+    assert_eq!(identity["Seccomp"], "2", "{identity:#?}");
+    assert_eq!(
+        identity["Seccomp_filters"],
+        (filters_before + 1).to_string(),
+        "not the image's filters and the spec's: {identity:#?}"
+    );
+    let report = next_mkdir_report(&ctrd, &genuine);
+    assert!(
+        report.contains("Operation not permitted"),
+        "mkdir in {genuine} after the restore: {report:?}"
+    );
+    ctrd.kill_and_delete(&genuine);
+
+    // The forgery: no process has a filter any more.
+    forge_checkpoint(&ctrd, reference, |process| {
+        process["creds"]["seccomp_mode"] = serde_json::json!(0);
+        process["creds"]["seccomp_filters"] = serde_json::json!([]);
+    });
+    let forged = ctrd.container_id("confined-forged");
+    let output = ctrd.restore_container(&forged, reference, false);
+    assert!(
+        output.status.success(),
+        "restore of the image without filters:\n{}\n--- containerd log (tail)\n{}",
+        common::describe(&output),
+        ctrd.log_tail(40)
+    );
+    let init = ctrd.wait_status(&forged, "RUNNING").pid;
+    let identity = harness::process_identity(init).expect("restored init");
+    assert_eq!(
+        (
+            identity["Seccomp"].as_str(),
+            identity["Seccomp_filters"].as_str()
+        ),
+        ("2", "1"),
+        "not under the spec's filter alone: {identity:#?}"
+    );
+    let report = next_mkdir_report(&ctrd, &forged);
+    assert!(
+        report.contains("Operation not permitted"),
+        "mkdir in {forged}, restored from an image without filters: {report:?}"
+    );
+    ctrd.kill_and_delete(&forged);
+
+    // The forgery that fights back: each process's own filter answers
+    // seccomp(2) with SECCOMP_RET_ERRNO | 0, "success" without installing
+    // anything, so the spec's filter, installed after it, would never go
+    // in. The controller counts every thread's filters before releasing
+    // the tree: refused.
+    forge_checkpoint(&ctrd, reference, |process| {
+        process["creds"]["seccomp_mode"] = serde_json::json!(2);
+        process["creds"]["seccomp_filters"] = serde_json::json!([FAKE_SECCOMP_FILTER]);
+    });
+    let faked = ctrd.container_id("confined-faked");
+    assert_restore_refused(
+        &ctrd,
+        &faked,
+        reference,
+        &[
+            "has 1 seccomp filters after the restorer, 2 expected",
+            "a filter of the image kept one from being installed",
+        ],
+    );
+
+    // A profile the restorer could not finish under (its main thread
+    // clears the parent-death signal past the barrier; this one denies
+    // prctl(PR_SET_PDEATHSIG), which neither runc after installing it nor
+    // the shell needs) is refused before the container exists, naming it.
+    let profile = ctrd.dir().join("deny-pdeathsig.json");
+    fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["prctl"], "action": "SCMP_ACT_ERRNO",
+                          "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}]}]}"#,
+    )
+    .expect("write the profile");
+    let profile_arg = profile.to_str().expect("utf-8 path").to_string();
+    let id = ctrd.container_id("pdeathsig");
+    ctrd.run_with(
+        COWSNAP_RUNTIME,
+        &["--null-io", "--seccomp", "--seccomp-profile", &profile_arg],
+        image,
+        &id,
+        &["sh", "-c", MKDIR_LOOP],
+    );
+    ctrd.wait_counter_above(&id, 2);
+    let reference = "cowsnap.test/pdeathsig:1";
+    ctrd.checkpoint_container(&id, reference, false);
+    ctrd.kill_and_delete(&id);
+    let refused = ctrd.container_id("pdeathsig-restored");
+    assert_restore_refused(
+        &ctrd,
+        &refused,
+        reference,
+        &[
+            "the spec's seccomp profile denies prctl, which the restorer makes after installing \
+             it (PR_SET_PDEATHSIG past the barrier)",
+        ],
+    );
+}
+
+/// x86_64 classic BPF, hex: `ld [0]` (nr); `jeq 317 (seccomp)`; `ret
+/// ERRNO|0`; `ret ALLOW`.
+const FAKE_SECCOMP_FILTER: &str =
+    "2000000000000000150000013d0100000600000000000500060000000000ff7f";
 
 // ------------------------------------------------------------ faults
 

@@ -663,3 +663,262 @@ fn restored_sleep_keeps_remaining(program: &str) {
         "{name}: the restored sleep took {took:.3} s, but had at least {left_at_least:.3} s left"
     );
 }
+
+/// A profile allowing everything but `mkdir` and `mkdirat` (EPERM).
+const DENY_MKDIR_PROFILE: &str = r#"{"defaultAction": "SCMP_ACT_ALLOW",
+  "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+  "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#;
+
+/// `/proc/PID/status` field `key`, or "" when there is none.
+fn status_of(pid: i32, key: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, &format!("{key}:")).unwrap_or_default()
+}
+
+/// `restore --seccomp-profile` puts every restored process under the
+/// profile on top of its own filters (what a container restore does with
+/// its spec's profile): a shell loop with no filter that makes a directory
+/// each round, dumped with `--exit` and restored under a profile denying
+/// `mkdir`/`mkdirat` with EPERM, has one seccomp filter more and its
+/// `mkdir`s fail with "Operation not permitted". Once as root (the filter
+/// goes in after the creds) and once as uid 1000 without capabilities or
+/// no_new_privs (the kernel installs a filter only for CAP_SYS_ADMIN then:
+/// it goes in before capset drops the runtime's capabilities).
+#[test]
+fn restore_with_a_seccomp_profile_denies_what_it_denies() {
+    require_root();
+    restored_under_profile(None);
+    restored_under_profile(Some(1000));
+}
+
+fn restored_under_profile(uid: Option<u32>) {
+    let (dir, images) = image_dir("trust-seccomp");
+    cowsnap_bin();
+    let work = dir.path().join("work");
+    fs::create_dir(&work).expect("create the loop's directory");
+    fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod the loop's directory");
+    let profile = dir.path().join("profile.json");
+    fs::write(&profile, DENY_MKDIR_PROFILE).expect("write the profile");
+    let w = path_str(&work);
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); \
+         if mkdir {w}/d$i 2>{w}/err; then echo made > {w}/last; \
+         else echo \"failed $(cat {w}/err)\" > {w}/last; fi; sleep 0.05; done"
+    );
+    let mut command = match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "sh",
+                "-c",
+                &script,
+            ]);
+            c
+        }
+        None => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        }
+    };
+    let mut looped = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the mkdir loop");
+    let pid = looped.id() as i32;
+    let last = work.join("last");
+    let wait_last = |want: &dyn Fn(&str) -> bool, what: &str| {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let text = fs::read_to_string(&last).unwrap_or_default();
+            if want(text.trim()) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the loop's last mkdir says {text:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_last(&|t| t == "made", "before the dump");
+    let who = format!("the loop of uid {uid:?} (pid {pid})");
+    assert_eq!(status_of(pid, "Seccomp_filters"), "0", "{who}");
+    assert_eq!(status_of(pid, "NoNewPrivs"), "0", "{who}");
+    let output = cowsnap(&[
+        "dump",
+        "--exit",
+        "--quiet",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        path_str(&images),
+    ]);
+    assert!(output.status.success(), "dump:\n{}", describe(&output));
+    let _ = looped.wait();
+    // Its `sleep` may outlive the dumped shell for a moment: the restore
+    // needs every pid of the tree free.
+    let tree: serde_json::Value = serde_json::from_slice(
+        &fs::read(images.join("tree.json")).expect("read the image's tree.json"),
+    )
+    .expect("tree.json");
+    let tree: Vec<i64> = tree["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter_map(|p| p["pid"].as_i64())
+        .collect();
+    let wait_free = || {
+        let deadline = Instant::now() + BOUND;
+        // A zombie holds its pid too, until whoever inherited it reaps it.
+        while tree
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(Instant::now() < deadline, "the tree {tree:?} never ended");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_free();
+    fs::remove_file(&last).expect("remove the loop's last answer");
+
+    let restore = |profile: &Path| {
+        cowsnap(&[
+            "restore",
+            "--quiet",
+            "--images",
+            path_str(&images),
+            "--pid-ns",
+            "current",
+            "--seccomp-profile",
+            path_str(profile),
+        ])
+    };
+    // A profile a restore cannot honour is refused before anything exists.
+    let notify = dir.path().join("notify.json");
+    fs::write(
+        &notify,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}"#,
+    )
+    .expect("write the notify profile");
+    let output = restore(&notify);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && stderr.contains("notify.json")
+            && stderr.contains("not supported: the spec's seccomp profile uses SCMP_ACT_NOTIFY"),
+        "restore under a SCMP_ACT_NOTIFY profile:\n{}",
+        describe(&output)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "{who} was restored under it"
+    );
+
+    let output = restore(&profile);
+    assert!(output.status.success(), "restore:\n{}", describe(&output));
+    let denied = wait_last(
+        &|t| t.starts_with("failed"),
+        "after the restore under the profile",
+    );
+    let report = format!(
+        "{who} after the restore: Uid {}, CapEff {}, Seccomp {}, Seccomp_filters {}",
+        status_of(pid, "Uid"),
+        status_of(pid, "CapEff"),
+        status_of(pid, "Seccomp"),
+        status_of(pid, "Seccomp_filters")
+    );
+    kill_tree(pid);
+    assert!(
+        denied.contains("Operation not permitted"),
+        "{report}: its mkdir failed otherwise: {denied:?}"
+    );
+    assert!(
+        report.ends_with("Seccomp 2, Seccomp_filters 1"),
+        "{report}: not one filter more than its image's none"
+    );
+    if let Some(uid) = uid {
+        assert!(
+            report.contains(&format!(
+                "Uid {uid}\t{uid}\t{uid}\t{uid}, CapEff 0000000000000000"
+            )),
+            "{report}: not back to its own creds"
+        );
+    }
+
+    // A forged image whose own filter fakes the syscall that would confine
+    // it (SECCOMP_RET_ERRNO with errno 0: "success", nothing done): as
+    // root, seccomp itself, so the profile would never go in; without
+    // no_new_privs, capset, which its filters precede, so the process would
+    // keep the restorer's capabilities. Either is refused.
+    wait_free();
+    let (nr, claim) = match uid {
+        None => (libc::SYS_seccomp, "seccomp filters after the restorer"),
+        Some(_) => (libc::SYS_capset, "effective capabilities"),
+    };
+    forge_tree(&images, |process| {
+        process["creds"]["seccomp_mode"] = serde_json::json!(2);
+        process["creds"]["seccomp_filters"] = serde_json::json!([faking_filter(nr as u32)]);
+    });
+    let output = restore(&profile);
+    assert!(
+        !output.status.success() && String::from_utf8_lossy(&output.stderr).contains(claim),
+        "restore of an image whose filter fakes syscall {nr} (uid {uid:?}) did not refuse \
+         naming {claim:?}:\n{}",
+        describe(&output)
+    );
+    wait_free();
+}
+
+/// A classic BPF filter (hex, as images store them) that answers syscall
+/// `nr` with SECCOMP_RET_ERRNO | 0 (it returns 0 without running) and
+/// allows every other.
+fn faking_filter(nr: u32) -> String {
+    let insn = |code: u16, jt: u8, jf: u8, k: u32| {
+        let mut b = code.to_le_bytes().to_vec();
+        b.extend([jt, jf]);
+        b.extend(k.to_le_bytes());
+        b
+    };
+    let program = [
+        insn(0x20, 0, 0, 0),           // ld [0]: seccomp_data.nr
+        insn(0x15, 0, 1, nr),          // jeq nr
+        insn(0x06, 0, 0, 0x0005_0000), // ret ERRNO | 0
+        insn(0x06, 0, 0, 0x7fff_0000), // ret ALLOW
+    ]
+    .concat();
+    program.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites every process entry of the image's `tree.json` with `edit` and
+/// fixes its size and checksum in `manifest.json`, as a forger would.
+fn forge_tree(images: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = images.join("tree.json");
+    let mut tree: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).expect("read tree.json")).expect("tree.json");
+    for p in tree["processes"].as_array_mut().expect("processes") {
+        edit(p);
+    }
+    let bytes = serde_json::to_vec(&tree).expect("json");
+    fs::write(&path, &bytes).expect("write tree.json");
+    let manifest_path = images.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).expect("read manifest.json"))
+            .expect("manifest.json");
+    let entry = manifest["files"]
+        .as_array_mut()
+        .expect("files")
+        .iter_mut()
+        .find(|f| f["name"] == "tree.json")
+        .expect("tree.json in the manifest");
+    entry["size"] = bytes.len().into();
+    entry["xxh3_128"] = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes)).into();
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json"))
+        .expect("write manifest.json");
+}

@@ -11,7 +11,9 @@
 //! clones the other threads, creates the POSIX timers (disarmed; a
 //! SIGEV_THREAD_ID target must exist first), and every thread then sets its
 //! fs/gs base, tid address, rseq, queues its own pending signals (still all
-//! blocked), takes its creds and seccomp filters, waits on the shared
+//! blocked), takes its creds and seccomp filters (the image's, then a
+//! container spec's profile; before capset drops CAP_SYS_ADMIN when the
+//! process has no no_new_privs), waits on the shared
 //! barrier and ends with `rt_sigreturn` into its prepared frame (which
 //! restores its real mask); past the barrier, thread 0 arms the timers
 //! first, so their time runs from the release of the tree.
@@ -71,6 +73,7 @@ const ARCH_SET_FS: u64 = 0x1002;
 const FUTEX_WAIT: u64 = 0;
 const FUTEX_WAKE: u64 = 1;
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
+const CAP_SYS_ADMIN: u64 = 21;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 const EINVAL: u32 = 22;
 const EAGAIN: u32 = 11;
@@ -579,8 +582,16 @@ fn thread_tail(b: &Block, i: u64) -> ! {
         queue_pending(b, &t, ti);
     }
 
+    // Without no_new_privs the kernel installs a filter only for a task
+    // with CAP_SYS_ADMIN, which the restored creds may not hold: then the
+    // filters go in while the runtime's capabilities are still effective,
+    // just before capset drops them (as runc does without
+    // noNewPrivileges). They must then allow capset and prctl too.
+    let filters_before_capset = hd.creds.valid != 0
+        && hd.creds.no_new_privs == 0
+        && hd.creds.cap_effective & (1 << CAP_SYS_ADMIN) == 0;
     if hd.creds.valid != 0 {
-        restore_creds(b, &hd.creds, ti);
+        restore_creds(b, &hd, ti, filters_before_capset);
     }
 
     if hd.creds.no_new_privs != 0 {
@@ -590,25 +601,8 @@ fn thread_tail(b: &Block, i: u64) -> ! {
         b.check_ok(r, STEP_NO_NEW_PRIVS, ti, 0, 0);
     }
 
-    for f in 0..hd.filters.count {
-        b.step(STEP_SECCOMP, ti);
-        let flt: Filter = b.get(hd.filters, f);
-        let prog = SockFprog {
-            len: flt.count as u16,
-            _pad: [0; 3],
-            filter: b.base() + flt.offset,
-        };
-        // SAFETY: the program lies inside the block (checked); the kernel copies it.
-        let r = unsafe {
-            syscall(
-                SYS_SECCOMP,
-                SECCOMP_SET_MODE_FILTER,
-                0,
-                &prog as *const SockFprog as u64,
-                0,
-            )
-        };
-        b.check_ok(r, STEP_SECCOMP, ti, f, 0);
+    if !filters_before_capset {
+        install_filters(b, &hd, ti);
     }
 
     if hd.barrier.addr != 0 {
@@ -679,7 +673,34 @@ fn queue_pending(b: &Block, t: &Thread, ti: u32) {
     }
 }
 
-fn restore_creds(b: &Block, c: &Creds, ti: u32) {
+/// Installs the block's seccomp filters in order: the image's own, then
+/// (in a container) the spec's profile; the kernel applies the most
+/// restrictive result of all of them.
+fn install_filters(b: &Block, hd: &ArgHeader, ti: u32) {
+    for f in 0..hd.filters.count {
+        b.step(STEP_SECCOMP, ti);
+        let flt: Filter = b.get(hd.filters, f);
+        let prog = SockFprog {
+            len: flt.count as u16,
+            _pad: [0; 3],
+            filter: b.base() + flt.offset,
+        };
+        // SAFETY: the program lies inside the block (checked); the kernel copies it.
+        let r = unsafe {
+            syscall(
+                SYS_SECCOMP,
+                SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const SockFprog as u64,
+                0,
+            )
+        };
+        b.check_ok(r, STEP_SECCOMP, ti, f, 0);
+    }
+}
+
+fn restore_creds(b: &Block, hd: &ArgHeader, ti: u32, filters_before_capset: bool) {
+    let c = &hd.creds;
     b.step(STEP_SETGROUPS, ti);
     let groups = b.base() + c.groups.offset;
     // SAFETY: `groups` is an array of `count` u32 inside the block.
@@ -738,6 +759,10 @@ fn restore_creds(b: &Block, c: &Creds, ti: u32) {
                 Err(e) => b.fail(STEP_CAPBSET, e, ti, cap, 0),
             }
         }
+    }
+
+    if filters_before_capset {
+        install_filters(b, hd, ti);
     }
 
     b.step(STEP_CAPSET, ti);

@@ -67,6 +67,10 @@ enum Command {
         /// namespace init); `current`: this namespace, every pid must be free.
         #[arg(long, value_parser = ["new", "current"])]
         pid_ns: Option<String>,
+        /// An OCI seccomp profile (JSON, a runtime spec's `linux.seccomp`)
+        /// every restored process is put under, on top of its own filters.
+        #[arg(long)]
+        seccomp_profile: Option<PathBuf>,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -95,6 +99,10 @@ enum Command {
         init_pid: i32,
         #[arg(long)]
         control_fd: i32,
+        /// The container's spec has a seccomp profile, which every restored
+        /// thread must have on top of its image's filters.
+        #[arg(long)]
+        spec_seccomp: bool,
     },
     /// Summarise an image: the tree, per-process VMAs and pages, sharing and compression totals.
     Inspect {
@@ -162,6 +170,7 @@ fn main() -> ExitCode {
             images,
             pidfile,
             pid_ns,
+            seccomp_profile,
             quiet,
         } => {
             let pid_ns = pid_ns.map(|n| {
@@ -176,6 +185,7 @@ fn main() -> ExitCode {
                 pidfile,
                 pid_ns,
                 progress: !quiet,
+                seccomp_profile,
             };
             cowsnap::restore::restore(&options)
                 .map(|summary| println!("{summary}"))
@@ -199,8 +209,9 @@ fn main() -> ExitCode {
             images,
             init_pid,
             control_fd,
+            spec_seccomp,
         } => match cowsnap::sys::ns::owned_fd(control_fd) {
-            Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd)
+            Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd, spec_seccomp)
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(format!("--control-fd {control_fd}: {e}")),

@@ -163,6 +163,9 @@ pub struct PreparedRestore {
     control: OwnedFd,
     checkpoint: PathBuf,
     id: String,
+    /// The spec has a seccomp profile: the controller checks that every
+    /// restored thread has it on top of its own filters.
+    spec_seccomp: bool,
 }
 
 /// Called in Start for a task created from a checkpoint: checks the image,
@@ -182,7 +185,15 @@ pub fn prepare_restore(
         Spec::load(&config_path).map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
     // The image is checked against what the task's spec grants here,
     // before the container exists, and again by the helper itself.
-    let limits = Limits::from_spec(&spec, bounding_set());
+    let limits = Limits::from_spec(&spec, bounding_set()).map_err(|e| match e {
+        e @ (crate::restore::seccomp::SeccompError::NotSupported(_)
+        | crate::restore::seccomp::SeccompError::BlocksRestorer { .. }) => {
+            let reason = e.to_string();
+            let reason = reason.strip_prefix("not supported: ").unwrap_or(&reason);
+            CrError::NotSupported(format!("restore of task {id}: {reason}"))
+        }
+        e => failed(e.to_string()),
+    })?;
     let fd = ContainerRestore::prepare(checkpoint, &limits).map_err(|e| match e {
         crate::restore::RestoreError::NotSupported(m) => CrError::NotSupported(m),
         e => failed(e.to_string()),
@@ -195,6 +206,7 @@ pub fn prepare_restore(
             helper.display()
         )));
     }
+    let spec_seccomp = limits.seccomp.is_some();
     let mut derived = derive_spec(spec, bundle, &helper, checkpoint, &limits)
         .map_err(|e| failed(format!("{}: {e}", config_path.display())))?;
     if let Some(process) = derived.process_mut().as_mut() {
@@ -215,6 +227,7 @@ pub fn prepare_restore(
         control,
         checkpoint: checkpoint.to_path_buf(),
         id: id.to_string(),
+        spec_seccomp,
     })
 }
 
@@ -228,6 +241,7 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
         control,
         checkpoint,
         id,
+        spec_seccomp,
         ..
     } = prepared;
     // The controller runs in its own process: it ptraces the restored
@@ -242,6 +256,9 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
         .arg(init_pid.to_string())
         .arg("--control-fd")
         .arg("3");
+    if spec_seccomp {
+        cmd.arg("--spec-seccomp");
+    }
     crate::sys::spawn::pass_fds_from_3(&mut cmd, vec![control]);
     let output = run_engine(cmd, &bin)?;
     if output.status != 0 {
@@ -256,11 +273,17 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
 /// The controller of a container restore (`cowsnap restore-control`, run
 /// by the shim): waits for the helper (container init `init_pid`) to
 /// rebuild the tree, releases it, then removes the helper's mounts.
-pub fn control_restore(images: &Path, init_pid: i32, control: OwnedFd) -> Result<String, CrError> {
+/// `spec_seccomp`: the task's spec has a seccomp profile.
+pub fn control_restore(
+    images: &Path,
+    init_pid: i32,
+    control: OwnedFd,
+    spec_seccomp: bool,
+) -> Result<String, CrError> {
     let restore =
         ContainerRestore::attach(images, control).map_err(|e| CrError::Failed(e.to_string()))?;
     let summary = restore
-        .control(init_pid)
+        .control(init_pid, spec_seccomp)
         .map_err(|e| CrError::Failed(e.to_string()))?;
     crate::sys::ns::detach_mounts(
         init_pid,
@@ -275,7 +298,9 @@ pub fn control_restore(images: &Path, init_pid: i32, control: OwnedFd) -> Result
 /// namespaces, cgroup, mounts, rlimits) with the helper as its process,
 /// running as root with every capability and no seccomp or LSM profile
 /// (each restored process takes back its own, within `limits`, which the
-/// helper gets on its command line: what the task's spec grants), and the
+/// helper gets on its command line: what the task's spec grants, its
+/// seccomp profile compiled, which the restorer installs last on every
+/// process: the helper itself must not run under it), and the
 /// helper and the image bind-mounted read-only under [`HIDDEN_DIR`].
 fn derive_spec(
     mut spec: Spec,
@@ -387,7 +412,12 @@ mod tests {
             additional_gids: vec![],
             bounding: 1 << 5,
             no_new_privs: true,
-            seccomp: true,
+            seccomp: Some(
+                crate::restore::seccomp::SeccompProgram::from_bytes(vec![
+                    0x06, 0, 0, 0, 0, 0, 0xff, 0x7f,
+                ])
+                .expect("one instruction"),
+            ),
         }
     }
 

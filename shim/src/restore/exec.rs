@@ -49,6 +49,7 @@ use super::blob::{
     self, BlobArgs, BlobFailure, CredsSpec, FpuState, MapFd, Placement, PrctlMmMap, ThreadSpec,
 };
 use super::plan::{self, PageFill, PlanError, RestorePlan, SegmentBacking};
+use super::seccomp::{self, SeccompProgram};
 use super::{attrs, checks, cleanup, fds, posix_timers, saved_files, signals};
 
 /// Which pid namespace the tree comes back in.
@@ -89,6 +90,9 @@ pub struct RestoreOptions {
     /// None: new when the dumped root was a namespace init, else current.
     pub pid_ns: Option<PidNs>,
     pub progress: bool,
+    /// An OCI seccomp profile (JSON: a runtime spec's `linux.seccomp`)
+    /// every restored process is put under, on top of its own filters.
+    pub seccomp_profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,8 @@ pub enum RestoreError {
     Mem(#[from] MemError),
     #[error("not supported: {0}")]
     NotSupported(String),
+    #[error("seccomp profile {path}: {message}")]
+    SeccompProfile { path: PathBuf, message: String },
     #[error("pid {pid}: {message}")]
     Process { pid: i32, message: String },
     #[error("pid {pid}: {failure}")]
@@ -179,6 +185,8 @@ struct Ctx {
     total_threads: u32,
     fd_base: i32,
     stdio: fds::Stdio,
+    /// Installed by the restorer after each process's own filters.
+    spec_seccomp: Option<SeccompProgram>,
 }
 
 /// Whether the files an image depends on are checked where this runs
@@ -308,6 +316,7 @@ fn context(
         total_threads,
         fd_base,
         stdio,
+        spec_seccomp: None,
     })
 }
 
@@ -320,6 +329,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
             eprintln!("cowsnap: {:>7.3}s {what}", started.elapsed().as_secs_f64());
         }
     };
+    let spec_seccomp = options
+        .seccomp_profile
+        .as_deref()
+        .map(seccomp::compile_file)
+        .transpose()?;
     let (image, plan) = open_and_plan(
         &options.images,
         Files::Check(checks::Growth::AppendOnlyMayGrow),
@@ -356,7 +370,8 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         None => None,
     };
     let control = SharedRegion::new(control_len(processes))?;
-    let ctx = context(image, plan, mode, control)?;
+    let mut ctx = context(image, plan, mode, control)?;
+    ctx.spec_seccomp = spec_seccomp;
     progress(format_args!(
         "restoring {} processes ({} threads) into the {} pid namespace",
         processes,
@@ -378,7 +393,11 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     };
 
     let watch = Watch::of(&ctx.control, &ctx.image, None);
-    if let Err(e) = wait_in_place(&watch, Some(child)) {
+    // Every process inherits this command's own filters before its own.
+    let added = own_seccomp_filters() + ctx.spec_seccomp.is_some() as u32;
+    if let Err(e) = wait_in_place(&watch, Some(child))
+        .and_then(|()| check_confinement(&watch, &ctx.image, added))
+    {
         kill_all(&watch, child);
         return Err(e);
     }
@@ -594,11 +613,20 @@ impl ContainerRestore {
     /// Waits until the helper (host pid `init_pid`) and every process it
     /// created is parked, releases the tree and unmaps the restorer. On
     /// failure kills the container's init (and so its namespace).
-    pub fn control(self, init_pid: i32) -> Result<RestoreSummary, RestoreError> {
+    /// `spec_seccomp`: the container's spec has a seccomp profile, which
+    /// every thread must have on top of its image's filters (the helper
+    /// itself runs under none).
+    pub fn control(
+        self,
+        init_pid: i32,
+        spec_seccomp: bool,
+    ) -> Result<RestoreSummary, RestoreError> {
         let started = Instant::now();
         let host = HostPids::new(init_pid);
         let watch = Watch::of(&self.control, &self.image, Some(&host));
-        if let Err(e) = wait_in_place(&watch, None) {
+        if let Err(e) = wait_in_place(&watch, None)
+            .and_then(|()| check_confinement(&watch, &self.image, spec_seccomp as u32))
+        {
             kill_all(&watch, init_pid);
             return Err(e);
         }
@@ -654,7 +682,9 @@ pub fn restore_as_init(
                 image.processes.len()
             )));
         }
-        context(image, plan, PidNs::Container, control)
+        let mut ctx = context(image, plan, PidNs::Container, control)?;
+        ctx.spec_seccomp = limits.seccomp.clone();
+        Ok(ctx)
     })();
     match prepared {
         Ok(ctx) => {
@@ -1542,12 +1572,14 @@ fn blob_threads(
         cap_ambient: c.cap_ambient,
         securebits: c.securebits,
     });
-    // The dump lists filters oldest first, the order they are installed in.
-    let filters = c
+    // The dump lists filters oldest first, the order they are installed in;
+    // a spec's profile comes last (`restore::seccomp`: filters stack).
+    let mut filters = c
         .seccomp_filters
         .iter()
         .map(|h| hex::decode(h).map_err(|e| format!("seccomp filter hex: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    filters.extend(ctx.spec_seccomp.iter().map(|p| p.bytes().to_vec()));
     args.set_seccomp(c.no_new_privs, filters);
     Ok(())
 }
@@ -1647,6 +1679,80 @@ impl<'a> Watch<'a> {
             addr: wide(6),
         }
     }
+}
+
+/// The seccomp filters of the calling thread (0 when none or unknown).
+fn own_seccomp_filters() -> u32 {
+    procfs::read_status(std::process::id() as i32).map_or(0, |st| st.seccomp_filters)
+}
+
+/// Checks, as the kernel reports them, that every thread of the tree has
+/// the capabilities and the seccomp filters the restorer was to give it:
+/// the image's filters plus `added` (the restore's own and a spec's
+/// profile). It runs while every thread waits at the barrier, before any
+/// code of the image, because a filter can make a syscall report success
+/// without running it (`SECCOMP_RET_ERRNO` with errno 0): an image's filter
+/// installed before the spec's could fake the `seccomp` call that adds it,
+/// or (without no_new_privs, when filters go in before capset) the capset
+/// that drops the runtime's capabilities.
+fn check_confinement(watch: &Watch, image: &Image, added: u32) -> Result<(), RestoreError> {
+    let known = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .map_or(u64::MAX, |last| u64::MAX >> 63u32.saturating_sub(last));
+    // PR_CAPBSET_DROP only drops: a bounding set beyond the restore's own
+    // (the runtime's, which is this process's) ends at its intersection.
+    let own_bounding =
+        procfs::read_status(std::process::id() as i32).map_or(u64::MAX, |st| st.cap_bounding);
+    for (i, entry) in image.tree.processes.iter().enumerate() {
+        if watch.zombie[i] {
+            continue;
+        }
+        let pid = watch.pid(i);
+        let c = &entry.creds;
+        let want_filters = c.seccomp_filters.len() as u32 + added;
+        let fail = |message: String| RestoreError::Process {
+            pid: entry.pid,
+            message,
+        };
+        let tasks = std::fs::read_dir(procfs::proc_path(pid, "task"))
+            .map_err(|e| fail(format!("/proc/{pid}/task: {e}")))?;
+        for task in tasks.flatten() {
+            let path = task.path().join("status");
+            let st = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| procfs::parse_status(&path, &text).map_err(|e| e.to_string()))
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            let tid = task.file_name().to_string_lossy().into_owned();
+            if st.seccomp_filters != want_filters {
+                return Err(fail(format!(
+                    "thread {tid} has {} seccomp filters after the restorer, {want_filters} \
+                     expected ({} of the image, {added} added): a filter of the image kept one \
+                     from being installed",
+                    st.seccomp_filters,
+                    c.seccomp_filters.len()
+                )));
+            }
+            for (set, got, want) in [
+                ("effective", st.cap_effective, c.cap_effective),
+                ("permitted", st.cap_permitted, c.cap_permitted),
+                ("inheritable", st.cap_inheritable, c.cap_inheritable),
+                ("ambient", st.cap_ambient, c.cap_ambient),
+                ("bounding", st.cap_bounding, c.cap_bounding & own_bounding),
+            ] {
+                if got != want & known {
+                    return Err(fail(format!(
+                        "thread {tid} has {set} capabilities {:?} after the restorer, the image \
+                         gives {:?}: a seccomp filter of the image kept the restorer's capset \
+                         from running",
+                        super::limits::cap_names(got),
+                        super::limits::cap_names(want & known)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Pids of one container's pid namespace as the host sees them, found

@@ -18,9 +18,13 @@
 //!   container can ever hold another.
 //! - when the spec sets `noNewPrivileges`, every process has it (it cannot
 //!   be cleared, so an image without it is not of this container).
-//! - when the spec has a seccomp profile, every process has a seccomp
-//!   filter (whether that filter is as strict as the profile is not
-//!   compared).
+//! - when the spec has a seccomp profile, it is not compared with the
+//!   image's filters: [`Limits::seccomp`] carries the profile compiled
+//!   ([`super::seccomp`]) and the restorer installs it on every process
+//!   after the image's own filters. Filters stack, so each process is at
+//!   least as strict as the profile whatever the image claims (one with no
+//!   filter at all included); this supersedes the check, made before, that
+//!   every process merely had some filter.
 //!
 //! A violation refuses the restore, naming the pid, the field, what the
 //! image claims and what the spec allows.
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::image::types::ProcessEntry;
 use crate::image::Image;
 
+use super::seccomp::{SeccompError, SeccompProgram};
 use super::RestoreError;
 
 /// The bound a container's spec puts on its processes.
@@ -41,7 +46,9 @@ pub struct Limits {
     /// Bit n = capability n.
     pub bounding: u64,
     pub no_new_privs: bool,
-    pub seccomp: bool,
+    /// The spec's seccomp profile compiled: every restored process is put
+    /// under it on top of its own filters.
+    pub seccomp: Option<SeccompProgram>,
 }
 
 /// A capability set as bits (bit n = capability n).
@@ -64,8 +71,12 @@ pub fn cap_names(bits: u64) -> Vec<String> {
 impl Limits {
     /// The limits of `spec`'s process; `runtime_bounding` (the shim's own
     /// bounding set) stands for a spec that names no capabilities (runc
-    /// then leaves them as they are).
-    pub fn from_spec(spec: &oci_spec::runtime::Spec, runtime_bounding: u64) -> Limits {
+    /// then leaves them as they are). Fails when the seccomp profile does
+    /// not compile (or uses what a restore cannot honour).
+    pub fn from_spec(
+        spec: &oci_spec::runtime::Spec,
+        runtime_bounding: u64,
+    ) -> Result<Limits, SeccompError> {
         let process = spec.process().as_ref();
         let user = process.map(|p| p.user());
         let bounding =
@@ -80,7 +91,15 @@ impl Limits {
                         cap_bits(&names)
                     })
                 });
-        Limits {
+        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            // Without noNewPrivileges the program may precede capset.
+            Some(profile) => Some(super::seccomp::compile(
+                profile,
+                !process.and_then(|p| p.no_new_privileges()).unwrap_or(false),
+            )?),
+            None => None,
+        };
+        Ok(Limits {
             uid: user.map_or(0, |u| u.uid()),
             gid: user.map_or(0, |u| u.gid()),
             additional_gids: user
@@ -88,8 +107,8 @@ impl Limits {
                 .unwrap_or_default(),
             bounding,
             no_new_privs: process.and_then(|p| p.no_new_privileges()).unwrap_or(false),
-            seccomp: spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()),
-        }
+            seccomp,
+        })
     }
 
     fn has(&self, cap: caps::Capability) -> bool {
@@ -159,13 +178,6 @@ impl Limits {
                 "only processes with it set (noNewPrivileges)".into(),
             );
         }
-        if self.seccomp && c.seccomp_mode == 0 {
-            return refuse(
-                "seccomp mode",
-                "0 (no filter)".into(),
-                "only processes under a seccomp filter (its profile)".into(),
-            );
-        }
         Ok(())
     }
 }
@@ -203,10 +215,14 @@ mod tests {
                 "process": {"user": {"uid": 1000, "gid": 1000, "additionalGids": [5]},
                             "cwd": "/", "capabilities": {"bounding": []},
                             "noNewPrivileges": true},
-                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}
+                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+                    {"names": ["futex", "prctl", "munmap", "rt_sigreturn"],
+                     "action": "SCMP_ACT_ALLOW"}]}}
             })),
             u64::MAX,
-        );
+        )
+        .expect("limits");
+        let program = limits.seccomp.clone().expect("the profile, compiled");
         assert_eq!(
             limits,
             Limits {
@@ -215,7 +231,7 @@ mod tests {
                 additional_gids: vec![5],
                 bounding: 0,
                 no_new_privs: true,
-                seccomp: true
+                seccomp: Some(program)
             }
         );
         let e = limits
@@ -245,12 +261,8 @@ mod tests {
         let e = limits.check_process(&entry(c.clone())).expect_err("nnp");
         assert!(e.to_string().contains("no_new_privs unset"), "{e}");
         c.no_new_privs = true;
+        // No filter of its own: the restorer puts it under the profile.
         c.seccomp_mode = 0;
-        let e = limits
-            .check_process(&entry(c.clone()))
-            .expect_err("seccomp");
-        assert!(e.to_string().contains("seccomp mode 0"), "{e}");
-        c.seccomp_mode = 2;
         limits.check_process(&entry(c)).expect("within the spec");
     }
 
@@ -263,7 +275,8 @@ mod tests {
                             "capabilities": {"bounding": ["CAP_SETUID", "CAP_SETGID", "CAP_KILL"]}}
             })),
             u64::MAX,
-        );
+        )
+        .expect("limits");
         assert_eq!(
             cap_names(limits.bounding),
             vec!["CAP_KILL", "CAP_SETGID", "CAP_SETUID"]
@@ -296,8 +309,23 @@ mod tests {
                 "process": {"user": {"uid": 0, "gid": 0}, "cwd": "/"}
             })),
             0b1010,
-        );
+        )
+        .expect("limits");
         assert_eq!(limits.bounding, 0b1010);
-        assert!(!limits.no_new_privs && !limits.seccomp);
+        assert!(!limits.no_new_privs && limits.seccomp.is_none());
+    }
+
+    #[test]
+    fn a_profile_that_cannot_be_honoured_refuses_the_limits() {
+        let e = Limits::from_spec(
+            &spec(serde_json::json!({
+                "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                "process": {"user": {"uid": 0, "gid": 0}, "cwd": "/"},
+                "linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}
+            })),
+            u64::MAX,
+        )
+        .expect_err("notify");
+        assert!(e.to_string().contains("SCMP_ACT_NOTIFY"), "{e}");
     }
 }

@@ -14,6 +14,8 @@ pub mod mount_ns;
 pub mod plan;
 pub mod posix_timers;
 pub mod saved_files;
+pub mod seccomp;
+pub mod seccomp_bpf;
 pub mod signals;
 pub mod sockets;
 pub mod sysv;

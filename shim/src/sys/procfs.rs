@@ -174,6 +174,8 @@ pub struct Status {
     pub cap_ambient: u64,
     pub no_new_privs: bool,
     pub seccomp: u32,
+    /// Filters attached to the task (`Seccomp_filters`, Linux 5.9+).
+    pub seccomp_filters: u32,
 }
 
 pub fn parse_status(path: &Path, text: &str) -> Result<Status, ProcfsError> {
@@ -234,6 +236,7 @@ pub fn parse_status(path: &Path, text: &str) -> Result<Status, ProcfsError> {
             "CapAmb" => st.cap_ambient = hex(key)?,
             "NoNewPrivs" => st.no_new_privs = dec(key)? != 0,
             "Seccomp" => st.seccomp = dec(key)? as u32,
+            "Seccomp_filters" => st.seccomp_filters = dec(key)? as u32,
             _ => {}
         }
     }
@@ -1129,6 +1132,7 @@ tfd:       12 events: 80000001 data:                c  pos:0 ino:9 sdev:d\n";
         assert_eq!(s.cap_ambient, 0x400);
         assert!(s.no_new_privs);
         assert_eq!(s.seccomp, 2);
+        assert_eq!(s.seccomp_filters, 1);
     }
 
     #[test]

@@ -434,6 +434,9 @@ impl BlobArgs {
 
     /// Classic BPF programs (8-byte `struct sock_filter` entries), installed
     /// in order after creds; `no_new_privs` is set before them when asked.
+    /// Without it, and when the restored effective set lacks CAP_SYS_ADMIN
+    /// (which the kernel then requires), they go in just before capset,
+    /// while the runtime's capabilities still hold.
     pub fn set_seccomp(&mut self, no_new_privs: bool, filters: Vec<Vec<u8>>) -> &mut Self {
         self.no_new_privs = no_new_privs;
         self.filters = filters;

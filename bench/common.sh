@@ -3,15 +3,16 @@
 # comment) and `why_root` (why they need root).
 
 # Options, root check, binaries, work directory. Sets mode mib children
-# dirty keep, COWSNAP_BIN REFWORKLOAD_BIN and work.
+# dirty keep extra_vmas, COWSNAP_BIN REFWORKLOAD_BIN and work.
 bench_setup() {
-    mode=plain mib=1024 children=8 dirty=10 keep=0
+    mode=plain mib=1024 children=8 dirty=10 keep=0 extra_vmas=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --mode) mode=$2; shift 2 ;;
             --mib) mib=$2; shift 2 ;;
             --children) children=$2; shift 2 ;;
             --dirty-pct) dirty=$2; shift 2 ;;
+            --extra-vmas) extra_vmas=$2; shift 2 ;;
             --keep) keep=1; shift ;;
             -h|--help) sed -n "$help_lines" "$0"; exit 0 ;;
             *) echo "$bench: unknown argument $1" >&2; exit 2 ;;
@@ -66,8 +67,9 @@ mib_of() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 # Starts the reference tree in the background (sets `root`) and waits
 # until it is set up.
 start_tree() {
-    echo "starting reference tree: mode $mode, $mib MiB, $children children, $dirty% dirty"
+    echo "starting reference tree: mode $mode, $mib MiB, $children children, $dirty% dirty, $extra_vmas extra VMAs"
     "$REFWORKLOAD_BIN" --mode "$mode" --mib "$mib" --children "$children" --dirty-pct "$dirty" \
+        --extra-vmas "$extra_vmas" \
         --report "$work/report" --ready "$work/ready" </dev/null >/dev/null 2>"$work/tree.err" &
     root=$!
     for _ in $(seq 6000); do

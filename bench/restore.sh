@@ -10,7 +10,8 @@
 # totals.bytes_unique_uncompressed), PSS and VMA counts before/after, and how
 # many restored processes verified their memory OK. Kills the tree at the end.
 #
-# Usage (as root): bench/restore.sh [--mode MODE] [--mib N] [--children K] [--dirty-pct P] [--keep]
+# Usage (as root): bench/restore.sh [--mode MODE] [--mib N] [--children K] [--dirty-pct P]
+#                  [--extra-vmas V] [--keep]
 #   MODE is any --mode of cowsnap-refworkload that restore supports (plain,
 #   split-vma, moved-vma, parent-dirty, sibling, reparented, deep-chain, threads).
 #   --keep leaves the image and the work directory in place.
@@ -19,7 +20,7 @@
 # use prebuilt binaries instead of building release ones.
 set -euo pipefail
 
-bench=bench/restore.sh help_lines='2,19p' why_root="cowsnap dump reads PFNs; restore chooses pids"
+bench=bench/restore.sh help_lines='2,20p' why_root="cowsnap dump reads PFNs; restore chooses pids"
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
 bench_setup "$@"
@@ -70,7 +71,8 @@ anon_before=$(pss_bytes "Pss_Anon" "${pids[@]}")
 exec 3>&2 2>/dev/null
 start=$(date +%s.%N)
 status=0
-"$COWSNAP_BIN" dump -q --exit --pid "$root" --images "$work/img" >"$work/dump.out" 2>"$work/dump.err" || status=$?
+/usr/bin/time -f %M -o "$work/dump.rss" \
+    "$COWSNAP_BIN" dump -q --exit --pid "$root" --images "$work/img" >"$work/dump.out" 2>"$work/dump.err" || status=$?
 end=$(date +%s.%N)
 if [ "$status" != 0 ]; then
     exec 2>&3 3>&-
@@ -101,7 +103,8 @@ zero_pages=$(echo "$json" | grep -o '"pages_zero": *[0-9]*' | tail -n 1 | grep -
 
 start=$(date +%s.%N)
 status=0
-"$COWSNAP_BIN" restore -q --images "$work/img" --pidfile "$work/restored.pid" \
+/usr/bin/time -f %M -o "$work/restore.rss" \
+    "$COWSNAP_BIN" restore -q --images "$work/img" --pidfile "$work/restored.pid" \
     >"$work/restore.out" 2>"$work/restore.err" || status=$?
 end=$(date +%s.%N)
 if [ "$status" != 0 ]; then
@@ -136,6 +139,11 @@ echo
 printf '%-26s %s\n' "tree:" "$nprocs processes (mode $mode), restored ${#restored[@]}, root $rroot"
 printf '%-26s %s s\n' "dump wall time (--exit):" "$dump_wall"
 printf '%-26s %s s\n' "restore wall time:" "$wall"
+# Peak RSS of the commands themselves (GNU time's %M, KiB): the dumper, and
+# the restore command with the restore processes it waited for.
+printf '%-26s %s MiB dump, %s MiB restore\n' "peak RSS of cowsnap:" \
+    "$(mib_of "$(( $(tail -n 1 "$work/dump.rss") * 1024 ))")" \
+    "$(mib_of "$(( $(tail -n 1 "$work/restore.rss") * 1024 ))")"
 if [ -n "$unique_bytes" ]; then
     printf '%-26s %s MiB\n' "unique memory (image):" "$(mib_of "$unique_bytes")"
     printf '%-26s %s MiB/s\n' "restore throughput:" \
@@ -148,13 +156,22 @@ printf '%-26s %s MiB before, %s MiB after (x %s)\n' "PSS:" \
     "$(mib_of "$pss_before")" "$(mib_of "$pss_after")" "$(ratio "$pss_after" "$pss_before")"
 printf '%-26s %s MiB before, %s MiB after (x %s; %s zero pages not reallocated)\n' "Pss_Anon:" \
     "$(mib_of "$anon_before")" "$(mib_of "$anon_after")" "$(ratio "$anon_after" "$anon_before")" "${zero_pages:-?}"
-printf '%-26s\n' "VMAs per process:"
-for pid in "${pids[@]}"; do
-    printf '  %-8s %6s before %6s after\n' "$pid" "${vmas_before[$pid]}" "${vmas_after[$pid]:-gone}"
-done
-for pid in "${restored[@]}"; do
-    [ -n "${vmas_before[$pid]:-}" ] || printf '  %-8s %6s before %6s after (new pid)\n' "$pid" "-" "${vmas_after[$pid]}"
-done
+if [ "$nprocs" -le 16 ]; then
+    printf '%-26s\n' "VMAs per process:"
+    for pid in "${pids[@]}"; do
+        printf '  %-8s %6s before %6s after\n' "$pid" "${vmas_before[$pid]}" "${vmas_after[$pid]:-gone}"
+    done
+    for pid in "${restored[@]}"; do
+        [ -n "${vmas_before[$pid]:-}" ] || printf '  %-8s %6s before %6s after (new pid)\n' "$pid" "-" "${vmas_after[$pid]}"
+    done
+else
+    same=0
+    for pid in "${pids[@]}"; do
+        [ "${vmas_before[$pid]}" = "${vmas_after[$pid]:-gone}" ] && same=$((same + 1))
+    done
+    printf '%-26s %s of %s processes have as many VMAs as before (root: %s before, %s after)\n' \
+        "VMAs:" "$same" "$nprocs" "${vmas_before[${pids[0]}]}" "${vmas_after[${pids[0]}]:-gone}"
+fi
 printf '%-26s %s\n' "verified after restore:" "$ok of ${#restored[@]} processes OK"
 [ -z "$bad" ] || printf '%-26s %s\n' "first BAD answers:" "$bad"
 kill_restored

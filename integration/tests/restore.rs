@@ -833,6 +833,99 @@ fn restore_plain_in_current_namespace_after_dump_exit() {
     );
 }
 
+/// Rewrites an image of the current format as format 1.4 wrote it: every
+/// process's page runs back in its JSON (`vmas[i].pages`), no
+/// `proc-<pid>.runs` files, minor version 4, checksums fixed.
+fn as_format_1_4(images: &Path) {
+    let manifest_path = images.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).expect("manifest"))
+            .expect("manifest.json");
+    let names: Vec<String> = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["name"].as_str().map(String::from))
+        .collect();
+    let mut converted = 0;
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with("proc-") && n.ends_with(".json"))
+    {
+        let path = images.join(name);
+        let mut process: cowsnap::image::types::ProcessImage =
+            serde_json::from_slice(&fs::read(&path).expect("process file")).expect("process json");
+        let runs = process
+            .runs_file
+            .take()
+            .expect("a process file of format 1.5 names its runs");
+        let bytes = fs::read(images.join(&runs)).expect("runs file");
+        cowsnap::image::runs::decode_into(&runs, &bytes, &mut process.vmas, 4096).expect("runs");
+        assert!(
+            process.vmas.iter().all(|v| !v.pages.is_empty()),
+            "{name}: runs decoded"
+        );
+        fs::write(&path, serde_json::to_vec(&process).expect("json")).expect("write process");
+        fs::remove_file(images.join(&runs)).expect("remove runs file");
+        manifest["files"]
+            .as_array_mut()
+            .expect("files")
+            .retain(|f| f["name"] != runs.as_str());
+        converted += 1;
+    }
+    assert!(converted > 1, "converted {converted} process files");
+    manifest["format_version"]["minor"] = 4.into();
+    fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .expect("write");
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with("proc-") && n.ends_with(".json"))
+    {
+        rechecksum_in_manifest(images, name);
+    }
+}
+
+/// An image written before format 1.5 (page runs in the process JSON)
+/// restores as it did, sharing and memory included.
+#[test]
+fn an_image_of_format_1_4_with_runs_in_json_still_restores() {
+    let mut tree = RefTree::start(TreeSpec::small("plain"));
+    let original = TreeView::take(&tree.pids());
+    let (dir, images) = image_dir("restore");
+    dump_ok(&tree, &images, &["--exit"]);
+    tree.wait_exited("after dump --exit");
+    let zero = zero_pages(&images);
+    as_format_1_4(&images);
+    let verify = Command::new(cowsnap_bin())
+        .args(["verify"])
+        .arg(&images)
+        .output()
+        .expect("run cowsnap verify");
+    assert!(
+        verify.status.success(),
+        "verify of the 1.4 image: {}",
+        describe(&verify)
+    );
+
+    let pidfile = dir.path().join("restored.pid");
+    let (restored, output) = restore_ok(&images, &pidfile, &[]);
+    let context = "plain, image rewritten as format 1.4";
+    let view = TreeView::take(&restored.pids());
+    assert_eq!(view.outer_pids(), original.outer_pids(), "{context}: pids");
+    assert_same_maps(&original, &view, context);
+    assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, context);
+    restored.assert_verifies(&tree.report, context);
+    assert_eq!(
+        summary_copied(&output),
+        Some(0),
+        "{context}: {}",
+        describe(&output)
+    );
+}
+
 // ------------------------------------------------------------ twice at once
 
 #[test]

@@ -126,6 +126,11 @@ struct Args {
     /// File the root writes its pid to once the tree is set up.
     #[arg(long)]
     ready: Option<PathBuf>,
+    /// Plus this many one-page mappings in the root (inherited by the
+    /// children), each written, alternately read-write and read-only so
+    /// that none merges with its neighbour: a tree of many VMAs.
+    #[arg(long, default_value_t = 0)]
+    extra_vmas: usize,
 }
 
 // Tags select the pseudo-random stream of a page; distinct writers use
@@ -1151,6 +1156,31 @@ fn write_ready(path: &Option<PathBuf>, pid: i32) {
     }
 }
 
+/// `count` one-page private mappings, each written with its index, every
+/// other one then made read-only (so that neighbours never merge).
+fn map_extra_vmas(count: usize, page: usize) {
+    for i in 0..count {
+        // SAFETY: a fresh anonymous mapping, written within its one page.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if addr == libc::MAP_FAILED {
+                die("mmap of an extra VMA");
+            }
+            *(addr as *mut u64) = i as u64 + 1;
+            if i % 2 == 1 && libc::mprotect(addr, page, libc::PROT_READ) != 0 {
+                die("mprotect of an extra VMA");
+            }
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let page = page_size();
@@ -1187,6 +1217,7 @@ fn main() {
 
     let private = map_private_region(len, page);
     private.fill_base(BASE_TAG);
+    map_extra_vmas(args.extra_vmas, page);
     if args.mode == Mode::StackGrowth {
         // Children inherit (copy-on-write) a stack with written pages.
         let here = &len as *const usize as usize;

@@ -7,6 +7,7 @@
 //! It never writes to the dumped processes.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::time::Instant;
 
 use crate::image::pagestore::PageStoreWriter;
@@ -211,11 +212,32 @@ const CHUNK_PAGES: usize = 16 * 1024;
 /// Pages per read batch.
 const READ_BATCH_PAGES: usize = 1024;
 
+/// Hashes a dedup key (a PFN or a tagged swap entry) with one multiply:
+/// the keys are integers of no adversary's choosing, and SipHash was a
+/// twentieth of a dump's time.
+#[derive(Default)]
+struct PfnHasher(u64);
+
+impl std::hash::Hasher for PfnHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k;
+    }
+}
+
 /// Scans processes one after another, sharing one dedup map.
 pub struct MemoryScanner {
     page_size: u64,
     zero_pfn: Option<u64>,
-    dedup: HashMap<u64, Slot>,
+    dedup: HashMap<u64, Slot, BuildHasherDefault<PfnHasher>>,
     stats: ScanStats,
     zero_page: Vec<u8>,
     /// /proc/kpageflags, to tell the kernel's zero pages from allocated
@@ -239,7 +261,7 @@ impl MemoryScanner {
         MemoryScanner {
             page_size,
             zero_pfn,
-            dedup: HashMap::new(),
+            dedup: HashMap::default(),
             stats: ScanStats::default(),
             zero_page: vec![0u8; page_size as usize],
             kpageflags: std::fs::File::open("/proc/kpageflags").ok(),

@@ -30,7 +30,7 @@
 //! has), so they reference no page, hold nothing and get an empty plan; they
 //! are leaves, forked by their parent like any child.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::image::types::{PageId, PageRun, ProcessEntry, ProcessImage, Vma, VmaKind};
 
@@ -538,6 +538,61 @@ impl Taken {
     }
 }
 
+/// The before-fork segments each process creates, indexed by the address
+/// range of their template VMA, so that finding those that hold an address
+/// costs a lookup per template process, not a scan of every segment (a
+/// process of 20,000 VMAs has as many segments).
+struct Created {
+    /// Per creator, per template process: template start -> (template end,
+    /// segment), in creation order. The VMAs of one process do not overlap,
+    /// so at most one start range holds an address.
+    by_creator: Vec<HashMap<ProcIdx, ByStart>>,
+}
+
+/// Template start -> (template end, segment) of one creator and template
+/// process.
+type ByStart = BTreeMap<u64, Vec<(u64, SegmentId)>>;
+
+impl Created {
+    fn new(processes: usize) -> Created {
+        Created {
+            by_creator: vec![HashMap::new(); processes],
+        }
+    }
+
+    fn insert(
+        &mut self,
+        creator: ProcIdx,
+        template_process: ProcIdx,
+        template: &Vma,
+        s: SegmentId,
+    ) {
+        self.by_creator[creator]
+            .entry(template_process)
+            .or_default()
+            .entry(template.start)
+            .or_default()
+            .push((template.end, s));
+    }
+
+    /// The segments `creator` made whose template holds `addr`, oldest
+    /// first (the order they were created in), into `out`.
+    fn containing(&self, creator: ProcIdx, addr: u64, out: &mut Vec<SegmentId>) {
+        out.clear();
+        for by_start in self.by_creator[creator].values() {
+            if let Some((_, segments)) = by_start.range(..=addr).next_back() {
+                out.extend(
+                    segments
+                        .iter()
+                        .filter(|&&(end, _)| addr < end)
+                        .map(|&(_, s)| s),
+                );
+            }
+        }
+        out.sort_unstable();
+    }
+}
+
 /// Builds the plan. `processes[i]` must describe `tree[i]`.
 pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<RestorePlan, PlanError> {
     let forest = build_forest(tree, processes)?;
@@ -556,7 +611,8 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
     //    the first user's: then one region keeps one segment through the
     //    whole tree, and every process moves it into place in one piece. A
     //    new segment (holder, template VMA) is made only when no slot fits.
-    let mut created: Vec<Vec<SegmentId>> = vec![Vec::new(); processes.len()];
+    let mut created = Created::new(processes.len());
+    let mut candidates: Vec<SegmentId> = Vec::new();
     let mut template_of: Vec<(ProcIdx, usize)> = Vec::new();
     let mut slot_of = Slots::new(refs.page_count());
     let mut populated = Populated::default();
@@ -578,7 +634,8 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
         let user_vma = &processes[up].vmas[uv];
         let user_backing = backing_of(user_vma);
         let found = lineages[holder].iter().find_map(|&ancestor| {
-            created[ancestor].iter().find_map(|&segment| {
+            created.containing(ancestor, uaddr, &mut candidates);
+            candidates.iter().find_map(|&segment| {
                 let (tp, tv) = template_of[segment];
                 let template = &processes[tp].vmas[tv];
                 if uaddr < template.start || uaddr >= template.end {
@@ -610,7 +667,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                     populate: Vec::new(),
                 });
                 template_of.push((up, uv));
-                created[holder].push(segments.len() - 1);
+                created.insert(holder, up, user_vma, segments.len() - 1);
                 Slot {
                     segment: segments.len() - 1,
                     offset: uaddr - user_vma.start,

@@ -1067,6 +1067,9 @@ fn build_block(
     h.unmaps = b.table(unmaps);
     let mut moves = args.moves.clone();
     moves.extend_from_slice(vdso_moves);
+    // By source: the blob then finds the moves a destination would cover
+    // by binary search (it checks the order itself; any order is correct).
+    moves.sort_by_key(|m| m.from);
     h.moves = b.table(&moves);
     h.maps = b.table(&args.maps);
     h.protects = b.table(&args.protects);

@@ -983,6 +983,37 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
     serde_json::from_slice(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
+/// The page runs of `proc-<pid>.runs` (format 1.5: one zstd frame of a
+/// 16-byte header, then per run: VMA index u32, kind u32, start, pages,
+/// first page id, little-endian) into the process's VMAs. Read here on its
+/// own, not through cowsnap's reader: this is the test's view of the file.
+fn read_runs(path: &Path, process: &mut ProcessImage) {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let raw = zstd::stream::decode_all(&bytes[..])
+        .unwrap_or_else(|e| panic!("decompress {}: {e}", path.display()));
+    assert_eq!(&raw[..8], b"CSRUNS01", "{}: magic", path.display());
+    let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let count = le(&raw[8..16]) as usize;
+    assert_eq!(raw.len(), 16 + 32 * count, "{}: length", path.display());
+    for r in raw[16..].chunks_exact(32) {
+        let vma = u32::from_le_bytes(r[0..4].try_into().expect("4")) as usize;
+        let kind = u32::from_le_bytes(r[4..8].try_into().expect("4"));
+        let (start, pages, first) = (le(&r[8..16]), le(&r[16..24]), le(&r[24..32]));
+        let run = match kind {
+            0 => PageRun::Stored {
+                start,
+                pages,
+                first,
+            },
+            1 => PageRun::Zero { start, pages },
+            2 => PageRun::Absent { start, pages },
+            3 => PageRun::Mapped { start, pages },
+            k => panic!("{}: run kind {k}", path.display()),
+        };
+        process.vmas[vma].pages.push(run);
+    }
+}
+
 impl ImageFiles {
     pub fn read(dir: &Path) -> ImageFiles {
         use cowsnap::image::types::{Manifest, MANIFEST_FILE, PAGE_INDEX_FILE, TREE_FILE};
@@ -992,7 +1023,13 @@ impl ImageFiles {
         let processes = tree
             .processes
             .iter()
-            .map(|p| (p.pid, read_json::<ProcessImage>(&dir.join(&p.file))))
+            .map(|p| {
+                let mut process = read_json::<ProcessImage>(&dir.join(&p.file));
+                if let Some(runs) = process.runs_file.clone() {
+                    read_runs(&dir.join(runs), &mut process);
+                }
+                (p.pid, process)
+            })
             .collect();
         ImageFiles {
             tree,

@@ -1160,6 +1160,10 @@ impl FileMap {
         if addr == libc::MAP_FAILED {
             return None;
         }
+        // Every frame is read (checked, then decompressed): start reading
+        // a file that is not in the page cache now, in large requests.
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(addr, len as usize, libc::MADV_WILLNEED) };
         Some(FileMap {
             addr: addr as *const u8,
             len,

@@ -936,11 +936,13 @@ impl PageStoreReader {
         // The checksum of the compressed bytes, where the index has one,
         // vouches for the contents as well (decompression is deterministic)
         // and costs half as much to compute.
-        if let Some(want) = self.compressed_checksum(frame) {
-            check_compressed_bytes(frame, want, compressed)?;
-            return decompress_frame(frame, entry, self.page_size, compressed, out);
-        }
-        self.decode_into(frame, compressed, out)
+        let result = match self.compressed_checksum(frame) {
+            Some(want) => check_compressed_bytes(frame, want, compressed)
+                .and_then(|()| decompress_frame(frame, entry, self.page_size, compressed, out)),
+            None => self.decode_into(frame, compressed, out),
+        };
+        self.release(entry);
+        result
     }
 
     /// [`read_frame_into`](Self::read_frame_into), always checking the
@@ -1093,7 +1095,16 @@ impl PageStoreReader {
         buf: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
         let entry = self.entry(frame)?;
-        check_compressed_bytes(frame, want, self.compressed(frame, entry, buf)?)
+        let checked = check_compressed_bytes(frame, want, self.compressed(frame, entry, buf)?);
+        self.release(entry);
+        checked
+    }
+
+    /// Frame `entry`'s compressed bytes have been used: see [`FileMap::release`].
+    fn release(&self, entry: &FrameEntry) {
+        if let Some(map) = &self.map {
+            map.release(entry.offset, entry.compressed_len);
+        }
     }
 
     /// Contents of page `id` (decompresses its whole frame; restore should
@@ -1168,6 +1179,27 @@ impl FileMap {
             addr: addr as *const u8,
             len,
         })
+    }
+
+    /// Drops this process's page table entries for the whole pages inside
+    /// [offset, offset + len) once they have been read: the page cache keeps
+    /// them, and the reader's resident memory stays a frame or two instead
+    /// of growing to the image's size.
+    fn release(&self, offset: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let start = offset.next_multiple_of(PAGE);
+        let end = offset.saturating_add(len).min(self.len) / PAGE * PAGE;
+        if start < end {
+            // SAFETY: a range inside our own read-only file mapping; dropping
+            // its entries changes no contents (they fault back in if read).
+            unsafe {
+                libc::madvise(
+                    self.addr.add(start as usize) as *mut libc::c_void,
+                    (end - start) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
     }
 
     fn get(&self, offset: u64, len: u64) -> Option<&[u8]> {

@@ -43,7 +43,12 @@ pub enum ApiError {
     },
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),
-    /// containerd answered with an error; its code is passed on.
+    /// containerd answered with an error; its code is passed on. A
+    /// checkpoint or restore the engine failed arrives so with the code the
+    /// shim gave the engine's typed error (`cowsnap::engine_error`):
+    /// UNIMPLEMENTED for a refusal (an fd of a kind restore cannot reopen),
+    /// FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
+    /// RESOURCE_EXHAUSTED, INTERNAL.
     #[error("{action}: {}", .status.message())]
     Containerd { action: String, status: Status },
     #[error("containerd at {address} is unreachable: {detail}")]
@@ -75,26 +80,10 @@ impl ApiError {
             | ApiError::MissingImage { .. } => Code::FailedPrecondition,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::NotSupportedYet(_) => Code::Unimplemented,
-            ApiError::Containerd { status, .. } => refusal_code(status),
+            ApiError::Containerd { status, .. } => status.code(),
             ApiError::ContainerdUnavailable { .. } => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
-    }
-}
-
-/// The engine refuses what it cannot restore (an fd of a kind it does not
-/// handle, ...) and the shim reports that as UNKNOWN through containerd;
-/// the refusal's wording is the engine's stable "cannot checkpoint" /
-/// "not supported" phrasing, which is sent as UNIMPLEMENTED.
-// TODO(issue 13): typed engine errors through the shim instead of wording.
-fn refusal_code(status: &Status) -> Code {
-    let message = status.message();
-    if status.code() == Code::Unknown
-        && (message.contains("not supported") || message.contains("unsupported"))
-    {
-        Code::Unimplemented
-    } else {
-        status.code()
     }
 }
 

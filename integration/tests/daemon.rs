@@ -474,3 +474,51 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
     ctrd.kill_and_delete(&restored);
     ctrd.kill_and_delete(&runc_id);
 }
+
+/// 3. A checkpoint the engine refuses (busybox uevent's netlink socket, an
+///    fd restore cannot reopen) is UNIMPLEMENTED, with the engine's message
+///    naming the pid, fd and socket: the engine's typed error crosses the
+///    shim and containerd with its kind. The container keeps counting and
+///    nothing is stored.
+#[test]
+fn cowsnapd_refused_checkpoint_is_unimplemented() {
+    let ctrd = Containerd::start_cowsnap("daemon-refused");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("watcher");
+    let script = format!("uevent true & {COUNTER_LOOP}");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    let before = ctrd.wait_counter_above(&id, 0);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/refused:1";
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = CheckpointServiceClient::new(daemon.channel().await);
+        let status = checkpoint(&mut client, &ns, &id, reference)
+            .await
+            .expect_err("the checkpoint must be refused");
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        for names in ["netlink", "pid ", " fd "] {
+            assert!(
+                status.message().contains(names),
+                "the message does not name {names:?}: {}",
+                status.message()
+            );
+        }
+        let listed = client
+            .list_checkpoints(ListCheckpointsRequest {
+                namespace: ns.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .checkpoints;
+        assert!(
+            listed.is_empty(),
+            "a refused checkpoint was stored: {listed:?}"
+        );
+    });
+    ctrd.wait_counter_above(&id, before);
+    assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
+    ctrd.kill_and_delete(&id);
+}

@@ -677,7 +677,8 @@ pub async fn delete(ctrd: &Containerd, scope: &Scope, reference: &str) -> Result
     ctrd.images()
         .delete(scope.request(DeleteImageRequest {
             name: reference.to_string(),
-            sync: false,
+            // Collect its blobs now, not at containerd's next collection.
+            sync: true,
             target: None,
         }))
         .await

@@ -43,6 +43,12 @@ pub enum ApiError {
     },
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),
+    /// An import received data that does not match its checksums.
+    #[error("{0}")]
+    DataLoss(String),
+    /// An import stream out of order (a gap, an unknown blob, no manifest).
+    #[error("{0}")]
+    BadStream(String),
     /// containerd answered with an error; its code is passed on. A
     /// checkpoint or restore the engine failed arrives so with the code the
     /// shim gave the engine's typed error (`cowsnap::engine_error`):
@@ -80,6 +86,8 @@ impl ApiError {
             | ApiError::MissingImage { .. } => Code::FailedPrecondition,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::NotSupportedYet(_) => Code::Unimplemented,
+            ApiError::DataLoss(_) => Code::DataLoss,
+            ApiError::BadStream(_) => Code::InvalidArgument,
             ApiError::Containerd { status, .. } => status.code(),
             ApiError::ContainerdUnavailable { .. } => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,

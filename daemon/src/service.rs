@@ -20,6 +20,7 @@ use crate::proto::migration_service_server::MigrationService;
 use crate::proto::restore_event::Event as RestoreEventKind;
 use crate::proto::*;
 use crate::reference::{check_container_id, check_existing_reference, check_reference};
+use crate::transfer;
 
 /// Events a streaming RPC has produced and not yet sent.
 const EVENT_BACKLOG: usize = 16;
@@ -71,7 +72,7 @@ where
 impl CheckpointService for Agent {
     type CheckpointStream = EventStream<CheckpointEvent>;
     type RestoreStream = EventStream<RestoreEvent>;
-    type ExportCheckpointStream = EventStream<CheckpointChunk>;
+    type ExportCheckpointStream = EventStream<ExportCheckpointResponse>;
 
     async fn checkpoint(
         &self,
@@ -210,16 +211,63 @@ impl CheckpointService for Agent {
 
     async fn export_checkpoint(
         &self,
-        _request: Request<ExportCheckpointRequest>,
+        request: Request<ExportCheckpointRequest>,
     ) -> Result<Response<Self::ExportCheckpointStream>, Status> {
-        Err(ApiError::NotSupportedYet("ExportCheckpoint (image streaming)".into()).into())
+        let r = request.into_inner();
+        check_existing_reference(&r.checkpoint_ref)?;
+        let scope = Scope::new(&r.namespace);
+        let manifest = transfer::plan_export(&self.ctrd, &scope, &r.checkpoint_ref).await?;
+        log::info!(
+            "export {:?} of namespace {:?} from offset {} ({} blobs, {} bytes)",
+            r.checkpoint_ref,
+            scope.namespace,
+            r.resume_from,
+            manifest.blobs.len(),
+            manifest.total_size
+        );
+        let ctrd = self.ctrd.clone();
+        let (tx, rx) = mpsc::channel::<Result<ExportCheckpointResponse, Status>>(EVENT_BACKLOG);
+        tokio::spawn(async move {
+            let (chunks_tx, mut chunks_rx) = mpsc::channel(EVENT_BACKLOG);
+            let forward = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(message) = chunks_rx.recv().await {
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let result =
+                transfer::export(&ctrd, &scope, &manifest, r.resume_from, &chunks_tx).await;
+            drop(chunks_tx);
+            let _ = forward.await;
+            if let Err(e) = result {
+                log::warn!("{e}");
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn import_checkpoint(
         &self,
-        _request: Request<Streaming<ImportCheckpointRequest>>,
+        request: Request<Streaming<ImportCheckpointRequest>>,
     ) -> Result<Response<ImportCheckpointResponse>, Status> {
-        Err(ApiError::NotSupportedYet("ImportCheckpoint (image streaming)".into()).into())
+        let stream = request.into_inner();
+        let response = transfer::import(&self.ctrd, stream).await.map_err(|e| {
+            log::warn!("import: {e}");
+            Status::from(e)
+        })?;
+        if let Some(info) = &response.checkpoint {
+            log::info!(
+                "imported {:?} ({} bytes)",
+                info.checkpoint_ref,
+                response.bytes_received
+            );
+        }
+        Ok(Response::new(response))
     }
 }
 

@@ -522,3 +522,212 @@ fn cowsnapd_refused_checkpoint_is_unimplemented() {
     assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
     ctrd.kill_and_delete(&id);
 }
+
+/// Every message of an ExportCheckpoint.
+async fn export(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    reference: &str,
+) -> Vec<ExportCheckpointResponse> {
+    let mut stream = client
+        .export_checkpoint(ExportCheckpointRequest {
+            namespace: namespace.to_string(),
+            checkpoint_ref: reference.to_string(),
+            resume_from: 0,
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.next().await {
+        messages.push(m.expect("export message"));
+    }
+    messages
+}
+
+/// An ImportCheckpoint of `messages` (an export's) as `reference`.
+async fn import(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    reference: &str,
+    messages: Vec<ExportCheckpointResponse>,
+) -> Result<ImportCheckpointResponse, tonic::Status> {
+    let target = ImportCheckpointRequest {
+        item: Some(import_checkpoint_request::Item::Target(ImportTarget {
+            namespace: namespace.to_string(),
+            checkpoint_ref: reference.to_string(),
+        })),
+    };
+    let requests: Vec<ImportCheckpointRequest> = std::iter::once(target)
+        .chain(
+            messages
+                .into_iter()
+                .filter_map(cowsnapd::transfer::to_import),
+        )
+        .collect();
+    client
+        .import_checkpoint(tokio_stream::iter(requests))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn chunks_mut(
+    messages: &mut [ExportCheckpointResponse],
+) -> impl Iterator<Item = &mut CheckpointChunk> {
+    messages.iter_mut().filter_map(|m| match &mut m.item {
+        Some(export_checkpoint_response::Item::Chunk(c)) => Some(c),
+        _ => None,
+    })
+}
+
+/// 4. A checkpoint exported as checksummed chunks (every chunk's xxh3
+///    holds, the manifest lists the blobs, the index last), deleted (its
+///    blobs leave the content store), imported back (from a `ctl export`
+///    file, with `ctl import`) and restored: the counter goes on. An
+///    import with a chunk altered in transit is DATA_LOSS naming its stream
+///    offset; one whose chunk and checksum were both altered is DATA_LOSS
+///    naming the blob's digest; a stream without its manifest is
+///    INVALID_ARGUMENT; none leaves an image, a blob or an ingest behind.
+#[test]
+fn cowsnapd_exports_and_imports_a_checkpoint() {
+    let ctrd = Containerd::start_cowsnap("daemon-transfer");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("counter");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", COUNTER_LOOP]);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/transfer:1";
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+    let before = ctrd.wait_counter_above(&id, 5);
+    let content_before = ctrd.content_digests();
+    rt.block_on(checkpoint(&mut client, &ns, &id, reference))
+        .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    ctrd.kill_and_delete(&id);
+
+    let messages = rt.block_on(export(&mut client, &ns, reference));
+    let Some(export_checkpoint_response::Item::Manifest(manifest)) =
+        messages.last().and_then(|m| m.item.clone())
+    else {
+        panic!("the export does not end with its manifest");
+    };
+    let mut sent = 0u64;
+    for m in &messages[..messages.len() - 1] {
+        let Some(export_checkpoint_response::Item::Chunk(c)) = &m.item else {
+            panic!("a manifest before the end of the export");
+        };
+        assert_eq!(c.stream_offset, sent, "chunks out of order");
+        assert_eq!(
+            c.xxh3,
+            xxhash_rust::xxh3::xxh3_64(&c.data),
+            "chunk at {sent}"
+        );
+        assert!(c.data.len() <= cowsnapd::transfer::CHUNK_SIZE);
+        sent += c.data.len() as u64;
+    }
+    assert_eq!(sent, manifest.total_size);
+    let tar = manifest
+        .blobs
+        .iter()
+        .find(|b| b.media_type == cowsnapd::layout::MEDIA_TYPE_CHECKPOINT)
+        .expect("the task's checkpoint is exported")
+        .clone();
+    assert_eq!(manifest.blobs.last(), manifest.index.as_ref(), "index last");
+    eprintln!(
+        "exported {reference}: {} blobs, {} bytes in {} chunks",
+        manifest.blobs.len(),
+        manifest.total_size,
+        messages.len() - 1
+    );
+    let file = ctrd.dir().join("transfer.export");
+    daemon.ctl(
+        &ns,
+        &["export", reference, file.to_str().expect("utf-8 path")],
+    );
+    assert!(std::fs::metadata(&file).expect("export file").len() > manifest.total_size);
+
+    daemon.ctl(&ns, &["rm", reference]);
+    assert!(
+        !ctrd.content_digests().contains(&tar.digest),
+        "the deleted checkpoint's tar is still in the content store"
+    );
+    let assert_nothing_left = |what: &str| {
+        let content = ctrd.content_digests();
+        assert_eq!(
+            content, content_before,
+            "{what}: the content store holds other blobs than before the checkpoint"
+        );
+        let active = ctrd.ctr_ok(&["content", "active"]);
+        assert!(
+            active.lines().skip(1).all(|l| l.trim().is_empty()),
+            "{what}: ingests left: {active}"
+        );
+        let images = ctrd.ctr_ok(&["images", "ls", "-q"]);
+        assert!(!images.lines().any(|l| l == reference), "{what}: {images}");
+    };
+
+    rt.block_on(async {
+        // A byte of the tar's first chunk altered in transit.
+        let mut altered = messages.clone();
+        let chunk = chunks_mut(&mut altered)
+            .find(|c| c.digest == tar.digest)
+            .expect("a chunk of the tar");
+        let at = chunk.stream_offset;
+        chunk.data[100] ^= 0x40;
+        let status = import(&mut client, &ns, reference, altered)
+            .await
+            .expect_err("a corrupted chunk must be refused");
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        let names = format!("stream offset {at}");
+        assert!(
+            status.message().contains(&names),
+            "{status:?} does not name {names}"
+        );
+        assert_nothing_left("after a corrupted chunk");
+
+        // The tar's last chunk and its checksum altered: the blob's digest
+        // is what catches it.
+        let mut altered = messages.clone();
+        let chunk = chunks_mut(&mut altered)
+            .filter(|c| c.digest == tar.digest)
+            .last()
+            .expect("a chunk of the tar");
+        let last = chunk.data.len() - 1;
+        chunk.data[last] ^= 0x01;
+        chunk.xxh3 = xxhash_rust::xxh3::xxh3_64(&chunk.data);
+        let status = import(&mut client, &ns, reference, altered)
+            .await
+            .expect_err("an altered blob must be refused");
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        assert!(status.message().contains(&tar.digest), "{status:?}");
+        assert_nothing_left("after an altered blob");
+
+        // The stream cut before its manifest.
+        let mut cut = messages.clone();
+        cut.pop();
+        let status = import(&mut client, &ns, reference, cut)
+            .await
+            .expect_err("a stream without its manifest must be refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("manifest"), "{status:?}");
+        assert_nothing_left("after a stream without its manifest");
+    });
+
+    let imported = daemon.ctl(&ns, &["import", file.to_str().expect("utf-8 path")]);
+    assert!(imported.starts_with(reference), "ctl import: {imported}");
+    assert!(ctrd.content_digests().contains(&tar.digest));
+    let restored = ctrd.container_id("imported");
+    ctrd.track(&restored);
+    rt.block_on(restore(&mut client, &ns, reference, &restored))
+        .unwrap_or_else(|e| panic!("restore: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    ctrd.wait_status(&restored, "RUNNING");
+    ctrd.wait_counter_above(&restored, before);
+    rt.block_on(async {
+        assert_status(
+            import(&mut client, &ns, reference, messages).await,
+            Code::AlreadyExists,
+            reference,
+        );
+    });
+    ctrd.kill_and_delete(&restored);
+}

@@ -71,14 +71,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(ctrd: &Containerd) -> Daemon {
-        let socket = ctrd.dir().join("cowsnapd/cowsnapd.sock");
-        let log = ctrd.dir().join("cowsnapd.log");
+        Daemon::start_with(ctrd, "cowsnapd", &[])
+    }
+
+    /// A cowsnapd named `name` (its socket and log in the harness's
+    /// directory) with `extra` arguments.
+    fn start_with(ctrd: &Containerd, name: &str, extra: &[&std::ffi::OsStr]) -> Daemon {
+        let socket = ctrd.dir().join(format!("{name}/cowsnapd.sock"));
+        let log = ctrd.dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("cowsnapd log");
         let child = Command::new(daemon_bin_dir().join(DAEMON_BIN))
             .arg("--socket")
             .arg(&socket)
             .arg("--containerd")
             .arg(&ctrd.address)
+            .args(extra)
             .arg("--verbose")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
@@ -730,4 +737,304 @@ fn cowsnapd_exports_and_imports_a_checkpoint() {
         );
     });
     ctrd.kill_and_delete(&restored);
+}
+
+/// Certificates made with the `openssl` CLI for the mTLS tests: a CA with
+/// a server certificate (for 127.0.0.1 and localhost) and a client
+/// certificate, and another CA with a client certificate of its own.
+struct Certs {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client: cowsnapd::client::ClientTlsFiles,
+    stranger: cowsnapd::client::ClientTlsFiles,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}:\n{}",
+        common::describe(&output)
+    );
+}
+
+impl Certs {
+    fn make(dir: &Path) -> Certs {
+        std::fs::create_dir_all(dir).expect("certs dir");
+        let ca = |name: &str| {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.pem"),
+                ],
+            )
+        };
+        let leaf = |name: &str, ca: &str, ext: &str| {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                    "-out",
+                    &format!("{name}.pem"),
+                ],
+            );
+        };
+        ca("ca");
+        ca("other-ca");
+        leaf(
+            "server",
+            "ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        );
+        let client_ext =
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
+        leaf("client", "ca", client_ext);
+        leaf("stranger", "other-ca", client_ext);
+        let files = |name: &str| cowsnapd::client::ClientTlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client: files("client"),
+            stranger: files("stranger"),
+        }
+    }
+
+    /// cowsnapd's arguments for mutual TLS on `addr`.
+    fn server_args(&self, addr: &str) -> Vec<std::ffi::OsString> {
+        vec![
+            "--tcp".into(),
+            addr.into(),
+            "--tls-cert".into(),
+            self.server_cert.clone().into(),
+            "--tls-key".into(),
+            self.server_key.clone().into(),
+            "--tls-client-ca".into(),
+            self.ca.clone().into(),
+        ]
+    }
+}
+
+/// Whether a failed call was refused by the TLS handshake: the server's
+/// `alert`, or (when the client got to send its request before the alert
+/// reached it: TLS 1.3 checks the client's certificate after the client
+/// finished its handshake) the connection the server closed.
+fn refused_in_handshake(error: &str, alert: &str) -> bool {
+    error.contains(alert)
+        || error.contains("connection closed")
+        || error.contains("broken pipe")
+        || error.contains("reset by peer")
+}
+
+/// A TCP port of 127.0.0.1 that nothing listens on (now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Health of `CheckpointService` through `channel`.
+async fn health(channel: Channel) -> Result<i32, tonic::Status> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "cowsnap.v1.CheckpointService".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// Connects to `addr` with `tls`, retrying while cowsnapd starts; the
+/// health answer or why it failed.
+async fn health_over_tcp(
+    addr: &str,
+    tls: Option<&cowsnapd::client::ClientTlsFiles>,
+) -> Result<i32, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cowsnapd::client::connect_tcp(addr, tls).await {
+            Ok(channel) => return health(channel).await.map_err(|s| format!("{s:?}")),
+            Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+            Err(e) if e.to_string().contains("refused") => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
+}
+
+/// 5. TCP only with mutual TLS: plain TCP without `--insecure`, or half
+///    the TLS flags, stops cowsnapd at start with a clear error; with
+///    mTLS a client with a certificate of the CA is served (the API and
+///    `ctl --tcp`), a client without a certificate, with one of another
+///    CA, or without TLS is refused; `--insecure` serves plain TCP and
+///    logs a warning.
+#[test]
+fn cowsnapd_tcp_requires_mutual_tls() {
+    let ctrd = Containerd::start("daemon-tls");
+    let certs = Certs::make(&ctrd.dir().join("certs"));
+    let exits = |args: &[&str], says: &str| {
+        let output = Command::new(daemon_bin_dir().join(DAEMON_BIN))
+            .arg("--socket")
+            .arg(ctrd.dir().join("refused/cowsnapd.sock"))
+            .arg("--containerd")
+            .arg(&ctrd.address)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cowsnapd");
+        assert!(!output.status.success(), "cowsnapd {args:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(says),
+            "cowsnapd {args:?} does not say {says:?}:\n{stderr}"
+        );
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    exits(&["--tcp", &addr], "--insecure");
+    let cert = certs.server_cert.to_str().expect("utf-8");
+    exits(
+        &["--tcp", &addr, "--tls-cert", cert],
+        "missing --tls-key, --tls-client-ca",
+    );
+
+    let args = certs.server_args(&addr);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let daemon = Daemon::start_with(&ctrd, "cowsnapd-tls", &args);
+    let rt = runtime();
+    rt.block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let served = health_over_tcp(&addr, Some(&certs.client)).await;
+        assert_eq!(served, Ok(ServingStatus::Serving as i32), "a good client");
+        let stranger = health_over_tcp(&addr, Some(&certs.stranger))
+            .await
+            .expect_err("a client of another CA was served");
+        assert!(
+            refused_in_handshake(&stranger, "UnknownCA"),
+            "client of another CA: {stranger}"
+        );
+        // TLS without a client certificate.
+        let anonymous = async {
+            let ca = std::fs::read(&certs.ca).expect("ca");
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .expect("uri")
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                )
+                .expect("tls")
+                .connect()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            health(channel).await.map_err(|s| format!("{s:?}"))
+        }
+        .await;
+        let anonymous = anonymous.expect_err("a client without a certificate was served");
+        assert!(
+            refused_in_handshake(&anonymous, "CertificateRequired"),
+            "client without a certificate: {anonymous}"
+        );
+        let plain = health_over_tcp(&format!("http://{addr}"), None).await;
+        assert!(
+            plain.is_err(),
+            "a plain-text client was served on the TLS port"
+        );
+    });
+    // ctl over mTLS.
+    let client = &certs.client;
+    let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+        .args(["--tcp", &addr, "--namespace", &ctrd.namespace])
+        .arg("--ca")
+        .arg(&client.ca)
+        .arg("--cert")
+        .arg(&client.cert)
+        .arg("--key")
+        .arg(&client.key)
+        .arg("ls")
+        .output()
+        .expect("cowsnap-ctl");
+    assert!(
+        output.status.success(),
+        "ctl ls over mTLS:\n{}\n{}",
+        common::describe(&output),
+        daemon.log_text()
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("REF"));
+    drop(daemon);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let insecure = Daemon::start_with(
+        &ctrd,
+        "cowsnapd-insecure",
+        &["--tcp".as_ref(), addr.as_ref(), "--insecure".as_ref()],
+    );
+    rt.block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let served = health_over_tcp(&addr, None).await;
+        assert_eq!(
+            served,
+            Ok(ServingStatus::Serving as i32),
+            "plain TCP with --insecure"
+        );
+    });
+    let log = insecure.log_text();
+    assert!(
+        log.contains("warning") && log.contains("--insecure"),
+        "no warning for --insecure:\n{log}"
+    );
 }

@@ -23,6 +23,19 @@ struct Cli {
     /// cowsnapd's socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Talk to the cowsnapd at this TCP address (`host:port`) instead of
+    /// its socket, with mutual TLS when --ca, --cert and --key are given.
+    #[arg(long, global = true, value_name = "ADDR")]
+    tcp: Option<String>,
+    /// PEM CA certificate the server's certificate must chain to.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// PEM certificate of this client.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
     /// containerd namespace.
     #[arg(long, short, global = true, default_value = "default")]
     namespace: String,
@@ -84,9 +97,24 @@ fn status_line(status: tonic::Status) -> String {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = cowsnapd::client::connect(&cli.socket)
-        .await
-        .map_err(|e| format!("connect to cowsnapd at {}: {e}", cli.socket.display()))?;
+    let channel = match &cli.tcp {
+        Some(addr) => {
+            let tls = match (&cli.ca, &cli.cert, &cli.key) {
+                (Some(ca), Some(cert), Some(key)) => Some(cowsnapd::client::ClientTlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            };
+            cowsnapd::client::connect_tcp(addr, tls.as_ref())
+                .await
+                .map_err(|e| format!("connect to cowsnapd at {e}"))?
+        }
+        None => cowsnapd::client::connect(&cli.socket)
+            .await
+            .map_err(|e| format!("connect to cowsnapd at {}: {e}", cli.socket.display()))?,
+    };
     let mut client = checkpoint_service_client::CheckpointServiceClient::new(channel);
     let namespace = cli.namespace;
     match cli.command {

@@ -73,7 +73,49 @@ pub async fn checkpoint(
 ) -> Result<CheckpointInfo, ApiError> {
     let scope = &spec.scope;
     let id = &spec.container_id;
+    let container = check_checkpointable(ctrd, scope, id).await?;
+    match ctrd
+        .images()
+        .get(scope.request(GetImageRequest {
+            name: spec.reference.clone(),
+        }))
+        .await
+    {
+        Ok(_) => {
+            return Err(ApiError::AlreadyExists {
+                namespace: scope.namespace.clone(),
+                what: format!("image {:?}", spec.reference),
+            })
+        }
+        Err(s) if s.code() == Code::NotFound => {}
+        Err(s) => {
+            return Err(ApiError::containerd(
+                format!("look up image {:?}", spec.reference),
+                s,
+            ))
+        }
+    }
+
+    let leased = ctrd.begin_lease(&scope.namespace, "checkpoint").await?;
+    let result = store_checkpoint(ctrd, &leased, spec, &container, &mut step).await;
+    ctrd.end_lease(&leased).await;
+    let info = result?;
+    if !spec.leave_running {
+        stop_task(ctrd, scope, id).await?;
+        step(Step::TaskStopped);
+    }
+    Ok(info)
+}
+
+/// Container `id`, checked to be of this runtime with a running (or
+/// paused) task: FAILED_PRECONDITION otherwise, NOT_FOUND if absent.
+pub async fn check_checkpointable(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+) -> Result<Container, ApiError> {
     let container = get_container(ctrd, scope, id).await?;
+    let id = &container.id;
     let runtime = container.runtime.clone().unwrap_or_default();
     if runtime.name != RUNTIME_NAME {
         return Err(ApiError::OtherRuntime {
@@ -113,37 +155,7 @@ pub async fn checkpoint(
             ))
         }
     }
-    match ctrd
-        .images()
-        .get(scope.request(GetImageRequest {
-            name: spec.reference.clone(),
-        }))
-        .await
-    {
-        Ok(_) => {
-            return Err(ApiError::AlreadyExists {
-                namespace: scope.namespace.clone(),
-                what: format!("image {:?}", spec.reference),
-            })
-        }
-        Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => {
-            return Err(ApiError::containerd(
-                format!("look up image {:?}", spec.reference),
-                s,
-            ))
-        }
-    }
-
-    let leased = ctrd.begin_lease(&scope.namespace, "checkpoint").await?;
-    let result = store_checkpoint(ctrd, &leased, spec, &container, &mut step).await;
-    ctrd.end_lease(&leased).await;
-    let info = result?;
-    if !spec.leave_running {
-        stop_task(ctrd, scope, id).await?;
-        step(Step::TaskStopped);
-    }
-    Ok(info)
+    Ok(container)
 }
 
 async fn store_checkpoint(
@@ -448,6 +460,110 @@ pub async fn restore(
     })
 }
 
+/// Restores the task of the existing container `id` (whose task a
+/// checkpoint ended) from checkpoint `reference`, on the container's own
+/// rootfs snapshot: how a failed migration puts the source back.
+pub async fn restore_in_place(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+    reference: &str,
+) -> Result<Restored, ApiError> {
+    let started = Instant::now();
+    let (_image, index) = get_checkpoint(ctrd, scope, reference).await?;
+    let criu = index
+        .by_media_type(layout::MEDIA_TYPE_CHECKPOINT)
+        .cloned()
+        .expect("a checkpoint's index has a task checkpoint");
+    let container = get_container(ctrd, scope, id).await?;
+    let mounts = ctrd
+        .snapshots()
+        .mounts(scope.request(MountsRequest {
+            snapshotter: container.snapshotter.clone(),
+            key: container.snapshot_key.clone(),
+        }))
+        .await
+        .map_err(|s| {
+            ApiError::containerd(
+                format!("mounts of snapshot {:?}", container.snapshot_key),
+                s,
+            )
+        })?
+        .into_inner()
+        .mounts;
+    ctrd.tasks()
+        .create(scope.request(CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            checkpoint: Some(Descriptor {
+                media_type: criu.media_type.clone(),
+                digest: criu.digest.clone(),
+                size: criu.size,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|s| {
+            ApiError::containerd(
+                format!("create the task of container {id:?} from {reference:?}"),
+                s,
+            )
+        })?;
+    let task = Created {
+        snapshot: None,
+        container: false,
+        task: true,
+    };
+    match ctrd
+        .tasks()
+        .start(scope.request(StartRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        }))
+        .await
+    {
+        Ok(started_task) => Ok(Restored {
+            pid: started_task.into_inner().pid,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }),
+        Err(s) => {
+            task.remove(ctrd, scope, id).await;
+            Err(ApiError::containerd(
+                format!("restore container {id:?} from {reference:?}"),
+                s,
+            ))
+        }
+    }
+}
+
+/// Deletes container `id` (its task is gone) and its rootfs snapshot.
+pub async fn remove_container(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<(), ApiError> {
+    let container = get_container(ctrd, scope, id).await?;
+    ctrd.containers()
+        .delete(scope.request(DeleteContainerRequest { id: id.to_string() }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("delete container {id:?}"), s))?;
+    if !container.snapshot_key.is_empty() {
+        ctrd.snapshots()
+            .remove(scope.request(RemoveSnapshotRequest {
+                snapshotter: container.snapshotter.clone(),
+                key: container.snapshot_key.clone(),
+            }))
+            .await
+            .map_err(|s| {
+                ApiError::containerd(
+                    format!(
+                        "remove snapshot {:?} of container {id:?}",
+                        container.snapshot_key
+                    ),
+                    s,
+                )
+            })?;
+    }
+    Ok(())
+}
+
 /// What a failed restore had created, removed in reverse order.
 #[derive(Default)]
 struct Created {
@@ -502,7 +618,11 @@ impl Created {
     }
 }
 
-async fn get_container(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<Container, ApiError> {
+pub async fn get_container(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+) -> Result<Container, ApiError> {
     match ctrd
         .containers()
         .get(scope.request(GetContainerRequest { id: id.to_string() }))

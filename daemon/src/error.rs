@@ -57,6 +57,17 @@ pub enum ApiError {
     /// RESOURCE_EXHAUSTED, INTERNAL.
     #[error("{action}: {}", .status.message())]
     Containerd { action: String, status: Status },
+    #[error("migration target {target} is unreachable: {detail}")]
+    TargetUnavailable { target: String, detail: String },
+    /// A migration failed before the target ran the container; `after`
+    /// says what became of the source.
+    #[error("migration of container {id:?} to {target} failed: {cause}; {after}")]
+    MigrationFailed {
+        id: String,
+        target: String,
+        cause: Box<ApiError>,
+        after: String,
+    },
     #[error("containerd at {address} is unreachable: {detail}")]
     ContainerdUnavailable { address: String, detail: String },
     #[error("{0}")]
@@ -89,7 +100,10 @@ impl ApiError {
             ApiError::DataLoss(_) => Code::DataLoss,
             ApiError::BadStream(_) => Code::InvalidArgument,
             ApiError::Containerd { status, .. } => status.code(),
-            ApiError::ContainerdUnavailable { .. } => Code::Unavailable,
+            ApiError::ContainerdUnavailable { .. } | ApiError::TargetUnavailable { .. } => {
+                Code::Unavailable
+            }
+            ApiError::MigrationFailed { cause, .. } => cause.code(),
             ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -11,9 +11,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::checkpoint::{self, CheckpointSpec, RestoreSpec, Step};
+use crate::client::ClientTlsFiles;
 use crate::ctrd::{Containerd, Scope};
 use crate::error::ApiError;
 use crate::layout;
+use crate::migrate::{self, MigrateSpec, Receiving};
 use crate::proto::checkpoint_event::Event as CheckpointEventKind;
 use crate::proto::checkpoint_service_server::CheckpointService;
 use crate::proto::migration_service_server::MigrationService;
@@ -27,15 +29,29 @@ const EVENT_BACKLOG: usize = 16;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The state every RPC shares: the containerd it drives.
+/// The state every RPC shares: the containerd it drives, this agent's
+/// identity towards other agents, the transfers it receives.
 #[derive(Clone)]
 pub struct Agent {
     ctrd: Containerd,
+    peer_tls: Option<ClientTlsFiles>,
+    receiving: Receiving,
 }
 
 impl Agent {
     pub fn new(ctrd: Containerd) -> Agent {
-        Agent { ctrd }
+        Agent {
+            ctrd,
+            peer_tls: None,
+            receiving: Receiving::default(),
+        }
+    }
+
+    /// The certificate, key and CA this agent uses when it calls another
+    /// agent (a migration's target) over mutual TLS.
+    pub fn with_peer_tls(mut self, tls: Option<ClientTlsFiles>) -> Agent {
+        self.peer_tls = tls;
+        self
     }
 }
 
@@ -274,12 +290,88 @@ impl CheckpointService for Agent {
 #[tonic::async_trait]
 impl MigrationService for Agent {
     type MigrateStream = EventStream<MigrateEvent>;
+    type ReceiveStream = EventStream<ReceiveReply>;
 
     async fn migrate(
         &self,
-        _request: Request<MigrateRequest>,
+        request: Request<MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
-        Err(ApiError::NotSupportedYet("Migrate (live migration between nodes)".into()).into())
+        let r = request.into_inner();
+        check_container_id("container_id", &r.container_id)?;
+        if r.target.is_empty() {
+            return Err(ApiError::InvalidArgument {
+                field: "target",
+                value: String::new(),
+                reason: "the target agent's address is required (https://host:port)".into(),
+            }
+            .into());
+        }
+        let options = r.options.unwrap_or_default();
+        let target_container_id = if options.target_container_id.is_empty() {
+            r.container_id.clone()
+        } else {
+            check_container_id("options.target_container_id", &options.target_container_id)?;
+            options.target_container_id
+        };
+        let scope = Scope::new(&r.namespace);
+        let target_namespace = if options.target_namespace.is_empty() {
+            scope.namespace.clone()
+        } else {
+            options.target_namespace
+        };
+        if self.peer_tls.is_none() && !r.target.starts_with("http://") {
+            return Err(ApiError::InvalidArgument {
+                field: "target",
+                value: r.target,
+                reason: "this cowsnapd has no certificate for mutual TLS with another agent \
+                         (start it with --tls-cert, --tls-key and --tls-client-ca), and the \
+                         target is not a plain http:// one"
+                    .into(),
+            }
+            .into());
+        }
+        let spec = MigrateSpec {
+            scope,
+            container_id: r.container_id,
+            target: r.target,
+            target_namespace,
+            target_container_id,
+            tls: self.peer_tls.clone(),
+        };
+        // Checked here, before the stream: the container must be this
+        // runtime's and run.
+        checkpoint::check_checkpointable(&self.ctrd, &spec.scope, &spec.container_id).await?;
+        log::info!(
+            "migrate container {:?} of namespace {:?} to {} as {:?} of namespace {:?}",
+            spec.container_id,
+            spec.scope.namespace,
+            spec.target,
+            spec.target_container_id,
+            spec.target_namespace
+        );
+        let ctrd = self.ctrd.clone();
+        Ok(Response::new(stream_events(move |events| async move {
+            let result = migrate::migrate(&ctrd, &spec, |event| {
+                let _ = events.send(migrate::migrate_event(event));
+            })
+            .await?;
+            let _ = events.send(migrate::migrate_event(
+                crate::proto::migrate_event::Event::Done(result),
+            ));
+            Ok(())
+        })))
+    }
+
+    async fn receive(
+        &self,
+        request: Request<Streaming<ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(EVENT_BACKLOG);
+        let receiving = self.receiving.clone();
+        let ctrd = self.ctrd.clone();
+        tokio::spawn(async move { receiving.serve(ctrd, inbound, tx).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -179,9 +179,10 @@ struct Incoming {
     writer: Option<BlobWriter>,
 }
 
-/// An import in progress: what came, where it goes.
-struct Import<'a> {
-    ctrd: &'a Containerd,
+/// An import in progress: what came, where it goes. It outlives a
+/// connection (a migration's target keeps it for the source to resume).
+pub struct Import {
+    ctrd: Containerd,
     scope: Scope,
     reference: Option<String>,
     stream_offset: u64,
@@ -222,32 +223,11 @@ where
         check_reference(&checkpoint_ref)?;
         refuse_taken(ctrd, &Scope::new(&namespace), &checkpoint_ref).await?;
     }
-    let scope = ctrd.begin_lease(&namespace, "import").await?;
-    let mut import = Import {
-        ctrd,
-        scope,
-        reference: (!checkpoint_ref.is_empty()).then_some(checkpoint_ref),
-        stream_offset: 0,
-        received: Vec::new(),
-        incoming: None,
-        index_bytes: None,
-        index: None,
-    };
-    let result = import.run(&mut requests).await;
-    match result {
-        Ok(response) => {
-            ctrd.end_lease(&import.scope).await;
-            Ok(response)
-        }
+    let mut import = Import::begin(ctrd, &namespace, &checkpoint_ref).await?;
+    match import.run(&mut requests).await {
+        Ok(response) => Ok(response),
         Err(e) => {
-            if let Some(incoming) = import.incoming.take() {
-                if let Some(writer) = incoming.writer {
-                    let write_ref = writer.write_ref().to_string();
-                    drop(writer);
-                    ctrd.abort_ingest(&import.scope, &write_ref).await;
-                }
-            }
-            ctrd.end_lease_and_collect(&import.scope).await;
+            import.abandon().await;
             Err(e)
         }
     }
@@ -287,7 +267,49 @@ fn is_digest(digest: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
-impl Import<'_> {
+impl Import {
+    /// Starts an import into `namespace` as `reference` (empty: the
+    /// manifest's name), refused if that name is taken.
+    pub async fn begin(
+        ctrd: &Containerd,
+        namespace: &str,
+        reference: &str,
+    ) -> Result<Import, ApiError> {
+        if !reference.is_empty() {
+            check_reference(reference)?;
+            refuse_taken(ctrd, &Scope::new(namespace), reference).await?;
+        }
+        let scope = ctrd.begin_lease(namespace, "import").await?;
+        Ok(Import {
+            ctrd: ctrd.clone(),
+            scope,
+            reference: (!reference.is_empty()).then(|| reference.to_string()),
+            stream_offset: 0,
+            received: Vec::new(),
+            incoming: None,
+            index_bytes: None,
+            index: None,
+        })
+    }
+
+    /// Bytes of the stream received and stored so far.
+    pub fn offset(&self) -> u64 {
+        self.stream_offset
+    }
+
+    /// Drops what the import wrote: its ingest, and (collected at once)
+    /// every blob only its lease held.
+    pub async fn abandon(mut self) {
+        if let Some(incoming) = self.incoming.take() {
+            if let Some(writer) = incoming.writer {
+                let write_ref = writer.write_ref().to_string();
+                drop(writer);
+                self.ctrd.abort_ingest(&self.scope, &write_ref).await;
+            }
+        }
+        self.ctrd.end_lease_and_collect(&self.scope).await;
+    }
+
     async fn run<S>(&mut self, requests: &mut S) -> Result<ImportCheckpointResponse, ApiError>
     where
         S: Stream<Item = Result<ImportCheckpointRequest, Status>> + Unpin,
@@ -312,7 +334,8 @@ impl Import<'_> {
         )))
     }
 
-    async fn chunk(&mut self, chunk: CheckpointChunk) -> Result<(), ApiError> {
+    /// Takes the next chunk of the stream.
+    pub async fn chunk(&mut self, chunk: CheckpointChunk) -> Result<(), ApiError> {
         let at = format!(
             "chunk at stream offset {} (offset {} of blob {})",
             chunk.stream_offset, chunk.offset, chunk.digest
@@ -475,7 +498,9 @@ impl Import<'_> {
 
     /// The manifest: what came must be what it lists, the index's blobs
     /// all there; then the image is created.
-    async fn finish(
+    /// Takes the manifest, the last message, and creates the image; the
+    /// import's lease is then deleted (the image holds what it wrote).
+    pub async fn finish(
         &mut self,
         manifest: CheckpointManifest,
     ) -> Result<ImportCheckpointResponse, ApiError> {
@@ -520,7 +545,7 @@ impl Import<'_> {
             None => {
                 check_reference(&manifest.checkpoint_ref)?;
                 let plain = Scope::new(&self.scope.namespace);
-                refuse_taken(self.ctrd, &plain, &manifest.checkpoint_ref).await?;
+                refuse_taken(&self.ctrd, &plain, &manifest.checkpoint_ref).await?;
                 manifest.checkpoint_ref.clone()
             }
         };
@@ -542,6 +567,7 @@ impl Import<'_> {
             .into_inner()
             .image
             .unwrap_or_default();
+        self.ctrd.end_lease(&self.scope).await;
         Ok(ImportCheckpointResponse {
             checkpoint: Some(checkpoint::checkpoint_info(&image, &index)),
             bytes_received: self.stream_offset,

@@ -77,10 +77,30 @@ impl Daemon {
     /// A cowsnapd named `name` (its socket and log in the harness's
     /// directory) with `extra` arguments.
     fn start_with(ctrd: &Containerd, name: &str, extra: &[&std::ffi::OsStr]) -> Daemon {
+        Daemon::start_in(ctrd, name, None, extra)
+    }
+
+    /// [`Daemon::start_with`] in network namespace `netns` (only that
+    /// namespace is entered).
+    fn start_in(
+        ctrd: &Containerd,
+        name: &str,
+        netns: Option<&Path>,
+        extra: &[&std::ffi::OsStr],
+    ) -> Daemon {
         let socket = ctrd.dir().join(format!("{name}/cowsnapd.sock"));
         let log = ctrd.dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("cowsnapd log");
-        let child = Command::new(daemon_bin_dir().join(DAEMON_BIN))
+        let mut command = match netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg(daemon_bin_dir().join(DAEMON_BIN));
+                c
+            }
+            None => Command::new(daemon_bin_dir().join(DAEMON_BIN)),
+        };
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--containerd")
@@ -289,8 +309,11 @@ fn cowsnapd_health_and_reflection() {
 ///    restored under a new id, where the counter goes on. Bad requests get
 ///    precise codes: an unknown container NOT_FOUND, a malformed ref
 ///    INVALID_ARGUMENT, a container of runc's runtime FAILED_PRECONDITION,
-///    a taken ref ALREADY_EXISTS, Migrate UNIMPLEMENTED; a deleted
-///    checkpoint is NOT_FOUND.
+///    a taken ref ALREADY_EXISTS; Migrate without a certificate for mutual
+///    TLS INVALID_ARGUMENT, of an unknown container NOT_FOUND, of a runc
+///    container FAILED_PRECONDITION, to a target nobody answers at
+///    UNAVAILABLE (and the container runs on); a deleted checkpoint is
+///    NOT_FOUND.
 #[test]
 fn cowsnapd_checkpoints_and_restores_a_counter() {
     let ctrd = Containerd::start_cowsnap("daemon");
@@ -329,18 +352,47 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
         );
         let mut migration =
             migration_service_client::MigrationServiceClient::new(daemon.channel().await);
-        let migrate = migration
-            .migrate(MigrateRequest {
-                namespace: ns.clone(),
-                container_id: id.clone(),
-                target: "https://127.0.0.1:1".into(),
-                options: None,
-            })
-            .await
-            .map(|_| ());
-        assert_status(migrate, Code::Unimplemented, "not supported yet");
+        let request = |id: &str, target: &str| MigrateRequest {
+            namespace: ns.clone(),
+            container_id: id.to_string(),
+            target: target.to_string(),
+            options: None,
+        };
+        // No certificate to reach another agent with (no --tls-*).
+        assert_status(
+            migrate(&mut migration, request(&id, "https://127.0.0.1:1"), |_| {}).await,
+            Code::InvalidArgument,
+            "mutual TLS",
+        );
+        assert_status(
+            migrate(
+                &mut migration,
+                request("no-such-container", "http://127.0.0.1:1"),
+                |_| {},
+            )
+            .await,
+            Code::NotFound,
+            "no-such-container",
+        );
+        assert_status(
+            migrate(
+                &mut migration,
+                request(&runc_id, "http://127.0.0.1:1"),
+                |_| {},
+            )
+            .await,
+            Code::FailedPrecondition,
+            &runc_id,
+        );
+        // A target nobody answers at: refused before the container stops.
+        assert_status(
+            migrate(&mut migration, request(&id, "http://127.0.0.1:1"), |_| {}).await,
+            Code::Unavailable,
+            "127.0.0.1:1",
+        );
     });
 
+    assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
     let before = ctrd.wait_counter_above(&id, 10);
     let events = rt
         .block_on(checkpoint(&mut client, &ns, &id, reference))
@@ -764,6 +816,67 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A certificate `name.pem` (key `name.key`) signed by CA `ca` in `dir`,
+/// with the extensions `ext` (an openssl extfile's text).
+fn openssl_leaf(dir: &Path, name: &str, ca: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// The certificate of a node's cowsnapd at `ip`: a server certificate for
+/// that address that is also the agent's client certificate.
+fn node_cert(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+    openssl_leaf(
+        dir,
+        name,
+        "ca",
+        &format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{ip}\n"
+        ),
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
 impl Certs {
     fn make(dir: &Path) -> Certs {
         std::fs::create_dir_all(dir).expect("certs dir");
@@ -789,46 +902,7 @@ impl Certs {
                 ],
             )
         };
-        let leaf = |name: &str, ca: &str, ext: &str| {
-            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
-            openssl(
-                dir,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={name}"),
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            );
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    &format!("{ca}.pem"),
-                    "-CAkey",
-                    &format!("{ca}.key"),
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
-        };
+        let leaf = |name: &str, ca: &str, ext: &str| openssl_leaf(dir, name, ca, ext);
         ca("ca");
         ca("other-ca");
         leaf(
@@ -1037,4 +1111,270 @@ fn cowsnapd_tcp_requires_mutual_tls() {
         log.contains("warning") && log.contains("--insecure"),
         "no warning for --insecure:\n{log}"
     );
+}
+
+/// Two network namespaces joined by a veth pair: node A at
+/// [`NODE_A_IP`], node B at [`NODE_B_IP`]. Removed when dropped.
+struct TwoNodes {
+    a: String,
+    b: String,
+    /// The certificates of both nodes' cowsnapd (one CA).
+    certs: PathBuf,
+}
+
+const NODE_A_IP: &str = "10.231.7.1";
+const NODE_B_IP: &str = "10.231.7.2";
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?}:\n{}",
+        common::describe(&output)
+    );
+}
+
+impl TwoNodes {
+    fn new() -> TwoNodes {
+        let tag = std::process::id() % 100_000;
+        let certs = std::env::temp_dir().join(format!("cowsnap-nodes-certs-{tag}"));
+        let _ = std::fs::remove_dir_all(&certs);
+        Certs::make(&certs);
+        let nodes = TwoNodes {
+            a: format!("csmig-a-{tag}"),
+            b: format!("csmig-b-{tag}"),
+            certs,
+        };
+        let (va, vb) = (format!("csva{tag}"), format!("csvb{tag}"));
+        for ns in [&nodes.a, &nodes.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &nodes.a]);
+        ip(&["link", "set", &vb, "netns", &nodes.b]);
+        ip(&[
+            "-n",
+            &nodes.a,
+            "addr",
+            "add",
+            &format!("{NODE_A_IP}/24"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &nodes.b,
+            "addr",
+            "add",
+            &format!("{NODE_B_IP}/24"),
+            "dev",
+            &vb,
+        ]);
+        ip(&["-n", &nodes.a, "link", "set", &va, "up"]);
+        ip(&["-n", &nodes.b, "link", "set", &vb, "up"]);
+        nodes
+    }
+
+    fn path(name: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{name}"))
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth, and so both.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+/// A node: its containerd and its cowsnapd (unix socket, and TCP with
+/// mutual TLS at `ip`:`port`), both in the node's network namespace.
+struct Node {
+    daemon: Daemon,
+    ctrd: Containerd,
+    addr: String,
+}
+
+impl Node {
+    fn start(what: &str, netns: &str, ip: &str, certs_dir: &Path) -> Node {
+        let netns = TwoNodes::path(netns);
+        let ctrd = Containerd::start_cowsnap_in(what, Some(&netns));
+        let (cert, key) = node_cert(certs_dir, what, ip);
+        let addr = format!("{ip}:{}", 7000 + std::process::id() % 1000);
+        let args: Vec<std::ffi::OsString> = vec![
+            "--tcp".into(),
+            addr.clone().into(),
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+            "--tls-client-ca".into(),
+            certs_dir.join("ca.pem").into(),
+        ];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let daemon = Daemon::start_in(&ctrd, "cowsnapd", Some(&netns), &args);
+        Node { daemon, ctrd, addr }
+    }
+}
+
+/// Every event of a Migrate, calling `seen` on each, or its status.
+async fn migrate(
+    client: &mut migration_service_client::MigrationServiceClient<Channel>,
+    request: MigrateRequest,
+    mut seen: impl FnMut(&migrate_event::Event),
+) -> Result<Vec<migrate_event::Event>, tonic::Status> {
+    let mut stream = client.migrate(request).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        if let Some(e) = event?.event {
+            seen(&e);
+            events.push(e);
+        }
+    }
+    Ok(events)
+}
+
+/// Two nodes (network namespaces joined by a veth pair, each with its own
+/// containerd and cowsnapd, certificates of one CA made by the test), and
+/// a counter container on A.
+fn two_nodes_with_counter(what: &str, script: &str) -> (TwoNodes, Node, Node, String) {
+    let nodes = TwoNodes::new();
+    let a = Node::start(&format!("{what}-a"), &nodes.a, NODE_A_IP, &nodes.certs);
+    let b = Node::start(&format!("{what}-b"), &nodes.b, NODE_B_IP, &nodes.certs);
+    let image = a.ctrd.import_reference_image();
+    b.ctrd.import_reference_image();
+    let id = a.ctrd.container_id("counter");
+    a.ctrd
+        .run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", script]);
+    (nodes, a, b, id)
+}
+
+/// 6. Live migration between two nodes over mutual TLS: a shell counter
+///    container on A migrates to B (`ctl migrate` through A's socket); on
+///    B it runs and counts on from its value on A; A no longer has the
+///    container nor its checkpoint, B keeps no checkpoint either. The
+///    answer gives the bytes sent, the frozen time, the downtime and the
+///    total time.
+#[test]
+fn cowsnapd_migrates_a_counter_between_nodes() {
+    let (_nodes, a, b, id) = two_nodes_with_counter("mig", COUNTER_LOOP);
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    b.ctrd.track(&id);
+    let target = format!("https://{}", b.addr);
+    let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+        .arg("--socket")
+        .arg(&a.daemon.socket)
+        .args(["--namespace", &a.ctrd.namespace, "migrate", &id, &target])
+        .args(["--target-namespace", &b.ctrd.namespace])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cowsnap-ctl migrate");
+    assert!(
+        output.status.success(),
+        "ctl migrate failed:\n{}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}\n--- containerd B\n{}",
+        common::describe(&output),
+        a.daemon.log_text(),
+        b.daemon.log_text(),
+        b.ctrd.log_tail(40)
+    );
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{line}");
+    assert!(
+        line.contains("bytes sent") && line.contains("downtime"),
+        "{line}"
+    );
+    let running = b.ctrd.wait_status(&id, "RUNNING");
+    assert!(running.pid > 0);
+    b.ctrd.wait_counter_above(&id, before);
+    assert!(
+        !a.ctrd.containers().iter().any(|c| c == &id),
+        "A still has container {id}: {:?}",
+        a.ctrd.containers()
+    );
+    for node in [&a, &b] {
+        let images = node.ctrd.ctr_ok(&["images", "ls", "-q"]);
+        assert!(
+            !images.contains("cowsnap.migrate/"),
+            "a migration checkpoint is left: {images}"
+        );
+    }
+    let figures: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(figures.iter().all(|&f| f < 10_000_000_000), "{line}");
+    b.ctrd.kill_and_delete(&id);
+}
+
+/// 7. The target agent is killed in the middle of the transfer: the
+///    source tries to reach it again, gives up, and restores the
+///    container from its own checkpoint: Migrate fails with UNAVAILABLE
+///    saying the container runs again, and on A the counter goes on; B
+///    has no container.
+#[test]
+fn cowsnapd_migration_to_a_killed_target_leaves_the_source_running() {
+    // 96 MiB of memory: a transfer long enough to be cut.
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (_nodes, a, mut b, id) = two_nodes_with_counter("migkill", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let rt = runtime();
+    let mut killed_at = None;
+    let result = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |event| {
+            if let migrate_event::Event::BytesSent(bytes) = event {
+                if killed_at.is_none() {
+                    let _ = b.daemon.child.kill();
+                    killed_at = Some(*bytes);
+                }
+            }
+        })
+        .await
+    });
+    let killed_at = killed_at.expect("no byte was sent before the end");
+    let status = result.expect_err("the migration must fail once its target is gone");
+    eprintln!("target killed after {killed_at} bytes: {status:?}");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("runs here again"),
+        "{status:?}\n--- cowsnapd A\n{}",
+        a.daemon.log_text()
+    );
+    let _ = b.daemon.child.wait();
+    a.ctrd.wait_status(&id, "RUNNING");
+    a.ctrd.wait_counter_above(&id, before);
+    assert!(
+        !b.ctrd.containers().iter().any(|c| c == &id),
+        "B has container {id}"
+    );
+    let images = a.ctrd.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        !images.contains("cowsnap.migrate/"),
+        "A keeps its checkpoint: {images}"
+    );
+    a.ctrd.kill_and_delete(&id);
 }

@@ -66,6 +66,18 @@ enum Command {
     },
     /// Delete a checkpoint.
     Rm { reference: String },
+    /// Migrate container ID to the cowsnapd at TARGET (https://host:port):
+    /// checkpoint, transfer, restore there, remove here.
+    Migrate {
+        id: String,
+        target: String,
+        /// Id on the target (default: the same).
+        #[arg(long)]
+        target_id: Option<String>,
+        /// containerd namespace on the target (default: the same).
+        #[arg(long)]
+        target_namespace: Option<String>,
+    },
     /// Write checkpoint REF (its blobs and index, as checksummed chunks)
     /// to FILE, or to stdout with `-`.
     Export { reference: String, file: PathBuf },
@@ -115,7 +127,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await
             .map_err(|e| format!("connect to cowsnapd at {}: {e}", cli.socket.display()))?,
     };
-    let mut client = checkpoint_service_client::CheckpointServiceClient::new(channel);
+    let mut client = checkpoint_service_client::CheckpointServiceClient::new(channel.clone());
     let namespace = cli.namespace;
     match cli.command {
         Command::Checkpoint {
@@ -248,6 +260,48 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_line)?;
             println!("{reference} deleted");
+        }
+        Command::Migrate {
+            id,
+            target,
+            target_id,
+            target_namespace,
+        } => {
+            let mut migration = migration_service_client::MigrationServiceClient::new(channel);
+            let mut events = migration
+                .migrate(MigrateRequest {
+                    namespace,
+                    container_id: id.clone(),
+                    target: target.clone(),
+                    options: Some(MigrateOptions {
+                        target_container_id: target_id.unwrap_or_default(),
+                        target_namespace: target_namespace.unwrap_or_default(),
+                    }),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let mut last_report = std::time::Instant::now();
+            while let Some(event) = events.next().await {
+                match event.map_err(status_line)?.event {
+                    Some(migrate_event::Event::Stage(stage)) => {
+                        let name =
+                            MigrateStage::try_from(stage).map_or("unknown", |s| s.as_str_name());
+                        eprintln!("{}", stage_word(name, "MIGRATE_STAGE_"));
+                    }
+                    Some(migrate_event::Event::BytesSent(bytes))
+                        if last_report.elapsed() > std::time::Duration::from_secs(1) =>
+                    {
+                        eprintln!("{bytes} bytes sent");
+                        last_report = std::time::Instant::now();
+                    }
+                    Some(migrate_event::Event::Done(r)) => println!(
+                        "{id} migrated to {target}: {} bytes sent ({} bytes checkpoint, resumed {} times), frozen {} ms, downtime {} ms, total {} ms",
+                        r.bytes_sent, r.checkpoint_size, r.resumed, r.frozen_ms, r.downtime_ms, r.total_ms
+                    ),
+                    _ => {}
+                }
+            }
         }
         Command::Export { reference, file } => {
             let mut stream = client

@@ -25,13 +25,16 @@ struct Args {
     /// --insecure is given.
     #[arg(long, value_name = "ADDR")]
     tcp: Option<String>,
-    /// PEM certificate (chain) of this server, for TCP.
+    /// PEM certificate (chain) of this server, for TCP; also this agent's
+    /// client certificate towards a migration's target (give it both the
+    /// serverAuth and clientAuth usages).
     #[arg(long, value_name = "PATH")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "PATH")]
     tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s) that clients' certificates must chain to.
+    /// PEM CA certificate(s) that clients' certificates, and a migration
+    /// target's server certificate, must chain to.
     #[arg(long, value_name = "PATH")]
     tls_client_ca: Option<PathBuf>,
     /// Allow --tcp without TLS (logs a warning): for tests on a private
@@ -98,7 +101,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = stop_tx.send(true);
     };
     tokio::spawn(signals);
-    let agent = Agent::new(ctrd);
+    // The server's certificate is also this agent's client certificate
+    // when it calls another agent (a migration's target), whose server
+    // certificate must chain to the same CA.
+    let peer_tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(cowsnapd::client::ClientTlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let agent = Agent::new(ctrd).with_peer_tls(peer_tls);
     let unix = serve_unix(
         agent.clone(),
         listener,

@@ -17,8 +17,9 @@ use containerd_client::services::v1::{
     snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient, WriteAction,
 };
 use containerd_client::services::v1::{
-    AbortRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
-    InfoRequest, ReadContentRequest, WriteContentRequest,
+    AbortRequest, AddResourceRequest, CreateRequest as CreateLeaseRequest,
+    DeleteRequest as DeleteLeaseRequest, InfoRequest, ReadContentRequest, Resource,
+    WriteContentRequest,
 };
 use containerd_client::types::Descriptor;
 use sha2::{Digest, Sha256};
@@ -256,6 +257,26 @@ impl Containerd {
             total: total as i64,
             written: 0,
         }
+    }
+
+    /// Adds blob `digest`, already in the content store, to the scope's
+    /// lease, so that it stays while the lease does whoever else held it.
+    pub async fn lease_blob(&self, scope: &Scope, digest: &str) -> Result<(), ApiError> {
+        let Some(lease) = scope.lease.clone() else {
+            return Ok(());
+        };
+        let plain = Scope::new(&scope.namespace);
+        self.leases()
+            .add_resource(plain.request(AddResourceRequest {
+                id: lease.clone(),
+                resource: Some(Resource {
+                    id: digest.to_string(),
+                    r#type: "content".to_string(),
+                }),
+            }))
+            .await
+            .map(|_| ())
+            .map_err(|s| ApiError::containerd(format!("add blob {digest} to lease {lease}"), s))
     }
 
     /// Drops the ingest `write_ref` (what a failed write had sent).

@@ -46,6 +46,8 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
 /// How long a source tries to reach its target again after a dropped
 /// connection before it gives up and restores the container itself.
 pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(8);
+/// Chunks queued towards the target besides those on the wire.
+const IN_FLIGHT: usize = 2;
 /// Pause between reconnections.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 
@@ -227,7 +229,9 @@ async fn send(
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             };
-            let (tx, rx) = mpsc::channel::<ReceiveRequest>(8);
+            // Small queues: what is queued when a connection drops is
+            // sent again.
+            let (tx, rx) = mpsc::channel::<ReceiveRequest>(IN_FLIGHT);
             let _ = tx
                 .send(ReceiveRequest {
                     item: Some(ReceiveItem::Start(start.clone())),
@@ -273,7 +277,7 @@ async fn send(
         }
         // The export feeds the connection; what it sent counts once the
         // target has it.
-        let (chunks_tx, mut chunks_rx) = mpsc::channel(8);
+        let (chunks_tx, mut chunks_rx) = mpsc::channel(IN_FLIGHT);
         let exporter = {
             let ctrd = ctrd.clone();
             let scope = spec.scope.clone();
@@ -368,7 +372,13 @@ fn target_error(spec: &MigrateSpec, status: Status) -> ApiError {
 #[derive(Clone, Default)]
 pub struct Receiving {
     parked: Arc<Mutex<HashMap<String, (u64, Import)>>>,
+    /// Transfers a connection serves now.
+    active: Arc<Mutex<std::collections::HashSet<String>>>,
 }
+
+/// How long a new connection of a transfer waits for the transfer's old
+/// connection (which the source gave up on) to be seen dropped.
+const TAKEOVER_PATIENCE: Duration = Duration::from_secs(10);
 
 impl Receiving {
     /// Serves one connection of a source's `Receive`: replies go to `tx`.
@@ -391,6 +401,32 @@ impl Receiving {
                 return;
             }
         };
+        // The source may come back before this side has seen its old
+        // connection drop: wait for that connection to park the import.
+        let deadline = Instant::now() + TAKEOVER_PATIENCE;
+        while !self.active.lock().await.insert(start.transfer_id.clone()) {
+            if Instant::now() > deadline {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "transfer {} is still served on another connection",
+                        start.transfer_id
+                    ))))
+                    .await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.serve_transfer(ctrd, start.clone(), inbound, tx).await;
+        self.active.lock().await.remove(&start.transfer_id);
+    }
+
+    async fn serve_transfer(
+        &self,
+        ctrd: Containerd,
+        start: ReceiveStart,
+        mut inbound: Streaming<ReceiveRequest>,
+        tx: mpsc::Sender<Result<ReceiveReply, Status>>,
+    ) {
         let parked = self.parked.lock().await.remove(&start.transfer_id);
         let mut import = match parked {
             Some((_, import)) => {

@@ -410,6 +410,11 @@ impl Import {
             .blob_size(&self.scope, &blob.digest)
             .await
             .is_ok_and(|size| size as u64 == blob.size);
+        if exists {
+            // Held by this import's lease too: whatever else holds it may
+            // let go before the import's image exists.
+            self.ctrd.lease_blob(&self.scope, &blob.digest).await?;
+        }
         // The index is written with its garbage-collection labels, which
         // are known once it is parsed: always written, at its end.
         let is_index = layout::is_index_media_type(&blob.media_type);

@@ -859,8 +859,9 @@ fn openssl_leaf(dir: &Path, name: &str, ca: &str, ext: &str) {
     );
 }
 
-/// The certificate of a node's cowsnapd at `ip`: a server certificate for
-/// that address that is also the agent's client certificate.
+/// The certificate of a node's cowsnapd at `ip` (and 127.0.0.1, for a
+/// proxy in front of it): a server certificate for that address that is
+/// also the agent's client certificate.
 fn node_cert(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
     openssl_leaf(
         dir,
@@ -868,7 +869,7 @@ fn node_cert(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
         "ca",
         &format!(
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
-             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{ip}\n"
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{ip},IP:127.0.0.1\n"
         ),
     );
     (
@@ -1377,4 +1378,158 @@ fn cowsnapd_migration_to_a_killed_target_leaves_the_source_running() {
         "A keeps its checkpoint: {images}"
     );
     a.ctrd.kill_and_delete(&id);
+}
+
+/// A TCP proxy in network namespace `netns` on 127.0.0.1, to `upstream`:
+/// the first connection is cut (both ways) once `cut_after` bytes went
+/// upstream through it; later ones pass whole. Returns its port and the
+/// number of connections it cut.
+fn cutting_proxy(
+    netns: &Path,
+    upstream: String,
+    cut_after: u64,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let cuts = Arc::new(AtomicU32::new(0));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let netns = netns.to_path_buf();
+    let counted = cuts.clone();
+    thread::spawn(move || {
+        // Threads made from here on are in the namespace too.
+        let ns = std::fs::File::open(&netns).expect("open the netns");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+        port_tx
+            .send(listener.local_addr().expect("addr").port())
+            .expect("port");
+        let mut first = true;
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let limit = if first { cut_after } else { u64::MAX };
+            first = false;
+            let up = Arc::new(AtomicU64::new(0));
+            let pump = |mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>| {
+                let cuts = counted.clone();
+                let (a, b) = (from.try_clone().expect("dup"), to.try_clone().expect("dup"));
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if let Some(count) = &count {
+                            if count.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > limit {
+                                cuts.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                    let _ = a.shutdown(Shutdown::Both);
+                    let _ = b.shutdown(Shutdown::Both);
+                });
+            };
+            pump(
+                client.try_clone().expect("dup"),
+                server.try_clone().expect("dup"),
+                Some(up),
+            );
+            pump(server, client, None);
+        }
+    });
+    (port_rx.recv().expect("proxy port"), cuts)
+}
+
+/// 8. The connection between the agents drops in the middle of the
+///    transfer (a proxy on A cuts it after 24 MiB): the source connects
+///    again and the transfer resumes at the offset the target acknowledged
+///    instead of starting over (the bytes sent stay under the checkpoint's
+///    size plus half the part before the cut, where a restart would send
+///    that part again, less what was in flight), and the container runs on
+///    B.
+#[test]
+fn cowsnapd_migration_resumes_after_a_dropped_connection() {
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (nodes, a, b, id) = two_nodes_with_counter("migcut", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    const CUT_AFTER: u64 = 24 << 20;
+    let (port, cuts) = cutting_proxy(&TwoNodes::path(&nodes.a), b.addr.clone(), CUT_AFTER);
+    b.ctrd.track(&id);
+    let rt = runtime();
+    let events = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://127.0.0.1:{port}"),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let events = events.unwrap_or_else(|s| {
+        panic!(
+            "migrate: {s:?}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}",
+            a.daemon.log_text(),
+            b.daemon.log_text()
+        )
+    });
+    let Some(migrate_event::Event::Done(result)) = events.last() else {
+        panic!("Migrate did not end with its result: {events:?}");
+    };
+    eprintln!("{result:?}");
+    assert_eq!(
+        cuts.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the proxy never cut"
+    );
+    assert!(
+        result.resumed >= 1,
+        "the transfer was not resumed: {result:?}"
+    );
+    assert!(
+        result.checkpoint_size > 2 * CUT_AFTER,
+        "the checkpoint is too small to be cut in its middle: {result:?}"
+    );
+    // Started over, it would have sent the part before the cut twice.
+    assert!(
+        result.bytes_sent < result.checkpoint_size + CUT_AFTER / 2,
+        "the transfer started over: {result:?}"
+    );
+    let log = b.daemon.log_text();
+    let resumed_at: u64 = log
+        .split("resumed at offset ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("B did not resume:\n{log}"));
+    assert!(
+        resumed_at > CUT_AFTER / 2 && resumed_at <= CUT_AFTER,
+        "B resumed at {resumed_at}"
+    );
+    b.ctrd.wait_status(&id, "RUNNING");
+    b.ctrd.wait_counter_above(&id, before);
+    assert!(!a.ctrd.containers().iter().any(|c| c == &id));
+    b.ctrd.kill_and_delete(&id);
 }

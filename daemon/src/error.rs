@@ -53,8 +53,9 @@ pub enum ApiError {
     /// checkpoint or restore the engine failed arrives so with the code the
     /// shim gave the engine's typed error (`cowsnap::engine_error`):
     /// UNIMPLEMENTED for a refusal (an fd of a kind restore cannot reopen),
-    /// FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
-    /// RESOURCE_EXHAUSTED, INTERNAL.
+    /// FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE
+    /// (containerd 1.6 turns the shim's RESOURCE_EXHAUSTED and INTERNAL
+    /// into UNKNOWN).
     #[error("{action}: {}", .status.message())]
     Containerd { action: String, status: Status },
     #[error("migration target {target} is unreachable: {detail}")]

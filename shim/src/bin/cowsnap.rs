@@ -112,8 +112,9 @@ enum Command {
     },
     /// Check an image completely (files, checksums, frames, page references).
     Verify { dir: PathBuf },
-    /// Talk to cowsnapd (checkpoint, restore, ls, inspect, rm): runs
-    /// `cowsnap-ctl` from beside this binary or from PATH.
+    /// Talk to cowsnapd (checkpoint, restore, ls, inspect, rm, export,
+    /// import, migrate): runs `cowsnap-ctl` from beside this binary or
+    /// from PATH.
     #[command(disable_help_flag = true)]
     Ctl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

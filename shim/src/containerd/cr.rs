@@ -90,8 +90,11 @@ pub fn engine_binary() -> Result<PathBuf, CrError> {
         .map(|d| d.join("cowsnap"))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            CrError::Failed(format!(
-                "the cowsnap binary was not found: set {BIN_ENV}, or put it beside the shim or on PATH"
+            CrError::Engine(EngineError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "the cowsnap binary was not found: set {BIN_ENV}, or put it beside the shim or on PATH"
+                ),
             ))
         })
 }

@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::snapshots::{
-    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    ViewSnapshotRequest,
 };
+use containerd_client::services::v1::{ApplyRequest, DiffRequest};
 use containerd_client::services::v1::{
     CheckpointTaskRequest, Container, CreateContainerRequest, CreateImageRequest,
     CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest, DeleteTaskRequest,
@@ -53,12 +55,16 @@ pub struct CheckpointSpec {
     pub container_id: String,
     pub leave_running: bool,
     pub reference: String,
+    /// Also store the container's writable layer (as `ctr container
+    /// checkpoint --rw`).
+    pub include_rw_layer: bool,
 }
 
 /// A step of a checkpoint or restore, reported as it ends.
 pub enum Step {
     Dumping,
     Dumped,
+    RwLayerStored,
     TaskStopped,
     ContainerCreated,
     TaskCreated,
@@ -229,6 +235,12 @@ async fn store_checkpoint(
         .manifests
         .extend(dumped.descriptors.into_iter().map(with_platform));
     step(Step::Dumped);
+    if spec.include_rw_layer {
+        // After the dump: the files are as the processes left them.
+        let layer = rw_layer_diff(ctrd, scope, container).await?;
+        index.manifests.push(with_platform(layer));
+        step(Step::RwLayerStored);
+    }
     let blob = ctrd
         .write_blob(
             scope,
@@ -273,6 +285,80 @@ async fn store_checkpoint(
     Ok(checkpoint_info(&image, &index))
 }
 
+/// The container's writable layer as a gzip tar diff in the content store
+/// (what containerd's `rootfs.CreateDiff` makes for `ctr container
+/// checkpoint --rw`): its snapshot against a view of its parent.
+async fn rw_layer_diff(
+    ctrd: &Containerd,
+    scope: &Scope,
+    container: &Container,
+) -> Result<Descriptor, ApiError> {
+    let id = &container.id;
+    let snapshotter = &container.snapshotter;
+    let key = &container.snapshot_key;
+    let info = ctrd
+        .snapshots()
+        .stat(scope.request(StatSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("stat snapshot {key:?}"), s))?
+        .into_inner()
+        .info
+        .unwrap_or_default();
+    let view = format!("{key}-cowsnapd-rw-view-{}", std::process::id());
+    let lower = ctrd
+        .snapshots()
+        .view(scope.request(ViewSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: view.clone(),
+            parent: info.parent.clone(),
+            labels: HashMap::new(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("view snapshot {:?}", info.parent), s))?
+        .into_inner()
+        .mounts;
+    let upper = ctrd
+        .snapshots()
+        .mounts(scope.request(MountsRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("mounts of snapshot {key:?}"), s));
+    let diff = match upper {
+        Ok(upper) => ctrd
+            .diff()
+            .diff(scope.request(DiffRequest {
+                left: lower,
+                right: upper.into_inner().mounts,
+                media_type: layout::MEDIA_TYPE_RW_LAYER.to_string(),
+                r#ref: format!("checkpoint-rw-{key}"),
+                labels: HashMap::new(),
+                source_date_epoch: None,
+            }))
+            .await
+            .map_err(|s| {
+                ApiError::containerd(format!("diff the writable layer of container {id:?}"), s)
+            }),
+        Err(e) => Err(e),
+    };
+    let _ = ctrd
+        .snapshots()
+        .remove(scope.request(RemoveSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: view,
+        }))
+        .await;
+    diff?.into_inner().diff.ok_or_else(|| {
+        ApiError::Internal(format!(
+            "containerd's diff of container {id:?} returned no descriptor"
+        ))
+    })
+}
+
 /// Ends the task the checkpoint left to exit and deletes it (the
 /// container stays, as after `ctr task checkpoint --exit`).
 async fn stop_task(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<(), ApiError> {
@@ -308,6 +394,9 @@ pub struct RestoreSpec {
     pub scope: Scope,
     pub reference: String,
     pub new_container_id: String,
+    /// Apply the checkpoint's writable layer to the new rootfs (as `ctr
+    /// container restore --rw`); FAILED_PRECONDITION if it has none.
+    pub apply_rw_layer: bool,
 }
 
 /// What was restored.
@@ -361,6 +450,15 @@ pub async fn restore(
         None => None,
     };
     let parent = rootfs_chain_id(ctrd, scope, &spec.reference, &image_name).await?;
+    let rw_layer = match (spec.apply_rw_layer, index.rw_layer()) {
+        (false, _) => None,
+        (true, Some(layer)) => Some(layer.clone()),
+        (true, None) => {
+            return Err(ApiError::NoRwLayer {
+                reference: spec.reference.clone(),
+            })
+        }
+    };
 
     let leased = ctrd.begin_lease(&scope.namespace, "restore").await?;
     let mut created = Created::default();
@@ -409,6 +507,26 @@ pub async fn restore(
             .map_err(|s| ApiError::containerd(format!("mounts of snapshot {id:?}"), s))?
             .into_inner()
             .mounts;
+        if let Some(layer) = &rw_layer {
+            ctrd.diff()
+                .apply(leased.request(ApplyRequest {
+                    diff: Some(Descriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts: mounts.clone(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| {
+                    ApiError::containerd(
+                        format!("apply the writable layer {} to {id:?}", layer.digest),
+                        s,
+                    )
+                })?;
+        }
         ctrd.tasks()
             .create(leased.request(CreateTaskRequest {
                 container_id: id.clone(),

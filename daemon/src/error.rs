@@ -33,6 +33,8 @@ pub enum ApiError {
     AlreadyExists { namespace: String, what: String },
     #[error("image {reference:?} is not a checkpoint: {reason}")]
     NotACheckpoint { reference: String, reason: String },
+    #[error("checkpoint {reference:?} holds no writable layer to apply (it was taken without include_rw_layer)")]
+    NoRwLayer { reference: String },
     #[error(
         "checkpoint {reference:?} needs image {image:?}, which is not in namespace {namespace:?}"
     )]
@@ -95,7 +97,8 @@ impl ApiError {
             | ApiError::NotACheckpoint { .. } => Code::InvalidArgument,
             ApiError::OtherRuntime { .. }
             | ApiError::NoRunningTask { .. }
-            | ApiError::MissingImage { .. } => Code::FailedPrecondition,
+            | ApiError::MissingImage { .. }
+            | ApiError::NoRwLayer { .. } => Code::FailedPrecondition,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::NotSupportedYet(_) => Code::Unimplemented,
             ApiError::DataLoss(_) => Code::DataLoss,

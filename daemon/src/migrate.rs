@@ -101,6 +101,7 @@ pub async fn migrate(
             container_id: id.clone(),
             leave_running: false,
             reference: reference.clone(),
+            include_rw_layer: true,
         },
         |_| {},
     )
@@ -546,6 +547,7 @@ async fn restore(ctrd: &Containerd, start: &ReceiveStart) -> Result<ReceiveReply
             scope: scope.clone(),
             reference: start.checkpoint_ref.clone(),
             new_container_id: start.container_id.clone(),
+            apply_rw_layer: true,
         },
         |_| {},
     )

@@ -97,13 +97,8 @@ impl CheckpointService for Agent {
         let r = request.into_inner();
         check_container_id("container_id", &r.container_id)?;
         check_reference(&r.checkpoint_ref)?;
-        if r.options.as_ref().is_some_and(|o| o.include_rw_layer) {
-            return Err(ApiError::NotSupportedYet(
-                "checkpointing the writable layer (options.include_rw_layer)".into(),
-            )
-            .into());
-        }
         let spec = CheckpointSpec {
+            include_rw_layer: r.options.as_ref().is_some_and(|o| o.include_rw_layer),
             scope: Scope::new(&r.namespace),
             container_id: r.container_id,
             leave_running: r.leave_running,
@@ -124,6 +119,7 @@ impl CheckpointService for Agent {
                 let stage = match step {
                     Step::Dumping => CheckpointStage::Dumping,
                     Step::Dumped => CheckpointStage::Dumped,
+                    Step::RwLayerStored => CheckpointStage::RwLayerStored,
                     Step::TaskStopped => CheckpointStage::TaskStopped,
                     Step::ContainerCreated | Step::TaskCreated => return,
                 };
@@ -142,13 +138,8 @@ impl CheckpointService for Agent {
         let r = request.into_inner();
         check_existing_reference(&r.checkpoint_ref)?;
         check_container_id("new_container_id", &r.new_container_id)?;
-        if r.options.as_ref().is_some_and(|o| o.apply_rw_layer) {
-            return Err(ApiError::NotSupportedYet(
-                "restoring the writable layer (options.apply_rw_layer)".into(),
-            )
-            .into());
-        }
         let spec = RestoreSpec {
+            apply_rw_layer: r.options.as_ref().is_some_and(|o| o.apply_rw_layer),
             scope: Scope::new(&r.namespace),
             reference: r.checkpoint_ref,
             new_container_id: r.new_container_id,
@@ -168,7 +159,9 @@ impl CheckpointService for Agent {
                 let stage = match step {
                     Step::ContainerCreated => RestoreStage::ContainerCreated,
                     Step::TaskCreated => RestoreStage::TaskCreated,
-                    Step::Dumping | Step::Dumped | Step::TaskStopped => return,
+                    Step::Dumping | Step::Dumped | Step::RwLayerStored | Step::TaskStopped => {
+                        return
+                    }
                 };
                 send(RestoreEventKind::Stage(stage as i32));
             })

@@ -1257,13 +1257,15 @@ fn two_nodes_with_counter(what: &str, script: &str) -> (TwoNodes, Node, Node, St
 
 /// 6. Live migration between two nodes over mutual TLS: a shell counter
 ///    container on A migrates to B (`ctl migrate` through A's socket); on
-///    B it runs and counts on from its value on A; A no longer has the
-///    container nor its checkpoint, B keeps no checkpoint either. The
+///    B it runs and counts on from its value on A, with its writable layer
+///    (a file written on A); A no longer has the container nor its
+///    checkpoint, B keeps no checkpoint either. The
 ///    answer gives the bytes sent, the frozen time, the downtime and the
 ///    total time.
 #[test]
 fn cowsnapd_migrates_a_counter_between_nodes() {
-    let (_nodes, a, b, id) = two_nodes_with_counter("mig", COUNTER_LOOP);
+    let script = format!("echo written-on-a > /marker; {COUNTER_LOOP}");
+    let (_nodes, a, b, id) = two_nodes_with_counter("mig", &script);
     let before = a.ctrd.wait_counter_above(&id, 10);
     b.ctrd.track(&id);
     let target = format!("https://{}", b.addr);
@@ -1292,6 +1294,12 @@ fn cowsnapd_migrates_a_counter_between_nodes() {
     let running = b.ctrd.wait_status(&id, "RUNNING");
     assert!(running.pid > 0);
     b.ctrd.wait_counter_above(&id, before);
+    // The writable layer came along.
+    let marker = std::fs::read_to_string(b.ctrd.host_path(&id, "/marker")).unwrap_or_default();
+    assert_eq!(
+        marker, "written-on-a\n",
+        "the writable layer did not migrate"
+    );
     assert!(
         !a.ctrd.containers().iter().any(|c| c == &id),
         "A still has container {id}: {:?}",
@@ -1532,4 +1540,117 @@ fn cowsnapd_migration_resumes_after_a_dropped_connection() {
     b.ctrd.wait_counter_above(&id, before);
     assert!(!a.ctrd.containers().iter().any(|c| c == &id));
     b.ctrd.kill_and_delete(&id);
+}
+
+/// 9. The writable layer: a checkpoint with `include_rw_layer` stores the
+///    container's rootfs changes (a stage says so); `Restore` with
+///    `apply_rw_layer` and `ctr container restore --rw` both bring back the
+///    file written before the checkpoint, and the counter goes on; a
+///    checkpoint without the layer asked to apply one is FAILED_PRECONDITION.
+#[test]
+fn cowsnapd_checkpoints_and_restores_the_writable_layer() {
+    let ctrd = Containerd::start_cowsnap("daemon-rw");
+    let image = ctrd.import_reference_image();
+    let script = format!("echo written-before > /marker; {COUNTER_LOOP}");
+    // Two containers: containerd 1.6 stores a second checkpoint of one
+    // task only if its content differs (see README).
+    let id = ctrd.container_id("rw");
+    let plain = ctrd.container_id("plain");
+    for id in [&id, &plain] {
+        ctrd.run(COWSNAP_RUNTIME, image, id, &["sh", "-c", &script]);
+    }
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let (with_rw, without_rw) = ("cowsnap.test/rw:1", "cowsnap.test/no-rw:1");
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+    let before = ctrd.wait_counter_above(&id, 5);
+    ctrd.wait_counter_above(&plain, 5);
+    let stages = rt.block_on(async {
+        let mut stages = Vec::new();
+        for (container, reference, rw) in [(&id, with_rw, true), (&plain, without_rw, false)] {
+            let mut stream = client
+                .checkpoint(CheckpointRequest {
+                    namespace: ns.clone(),
+                    container_id: container.clone(),
+                    leave_running: true,
+                    checkpoint_ref: reference.to_string(),
+                    options: Some(CheckpointOptions {
+                        include_rw_layer: rw,
+                    }),
+                })
+                .await
+                .expect("checkpoint")
+                .into_inner();
+            while let Some(event) = stream.next().await {
+                if let Some(CheckpointEventKind::Stage(s)) = event.expect("checkpoint event").event
+                {
+                    stages.push((rw, s));
+                }
+            }
+        }
+        stages
+    });
+    let layer_stage = CheckpointStage::RwLayerStored as i32;
+    assert!(stages.contains(&(true, layer_stage)), "{stages:?}");
+    assert!(!stages.contains(&(false, layer_stage)), "{stages:?}");
+    ctrd.kill_and_delete(&id);
+    ctrd.kill_and_delete(&plain);
+
+    async fn restore_rw(
+        client: &mut CheckpointServiceClient<Channel>,
+        namespace: &str,
+        reference: &str,
+        new_id: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut stream = client
+            .restore(RestoreRequest {
+                namespace: namespace.to_string(),
+                checkpoint_ref: reference.to_string(),
+                new_container_id: new_id.to_string(),
+                options: Some(RestoreOptions {
+                    apply_rw_layer: true,
+                }),
+            })
+            .await?
+            .into_inner();
+        while let Some(event) = stream.next().await {
+            event?;
+        }
+        Ok(())
+    }
+    let restored = ctrd.container_id("restored");
+    ctrd.track(&restored);
+    rt.block_on(async {
+        assert_status(
+            restore_rw(&mut client, &ns, without_rw, &restored).await,
+            Code::FailedPrecondition,
+            without_rw,
+        );
+        restore_rw(&mut client, &ns, with_rw, &restored)
+            .await
+            .unwrap_or_else(|s| panic!("restore with the layer: {s:?}"));
+    });
+    ctrd.wait_status(&restored, "RUNNING");
+    ctrd.wait_counter_above(&restored, before);
+    let marker =
+        |id: &str| std::fs::read_to_string(ctrd.host_path(id, "/marker")).unwrap_or_default();
+    assert_eq!(marker(&restored), "written-before\n");
+    ctrd.kill_and_delete(&restored);
+
+    let by_ctr = ctrd.container_id("by-ctr");
+    let output = ctrd.restore_container(&by_ctr, with_rw, true);
+    assert!(
+        output.status.success(),
+        "ctr containers restore --rw of cowsnapd's checkpoint failed:\n{}\n{}",
+        common::describe(&output),
+        ctrd.log_tail(30)
+    );
+    ctrd.wait_status(&by_ctr, "RUNNING");
+    assert_eq!(
+        marker(&by_ctr),
+        "written-before\n",
+        "ctr did not apply the layer"
+    );
+    ctrd.kill_and_delete(&by_ctr);
 }

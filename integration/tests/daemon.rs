@@ -1654,3 +1654,91 @@ fn cowsnapd_checkpoints_and_restores_the_writable_layer() {
     );
     ctrd.kill_and_delete(&by_ctr);
 }
+
+/// 10. The reference tree (a root and 3 children sharing 32 MiB, each
+///     with its dirty pages) beside a shell counter migrates from A to B:
+///     on B every process verifies its memory, the pids inside the
+///     container are the same, the PSS is within 1% of the original's
+///     (the sharing came back), the counter goes on; the result gives the
+///     bytes sent and the downtime.
+#[test]
+fn cowsnapd_migrates_the_reference_tree_with_its_sharing() {
+    const WORKLOAD_COMM: &str = "cowsnap-refwork";
+    let script = format!(
+        "{} --mode plain --mib 32 --children 3 --dirty-pct 10 --report /tmp/report \
+         --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (_nodes, a, b, id) = two_nodes_with_counter("migtree", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let workers = a.ctrd.pids_named(&id, WORKLOAD_COMM);
+    assert_eq!(workers.len(), 4, "reference tree processes: {workers:?}");
+    let targets: Vec<(i32, i32)> = workers.iter().map(|&p| (p, common::ns_pid(p))).collect();
+    common::assert_processes_verify(
+        &a.ctrd.host_path(&id, "/tmp/report"),
+        &targets,
+        "before the migration",
+    );
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let pss_original = a.ctrd.paused_pss(&id);
+    b.ctrd.track(&id);
+    let rt = runtime();
+    let events = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let events = events.unwrap_or_else(|s| {
+        panic!(
+            "migrate: {s:?}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}",
+            a.daemon.log_text(),
+            b.daemon.log_text()
+        )
+    });
+    let Some(migrate_event::Event::Done(result)) = events.last() else {
+        panic!("Migrate did not end with its result: {events:?}");
+    };
+    eprintln!(
+        "reference tree (32 MiB, 3 children) migrated: {} bytes sent, frozen {} ms, \
+         downtime {} ms, total {} ms",
+        result.bytes_sent, result.frozen_ms, result.downtime_ms, result.total_ms
+    );
+    assert!(result.bytes_sent >= result.checkpoint_size && result.downtime_ms > 0);
+    assert!(result.downtime_ms >= result.frozen_ms && result.total_ms >= result.downtime_ms);
+    b.ctrd.wait_status(&id, "RUNNING");
+    b.ctrd.wait_counter_above(&id, before);
+    let moved = b.ctrd.pids_named(&id, WORKLOAD_COMM);
+    let moved_targets: Vec<(i32, i32)> = moved.iter().map(|&p| (p, common::ns_pid(p))).collect();
+    let mut ns_before: Vec<i32> = targets.iter().map(|&(_, ns)| ns).collect();
+    let mut ns_after: Vec<i32> = moved_targets.iter().map(|&(_, ns)| ns).collect();
+    ns_before.sort_unstable();
+    ns_after.sort_unstable();
+    assert_eq!(ns_after, ns_before, "pids of the tree inside the container");
+    common::assert_processes_verify(
+        &b.ctrd.host_path(&id, "/tmp/report"),
+        &moved_targets,
+        "after the migration",
+    );
+    let pss_moved = b.ctrd.paused_pss(&id);
+    eprintln!("PSS {pss_original} B on A, {pss_moved} B on B");
+    assert!(
+        pss_moved.abs_diff(pss_original) * 100 <= pss_original,
+        "PSS on B {pss_moved} B is not within 1% of the original's {pss_original} B"
+    );
+    assert!(!a.ctrd.containers().iter().any(|c| c == &id));
+    b.ctrd.kill_and_delete(&id);
+}

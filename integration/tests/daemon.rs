@@ -1244,11 +1244,24 @@ async fn migrate(
 /// containerd and cowsnapd, certificates of one CA made by the test), and
 /// a counter container on A.
 fn two_nodes_with_counter(what: &str, script: &str) -> (TwoNodes, Node, Node, String) {
+    two_nodes_with_counter_and(what, script, |_| {}, |_| {})
+}
+
+/// [`two_nodes_with_counter`], calling `before_import` and `after_import`
+/// on B's containerd around its import of the image.
+fn two_nodes_with_counter_and(
+    what: &str,
+    script: &str,
+    before_import: impl FnOnce(&Containerd),
+    after_import: impl FnOnce(&Containerd),
+) -> (TwoNodes, Node, Node, String) {
     let nodes = TwoNodes::new();
     let a = Node::start(&format!("{what}-a"), &nodes.a, NODE_A_IP, &nodes.certs);
     let b = Node::start(&format!("{what}-b"), &nodes.b, NODE_B_IP, &nodes.certs);
     let image = a.ctrd.import_reference_image();
+    before_import(&b.ctrd);
     b.ctrd.import_reference_image();
+    after_import(&b.ctrd);
     let id = a.ctrd.container_id("counter");
     a.ctrd
         .run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", script]);
@@ -1741,4 +1754,107 @@ fn cowsnapd_migrates_the_reference_tree_with_its_sharing() {
     );
     assert!(!a.ctrd.containers().iter().any(|c| c == &id));
     b.ctrd.kill_and_delete(&id);
+}
+
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().expect(program);
+    assert!(
+        output.status.success(),
+        "{program} {args:?}:\n{}",
+        common::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// 11. The target's disk is full (its content store on a tmpfs with 4 MiB
+///     left, a 54 MB checkpoint coming): the import fails, the target
+///     drops what it wrote (no ingest, no blob of it left), Migrate fails
+///     saying so, and the container runs and counts on the source again;
+///     the target has no container.
+#[test]
+fn cowsnapd_migration_to_a_full_target_leaves_the_source_running() {
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let content_of = |ctrd: &Containerd| ctrd.dir().join("root/io.containerd.content.v1.content");
+    let mut content_before = Vec::new();
+    let (_nodes, a, b, id) = two_nodes_with_counter_and(
+        "migfull",
+        &script,
+        |b| {
+            let content = content_of(b);
+            let content = content.to_str().expect("utf-8 path");
+            run_ok(
+                "mount",
+                &["-t", "tmpfs", "-o", "size=512m", "tmpfs", content],
+            );
+            for dir in ["ingest", "blobs/sha256"] {
+                std::fs::create_dir_all(content_of(b).join(dir)).expect("content store dirs");
+            }
+        },
+        |b| {
+            let content = content_of(b);
+            let content = content.to_str().expect("utf-8 path");
+            let used: u64 = run_ok("df", &["--output=used", "-B1", content])
+                .lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse().ok())
+                .expect("df used bytes");
+            run_ok(
+                "mount",
+                &[
+                    "-o",
+                    &format!("remount,size={}k", used / 1024 + 4096),
+                    content,
+                ],
+            );
+            content_before = b.content_digests();
+        },
+    );
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let rt = runtime();
+    let result = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let status = result.expect_err("a migration to a full disk must fail");
+    eprintln!("{status:?}");
+    for says in ["no space left on device", "runs here again"] {
+        assert!(
+            status.message().contains(says),
+            "{status:?} does not say {says:?}\n--- cowsnapd B\n{}",
+            b.daemon.log_text()
+        );
+    }
+    a.ctrd.wait_status(&id, "RUNNING");
+    a.ctrd.wait_counter_above(&id, before);
+    assert!(!b.ctrd.containers().iter().any(|c| c == &id), "B has {id}");
+    assert_eq!(
+        b.ctrd.content_digests(),
+        content_before,
+        "B keeps blobs of the failed import"
+    );
+    let active = b.ctrd.ctr_ok(&["content", "active"]);
+    assert!(
+        active.lines().skip(1).all(|l| l.trim().is_empty()),
+        "B keeps an ingest: {active}"
+    );
+    a.ctrd.kill_and_delete(&id);
 }

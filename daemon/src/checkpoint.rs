@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::snapshots::{
-    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    ViewSnapshotRequest,
 };
+use containerd_client::services::v1::{ApplyRequest, DiffRequest};
 use containerd_client::services::v1::{
     CheckpointTaskRequest, Container, CreateContainerRequest, CreateImageRequest,
     CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest, DeleteTaskRequest,
@@ -53,12 +55,16 @@ pub struct CheckpointSpec {
     pub container_id: String,
     pub leave_running: bool,
     pub reference: String,
+    /// Also store the container's writable layer (as `ctr container
+    /// checkpoint --rw`).
+    pub include_rw_layer: bool,
 }
 
 /// A step of a checkpoint or restore, reported as it ends.
 pub enum Step {
     Dumping,
     Dumped,
+    RwLayerStored,
     TaskStopped,
     ContainerCreated,
     TaskCreated,
@@ -73,7 +79,49 @@ pub async fn checkpoint(
 ) -> Result<CheckpointInfo, ApiError> {
     let scope = &spec.scope;
     let id = &spec.container_id;
+    let container = check_checkpointable(ctrd, scope, id).await?;
+    match ctrd
+        .images()
+        .get(scope.request(GetImageRequest {
+            name: spec.reference.clone(),
+        }))
+        .await
+    {
+        Ok(_) => {
+            return Err(ApiError::AlreadyExists {
+                namespace: scope.namespace.clone(),
+                what: format!("image {:?}", spec.reference),
+            })
+        }
+        Err(s) if s.code() == Code::NotFound => {}
+        Err(s) => {
+            return Err(ApiError::containerd(
+                format!("look up image {:?}", spec.reference),
+                s,
+            ))
+        }
+    }
+
+    let leased = ctrd.begin_lease(&scope.namespace, "checkpoint").await?;
+    let result = store_checkpoint(ctrd, &leased, spec, &container, &mut step).await;
+    ctrd.end_lease(&leased).await;
+    let info = result?;
+    if !spec.leave_running {
+        stop_task(ctrd, scope, id).await?;
+        step(Step::TaskStopped);
+    }
+    Ok(info)
+}
+
+/// Container `id`, checked to be of this runtime with a running (or
+/// paused) task: FAILED_PRECONDITION otherwise, NOT_FOUND if absent.
+pub async fn check_checkpointable(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+) -> Result<Container, ApiError> {
     let container = get_container(ctrd, scope, id).await?;
+    let id = &container.id;
     let runtime = container.runtime.clone().unwrap_or_default();
     if runtime.name != RUNTIME_NAME {
         return Err(ApiError::OtherRuntime {
@@ -113,37 +161,7 @@ pub async fn checkpoint(
             ))
         }
     }
-    match ctrd
-        .images()
-        .get(scope.request(GetImageRequest {
-            name: spec.reference.clone(),
-        }))
-        .await
-    {
-        Ok(_) => {
-            return Err(ApiError::AlreadyExists {
-                namespace: scope.namespace.clone(),
-                what: format!("image {:?}", spec.reference),
-            })
-        }
-        Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => {
-            return Err(ApiError::containerd(
-                format!("look up image {:?}", spec.reference),
-                s,
-            ))
-        }
-    }
-
-    let leased = ctrd.begin_lease(&scope.namespace, "checkpoint").await?;
-    let result = store_checkpoint(ctrd, &leased, spec, &container, &mut step).await;
-    ctrd.end_lease(&leased).await;
-    let info = result?;
-    if !spec.leave_running {
-        stop_task(ctrd, scope, id).await?;
-        step(Step::TaskStopped);
-    }
-    Ok(info)
+    Ok(container)
 }
 
 async fn store_checkpoint(
@@ -217,6 +235,12 @@ async fn store_checkpoint(
         .manifests
         .extend(dumped.descriptors.into_iter().map(with_platform));
     step(Step::Dumped);
+    if spec.include_rw_layer {
+        // After the dump: the files are as the processes left them.
+        let layer = rw_layer_diff(ctrd, scope, container).await?;
+        index.manifests.push(with_platform(layer));
+        step(Step::RwLayerStored);
+    }
     let blob = ctrd
         .write_blob(
             scope,
@@ -261,6 +285,80 @@ async fn store_checkpoint(
     Ok(checkpoint_info(&image, &index))
 }
 
+/// The container's writable layer as a gzip tar diff in the content store
+/// (what containerd's `rootfs.CreateDiff` makes for `ctr container
+/// checkpoint --rw`): its snapshot against a view of its parent.
+async fn rw_layer_diff(
+    ctrd: &Containerd,
+    scope: &Scope,
+    container: &Container,
+) -> Result<Descriptor, ApiError> {
+    let id = &container.id;
+    let snapshotter = &container.snapshotter;
+    let key = &container.snapshot_key;
+    let info = ctrd
+        .snapshots()
+        .stat(scope.request(StatSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("stat snapshot {key:?}"), s))?
+        .into_inner()
+        .info
+        .unwrap_or_default();
+    let view = format!("{key}-cowsnapd-rw-view-{}", std::process::id());
+    let lower = ctrd
+        .snapshots()
+        .view(scope.request(ViewSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: view.clone(),
+            parent: info.parent.clone(),
+            labels: HashMap::new(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("view snapshot {:?}", info.parent), s))?
+        .into_inner()
+        .mounts;
+    let upper = ctrd
+        .snapshots()
+        .mounts(scope.request(MountsRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("mounts of snapshot {key:?}"), s));
+    let diff = match upper {
+        Ok(upper) => ctrd
+            .diff()
+            .diff(scope.request(DiffRequest {
+                left: lower,
+                right: upper.into_inner().mounts,
+                media_type: layout::MEDIA_TYPE_RW_LAYER.to_string(),
+                r#ref: format!("checkpoint-rw-{key}"),
+                labels: HashMap::new(),
+                source_date_epoch: None,
+            }))
+            .await
+            .map_err(|s| {
+                ApiError::containerd(format!("diff the writable layer of container {id:?}"), s)
+            }),
+        Err(e) => Err(e),
+    };
+    let _ = ctrd
+        .snapshots()
+        .remove(scope.request(RemoveSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: view,
+        }))
+        .await;
+    diff?.into_inner().diff.ok_or_else(|| {
+        ApiError::Internal(format!(
+            "containerd's diff of container {id:?} returned no descriptor"
+        ))
+    })
+}
+
 /// Ends the task the checkpoint left to exit and deletes it (the
 /// container stays, as after `ctr task checkpoint --exit`).
 async fn stop_task(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<(), ApiError> {
@@ -296,6 +394,9 @@ pub struct RestoreSpec {
     pub scope: Scope,
     pub reference: String,
     pub new_container_id: String,
+    /// Apply the checkpoint's writable layer to the new rootfs (as `ctr
+    /// container restore --rw`); FAILED_PRECONDITION if it has none.
+    pub apply_rw_layer: bool,
 }
 
 /// What was restored.
@@ -349,6 +450,15 @@ pub async fn restore(
         None => None,
     };
     let parent = rootfs_chain_id(ctrd, scope, &spec.reference, &image_name).await?;
+    let rw_layer = match (spec.apply_rw_layer, index.rw_layer()) {
+        (false, _) => None,
+        (true, Some(layer)) => Some(layer.clone()),
+        (true, None) => {
+            return Err(ApiError::NoRwLayer {
+                reference: spec.reference.clone(),
+            })
+        }
+    };
 
     let leased = ctrd.begin_lease(&scope.namespace, "restore").await?;
     let mut created = Created::default();
@@ -397,6 +507,26 @@ pub async fn restore(
             .map_err(|s| ApiError::containerd(format!("mounts of snapshot {id:?}"), s))?
             .into_inner()
             .mounts;
+        if let Some(layer) = &rw_layer {
+            ctrd.diff()
+                .apply(leased.request(ApplyRequest {
+                    diff: Some(Descriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts: mounts.clone(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| {
+                    ApiError::containerd(
+                        format!("apply the writable layer {} to {id:?}", layer.digest),
+                        s,
+                    )
+                })?;
+        }
         ctrd.tasks()
             .create(leased.request(CreateTaskRequest {
                 container_id: id.clone(),
@@ -446,6 +576,110 @@ pub async fn restore(
         pid: result?,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Restores the task of the existing container `id` (whose task a
+/// checkpoint ended) from checkpoint `reference`, on the container's own
+/// rootfs snapshot: how a failed migration puts the source back.
+pub async fn restore_in_place(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+    reference: &str,
+) -> Result<Restored, ApiError> {
+    let started = Instant::now();
+    let (_image, index) = get_checkpoint(ctrd, scope, reference).await?;
+    let criu = index
+        .by_media_type(layout::MEDIA_TYPE_CHECKPOINT)
+        .cloned()
+        .expect("a checkpoint's index has a task checkpoint");
+    let container = get_container(ctrd, scope, id).await?;
+    let mounts = ctrd
+        .snapshots()
+        .mounts(scope.request(MountsRequest {
+            snapshotter: container.snapshotter.clone(),
+            key: container.snapshot_key.clone(),
+        }))
+        .await
+        .map_err(|s| {
+            ApiError::containerd(
+                format!("mounts of snapshot {:?}", container.snapshot_key),
+                s,
+            )
+        })?
+        .into_inner()
+        .mounts;
+    ctrd.tasks()
+        .create(scope.request(CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            checkpoint: Some(Descriptor {
+                media_type: criu.media_type.clone(),
+                digest: criu.digest.clone(),
+                size: criu.size,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|s| {
+            ApiError::containerd(
+                format!("create the task of container {id:?} from {reference:?}"),
+                s,
+            )
+        })?;
+    let task = Created {
+        snapshot: None,
+        container: false,
+        task: true,
+    };
+    match ctrd
+        .tasks()
+        .start(scope.request(StartRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        }))
+        .await
+    {
+        Ok(started_task) => Ok(Restored {
+            pid: started_task.into_inner().pid,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }),
+        Err(s) => {
+            task.remove(ctrd, scope, id).await;
+            Err(ApiError::containerd(
+                format!("restore container {id:?} from {reference:?}"),
+                s,
+            ))
+        }
+    }
+}
+
+/// Deletes container `id` (its task is gone) and its rootfs snapshot.
+pub async fn remove_container(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<(), ApiError> {
+    let container = get_container(ctrd, scope, id).await?;
+    ctrd.containers()
+        .delete(scope.request(DeleteContainerRequest { id: id.to_string() }))
+        .await
+        .map_err(|s| ApiError::containerd(format!("delete container {id:?}"), s))?;
+    if !container.snapshot_key.is_empty() {
+        ctrd.snapshots()
+            .remove(scope.request(RemoveSnapshotRequest {
+                snapshotter: container.snapshotter.clone(),
+                key: container.snapshot_key.clone(),
+            }))
+            .await
+            .map_err(|s| {
+                ApiError::containerd(
+                    format!(
+                        "remove snapshot {:?} of container {id:?}",
+                        container.snapshot_key
+                    ),
+                    s,
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// What a failed restore had created, removed in reverse order.
@@ -502,7 +736,11 @@ impl Created {
     }
 }
 
-async fn get_container(ctrd: &Containerd, scope: &Scope, id: &str) -> Result<Container, ApiError> {
+pub async fn get_container(
+    ctrd: &Containerd,
+    scope: &Scope,
+    id: &str,
+) -> Result<Container, ApiError> {
     match ctrd
         .containers()
         .get(scope.request(GetContainerRequest { id: id.to_string() }))
@@ -677,7 +915,8 @@ pub async fn delete(ctrd: &Containerd, scope: &Scope, reference: &str) -> Result
     ctrd.images()
         .delete(scope.request(DeleteImageRequest {
             name: reference.to_string(),
-            sync: false,
+            // Collect its blobs now, not at containerd's next collection.
+            sync: true,
             target: None,
         }))
         .await

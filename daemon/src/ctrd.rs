@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
-    containers_client::ContainersClient, content_client::ContentClient,
+    containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     images_client::ImagesClient, leases_client::LeasesClient,
     snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient, WriteAction,
 };
 use containerd_client::services::v1::{
-    CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, InfoRequest,
-    ReadContentRequest, WriteContentRequest,
+    AbortRequest, AddResourceRequest, CreateRequest as CreateLeaseRequest,
+    DeleteRequest as DeleteLeaseRequest, InfoRequest, ReadContentRequest, Resource,
+    WriteContentRequest,
 };
 use containerd_client::types::Descriptor;
 use sha2::{Digest, Sha256};
@@ -119,6 +120,9 @@ impl Containerd {
     pub fn snapshots(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(self.channel.clone())
     }
+    pub fn diff(&self) -> DiffClient<Channel> {
+        DiffClient::new(self.channel.clone())
+    }
     pub fn leases(&self) -> LeasesClient<Channel> {
         LeasesClient::new(self.channel.clone())
     }
@@ -148,6 +152,16 @@ impl Containerd {
     /// Deletes the scope's lease: what it held is now referenced by the
     /// image or container made, or free to be collected.
     pub async fn end_lease(&self, scope: &Scope) {
+        self.delete_lease(scope, false).await
+    }
+
+    /// Deletes the scope's lease and has containerd collect at once what
+    /// only it held: a failed import leaves no blob behind.
+    pub async fn end_lease_and_collect(&self, scope: &Scope) {
+        self.delete_lease(scope, true).await
+    }
+
+    async fn delete_lease(&self, scope: &Scope, sync: bool) {
         let Some(id) = scope.lease.clone() else {
             return;
         };
@@ -156,7 +170,7 @@ impl Containerd {
             .leases()
             .delete(plain.request(DeleteLeaseRequest {
                 id: id.clone(),
-                sync: false,
+                sync,
             }))
             .await
         {
@@ -187,6 +201,95 @@ impl Containerd {
             data.extend_from_slice(&chunk.data);
         }
         Ok(data)
+    }
+
+    /// Blob `digest` from byte `offset` on, as containerd streams it.
+    pub async fn read_blob_from(
+        &self,
+        scope: &Scope,
+        digest: &str,
+        offset: u64,
+    ) -> Result<tonic::Streaming<containerd_client::services::v1::ReadContentResponse>, ApiError>
+    {
+        self.content()
+            .read(scope.request(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: offset as i64,
+                size: 0,
+            }))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| {
+                ApiError::containerd(format!("read blob {digest} from the content store"), s)
+            })
+    }
+
+    /// Starts writing blob `digest` of `total` bytes into the content
+    /// store under ingest ref `write_ref` (a stale ingest of that ref is
+    /// dropped first).
+    pub async fn blob_writer(
+        &self,
+        scope: &Scope,
+        write_ref: &str,
+        digest: &str,
+        total: u64,
+    ) -> BlobWriter {
+        let _ = self
+            .content()
+            .abort(scope.request(AbortRequest {
+                r#ref: write_ref.to_string(),
+            }))
+            .await;
+        let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
+        let mut content = self.content();
+        let request = scope.request(ReceiverStream::new(rx));
+        // containerd answers each request; the answers are read here so
+        // that the stream never stalls on them.
+        let answers = tokio::spawn(async move {
+            let mut responses = content.write(request).await?.into_inner();
+            while let Some(r) = responses.next().await {
+                r?;
+            }
+            Ok(())
+        });
+        BlobWriter {
+            tx,
+            answers,
+            write_ref: write_ref.to_string(),
+            digest: digest.to_string(),
+            total: total as i64,
+            written: 0,
+        }
+    }
+
+    /// Adds blob `digest`, already in the content store, to the scope's
+    /// lease, so that it stays while the lease does whoever else held it.
+    pub async fn lease_blob(&self, scope: &Scope, digest: &str) -> Result<(), ApiError> {
+        let Some(lease) = scope.lease.clone() else {
+            return Ok(());
+        };
+        let plain = Scope::new(&scope.namespace);
+        self.leases()
+            .add_resource(plain.request(AddResourceRequest {
+                id: lease.clone(),
+                resource: Some(Resource {
+                    id: digest.to_string(),
+                    r#type: "content".to_string(),
+                }),
+            }))
+            .await
+            .map(|_| ())
+            .map_err(|s| ApiError::containerd(format!("add blob {digest} to lease {lease}"), s))
+    }
+
+    /// Drops the ingest `write_ref` (what a failed write had sent).
+    pub async fn abort_ingest(&self, scope: &Scope, write_ref: &str) {
+        let _ = self
+            .content()
+            .abort(scope.request(AbortRequest {
+                r#ref: write_ref.to_string(),
+            }))
+            .await;
     }
 
     /// Size of blob `digest`, or NOT_FOUND as containerd says it.
@@ -283,6 +386,88 @@ impl Containerd {
             // Another writer committed the same content first.
             Some(s) if s.code() == tonic::Code::AlreadyExists => Ok(descriptor),
             Some(s) => Err(ApiError::containerd(action(), s)),
+        }
+    }
+}
+
+/// A blob being written into the content store, chunk by chunk.
+pub struct BlobWriter {
+    tx: mpsc::Sender<WriteContentRequest>,
+    answers: tokio::task::JoinHandle<Result<(), Status>>,
+    write_ref: String,
+    digest: String,
+    total: i64,
+    written: i64,
+}
+
+impl BlobWriter {
+    pub fn write_ref(&self) -> &str {
+        &self.write_ref
+    }
+
+    /// Appends `data`.
+    pub async fn write(&mut self, data: Vec<u8>) -> Result<(), ApiError> {
+        let len = data.len() as i64;
+        let request = WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: self.write_ref.clone(),
+            total: self.total,
+            expected: self.digest.clone(),
+            offset: self.written,
+            data,
+            labels: HashMap::new(),
+        };
+        if self.tx.send(request).await.is_err() {
+            return Err(self.failure().await);
+        }
+        self.written += len;
+        Ok(())
+    }
+
+    /// Commits the blob with `labels`; containerd checks its digest. A
+    /// blob some other writer committed first is as good.
+    pub async fn commit(self, labels: HashMap<String, String>) -> Result<(), ApiError> {
+        let request = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: self.write_ref.clone(),
+            total: self.total,
+            expected: self.digest.clone(),
+            offset: self.written,
+            data: Vec::new(),
+            labels,
+        };
+        let sent = self.tx.send(request).await.is_ok();
+        let BlobWriter {
+            tx,
+            answers,
+            digest,
+            ..
+        } = self;
+        drop(tx);
+        let outcome = answers
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("content writer task: {e}"))));
+        match outcome {
+            Ok(()) if sent => Ok(()),
+            Ok(()) => Err(ApiError::Internal(format!(
+                "write blob {digest}: containerd closed the stream before the commit"
+            ))),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(s) => Err(ApiError::containerd(
+                format!("write blob {digest} to the content store"),
+                s,
+            )),
+        }
+    }
+
+    /// Why the write stream closed under us.
+    async fn failure(&mut self) -> ApiError {
+        let digest = self.digest.clone();
+        match (&mut self.answers).await {
+            Ok(Err(s)) => {
+                ApiError::containerd(format!("write blob {digest} to the content store"), s)
+            }
+            _ => ApiError::Internal(format!("write blob {digest}: containerd closed the stream")),
         }
     }
 }

@@ -33,6 +33,8 @@ pub enum ApiError {
     AlreadyExists { namespace: String, what: String },
     #[error("image {reference:?} is not a checkpoint: {reason}")]
     NotACheckpoint { reference: String, reason: String },
+    #[error("checkpoint {reference:?} holds no writable layer to apply (it was taken without include_rw_layer)")]
+    NoRwLayer { reference: String },
     #[error(
         "checkpoint {reference:?} needs image {image:?}, which is not in namespace {namespace:?}"
     )]
@@ -43,9 +45,32 @@ pub enum ApiError {
     },
     #[error("not supported yet: {0}")]
     NotSupportedYet(String),
-    /// containerd answered with an error; its code is passed on.
+    /// An import received data that does not match its checksums.
+    #[error("{0}")]
+    DataLoss(String),
+    /// An import stream out of order (a gap, an unknown blob, no manifest).
+    #[error("{0}")]
+    BadStream(String),
+    /// containerd answered with an error; its code is passed on. A
+    /// checkpoint or restore the engine failed arrives so with the code the
+    /// shim gave the engine's typed error (`cowsnap::engine_error`):
+    /// UNIMPLEMENTED for a refusal (an fd of a kind restore cannot reopen),
+    /// FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE
+    /// (containerd 1.6 turns the shim's RESOURCE_EXHAUSTED and INTERNAL
+    /// into UNKNOWN).
     #[error("{action}: {}", .status.message())]
     Containerd { action: String, status: Status },
+    #[error("migration target {target} is unreachable: {detail}")]
+    TargetUnavailable { target: String, detail: String },
+    /// A migration failed before the target ran the container; `after`
+    /// says what became of the source.
+    #[error("migration of container {id:?} to {target} failed: {cause}; {after}")]
+    MigrationFailed {
+        id: String,
+        target: String,
+        cause: Box<ApiError>,
+        after: String,
+    },
     #[error("containerd at {address} is unreachable: {detail}")]
     ContainerdUnavailable { address: String, detail: String },
     #[error("{0}")]
@@ -72,29 +97,19 @@ impl ApiError {
             | ApiError::NotACheckpoint { .. } => Code::InvalidArgument,
             ApiError::OtherRuntime { .. }
             | ApiError::NoRunningTask { .. }
-            | ApiError::MissingImage { .. } => Code::FailedPrecondition,
+            | ApiError::MissingImage { .. }
+            | ApiError::NoRwLayer { .. } => Code::FailedPrecondition,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::NotSupportedYet(_) => Code::Unimplemented,
-            ApiError::Containerd { status, .. } => refusal_code(status),
-            ApiError::ContainerdUnavailable { .. } => Code::Unavailable,
+            ApiError::DataLoss(_) => Code::DataLoss,
+            ApiError::BadStream(_) => Code::InvalidArgument,
+            ApiError::Containerd { status, .. } => status.code(),
+            ApiError::ContainerdUnavailable { .. } | ApiError::TargetUnavailable { .. } => {
+                Code::Unavailable
+            }
+            ApiError::MigrationFailed { cause, .. } => cause.code(),
             ApiError::Internal(_) => Code::Internal,
         }
-    }
-}
-
-/// The engine refuses what it cannot restore (an fd of a kind it does not
-/// handle, ...) and the shim reports that as UNKNOWN through containerd;
-/// the refusal's wording is the engine's stable "cannot checkpoint" /
-/// "not supported" phrasing, which is sent as UNIMPLEMENTED.
-// TODO(issue 13): typed engine errors through the shim instead of wording.
-fn refusal_code(status: &Status) -> Code {
-    let message = status.message();
-    if status.code() == Code::Unknown
-        && (message.contains("not supported") || message.contains("unsupported"))
-    {
-        Code::Unimplemented
-    } else {
-        status.code()
     }
 }
 

@@ -35,6 +35,12 @@ pub const MEDIA_TYPE_OPTIONS: &str =
 pub const MEDIA_TYPE_RUNTIME_OPTIONS: &str =
     "application/vnd.containerd.container.checkpoint.runtime.options+proto";
 
+/// The container's writable layer (`ctr container checkpoint --rw`): a
+/// gzip tar diff of its rootfs snapshot against the image's.
+pub const MEDIA_TYPE_RW_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// The same, as Docker's media type names it.
+pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
 pub const ANNOTATION_IMAGE: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_RUNTIME: &str = "io.containerd.checkpoint.runtime";
 pub const ANNOTATION_SNAPSHOTTER: &str = "io.containerd.checkpoint.snapshotter";
@@ -111,6 +117,12 @@ impl OciIndex {
             manifests: Vec::new(),
             annotations: BTreeMap::new(),
         }
+    }
+
+    /// The writable layer, if the checkpoint holds one.
+    pub fn rw_layer(&self) -> Option<&OciDescriptor> {
+        self.by_media_type(MEDIA_TYPE_RW_LAYER)
+            .or_else(|| self.by_media_type(MEDIA_TYPE_DOCKER_LAYER_GZIP))
     }
 
     pub fn by_media_type(&self, media_type: &str) -> Option<&OciDescriptor> {

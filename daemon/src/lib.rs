@@ -8,6 +8,8 @@
 //! - [`server`]: the listening socket, health and reflection.
 //! - [`service`]: the RPCs.
 //! - [`checkpoint`]: checkpoint and restore as containerd operations.
+//! - [`migrate`]: live migration, the source's and the target's sides.
+//! - [`transfer`]: a checkpoint as checksummed chunks (export, import).
 //! - [`layout`]: a checkpoint's index and blobs, as `ctr` stores them.
 //! - [`ctrd`]: containerd's client: namespaces, leases, content.
 //! - [`reference`]: checks of checkpoint names and container ids.
@@ -21,9 +23,11 @@ pub mod ctrd;
 pub mod error;
 pub mod layout;
 pub mod logger;
+pub mod migrate;
 pub mod reference;
 pub mod server;
 pub mod service;
+pub mod transfer;
 
 /// The `cowsnap.v1` API, generated at build time from `proto/cowsnap/v1`.
 pub mod proto {

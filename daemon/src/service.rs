@@ -11,30 +11,47 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::checkpoint::{self, CheckpointSpec, RestoreSpec, Step};
+use crate::client::ClientTlsFiles;
 use crate::ctrd::{Containerd, Scope};
 use crate::error::ApiError;
 use crate::layout;
+use crate::migrate::{self, MigrateSpec, Receiving};
 use crate::proto::checkpoint_event::Event as CheckpointEventKind;
 use crate::proto::checkpoint_service_server::CheckpointService;
 use crate::proto::migration_service_server::MigrationService;
 use crate::proto::restore_event::Event as RestoreEventKind;
 use crate::proto::*;
 use crate::reference::{check_container_id, check_existing_reference, check_reference};
+use crate::transfer;
 
 /// Events a streaming RPC has produced and not yet sent.
 const EVENT_BACKLOG: usize = 16;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The state every RPC shares: the containerd it drives.
+/// The state every RPC shares: the containerd it drives, this agent's
+/// identity towards other agents, the transfers it receives.
 #[derive(Clone)]
 pub struct Agent {
     ctrd: Containerd,
+    peer_tls: Option<ClientTlsFiles>,
+    receiving: Receiving,
 }
 
 impl Agent {
     pub fn new(ctrd: Containerd) -> Agent {
-        Agent { ctrd }
+        Agent {
+            ctrd,
+            peer_tls: None,
+            receiving: Receiving::default(),
+        }
+    }
+
+    /// The certificate, key and CA this agent uses when it calls another
+    /// agent (a migration's target) over mutual TLS.
+    pub fn with_peer_tls(mut self, tls: Option<ClientTlsFiles>) -> Agent {
+        self.peer_tls = tls;
+        self
     }
 }
 
@@ -71,7 +88,7 @@ where
 impl CheckpointService for Agent {
     type CheckpointStream = EventStream<CheckpointEvent>;
     type RestoreStream = EventStream<RestoreEvent>;
-    type ExportCheckpointStream = EventStream<CheckpointChunk>;
+    type ExportCheckpointStream = EventStream<ExportCheckpointResponse>;
 
     async fn checkpoint(
         &self,
@@ -80,13 +97,8 @@ impl CheckpointService for Agent {
         let r = request.into_inner();
         check_container_id("container_id", &r.container_id)?;
         check_reference(&r.checkpoint_ref)?;
-        if r.options.as_ref().is_some_and(|o| o.include_rw_layer) {
-            return Err(ApiError::NotSupportedYet(
-                "checkpointing the writable layer (options.include_rw_layer)".into(),
-            )
-            .into());
-        }
         let spec = CheckpointSpec {
+            include_rw_layer: r.options.as_ref().is_some_and(|o| o.include_rw_layer),
             scope: Scope::new(&r.namespace),
             container_id: r.container_id,
             leave_running: r.leave_running,
@@ -107,6 +119,7 @@ impl CheckpointService for Agent {
                 let stage = match step {
                     Step::Dumping => CheckpointStage::Dumping,
                     Step::Dumped => CheckpointStage::Dumped,
+                    Step::RwLayerStored => CheckpointStage::RwLayerStored,
                     Step::TaskStopped => CheckpointStage::TaskStopped,
                     Step::ContainerCreated | Step::TaskCreated => return,
                 };
@@ -125,13 +138,8 @@ impl CheckpointService for Agent {
         let r = request.into_inner();
         check_existing_reference(&r.checkpoint_ref)?;
         check_container_id("new_container_id", &r.new_container_id)?;
-        if r.options.as_ref().is_some_and(|o| o.apply_rw_layer) {
-            return Err(ApiError::NotSupportedYet(
-                "restoring the writable layer (options.apply_rw_layer)".into(),
-            )
-            .into());
-        }
         let spec = RestoreSpec {
+            apply_rw_layer: r.options.as_ref().is_some_and(|o| o.apply_rw_layer),
             scope: Scope::new(&r.namespace),
             reference: r.checkpoint_ref,
             new_container_id: r.new_container_id,
@@ -151,7 +159,9 @@ impl CheckpointService for Agent {
                 let stage = match step {
                     Step::ContainerCreated => RestoreStage::ContainerCreated,
                     Step::TaskCreated => RestoreStage::TaskCreated,
-                    Step::Dumping | Step::Dumped | Step::TaskStopped => return,
+                    Step::Dumping | Step::Dumped | Step::RwLayerStored | Step::TaskStopped => {
+                        return
+                    }
                 };
                 send(RestoreEventKind::Stage(stage as i32));
             })
@@ -210,28 +220,151 @@ impl CheckpointService for Agent {
 
     async fn export_checkpoint(
         &self,
-        _request: Request<ExportCheckpointRequest>,
+        request: Request<ExportCheckpointRequest>,
     ) -> Result<Response<Self::ExportCheckpointStream>, Status> {
-        Err(ApiError::NotSupportedYet("ExportCheckpoint (image streaming)".into()).into())
+        let r = request.into_inner();
+        check_existing_reference(&r.checkpoint_ref)?;
+        let scope = Scope::new(&r.namespace);
+        let manifest = transfer::plan_export(&self.ctrd, &scope, &r.checkpoint_ref).await?;
+        log::info!(
+            "export {:?} of namespace {:?} from offset {} ({} blobs, {} bytes)",
+            r.checkpoint_ref,
+            scope.namespace,
+            r.resume_from,
+            manifest.blobs.len(),
+            manifest.total_size
+        );
+        let ctrd = self.ctrd.clone();
+        let (tx, rx) = mpsc::channel::<Result<ExportCheckpointResponse, Status>>(EVENT_BACKLOG);
+        tokio::spawn(async move {
+            let (chunks_tx, mut chunks_rx) = mpsc::channel(EVENT_BACKLOG);
+            let forward = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(message) = chunks_rx.recv().await {
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let result =
+                transfer::export(&ctrd, &scope, &manifest, r.resume_from, &chunks_tx).await;
+            drop(chunks_tx);
+            let _ = forward.await;
+            if let Err(e) = result {
+                log::warn!("{e}");
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn import_checkpoint(
         &self,
-        _request: Request<Streaming<ImportCheckpointRequest>>,
+        request: Request<Streaming<ImportCheckpointRequest>>,
     ) -> Result<Response<ImportCheckpointResponse>, Status> {
-        Err(ApiError::NotSupportedYet("ImportCheckpoint (image streaming)".into()).into())
+        let stream = request.into_inner();
+        let response = transfer::import(&self.ctrd, stream).await.map_err(|e| {
+            log::warn!("import: {e}");
+            Status::from(e)
+        })?;
+        if let Some(info) = &response.checkpoint {
+            log::info!(
+                "imported {:?} ({} bytes)",
+                info.checkpoint_ref,
+                response.bytes_received
+            );
+        }
+        Ok(Response::new(response))
     }
 }
 
 #[tonic::async_trait]
 impl MigrationService for Agent {
     type MigrateStream = EventStream<MigrateEvent>;
+    type ReceiveStream = EventStream<ReceiveReply>;
 
     async fn migrate(
         &self,
-        _request: Request<MigrateRequest>,
+        request: Request<MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
-        Err(ApiError::NotSupportedYet("Migrate (live migration between nodes)".into()).into())
+        let r = request.into_inner();
+        check_container_id("container_id", &r.container_id)?;
+        if r.target.is_empty() {
+            return Err(ApiError::InvalidArgument {
+                field: "target",
+                value: String::new(),
+                reason: "the target agent's address is required (https://host:port)".into(),
+            }
+            .into());
+        }
+        let options = r.options.unwrap_or_default();
+        let target_container_id = if options.target_container_id.is_empty() {
+            r.container_id.clone()
+        } else {
+            check_container_id("options.target_container_id", &options.target_container_id)?;
+            options.target_container_id
+        };
+        let scope = Scope::new(&r.namespace);
+        let target_namespace = if options.target_namespace.is_empty() {
+            scope.namespace.clone()
+        } else {
+            options.target_namespace
+        };
+        if self.peer_tls.is_none() && !r.target.starts_with("http://") {
+            return Err(ApiError::InvalidArgument {
+                field: "target",
+                value: r.target,
+                reason: "this cowsnapd has no certificate for mutual TLS with another agent \
+                         (start it with --tls-cert, --tls-key and --tls-client-ca), and the \
+                         target is not a plain http:// one"
+                    .into(),
+            }
+            .into());
+        }
+        let spec = MigrateSpec {
+            scope,
+            container_id: r.container_id,
+            target: r.target,
+            target_namespace,
+            target_container_id,
+            tls: self.peer_tls.clone(),
+        };
+        // Checked here, before the stream: the container must be this
+        // runtime's and run.
+        checkpoint::check_checkpointable(&self.ctrd, &spec.scope, &spec.container_id).await?;
+        log::info!(
+            "migrate container {:?} of namespace {:?} to {} as {:?} of namespace {:?}",
+            spec.container_id,
+            spec.scope.namespace,
+            spec.target,
+            spec.target_container_id,
+            spec.target_namespace
+        );
+        let ctrd = self.ctrd.clone();
+        Ok(Response::new(stream_events(move |events| async move {
+            let result = migrate::migrate(&ctrd, &spec, |event| {
+                let _ = events.send(migrate::migrate_event(event));
+            })
+            .await?;
+            let _ = events.send(migrate::migrate_event(
+                crate::proto::migrate_event::Event::Done(result),
+            ));
+            Ok(())
+        })))
+    }
+
+    async fn receive(
+        &self,
+        request: Request<Streaming<ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(EVENT_BACKLOG);
+        let receiving = self.receiving.clone();
+        let ctrd = self.ctrd.clone();
+        tokio::spawn(async move { receiving.serve(ctrd, inbound, tx).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -459,14 +459,14 @@ fn cowsnap_container_sysv_shm_restored_with_its_ids() {
 /// After a `ctr task checkpoint` of `id` that must fail with a message
 /// containing `reason`: the task runs on with the same init, keeps
 /// counting, `survivor` is the same process and untraced, and no
-/// checkpoint image was stored.
+/// checkpoint image was stored. Returns ctr's message.
 fn assert_failed_checkpoint_leaves_running(
     ctrd: &Containerd,
     id: &str,
     init: i32,
     survivor: i32,
     reason: &str,
-) {
+) -> String {
     let before = ctrd.wait_counter_above(id, 0);
     let output = ctrd.ctr(&["task", "checkpoint", id]);
     assert!(
@@ -506,6 +506,7 @@ fn assert_failed_checkpoint_leaves_running(
         images.iter().all(|(name, _)| !name.contains("checkpoint")),
         "a failed checkpoint left an image: {images:?}"
     );
+    message
 }
 
 /// The host pid of the one process in `id`'s cgroup named `comm`.
@@ -547,7 +548,8 @@ fn cowsnap_failed_checkpoint_leaves_container_running() {
 
 /// 4b. An fd of a kind restore cannot reopen (busybox uevent's netlink
 ///     socket): the dump refuses it, naming it, so no image that cannot be
-///     restored is stored.
+///     restored is stored; the refusal reaches ctr as UNIMPLEMENTED ("not
+///     implemented"), the engine's typed error's kind.
 #[test]
 fn cowsnap_checkpoint_refuses_an_unsupported_fd() {
     let ctrd = Containerd::start_cowsnap("ckpt-unsupported");
@@ -557,7 +559,13 @@ fn cowsnap_checkpoint_refuses_an_unsupported_fd() {
     let task = ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
     ctrd.wait_counter_above(&id, 0);
     let watcher = only_process_named(&ctrd, &id, "uevent");
-    assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, watcher, "netlink");
+    let message = assert_failed_checkpoint_leaves_running(&ctrd, &id, task.pid, watcher, "netlink");
+    // The shim sent the engine's refusal as UNIMPLEMENTED, which containerd
+    // names so.
+    assert!(
+        message.trim_end().ends_with("not implemented"),
+        "the refusal did not reach ctr as UNIMPLEMENTED:\n{message}"
+    );
     ctrd.kill_and_delete(&id);
 }
 

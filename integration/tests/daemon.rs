@@ -71,14 +71,41 @@ struct Daemon {
 
 impl Daemon {
     fn start(ctrd: &Containerd) -> Daemon {
-        let socket = ctrd.dir().join("cowsnapd/cowsnapd.sock");
-        let log = ctrd.dir().join("cowsnapd.log");
+        Daemon::start_with(ctrd, "cowsnapd", &[])
+    }
+
+    /// A cowsnapd named `name` (its socket and log in the harness's
+    /// directory) with `extra` arguments.
+    fn start_with(ctrd: &Containerd, name: &str, extra: &[&std::ffi::OsStr]) -> Daemon {
+        Daemon::start_in(ctrd, name, None, extra)
+    }
+
+    /// [`Daemon::start_with`] in network namespace `netns` (only that
+    /// namespace is entered).
+    fn start_in(
+        ctrd: &Containerd,
+        name: &str,
+        netns: Option<&Path>,
+        extra: &[&std::ffi::OsStr],
+    ) -> Daemon {
+        let socket = ctrd.dir().join(format!("{name}/cowsnapd.sock"));
+        let log = ctrd.dir().join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("cowsnapd log");
-        let child = Command::new(daemon_bin_dir().join(DAEMON_BIN))
+        let mut command = match netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg(daemon_bin_dir().join(DAEMON_BIN));
+                c
+            }
+            None => Command::new(daemon_bin_dir().join(DAEMON_BIN)),
+        };
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--containerd")
             .arg(&ctrd.address)
+            .args(extra)
             .arg("--verbose")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
@@ -282,8 +309,11 @@ fn cowsnapd_health_and_reflection() {
 ///    restored under a new id, where the counter goes on. Bad requests get
 ///    precise codes: an unknown container NOT_FOUND, a malformed ref
 ///    INVALID_ARGUMENT, a container of runc's runtime FAILED_PRECONDITION,
-///    a taken ref ALREADY_EXISTS, Migrate UNIMPLEMENTED; a deleted
-///    checkpoint is NOT_FOUND.
+///    a taken ref ALREADY_EXISTS; Migrate without a certificate for mutual
+///    TLS INVALID_ARGUMENT, of an unknown container NOT_FOUND, of a runc
+///    container FAILED_PRECONDITION, to a target nobody answers at
+///    UNAVAILABLE (and the container runs on); a deleted checkpoint is
+///    NOT_FOUND.
 #[test]
 fn cowsnapd_checkpoints_and_restores_a_counter() {
     let ctrd = Containerd::start_cowsnap("daemon");
@@ -322,18 +352,47 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
         );
         let mut migration =
             migration_service_client::MigrationServiceClient::new(daemon.channel().await);
-        let migrate = migration
-            .migrate(MigrateRequest {
-                namespace: ns.clone(),
-                container_id: id.clone(),
-                target: "https://127.0.0.1:1".into(),
-                options: None,
-            })
-            .await
-            .map(|_| ());
-        assert_status(migrate, Code::Unimplemented, "not supported yet");
+        let request = |id: &str, target: &str| MigrateRequest {
+            namespace: ns.clone(),
+            container_id: id.to_string(),
+            target: target.to_string(),
+            options: None,
+        };
+        // No certificate to reach another agent with (no --tls-*).
+        assert_status(
+            migrate(&mut migration, request(&id, "https://127.0.0.1:1"), |_| {}).await,
+            Code::InvalidArgument,
+            "mutual TLS",
+        );
+        assert_status(
+            migrate(
+                &mut migration,
+                request("no-such-container", "http://127.0.0.1:1"),
+                |_| {},
+            )
+            .await,
+            Code::NotFound,
+            "no-such-container",
+        );
+        assert_status(
+            migrate(
+                &mut migration,
+                request(&runc_id, "http://127.0.0.1:1"),
+                |_| {},
+            )
+            .await,
+            Code::FailedPrecondition,
+            &runc_id,
+        );
+        // A target nobody answers at: refused before the container stops.
+        assert_status(
+            migrate(&mut migration, request(&id, "http://127.0.0.1:1"), |_| {}).await,
+            Code::Unavailable,
+            "127.0.0.1:1",
+        );
     });
 
+    assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
     let before = ctrd.wait_counter_above(&id, 10);
     let events = rt
         .block_on(checkpoint(&mut client, &ns, &id, reference))
@@ -473,4 +532,1329 @@ fn cowsnapd_checkpoints_and_restores_a_counter() {
     });
     ctrd.kill_and_delete(&restored);
     ctrd.kill_and_delete(&runc_id);
+}
+
+/// 3. A checkpoint the engine refuses (busybox uevent's netlink socket, an
+///    fd restore cannot reopen) is UNIMPLEMENTED, with the engine's message
+///    naming the pid, fd and socket: the engine's typed error crosses the
+///    shim and containerd with its kind. The container keeps counting and
+///    nothing is stored.
+#[test]
+fn cowsnapd_refused_checkpoint_is_unimplemented() {
+    let ctrd = Containerd::start_cowsnap("daemon-refused");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("watcher");
+    let script = format!("uevent true & {COUNTER_LOOP}");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    let before = ctrd.wait_counter_above(&id, 0);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/refused:1";
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = CheckpointServiceClient::new(daemon.channel().await);
+        let status = checkpoint(&mut client, &ns, &id, reference)
+            .await
+            .expect_err("the checkpoint must be refused");
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        for names in ["netlink", "pid ", " fd "] {
+            assert!(
+                status.message().contains(names),
+                "the message does not name {names:?}: {}",
+                status.message()
+            );
+        }
+        let listed = client
+            .list_checkpoints(ListCheckpointsRequest {
+                namespace: ns.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .checkpoints;
+        assert!(
+            listed.is_empty(),
+            "a refused checkpoint was stored: {listed:?}"
+        );
+    });
+    ctrd.wait_counter_above(&id, before);
+    assert_eq!(ctrd.task(&id).map(|t| t.status).as_deref(), Some("RUNNING"));
+    ctrd.kill_and_delete(&id);
+}
+
+/// Every message of an ExportCheckpoint.
+async fn export(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    reference: &str,
+) -> Vec<ExportCheckpointResponse> {
+    let mut stream = client
+        .export_checkpoint(ExportCheckpointRequest {
+            namespace: namespace.to_string(),
+            checkpoint_ref: reference.to_string(),
+            resume_from: 0,
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.next().await {
+        messages.push(m.expect("export message"));
+    }
+    messages
+}
+
+/// An ImportCheckpoint of `messages` (an export's) as `reference`.
+async fn import(
+    client: &mut CheckpointServiceClient<Channel>,
+    namespace: &str,
+    reference: &str,
+    messages: Vec<ExportCheckpointResponse>,
+) -> Result<ImportCheckpointResponse, tonic::Status> {
+    let target = ImportCheckpointRequest {
+        item: Some(import_checkpoint_request::Item::Target(ImportTarget {
+            namespace: namespace.to_string(),
+            checkpoint_ref: reference.to_string(),
+        })),
+    };
+    let requests: Vec<ImportCheckpointRequest> = std::iter::once(target)
+        .chain(
+            messages
+                .into_iter()
+                .filter_map(cowsnapd::transfer::to_import),
+        )
+        .collect();
+    client
+        .import_checkpoint(tokio_stream::iter(requests))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn chunks_mut(
+    messages: &mut [ExportCheckpointResponse],
+) -> impl Iterator<Item = &mut CheckpointChunk> {
+    messages.iter_mut().filter_map(|m| match &mut m.item {
+        Some(export_checkpoint_response::Item::Chunk(c)) => Some(c),
+        _ => None,
+    })
+}
+
+/// 4. A checkpoint exported as checksummed chunks (every chunk's xxh3
+///    holds, the manifest lists the blobs, the index last), deleted (its
+///    blobs leave the content store), imported back (from a `ctl export`
+///    file, with `ctl import`) and restored: the counter goes on. An
+///    import with a chunk altered in transit is DATA_LOSS naming its stream
+///    offset; one whose chunk and checksum were both altered is DATA_LOSS
+///    naming the blob's digest; a stream without its manifest is
+///    INVALID_ARGUMENT; none leaves an image, a blob or an ingest behind.
+#[test]
+fn cowsnapd_exports_and_imports_a_checkpoint() {
+    let ctrd = Containerd::start_cowsnap("daemon-transfer");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("counter");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", COUNTER_LOOP]);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/transfer:1";
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+    let before = ctrd.wait_counter_above(&id, 5);
+    let content_before = ctrd.content_digests();
+    rt.block_on(checkpoint(&mut client, &ns, &id, reference))
+        .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    ctrd.kill_and_delete(&id);
+
+    let messages = rt.block_on(export(&mut client, &ns, reference));
+    let Some(export_checkpoint_response::Item::Manifest(manifest)) =
+        messages.last().and_then(|m| m.item.clone())
+    else {
+        panic!("the export does not end with its manifest");
+    };
+    let mut sent = 0u64;
+    for m in &messages[..messages.len() - 1] {
+        let Some(export_checkpoint_response::Item::Chunk(c)) = &m.item else {
+            panic!("a manifest before the end of the export");
+        };
+        assert_eq!(c.stream_offset, sent, "chunks out of order");
+        assert_eq!(
+            c.xxh3,
+            xxhash_rust::xxh3::xxh3_64(&c.data),
+            "chunk at {sent}"
+        );
+        assert!(c.data.len() <= cowsnapd::transfer::CHUNK_SIZE);
+        sent += c.data.len() as u64;
+    }
+    assert_eq!(sent, manifest.total_size);
+    let tar = manifest
+        .blobs
+        .iter()
+        .find(|b| b.media_type == cowsnapd::layout::MEDIA_TYPE_CHECKPOINT)
+        .expect("the task's checkpoint is exported")
+        .clone();
+    assert_eq!(manifest.blobs.last(), manifest.index.as_ref(), "index last");
+    eprintln!(
+        "exported {reference}: {} blobs, {} bytes in {} chunks",
+        manifest.blobs.len(),
+        manifest.total_size,
+        messages.len() - 1
+    );
+    let file = ctrd.dir().join("transfer.export");
+    daemon.ctl(
+        &ns,
+        &["export", reference, file.to_str().expect("utf-8 path")],
+    );
+    assert!(std::fs::metadata(&file).expect("export file").len() > manifest.total_size);
+
+    daemon.ctl(&ns, &["rm", reference]);
+    assert!(
+        !ctrd.content_digests().contains(&tar.digest),
+        "the deleted checkpoint's tar is still in the content store"
+    );
+    let assert_nothing_left = |what: &str| {
+        let content = ctrd.content_digests();
+        assert_eq!(
+            content, content_before,
+            "{what}: the content store holds other blobs than before the checkpoint"
+        );
+        let active = ctrd.ctr_ok(&["content", "active"]);
+        assert!(
+            active.lines().skip(1).all(|l| l.trim().is_empty()),
+            "{what}: ingests left: {active}"
+        );
+        let images = ctrd.ctr_ok(&["images", "ls", "-q"]);
+        assert!(!images.lines().any(|l| l == reference), "{what}: {images}");
+    };
+
+    rt.block_on(async {
+        // A byte of the tar's first chunk altered in transit.
+        let mut altered = messages.clone();
+        let chunk = chunks_mut(&mut altered)
+            .find(|c| c.digest == tar.digest)
+            .expect("a chunk of the tar");
+        let at = chunk.stream_offset;
+        chunk.data[100] ^= 0x40;
+        let status = import(&mut client, &ns, reference, altered)
+            .await
+            .expect_err("a corrupted chunk must be refused");
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        let names = format!("stream offset {at}");
+        assert!(
+            status.message().contains(&names),
+            "{status:?} does not name {names}"
+        );
+        assert_nothing_left("after a corrupted chunk");
+
+        // The tar's last chunk and its checksum altered: the blob's digest
+        // is what catches it.
+        let mut altered = messages.clone();
+        let chunk = chunks_mut(&mut altered)
+            .filter(|c| c.digest == tar.digest)
+            .last()
+            .expect("a chunk of the tar");
+        let last = chunk.data.len() - 1;
+        chunk.data[last] ^= 0x01;
+        chunk.xxh3 = xxhash_rust::xxh3::xxh3_64(&chunk.data);
+        let status = import(&mut client, &ns, reference, altered)
+            .await
+            .expect_err("an altered blob must be refused");
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        assert!(status.message().contains(&tar.digest), "{status:?}");
+        assert_nothing_left("after an altered blob");
+
+        // The stream cut before its manifest.
+        let mut cut = messages.clone();
+        cut.pop();
+        let status = import(&mut client, &ns, reference, cut)
+            .await
+            .expect_err("a stream without its manifest must be refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("manifest"), "{status:?}");
+        assert_nothing_left("after a stream without its manifest");
+    });
+
+    let imported = daemon.ctl(&ns, &["import", file.to_str().expect("utf-8 path")]);
+    assert!(imported.starts_with(reference), "ctl import: {imported}");
+    assert!(ctrd.content_digests().contains(&tar.digest));
+    let restored = ctrd.container_id("imported");
+    ctrd.track(&restored);
+    rt.block_on(restore(&mut client, &ns, reference, &restored))
+        .unwrap_or_else(|e| panic!("restore: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    ctrd.wait_status(&restored, "RUNNING");
+    ctrd.wait_counter_above(&restored, before);
+    rt.block_on(async {
+        assert_status(
+            import(&mut client, &ns, reference, messages).await,
+            Code::AlreadyExists,
+            reference,
+        );
+    });
+    ctrd.kill_and_delete(&restored);
+}
+
+/// Certificates made with the `openssl` CLI for the mTLS tests: a CA with
+/// a server certificate (for 127.0.0.1 and localhost) and a client
+/// certificate, and another CA with a client certificate of its own.
+struct Certs {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client: cowsnapd::client::ClientTlsFiles,
+    stranger: cowsnapd::client::ClientTlsFiles,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}:\n{}",
+        common::describe(&output)
+    );
+}
+
+/// A certificate `name.pem` (key `name.key`) signed by CA `ca` in `dir`,
+/// with the extensions `ext` (an openssl extfile's text).
+fn openssl_leaf(dir: &Path, name: &str, ca: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// The certificate of a node's cowsnapd at `ip` (and 127.0.0.1, for a
+/// proxy in front of it): a server certificate for that address that is
+/// also the agent's client certificate.
+fn node_cert(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+    openssl_leaf(
+        dir,
+        name,
+        "ca",
+        &format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{ip},IP:127.0.0.1\n"
+        ),
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+impl Certs {
+    fn make(dir: &Path) -> Certs {
+        std::fs::create_dir_all(dir).expect("certs dir");
+        let ca = |name: &str| {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.pem"),
+                ],
+            )
+        };
+        let leaf = |name: &str, ca: &str, ext: &str| openssl_leaf(dir, name, ca, ext);
+        ca("ca");
+        ca("other-ca");
+        leaf(
+            "server",
+            "ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        );
+        let client_ext =
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
+        leaf("client", "ca", client_ext);
+        leaf("stranger", "other-ca", client_ext);
+        let files = |name: &str| cowsnapd::client::ClientTlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client: files("client"),
+            stranger: files("stranger"),
+        }
+    }
+
+    /// cowsnapd's arguments for mutual TLS on `addr`.
+    fn server_args(&self, addr: &str) -> Vec<std::ffi::OsString> {
+        vec![
+            "--tcp".into(),
+            addr.into(),
+            "--tls-cert".into(),
+            self.server_cert.clone().into(),
+            "--tls-key".into(),
+            self.server_key.clone().into(),
+            "--tls-client-ca".into(),
+            self.ca.clone().into(),
+        ]
+    }
+}
+
+/// Whether a failed call was refused by the TLS handshake: the server's
+/// `alert`, or (when the client got to send its request before the alert
+/// reached it: TLS 1.3 checks the client's certificate after the client
+/// finished its handshake) the connection the server closed.
+fn refused_in_handshake(error: &str, alert: &str) -> bool {
+    error.contains(alert)
+        || error.contains("connection closed")
+        || error.contains("broken pipe")
+        || error.contains("reset by peer")
+}
+
+/// A TCP port of 127.0.0.1 that nothing listens on (now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Health of `CheckpointService` through `channel`.
+async fn health(channel: Channel) -> Result<i32, tonic::Status> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "cowsnap.v1.CheckpointService".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// Connects to `addr` with `tls`, retrying while cowsnapd starts; the
+/// health answer or why it failed.
+async fn health_over_tcp(
+    addr: &str,
+    tls: Option<&cowsnapd::client::ClientTlsFiles>,
+) -> Result<i32, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cowsnapd::client::connect_tcp(addr, tls).await {
+            Ok(channel) => return health(channel).await.map_err(|s| format!("{s:?}")),
+            Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+            Err(e) if e.to_string().contains("refused") => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
+}
+
+/// 5. TCP only with mutual TLS: plain TCP without `--insecure`, or half
+///    the TLS flags, stops cowsnapd at start with a clear error; with
+///    mTLS a client with a certificate of the CA is served (the API and
+///    `ctl --tcp`), a client without a certificate, with one of another
+///    CA, or without TLS is refused; `--insecure` serves plain TCP and
+///    logs a warning.
+#[test]
+fn cowsnapd_tcp_requires_mutual_tls() {
+    let ctrd = Containerd::start("daemon-tls");
+    let certs = Certs::make(&ctrd.dir().join("certs"));
+    let exits = |args: &[&str], says: &str| {
+        let output = Command::new(daemon_bin_dir().join(DAEMON_BIN))
+            .arg("--socket")
+            .arg(ctrd.dir().join("refused/cowsnapd.sock"))
+            .arg("--containerd")
+            .arg(&ctrd.address)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cowsnapd");
+        assert!(!output.status.success(), "cowsnapd {args:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(says),
+            "cowsnapd {args:?} does not say {says:?}:\n{stderr}"
+        );
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    exits(&["--tcp", &addr], "--insecure");
+    let cert = certs.server_cert.to_str().expect("utf-8");
+    exits(
+        &["--tcp", &addr, "--tls-cert", cert],
+        "missing --tls-key, --tls-client-ca",
+    );
+
+    let args = certs.server_args(&addr);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let daemon = Daemon::start_with(&ctrd, "cowsnapd-tls", &args);
+    let rt = runtime();
+    rt.block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let served = health_over_tcp(&addr, Some(&certs.client)).await;
+        assert_eq!(served, Ok(ServingStatus::Serving as i32), "a good client");
+        let stranger = health_over_tcp(&addr, Some(&certs.stranger))
+            .await
+            .expect_err("a client of another CA was served");
+        assert!(
+            refused_in_handshake(&stranger, "UnknownCA"),
+            "client of another CA: {stranger}"
+        );
+        // TLS without a client certificate.
+        let anonymous = async {
+            let ca = std::fs::read(&certs.ca).expect("ca");
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .expect("uri")
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                )
+                .expect("tls")
+                .connect()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            health(channel).await.map_err(|s| format!("{s:?}"))
+        }
+        .await;
+        let anonymous = anonymous.expect_err("a client without a certificate was served");
+        assert!(
+            refused_in_handshake(&anonymous, "CertificateRequired"),
+            "client without a certificate: {anonymous}"
+        );
+        let plain = health_over_tcp(&format!("http://{addr}"), None).await;
+        assert!(
+            plain.is_err(),
+            "a plain-text client was served on the TLS port"
+        );
+    });
+    // ctl over mTLS.
+    let client = &certs.client;
+    let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+        .args(["--tcp", &addr, "--namespace", &ctrd.namespace])
+        .arg("--ca")
+        .arg(&client.ca)
+        .arg("--cert")
+        .arg(&client.cert)
+        .arg("--key")
+        .arg(&client.key)
+        .arg("ls")
+        .output()
+        .expect("cowsnap-ctl");
+    assert!(
+        output.status.success(),
+        "ctl ls over mTLS:\n{}\n{}",
+        common::describe(&output),
+        daemon.log_text()
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("REF"));
+    drop(daemon);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let insecure = Daemon::start_with(
+        &ctrd,
+        "cowsnapd-insecure",
+        &["--tcp".as_ref(), addr.as_ref(), "--insecure".as_ref()],
+    );
+    rt.block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let served = health_over_tcp(&addr, None).await;
+        assert_eq!(
+            served,
+            Ok(ServingStatus::Serving as i32),
+            "plain TCP with --insecure"
+        );
+    });
+    let log = insecure.log_text();
+    assert!(
+        log.contains("warning") && log.contains("--insecure"),
+        "no warning for --insecure:\n{log}"
+    );
+}
+
+/// Two network namespaces joined by a veth pair: node A at
+/// [`NODE_A_IP`], node B at [`NODE_B_IP`]. Removed when dropped.
+struct TwoNodes {
+    a: String,
+    b: String,
+    /// The certificates of both nodes' cowsnapd (one CA).
+    certs: PathBuf,
+}
+
+const NODE_A_IP: &str = "10.231.7.1";
+const NODE_B_IP: &str = "10.231.7.2";
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?}:\n{}",
+        common::describe(&output)
+    );
+}
+
+impl TwoNodes {
+    fn new() -> TwoNodes {
+        let tag = std::process::id() % 100_000;
+        let certs = std::env::temp_dir().join(format!("cowsnap-nodes-certs-{tag}"));
+        let _ = std::fs::remove_dir_all(&certs);
+        Certs::make(&certs);
+        let nodes = TwoNodes {
+            a: format!("csmig-a-{tag}"),
+            b: format!("csmig-b-{tag}"),
+            certs,
+        };
+        let (va, vb) = (format!("csva{tag}"), format!("csvb{tag}"));
+        for ns in [&nodes.a, &nodes.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &nodes.a]);
+        ip(&["link", "set", &vb, "netns", &nodes.b]);
+        ip(&[
+            "-n",
+            &nodes.a,
+            "addr",
+            "add",
+            &format!("{NODE_A_IP}/24"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &nodes.b,
+            "addr",
+            "add",
+            &format!("{NODE_B_IP}/24"),
+            "dev",
+            &vb,
+        ]);
+        ip(&["-n", &nodes.a, "link", "set", &va, "up"]);
+        ip(&["-n", &nodes.b, "link", "set", &vb, "up"]);
+        nodes
+    }
+
+    fn path(name: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{name}"))
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth, and so both.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+/// A node: its containerd and its cowsnapd (unix socket, and TCP with
+/// mutual TLS at `ip`:`port`), both in the node's network namespace.
+struct Node {
+    daemon: Daemon,
+    ctrd: Containerd,
+    addr: String,
+}
+
+impl Node {
+    fn start(what: &str, netns: &str, ip: &str, certs_dir: &Path) -> Node {
+        let netns = TwoNodes::path(netns);
+        let ctrd = Containerd::start_cowsnap_in(what, Some(&netns));
+        let (cert, key) = node_cert(certs_dir, what, ip);
+        let addr = format!("{ip}:{}", 7000 + std::process::id() % 1000);
+        let args: Vec<std::ffi::OsString> = vec![
+            "--tcp".into(),
+            addr.clone().into(),
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+            "--tls-client-ca".into(),
+            certs_dir.join("ca.pem").into(),
+        ];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let daemon = Daemon::start_in(&ctrd, "cowsnapd", Some(&netns), &args);
+        Node { daemon, ctrd, addr }
+    }
+}
+
+/// Every event of a Migrate, calling `seen` on each, or its status.
+async fn migrate(
+    client: &mut migration_service_client::MigrationServiceClient<Channel>,
+    request: MigrateRequest,
+    mut seen: impl FnMut(&migrate_event::Event),
+) -> Result<Vec<migrate_event::Event>, tonic::Status> {
+    let mut stream = client.migrate(request).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        if let Some(e) = event?.event {
+            seen(&e);
+            events.push(e);
+        }
+    }
+    Ok(events)
+}
+
+/// Two nodes (network namespaces joined by a veth pair, each with its own
+/// containerd and cowsnapd, certificates of one CA made by the test), and
+/// a counter container on A.
+fn two_nodes_with_counter(what: &str, script: &str) -> (TwoNodes, Node, Node, String) {
+    two_nodes_with_counter_and(what, script, |_| {}, |_| {})
+}
+
+/// [`two_nodes_with_counter`], calling `before_import` and `after_import`
+/// on B's containerd around its import of the image.
+fn two_nodes_with_counter_and(
+    what: &str,
+    script: &str,
+    before_import: impl FnOnce(&Containerd),
+    after_import: impl FnOnce(&Containerd),
+) -> (TwoNodes, Node, Node, String) {
+    let nodes = TwoNodes::new();
+    let a = Node::start(&format!("{what}-a"), &nodes.a, NODE_A_IP, &nodes.certs);
+    let b = Node::start(&format!("{what}-b"), &nodes.b, NODE_B_IP, &nodes.certs);
+    let image = a.ctrd.import_reference_image();
+    before_import(&b.ctrd);
+    b.ctrd.import_reference_image();
+    after_import(&b.ctrd);
+    let id = a.ctrd.container_id("counter");
+    a.ctrd
+        .run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", script]);
+    (nodes, a, b, id)
+}
+
+/// 6. Live migration between two nodes over mutual TLS: a shell counter
+///    container on A migrates to B (`ctl migrate` through A's socket); on
+///    B it runs and counts on from its value on A, with its writable layer
+///    (a file written on A); A no longer has the container nor its
+///    checkpoint, B keeps no checkpoint either. The
+///    answer gives the bytes sent, the frozen time, the downtime and the
+///    total time.
+#[test]
+fn cowsnapd_migrates_a_counter_between_nodes() {
+    let script = format!("echo written-on-a > /marker; {COUNTER_LOOP}");
+    let (_nodes, a, b, id) = two_nodes_with_counter("mig", &script);
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    b.ctrd.track(&id);
+    let target = format!("https://{}", b.addr);
+    let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+        .arg("--socket")
+        .arg(&a.daemon.socket)
+        .args(["--namespace", &a.ctrd.namespace, "migrate", &id, &target])
+        .args(["--target-namespace", &b.ctrd.namespace])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cowsnap-ctl migrate");
+    assert!(
+        output.status.success(),
+        "ctl migrate failed:\n{}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}\n--- containerd B\n{}",
+        common::describe(&output),
+        a.daemon.log_text(),
+        b.daemon.log_text(),
+        b.ctrd.log_tail(40)
+    );
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{line}");
+    assert!(
+        line.contains("bytes sent") && line.contains("downtime"),
+        "{line}"
+    );
+    let running = b.ctrd.wait_status(&id, "RUNNING");
+    assert!(running.pid > 0);
+    b.ctrd.wait_counter_above(&id, before);
+    // The writable layer came along.
+    let marker = std::fs::read_to_string(b.ctrd.host_path(&id, "/marker")).unwrap_or_default();
+    assert_eq!(
+        marker, "written-on-a\n",
+        "the writable layer did not migrate"
+    );
+    assert!(
+        !a.ctrd.containers().iter().any(|c| c == &id),
+        "A still has container {id}: {:?}",
+        a.ctrd.containers()
+    );
+    for node in [&a, &b] {
+        let images = node.ctrd.ctr_ok(&["images", "ls", "-q"]);
+        assert!(
+            !images.contains("cowsnap.migrate/"),
+            "a migration checkpoint is left: {images}"
+        );
+    }
+    let figures: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(figures.iter().all(|&f| f < 10_000_000_000), "{line}");
+    b.ctrd.kill_and_delete(&id);
+}
+
+/// 7. The target agent is killed in the middle of the transfer: the
+///    source tries to reach it again, gives up, and restores the
+///    container from its own checkpoint: Migrate fails with UNAVAILABLE
+///    saying the container runs again, and on A the counter goes on; B
+///    has no container.
+#[test]
+fn cowsnapd_migration_to_a_killed_target_leaves_the_source_running() {
+    // 96 MiB of memory: a transfer long enough to be cut.
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (_nodes, a, mut b, id) = two_nodes_with_counter("migkill", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let rt = runtime();
+    let mut killed_at = None;
+    let result = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |event| {
+            if let migrate_event::Event::BytesSent(bytes) = event {
+                if killed_at.is_none() {
+                    let _ = b.daemon.child.kill();
+                    killed_at = Some(*bytes);
+                }
+            }
+        })
+        .await
+    });
+    let killed_at = killed_at.expect("no byte was sent before the end");
+    let status = result.expect_err("the migration must fail once its target is gone");
+    eprintln!("target killed after {killed_at} bytes: {status:?}");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("runs here again"),
+        "{status:?}\n--- cowsnapd A\n{}",
+        a.daemon.log_text()
+    );
+    let _ = b.daemon.child.wait();
+    a.ctrd.wait_status(&id, "RUNNING");
+    a.ctrd.wait_counter_above(&id, before);
+    assert!(
+        !b.ctrd.containers().iter().any(|c| c == &id),
+        "B has container {id}"
+    );
+    let images = a.ctrd.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        !images.contains("cowsnap.migrate/"),
+        "A keeps its checkpoint: {images}"
+    );
+    a.ctrd.kill_and_delete(&id);
+}
+
+/// A TCP proxy in network namespace `netns` on 127.0.0.1, to `upstream`:
+/// the first connection is cut (both ways) once `cut_after` bytes went
+/// upstream through it; later ones pass whole. Returns its port and the
+/// number of connections it cut.
+fn cutting_proxy(
+    netns: &Path,
+    upstream: String,
+    cut_after: u64,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let cuts = Arc::new(AtomicU32::new(0));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let netns = netns.to_path_buf();
+    let counted = cuts.clone();
+    thread::spawn(move || {
+        // Threads made from here on are in the namespace too.
+        let ns = std::fs::File::open(&netns).expect("open the netns");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+        port_tx
+            .send(listener.local_addr().expect("addr").port())
+            .expect("port");
+        let mut first = true;
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let limit = if first { cut_after } else { u64::MAX };
+            first = false;
+            let up = Arc::new(AtomicU64::new(0));
+            let pump = |mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>| {
+                let cuts = counted.clone();
+                let (a, b) = (from.try_clone().expect("dup"), to.try_clone().expect("dup"));
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if let Some(count) = &count {
+                            if count.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > limit {
+                                cuts.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                    let _ = a.shutdown(Shutdown::Both);
+                    let _ = b.shutdown(Shutdown::Both);
+                });
+            };
+            pump(
+                client.try_clone().expect("dup"),
+                server.try_clone().expect("dup"),
+                Some(up),
+            );
+            pump(server, client, None);
+        }
+    });
+    (port_rx.recv().expect("proxy port"), cuts)
+}
+
+/// 8. The connection between the agents drops in the middle of the
+///    transfer (a proxy on A cuts it after 24 MiB): the source connects
+///    again and the transfer resumes at the offset the target acknowledged
+///    instead of starting over (the bytes sent stay under the checkpoint's
+///    size plus half the part before the cut, where a restart would send
+///    that part again, less what was in flight), and the container runs on
+///    B.
+#[test]
+fn cowsnapd_migration_resumes_after_a_dropped_connection() {
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (nodes, a, b, id) = two_nodes_with_counter("migcut", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    const CUT_AFTER: u64 = 24 << 20;
+    let (port, cuts) = cutting_proxy(&TwoNodes::path(&nodes.a), b.addr.clone(), CUT_AFTER);
+    b.ctrd.track(&id);
+    let rt = runtime();
+    let events = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://127.0.0.1:{port}"),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let events = events.unwrap_or_else(|s| {
+        panic!(
+            "migrate: {s:?}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}",
+            a.daemon.log_text(),
+            b.daemon.log_text()
+        )
+    });
+    let Some(migrate_event::Event::Done(result)) = events.last() else {
+        panic!("Migrate did not end with its result: {events:?}");
+    };
+    eprintln!("{result:?}");
+    assert_eq!(
+        cuts.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the proxy never cut"
+    );
+    assert!(
+        result.resumed >= 1,
+        "the transfer was not resumed: {result:?}"
+    );
+    assert!(
+        result.checkpoint_size > 2 * CUT_AFTER,
+        "the checkpoint is too small to be cut in its middle: {result:?}"
+    );
+    // Started over, it would have sent the part before the cut twice.
+    assert!(
+        result.bytes_sent < result.checkpoint_size + CUT_AFTER / 2,
+        "the transfer started over: {result:?}"
+    );
+    let log = b.daemon.log_text();
+    let resumed_at: u64 = log
+        .split("resumed at offset ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("B did not resume:\n{log}"));
+    assert!(
+        resumed_at > CUT_AFTER / 2 && resumed_at <= CUT_AFTER,
+        "B resumed at {resumed_at}"
+    );
+    b.ctrd.wait_status(&id, "RUNNING");
+    b.ctrd.wait_counter_above(&id, before);
+    assert!(!a.ctrd.containers().iter().any(|c| c == &id));
+    b.ctrd.kill_and_delete(&id);
+}
+
+/// 9. The writable layer: a checkpoint with `include_rw_layer` stores the
+///    container's rootfs changes (a stage says so); `Restore` with
+///    `apply_rw_layer` and `ctr container restore --rw` both bring back the
+///    file written before the checkpoint, and the counter goes on; a
+///    checkpoint without the layer asked to apply one is FAILED_PRECONDITION.
+#[test]
+fn cowsnapd_checkpoints_and_restores_the_writable_layer() {
+    let ctrd = Containerd::start_cowsnap("daemon-rw");
+    let image = ctrd.import_reference_image();
+    let script = format!("echo written-before > /marker; {COUNTER_LOOP}");
+    // Two containers: containerd 1.6 stores a second checkpoint of one
+    // task only if its content differs (see README).
+    let id = ctrd.container_id("rw");
+    let plain = ctrd.container_id("plain");
+    for id in [&id, &plain] {
+        ctrd.run(COWSNAP_RUNTIME, image, id, &["sh", "-c", &script]);
+    }
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let (with_rw, without_rw) = ("cowsnap.test/rw:1", "cowsnap.test/no-rw:1");
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+    let before = ctrd.wait_counter_above(&id, 5);
+    ctrd.wait_counter_above(&plain, 5);
+    let stages = rt.block_on(async {
+        let mut stages = Vec::new();
+        for (container, reference, rw) in [(&id, with_rw, true), (&plain, without_rw, false)] {
+            let mut stream = client
+                .checkpoint(CheckpointRequest {
+                    namespace: ns.clone(),
+                    container_id: container.clone(),
+                    leave_running: true,
+                    checkpoint_ref: reference.to_string(),
+                    options: Some(CheckpointOptions {
+                        include_rw_layer: rw,
+                    }),
+                })
+                .await
+                .expect("checkpoint")
+                .into_inner();
+            while let Some(event) = stream.next().await {
+                if let Some(CheckpointEventKind::Stage(s)) = event.expect("checkpoint event").event
+                {
+                    stages.push((rw, s));
+                }
+            }
+        }
+        stages
+    });
+    let layer_stage = CheckpointStage::RwLayerStored as i32;
+    assert!(stages.contains(&(true, layer_stage)), "{stages:?}");
+    assert!(!stages.contains(&(false, layer_stage)), "{stages:?}");
+    ctrd.kill_and_delete(&id);
+    ctrd.kill_and_delete(&plain);
+
+    async fn restore_rw(
+        client: &mut CheckpointServiceClient<Channel>,
+        namespace: &str,
+        reference: &str,
+        new_id: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut stream = client
+            .restore(RestoreRequest {
+                namespace: namespace.to_string(),
+                checkpoint_ref: reference.to_string(),
+                new_container_id: new_id.to_string(),
+                options: Some(RestoreOptions {
+                    apply_rw_layer: true,
+                }),
+            })
+            .await?
+            .into_inner();
+        while let Some(event) = stream.next().await {
+            event?;
+        }
+        Ok(())
+    }
+    let restored = ctrd.container_id("restored");
+    ctrd.track(&restored);
+    rt.block_on(async {
+        assert_status(
+            restore_rw(&mut client, &ns, without_rw, &restored).await,
+            Code::FailedPrecondition,
+            without_rw,
+        );
+        restore_rw(&mut client, &ns, with_rw, &restored)
+            .await
+            .unwrap_or_else(|s| panic!("restore with the layer: {s:?}"));
+    });
+    ctrd.wait_status(&restored, "RUNNING");
+    ctrd.wait_counter_above(&restored, before);
+    let marker =
+        |id: &str| std::fs::read_to_string(ctrd.host_path(id, "/marker")).unwrap_or_default();
+    assert_eq!(marker(&restored), "written-before\n");
+    ctrd.kill_and_delete(&restored);
+
+    let by_ctr = ctrd.container_id("by-ctr");
+    let output = ctrd.restore_container(&by_ctr, with_rw, true);
+    assert!(
+        output.status.success(),
+        "ctr containers restore --rw of cowsnapd's checkpoint failed:\n{}\n{}",
+        common::describe(&output),
+        ctrd.log_tail(30)
+    );
+    ctrd.wait_status(&by_ctr, "RUNNING");
+    assert_eq!(
+        marker(&by_ctr),
+        "written-before\n",
+        "ctr did not apply the layer"
+    );
+    ctrd.kill_and_delete(&by_ctr);
+}
+
+/// 10. The reference tree (a root and 3 children sharing 32 MiB, each
+///     with its dirty pages) beside a shell counter migrates from A to B:
+///     on B every process verifies its memory, the pids inside the
+///     container are the same, the PSS is within 1% of the original's
+///     (the sharing came back), the counter goes on; the result gives the
+///     bytes sent and the downtime.
+#[test]
+fn cowsnapd_migrates_the_reference_tree_with_its_sharing() {
+    const WORKLOAD_COMM: &str = "cowsnap-refwork";
+    let script = format!(
+        "{} --mode plain --mib 32 --children 3 --dirty-pct 10 --report /tmp/report \
+         --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let (_nodes, a, b, id) = two_nodes_with_counter("migtree", &script);
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let workers = a.ctrd.pids_named(&id, WORKLOAD_COMM);
+    assert_eq!(workers.len(), 4, "reference tree processes: {workers:?}");
+    let targets: Vec<(i32, i32)> = workers.iter().map(|&p| (p, common::ns_pid(p))).collect();
+    common::assert_processes_verify(
+        &a.ctrd.host_path(&id, "/tmp/report"),
+        &targets,
+        "before the migration",
+    );
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let pss_original = a.ctrd.paused_pss(&id);
+    b.ctrd.track(&id);
+    let rt = runtime();
+    let events = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let events = events.unwrap_or_else(|s| {
+        panic!(
+            "migrate: {s:?}\n--- cowsnapd A\n{}\n--- cowsnapd B\n{}",
+            a.daemon.log_text(),
+            b.daemon.log_text()
+        )
+    });
+    let Some(migrate_event::Event::Done(result)) = events.last() else {
+        panic!("Migrate did not end with its result: {events:?}");
+    };
+    eprintln!(
+        "reference tree (32 MiB, 3 children) migrated: {} bytes sent, frozen {} ms, \
+         downtime {} ms, total {} ms",
+        result.bytes_sent, result.frozen_ms, result.downtime_ms, result.total_ms
+    );
+    assert!(result.bytes_sent >= result.checkpoint_size && result.downtime_ms > 0);
+    assert!(result.downtime_ms >= result.frozen_ms && result.total_ms >= result.downtime_ms);
+    b.ctrd.wait_status(&id, "RUNNING");
+    b.ctrd.wait_counter_above(&id, before);
+    let moved = b.ctrd.pids_named(&id, WORKLOAD_COMM);
+    let moved_targets: Vec<(i32, i32)> = moved.iter().map(|&p| (p, common::ns_pid(p))).collect();
+    let mut ns_before: Vec<i32> = targets.iter().map(|&(_, ns)| ns).collect();
+    let mut ns_after: Vec<i32> = moved_targets.iter().map(|&(_, ns)| ns).collect();
+    ns_before.sort_unstable();
+    ns_after.sort_unstable();
+    assert_eq!(ns_after, ns_before, "pids of the tree inside the container");
+    common::assert_processes_verify(
+        &b.ctrd.host_path(&id, "/tmp/report"),
+        &moved_targets,
+        "after the migration",
+    );
+    let pss_moved = b.ctrd.paused_pss(&id);
+    eprintln!("PSS {pss_original} B on A, {pss_moved} B on B");
+    assert!(
+        pss_moved.abs_diff(pss_original) * 100 <= pss_original,
+        "PSS on B {pss_moved} B is not within 1% of the original's {pss_original} B"
+    );
+    assert!(!a.ctrd.containers().iter().any(|c| c == &id));
+    b.ctrd.kill_and_delete(&id);
+}
+
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().expect(program);
+    assert!(
+        output.status.success(),
+        "{program} {args:?}:\n{}",
+        common::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// 11. The target's disk is full (its content store on a tmpfs with 4 MiB
+///     left, a 54 MB checkpoint coming): the import fails, the target
+///     drops what it wrote (no ingest, no blob of it left), Migrate fails
+///     saying so, and the container runs and counts on the source again;
+///     the target has no container.
+#[test]
+fn cowsnapd_migration_to_a_full_target_leaves_the_source_running() {
+    let script = format!(
+        "{} --mode plain --mib 96 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let content_of = |ctrd: &Containerd| ctrd.dir().join("root/io.containerd.content.v1.content");
+    let mut content_before = Vec::new();
+    let (_nodes, a, b, id) = two_nodes_with_counter_and(
+        "migfull",
+        &script,
+        |b| {
+            let content = content_of(b);
+            let content = content.to_str().expect("utf-8 path");
+            run_ok(
+                "mount",
+                &["-t", "tmpfs", "-o", "size=512m", "tmpfs", content],
+            );
+            for dir in ["ingest", "blobs/sha256"] {
+                std::fs::create_dir_all(content_of(b).join(dir)).expect("content store dirs");
+            }
+        },
+        |b| {
+            let content = content_of(b);
+            let content = content.to_str().expect("utf-8 path");
+            let used: u64 = run_ok("df", &["--output=used", "-B1", content])
+                .lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse().ok())
+                .expect("df used bytes");
+            run_ok(
+                "mount",
+                &[
+                    "-o",
+                    &format!("remount,size={}k", used / 1024 + 4096),
+                    content,
+                ],
+            );
+            content_before = b.content_digests();
+        },
+    );
+    let ready = a.ctrd.host_path(&id, "/tmp/ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the reference tree is not ready");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = a.ctrd.wait_counter_above(&id, 10);
+    let rt = runtime();
+    let result = rt.block_on(async {
+        let mut client =
+            migration_service_client::MigrationServiceClient::new(a.daemon.channel().await);
+        let request = MigrateRequest {
+            namespace: a.ctrd.namespace.clone(),
+            container_id: id.clone(),
+            target: format!("https://{}", b.addr),
+            options: Some(MigrateOptions {
+                target_container_id: String::new(),
+                target_namespace: b.ctrd.namespace.clone(),
+            }),
+        };
+        migrate(&mut client, request, |_| {}).await
+    });
+    let status = result.expect_err("a migration to a full disk must fail");
+    eprintln!("{status:?}");
+    for says in ["no space left on device", "runs here again"] {
+        assert!(
+            status.message().contains(says),
+            "{status:?} does not say {says:?}\n--- cowsnapd B\n{}",
+            b.daemon.log_text()
+        );
+    }
+    a.ctrd.wait_status(&id, "RUNNING");
+    a.ctrd.wait_counter_above(&id, before);
+    assert!(!b.ctrd.containers().iter().any(|c| c == &id), "B has {id}");
+    assert_eq!(
+        b.ctrd.content_digests(),
+        content_before,
+        "B keeps blobs of the failed import"
+    );
+    let active = b.ctrd.ctr_ok(&["content", "active"]);
+    assert!(
+        active.lines().skip(1).all(|l| l.trim().is_empty()),
+        "B keeps an ingest: {active}"
+    );
+    a.ctrd.kill_and_delete(&id);
 }

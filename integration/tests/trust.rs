@@ -922,3 +922,82 @@ fn forge_tree(images: &Path, edit: impl Fn(&mut serde_json::Value)) {
     fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json"))
         .expect("write manifest.json");
 }
+
+/// The typed error of a failed command (`--error-json`): each kind comes
+/// from what failed, and the message names the pid or path, as the
+/// `cowsnap: ` line on stderr does. The shim and cowsnapd send these kinds
+/// as status codes.
+#[test]
+fn error_json_classifies_each_failure() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("error.json");
+    let kind_of = |args: &[&str], names: &str| -> String {
+        let _ = fs::remove_file(&report);
+        let mut full = vec!["--error-json", path_str(&report)];
+        full.extend_from_slice(args);
+        let out = cowsnap(&full);
+        assert!(
+            !out.status.success(),
+            "{args:?} must fail:\n{}",
+            describe(&out)
+        );
+        let text = fs::read_to_string(&report)
+            .unwrap_or_else(|e| panic!("{args:?} wrote no {}: {e}", report.display()));
+        let error: serde_json::Value = serde_json::from_str(&text).expect("error json");
+        let message = error["message"].as_str().expect("message");
+        assert!(
+            message.contains(names),
+            "{args:?}: {message:?} does not name {names:?}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(message),
+            "{args:?}: stderr does not hold the message {message:?}:\n{stderr}"
+        );
+        error["kind"].as_str().expect("kind").to_string()
+    };
+    let images = dir.path().join("img");
+    let images = path_str(&images);
+    // A pid that does not exist.
+    assert_eq!(
+        kind_of(
+            &["dump", "--pid", "999999999", "--images", images],
+            "999999999"
+        ),
+        "not_found"
+    );
+    // A kernel thread (kthreadd) is not a process cowsnap dumps.
+    assert_eq!(
+        kind_of(&["dump", "--pid", "2", "--images", images], "pid 2"),
+        "invalid_argument"
+    );
+    // An image directory that holds no image.
+    fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
+    let empty = dir.path().join("empty");
+    assert_eq!(
+        kind_of(&["verify", path_str(&empty)], "manifest.json"),
+        "invalid_argument"
+    );
+    // A netlink socket: refused at dump, as restore cannot reopen it.
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import socket,time\ns=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\nprint(s.fileno(),flush=True)\ntime.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        stdout.read_line(&mut line).expect("python3's fd");
+    }
+    let pid = child.id().to_string();
+    let kind = kind_of(&["dump", "--pid", &pid, "--images", images], "netlink");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(kind, "unsupported");
+    assert!(!Path::new(images).join("manifest.json").exists());
+}

@@ -9,11 +9,14 @@
 //! - [`image`]: the on-disk image format v1 (types, writer, reader, page store,
 //!   inspect/verify).
 //! - [`dump`]: freeze, seize, collect, deduplicate pages, write an image.
+//! - [`engine_error`]: the typed error the engine binary reports to the
+//!   shim and cowsnapd (kind + message, as JSON).
 //! - [`restore`]: plan and rebuild a process tree from an image, including the
 //!   position-independent restorer blob and its loader.
 
 pub mod containerd;
 pub mod dump;
+pub mod engine_error;
 pub mod image;
 pub mod restore;
 pub mod sys;

@@ -23,6 +23,19 @@ struct Cli {
     /// cowsnapd's socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Talk to the cowsnapd at this TCP address (`host:port`) instead of
+    /// its socket, with mutual TLS when --ca, --cert and --key are given.
+    #[arg(long, global = true, value_name = "ADDR")]
+    tcp: Option<String>,
+    /// PEM CA certificate the server's certificate must chain to.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// PEM certificate of this client.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, value_name = "PATH", requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
     /// containerd namespace.
     #[arg(long, short, global = true, default_value = "default")]
     namespace: String,
@@ -53,6 +66,29 @@ enum Command {
     },
     /// Delete a checkpoint.
     Rm { reference: String },
+    /// Migrate container ID to the cowsnapd at TARGET (https://host:port):
+    /// checkpoint, transfer, restore there, remove here.
+    Migrate {
+        id: String,
+        target: String,
+        /// Id on the target (default: the same).
+        #[arg(long)]
+        target_id: Option<String>,
+        /// containerd namespace on the target (default: the same).
+        #[arg(long)]
+        target_namespace: Option<String>,
+    },
+    /// Write checkpoint REF (its blobs and index, as checksummed chunks)
+    /// to FILE, or to stdout with `-`.
+    Export { reference: String, file: PathBuf },
+    /// Store the checkpoint of an export FILE (`-`: stdin), under its
+    /// own name or REF.
+    Import {
+        file: PathBuf,
+        /// Store it under this name instead of the exported one.
+        #[arg(long = "as", value_name = "REF")]
+        reference: Option<String>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -73,9 +109,25 @@ fn status_line(status: tonic::Status) -> String {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let mut client = cowsnapd::client::checkpoint_client(&cli.socket)
-        .await
-        .map_err(|e| format!("connect to cowsnapd at {}: {e}", cli.socket.display()))?;
+    let channel = match &cli.tcp {
+        Some(addr) => {
+            let tls = match (&cli.ca, &cli.cert, &cli.key) {
+                (Some(ca), Some(cert), Some(key)) => Some(cowsnapd::client::ClientTlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            };
+            cowsnapd::client::connect_tcp(addr, tls.as_ref())
+                .await
+                .map_err(|e| format!("connect to cowsnapd at {e}"))?
+        }
+        None => cowsnapd::client::connect(&cli.socket)
+            .await
+            .map_err(|e| format!("connect to cowsnapd at {}: {e}", cli.socket.display()))?,
+    };
+    let mut client = checkpoint_service_client::CheckpointServiceClient::new(channel.clone());
     let namespace = cli.namespace;
     match cli.command {
         Command::Checkpoint {
@@ -209,8 +261,251 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status_line)?;
             println!("{reference} deleted");
         }
+        Command::Migrate {
+            id,
+            target,
+            target_id,
+            target_namespace,
+        } => {
+            let mut migration = migration_service_client::MigrationServiceClient::new(channel);
+            let mut events = migration
+                .migrate(MigrateRequest {
+                    namespace,
+                    container_id: id.clone(),
+                    target: target.clone(),
+                    options: Some(MigrateOptions {
+                        target_container_id: target_id.unwrap_or_default(),
+                        target_namespace: target_namespace.unwrap_or_default(),
+                    }),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let mut last_report = std::time::Instant::now();
+            while let Some(event) = events.next().await {
+                match event.map_err(status_line)?.event {
+                    Some(migrate_event::Event::Stage(stage)) => {
+                        let name =
+                            MigrateStage::try_from(stage).map_or("unknown", |s| s.as_str_name());
+                        eprintln!("{}", stage_word(name, "MIGRATE_STAGE_"));
+                    }
+                    Some(migrate_event::Event::BytesSent(bytes))
+                        if last_report.elapsed() > std::time::Duration::from_secs(1) =>
+                    {
+                        eprintln!("{bytes} bytes sent");
+                        last_report = std::time::Instant::now();
+                    }
+                    Some(migrate_event::Event::Done(r)) => println!(
+                        "{id} migrated to {target}: {} bytes sent ({} bytes checkpoint, resumed {} times), frozen {} ms, downtime {} ms, total {} ms",
+                        r.bytes_sent, r.checkpoint_size, r.resumed, r.frozen_ms, r.downtime_ms, r.total_ms
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        Command::Export { reference, file } => {
+            let mut stream = client
+                .export_checkpoint(ExportCheckpointRequest {
+                    namespace,
+                    checkpoint_ref: reference.clone(),
+                    resume_from: 0,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let mut out = export_file::Writer::create(&file)?;
+            let mut bytes = 0u64;
+            let mut done = None;
+            while let Some(message) = stream.next().await {
+                let message = message.map_err(status_line)?;
+                match &message.item {
+                    Some(export_checkpoint_response::Item::Chunk(c)) => {
+                        bytes += c.data.len() as u64
+                    }
+                    Some(export_checkpoint_response::Item::Manifest(m)) => done = Some(m.clone()),
+                    None => {}
+                }
+                out.write(&message)?;
+            }
+            out.finish()?;
+            let manifest = done
+                .ok_or_else(|| format!("the export of {reference} ended without its manifest"))?;
+            eprintln!(
+                "{reference}: {} blobs, {bytes} bytes exported to {}",
+                manifest.blobs.len(),
+                file.display()
+            );
+        }
+        Command::Import { file, reference } => {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let target = ImportCheckpointRequest {
+                item: Some(import_checkpoint_request::Item::Target(ImportTarget {
+                    namespace,
+                    checkpoint_ref: reference.unwrap_or_default(),
+                })),
+            };
+            let _ = tx.send(target).await;
+            let reader = export_file::Reader::open(&file)?;
+            let read = std::thread::spawn(move || -> Result<(), String> {
+                for message in reader {
+                    let Some(request) = cowsnapd::transfer::to_import(message?) else {
+                        continue;
+                    };
+                    if tx.blocking_send(request).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let answer = client
+                .import_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            let read = read
+                .join()
+                .map_err(|_| "the file reader thread panicked".to_string())?;
+            let answer = answer.map_err(status_line)?.into_inner();
+            read?;
+            let info = answer.checkpoint.unwrap_or_default();
+            println!("{}", info_line(&info));
+        }
     }
     Ok(())
+}
+
+/// The file `ctl export` writes: a magic line, then the export's
+/// messages as they came, each length-delimited (protobuf varint length,
+/// then the message).
+mod export_file {
+    use std::io::{BufReader, BufWriter, Read, Write};
+    use std::path::{Path, PathBuf};
+
+    use cowsnapd::proto::ExportCheckpointResponse;
+    use prost::Message;
+
+    const MAGIC: &[u8] = b"cowsnap-export v1\n";
+
+    pub struct Writer {
+        out: BufWriter<Box<dyn Write>>,
+        path: PathBuf,
+    }
+
+    impl Writer {
+        pub fn create(path: &Path) -> Result<Writer, String> {
+            let out: Box<dyn Write> = if path == Path::new("-") {
+                Box::new(std::io::stdout())
+            } else {
+                Box::new(
+                    std::fs::File::create(path)
+                        .map_err(|e| format!("create {}: {e}", path.display()))?,
+                )
+            };
+            let mut w = Writer {
+                out: BufWriter::new(out),
+                path: path.to_path_buf(),
+            };
+            w.put(MAGIC)?;
+            Ok(w)
+        }
+
+        fn put(&mut self, bytes: &[u8]) -> Result<(), String> {
+            self.out
+                .write_all(bytes)
+                .map_err(|e| format!("write {}: {e}", self.path.display()))
+        }
+
+        pub fn write(&mut self, message: &ExportCheckpointResponse) -> Result<(), String> {
+            self.put(&message.encode_length_delimited_to_vec())
+        }
+
+        pub fn finish(mut self) -> Result<(), String> {
+            self.out
+                .flush()
+                .map_err(|e| format!("write {}: {e}", self.path.display()))
+        }
+    }
+
+    pub struct Reader {
+        input: BufReader<Box<dyn Read + Send>>,
+        path: PathBuf,
+    }
+
+    impl Reader {
+        pub fn open(path: &Path) -> Result<Reader, String> {
+            let input: Box<dyn Read + Send> = if path == Path::new("-") {
+                Box::new(std::io::stdin())
+            } else {
+                Box::new(
+                    std::fs::File::open(path)
+                        .map_err(|e| format!("open {}: {e}", path.display()))?,
+                )
+            };
+            let mut r = Reader {
+                input: BufReader::new(input),
+                path: path.to_path_buf(),
+            };
+            let mut magic = vec![0u8; MAGIC.len()];
+            r.input
+                .read_exact(&mut magic)
+                .map_err(|e| format!("read {}: {e}", r.path.display()))?;
+            if magic != MAGIC {
+                return Err(format!(
+                    "{}: not a cowsnap export (it does not start with {:?})",
+                    r.path.display(),
+                    String::from_utf8_lossy(MAGIC).trim_end()
+                ));
+            }
+            Ok(r)
+        }
+
+        /// The next message's length, or None at the end of the file.
+        fn length(&mut self) -> Result<Option<usize>, String> {
+            let mut value = 0u64;
+            for i in 0..10 {
+                let mut byte = [0u8];
+                match self.input.read(&mut byte) {
+                    Ok(0) if i == 0 => return Ok(None),
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("read {}: {e}", self.path.display())),
+                }
+                value |= u64::from(byte[0] & 0x7f) << (7 * i);
+                if byte[0] & 0x80 == 0 {
+                    return Ok(Some(value as usize));
+                }
+            }
+            Err(format!(
+                "{}: a message length is cut or malformed",
+                self.path.display()
+            ))
+        }
+    }
+
+    impl Iterator for Reader {
+        type Item = Result<ExportCheckpointResponse, String>;
+
+        fn next(&mut self) -> Option<Self::Item> {
+            let len = match self.length() {
+                Ok(Some(len)) if len <= 8 << 20 => len,
+                Ok(Some(len)) => {
+                    return Some(Err(format!(
+                        "{}: a message of {len} bytes (a chunk is at most 1 MiB)",
+                        self.path.display()
+                    )))
+                }
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut bytes = vec![0u8; len];
+            if let Err(e) = self.input.read_exact(&mut bytes) {
+                return Some(Err(format!("read {}: {e}", self.path.display())));
+            }
+            Some(
+                ExportCheckpointResponse::decode(bytes.as_slice()).map_err(|e| {
+                    format!("{}: a message does not decode: {e}", self.path.display())
+                }),
+            )
+        }
+    }
 }
 
 /// `CHECKPOINT_STAGE_RW_LAYER_STORED` as `rw layer stored`.

@@ -201,6 +201,9 @@ struct Launch {
     config: PathBuf,
     path: String,
     engine: Option<PathBuf>,
+    /// A network namespace (`/run/netns/NAME`) containerd runs in: a node
+    /// of a two-node test.
+    netns: Option<PathBuf>,
 }
 
 /// One task as `ctr task ls` shows it.
@@ -215,7 +218,7 @@ impl Containerd {
     /// runtime works; `io.containerd.cowsnap.v1` only if the shim binary is
     /// already in the target directory). `what` names the test.
     pub fn start(what: &str) -> Containerd {
-        Self::start_with_path(what, profile_dir(), None)
+        Self::start_with_path(what, profile_dir(), None, None)
     }
 
     /// Builds `containerd-shim-cowsnap-v1` and the `cowsnap` binary it runs
@@ -224,6 +227,13 @@ impl Containerd {
     /// starts containerd with the shim's directory first on PATH. Fails the
     /// test, saying why, if there is no shim binary.
     pub fn start_cowsnap(what: &str) -> Containerd {
+        Self::start_cowsnap_in(what, None)
+    }
+
+    /// [`Containerd::start_cowsnap`] with containerd (and so its shims) in
+    /// network namespace `netns` (a path such as `/run/netns/NAME`; only
+    /// the network namespace is entered, the mounts stay the host's).
+    pub fn start_cowsnap_in(what: &str, netns: Option<&Path>) -> Containerd {
         let shim = shim_bin()
             .unwrap_or_else(|why| panic!("runtime {COWSNAP_RUNTIME} is not usable: {why}"));
         // The restore helper runs inside the container's rootfs: static.
@@ -232,10 +242,15 @@ impl Containerd {
             .parent()
             .expect("shim binary has a directory")
             .to_path_buf();
-        Self::start_with_path(what, dir, Some(engine))
+        Self::start_with_path(what, dir, Some(engine), netns)
     }
 
-    fn start_with_path(what: &str, shim_dir: PathBuf, engine: Option<PathBuf>) -> Containerd {
+    fn start_with_path(
+        what: &str,
+        shim_dir: PathBuf,
+        engine: Option<PathBuf>,
+        netns: Option<&Path>,
+    ) -> Containerd {
         require_root();
         for tool in ["/usr/bin/containerd", "/usr/bin/ctr"] {
             assert!(
@@ -264,6 +279,7 @@ impl Containerd {
                 config: dir.join("config.toml"),
                 path,
                 engine,
+                netns: netns.map(Path::to_path_buf),
             },
             dir,
             namespace,
@@ -302,7 +318,16 @@ impl Containerd {
             .append(true)
             .open(&self.log)
             .expect("containerd log file");
-        let mut daemon = Command::new("/usr/bin/containerd");
+        let mut daemon = match &self.launch.netns {
+            // nsenter execs containerd in the namespace: the child is it.
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg("/usr/bin/containerd");
+                c
+            }
+            None => Command::new("/usr/bin/containerd"),
+        };
         if let Some(engine) = &self.launch.engine {
             // containerd passes its environment on to the shims it starts.
             daemon.env("COWSNAP_BIN", engine);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cowsnap::engine_error::{EngineError, ErrorKind};
 
 #[derive(Parser)]
 #[command(
@@ -13,6 +14,12 @@ use clap::{Parser, Subcommand};
     about = "Checkpoint/restore of Linux process trees that keeps copy-on-write sharing"
 )]
 struct Cli {
+    /// On failure, also write the error as JSON to this file
+    /// (`{"kind": "unsupported", "message": "..."}`; kinds: not_found,
+    /// invalid_argument, unsupported, failed_precondition, unavailable,
+    /// resource_exhausted, internal). The shim and cowsnapd read it.
+    #[arg(long, global = true, value_name = "PATH")]
+    error_json: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,8 +120,9 @@ enum Command {
     },
     /// Check an image completely (files, checksums, frames, page references).
     Verify { dir: PathBuf },
-    /// Talk to cowsnapd (checkpoint, restore, ls, inspect, rm): runs
-    /// `cowsnap-ctl` from beside this binary or from PATH.
+    /// Talk to cowsnapd (checkpoint, restore, ls, inspect, rm, export,
+    /// import, migrate): runs `cowsnap-ctl` from beside this binary or
+    /// from PATH.
     #[command(disable_help_flag = true)]
     Ctl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -139,7 +147,8 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: Result<(), String> = match cli.command {
+    let error_json = cli.error_json;
+    let result: Result<(), EngineError> = match cli.command {
         Command::Dump {
             pid,
             images,
@@ -164,7 +173,7 @@ fn main() -> ExitCode {
             };
             cowsnap::dump::supervise::dump_supervised(&options)
                 .map(|summary| println!("{summary}"))
-                .map_err(|e| e.to_string())
+                .map_err(|e| EngineError::of(&e))
         }
         Command::Restore {
             images,
@@ -189,7 +198,7 @@ fn main() -> ExitCode {
             };
             cowsnap::restore::restore(&options)
                 .map(|summary| println!("{summary}"))
-                .map_err(|e| e.to_string())
+                .map_err(|e| EngineError::of(&e))
         }
         Command::RestoreInit {
             images,
@@ -199,11 +208,11 @@ fn main() -> ExitCode {
             cowsnap::sys::ns::owned_fd(control_fd),
             serde_json::from_str::<cowsnap::restore::limits::Limits>(&limits),
         ) {
-            (Ok(fd), Ok(limits)) => {
-                Err(cowsnap::restore::restore_as_init(&images, fd, &limits).to_string())
-            }
-            (Err(e), _) => Err(format!("--control-fd {control_fd}: {e}")),
-            (_, Err(e)) => Err(format!("--limits: {e}")),
+            (Ok(fd), Ok(limits)) => Err(EngineError::of(&cowsnap::restore::restore_as_init(
+                &images, fd, &limits,
+            ))),
+            (Err(e), _) => Err(invalid(format!("--control-fd {control_fd}: {e}"))),
+            (_, Err(e)) => Err(invalid(format!("--limits: {e}"))),
         },
         Command::RestoreControl {
             images,
@@ -213,24 +222,33 @@ fn main() -> ExitCode {
         } => match cowsnap::sys::ns::owned_fd(control_fd) {
             Ok(fd) => cowsnap::containerd::cr::control_restore(&images, init_pid, fd, spec_seccomp)
                 .map(|summary| println!("{summary}"))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("--control-fd {control_fd}: {e}")),
+                .map_err(|e| EngineError::of(&e)),
+            Err(e) => Err(invalid(format!("--control-fd {control_fd}: {e}"))),
         },
         Command::Inspect { dir, json } => cowsnap::image::inspect::inspect(&dir, json)
             .map(|report| print!("{report}"))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| EngineError::of(&e)),
         Command::Verify { dir } => cowsnap::image::inspect::verify(&dir)
             .map(|line| println!("{line}"))
-            .map_err(|e| e.to_string()),
-        Command::Ctl { args } => Err(exec_ctl(&args)),
+            .map_err(|e| EngineError::of(&e)),
+        Command::Ctl { args } => Err(EngineError::new(ErrorKind::NotFound, exec_ctl(&args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("cowsnap: {message}");
+        Err(error) => {
+            eprintln!("cowsnap: {error}");
+            if let Some(path) = error_json {
+                if let Err(e) = error.write_to(&path) {
+                    eprintln!("cowsnap: --error-json {}: {e}", path.display());
+                }
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+fn invalid(message: String) -> EngineError {
+    EngineError::new(ErrorKind::InvalidArgument, message)
 }
 
 /// Replaces this process with `cowsnap-ctl ARGS` (the gRPC client lives in

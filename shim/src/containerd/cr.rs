@@ -17,6 +17,7 @@ use std::process::Command;
 
 use oci_spec::runtime::{Capability, LinuxCapabilitiesBuilder, MountBuilder, Spec, UserBuilder};
 
+use crate::engine_error::{EngineError, ErrorKind};
 use crate::restore::limits::Limits;
 
 use crate::restore::ContainerRestore;
@@ -27,6 +28,21 @@ pub enum CrError {
     NotSupported(String),
     #[error("{0}")]
     Failed(String),
+    /// The engine failed and said what kind of failure it was (in this
+    /// process, or in the engine child that reported it with
+    /// `--error-json`); the message has the context.
+    #[error("{0}")]
+    Engine(EngineError),
+}
+
+impl CrError {
+    /// `error`, classified, with `context` before its message.
+    fn engine(context: impl std::fmt::Display, error: EngineError) -> CrError {
+        CrError::Engine(EngineError::new(
+            error.kind,
+            format!("{context}: {}", error.message),
+        ))
+    }
 }
 
 /// Checkpoint options as containerd sent them (decoded by the service from
@@ -50,6 +66,10 @@ const HELPER_DEST: &str = "/dev/.cowsnap/cowsnap";
 const IMAGE_DEST: &str = "/dev/.cowsnap/image";
 /// The derived bundle, inside the task's bundle (removed with it).
 const DERIVED_BUNDLE: &str = "cowsnap-restore";
+/// Where the engine writes its error (`--error-json`): in the task's
+/// bundle for a dump, in the derived bundle for a restore's controller.
+const DUMP_ERROR_FILE: &str = "cowsnap-dump-error.json";
+const RESTORE_ERROR_FILE: &str = "cowsnap-restore-error.json";
 /// Env var naming the `cowsnap` binary; default: beside the shim, then PATH.
 pub const BIN_ENV: &str = "COWSNAP_BIN";
 
@@ -70,8 +90,11 @@ pub fn engine_binary() -> Result<PathBuf, CrError> {
         .map(|d| d.join("cowsnap"))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            CrError::Failed(format!(
-                "the cowsnap binary was not found: set {BIN_ENV}, or put it beside the shim or on PATH"
+            CrError::Engine(EngineError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "the cowsnap binary was not found: set {BIN_ENV}, or put it beside the shim or on PATH"
+                ),
             ))
         })
 }
@@ -87,8 +110,12 @@ pub fn checkpoint(req: &CheckpointRequest) -> Result<(), CrError> {
         CrError::Failed(format!("task {}: finding its freezer cgroup: {e}", req.id))
     })?;
     let bin = engine_binary()?;
+    let error_json = req.bundle.join(DUMP_ERROR_FILE);
+    let _ = std::fs::remove_file(&error_json);
     let mut cmd = Command::new(&bin);
-    cmd.arg("dump")
+    cmd.arg("--error-json")
+        .arg(&error_json)
+        .arg("dump")
         .arg("--pid")
         .arg(req.init_pid.to_string())
         .arg("--images")
@@ -109,11 +136,15 @@ pub fn checkpoint(req: &CheckpointRequest) -> Result<(), CrError> {
     if output.status == 0 {
         return Ok(());
     }
-    Err(CrError::Failed(format!(
-        "checkpoint of task {} failed, the container keeps running: {}",
-        req.id,
-        engine_reason("dump", &output)
-    )))
+    let reason = engine_reason("dump", &output, &error_json);
+    let _ = std::fs::remove_file(&error_json);
+    Err(CrError::engine(
+        format_args!(
+            "checkpoint of task {} failed, the container keeps running",
+            req.id
+        ),
+        reason,
+    ))
 }
 
 /// Runs the engine binary to its end under the shim's reaper.
@@ -129,21 +160,32 @@ fn run_engine(cmd: Command, bin: &Path) -> Result<super::runc::Reaped, CrError> 
 }
 
 /// Why `cowsnap COMMAND` failed: the signal that killed it (a killed
-/// engine prints nothing, and its cleanup is done by then: see
-/// `dump::supervise`), else its last line ("cowsnap: <reason>").
-fn engine_reason(command: &str, output: &super::runc::Reaped) -> String {
+/// engine reports nothing, and its cleanup is done by then: see
+/// `dump::supervise`), else the error it wrote to `error_json`. An engine
+/// that ended without writing one (it panicked) is an internal error,
+/// told by its last stderr line.
+fn engine_reason(command: &str, output: &super::runc::Reaped, error_json: &Path) -> EngineError {
     if let Some(signal) = killed_by(output.status) {
-        return format!(
-            "cowsnap {command} (pid {}) was killed by {signal}",
-            output.pid
+        return EngineError::new(
+            ErrorKind::Internal,
+            format!(
+                "cowsnap {command} (pid {}) was killed by {signal}",
+                output.pid
+            ),
         );
     }
-    String::from_utf8_lossy(&output.stderr)
+    if let Some(error) = EngineError::read_from(error_json) {
+        return error;
+    }
+    let last = String::from_utf8_lossy(&output.stderr)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
-        .map(|l| l.trim_start_matches("cowsnap: ").to_string())
-        .unwrap_or_else(|| format!("cowsnap {command} ended with status {}", output.status))
+        .map(|l| l.trim_start_matches("cowsnap: ").to_string());
+    EngineError::new(
+        ErrorKind::Internal,
+        last.unwrap_or_else(|| format!("cowsnap {command} ended with status {}", output.status)),
+    )
 }
 
 /// The signal a reaped status (128 + signal for a killed child) names.
@@ -194,10 +236,8 @@ pub fn prepare_restore(
         }
         e => failed(e.to_string()),
     })?;
-    let fd = ContainerRestore::prepare(checkpoint, &limits).map_err(|e| match e {
-        crate::restore::RestoreError::NotSupported(m) => CrError::NotSupported(m),
-        e => failed(e.to_string()),
-    })?;
+    let fd = ContainerRestore::prepare(checkpoint, &limits)
+        .map_err(|e| CrError::engine(format_args!("restore of task {id}"), EngineError::of(&e)))?;
     let helper = engine_binary()?;
     if !is_static(&helper).map_err(|e| failed(format!("{}: {e}", helper.display())))? {
         return Err(CrError::NotSupported(format!(
@@ -242,14 +282,19 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
         checkpoint,
         id,
         spec_seccomp,
+        bundle,
         ..
     } = prepared;
     // The controller runs in its own process: it ptraces the restored
     // tree, and the shim's reaper (waitpid(-1) in another thread) would
     // take the ptrace stops from under it.
     let bin = engine_binary()?;
+    let error_json = bundle.join(RESTORE_ERROR_FILE);
+    let _ = std::fs::remove_file(&error_json);
     let mut cmd = Command::new(&bin);
-    cmd.arg("restore-control")
+    cmd.arg("--error-json")
+        .arg(&error_json)
+        .arg("restore-control")
         .arg("--images")
         .arg(&checkpoint)
         .arg("--init-pid")
@@ -262,10 +307,12 @@ pub fn finish_restore(prepared: PreparedRestore, init_pid: i32) -> Result<(), Cr
     crate::sys::spawn::pass_fds_from_3(&mut cmd, vec![control]);
     let output = run_engine(cmd, &bin)?;
     if output.status != 0 {
-        return Err(CrError::Failed(format!(
-            "restore of task {id}: {}",
-            engine_reason("restore-control", &output)
-        )));
+        let reason = engine_reason("restore-control", &output, &error_json);
+        let _ = std::fs::remove_file(&error_json);
+        return Err(CrError::engine(
+            format_args!("restore of task {id}"),
+            reason,
+        ));
     }
     Ok(())
 }
@@ -280,11 +327,11 @@ pub fn control_restore(
     control: OwnedFd,
     spec_seccomp: bool,
 ) -> Result<String, CrError> {
-    let restore =
-        ContainerRestore::attach(images, control).map_err(|e| CrError::Failed(e.to_string()))?;
+    let restore = ContainerRestore::attach(images, control)
+        .map_err(|e| CrError::Engine(EngineError::of(&e)))?;
     let summary = restore
         .control(init_pid, spec_seccomp)
-        .map_err(|e| CrError::Failed(e.to_string()))?;
+        .map_err(|e| CrError::Engine(EngineError::of(&e)))?;
     crate::sys::ns::detach_mounts(
         init_pid,
         &[HELPER_DEST, IMAGE_DEST],
@@ -504,23 +551,43 @@ mod tests {
     }
 
     #[test]
-    fn engine_reason_names_the_signal_that_killed_it() {
+    fn engine_reason_is_the_signal_the_error_file_or_the_last_line() {
         let reaped = |status: i32, stderr: &str| super::super::runc::Reaped {
             pid: 42,
             status,
             stdout: vec![],
             stderr: stderr.as_bytes().to_vec(),
         };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let none = dir.path().join("none.json");
+        let killed = engine_reason("dump", &reaped(137, ""), &none);
         assert_eq!(
-            engine_reason("dump", &reaped(137, "")),
+            killed.message,
             "cowsnap dump (pid 42) was killed by SIGKILL"
         );
-        assert_eq!(
-            engine_reason("dump", &reaped(1, "progress\ncowsnap: pid 7: gone\n")),
-            "pid 7: gone"
+        assert_eq!(killed.kind, ErrorKind::Internal);
+        let reported = dir.path().join("error.json");
+        EngineError::new(ErrorKind::Unsupported, "pid 7 fd 3 is netlink")
+            .write_to(&reported)
+            .expect("write");
+        let typed = engine_reason(
+            "dump",
+            &reaped(1, "cowsnap: pid 7 fd 3 is netlink\n"),
+            &reported,
+        );
+        assert_eq!(typed.kind, ErrorKind::Unsupported);
+        assert_eq!(typed.message, "pid 7 fd 3 is netlink");
+        let untyped = engine_reason(
+            "dump",
+            &reaped(1, "progress\ncowsnap: pid 7: gone\n"),
+            &none,
         );
         assert_eq!(
-            engine_reason("restore-control", &reaped(2, "")),
+            (untyped.kind, untyped.message.as_str()),
+            (ErrorKind::Internal, "pid 7: gone")
+        );
+        assert_eq!(
+            engine_reason("restore-control", &reaped(2, ""), &none).message,
             "cowsnap restore-control ended with status 2"
         );
     }

@@ -32,6 +32,7 @@ use super::options::{self, OptionsError};
 use super::runc::{read_pid_file, CreateArgs, Runc, RuncError};
 use super::state::{Op, ProcessKind, ProcessState, StateError};
 use super::stats;
+use crate::engine_error::{Classify, ErrorKind};
 
 /// File in the bundle where runc writes the init's pid.
 pub const INIT_PID_FILE: &str = "init.pid";
@@ -121,16 +122,25 @@ impl TaskError {
             TaskError::NotRunning { .. } | TaskError::Checkpointing { .. } => {
                 Code::FAILED_PRECONDITION
             }
-            TaskError::Checkpoint {
-                source: CrError::NotSupported(_),
-                ..
+            TaskError::Checkpoint { source, .. } | TaskError::Restore { source, .. } => {
+                kind_code(source.kind())
             }
-            | TaskError::Restore {
-                source: CrError::NotSupported(_),
-                ..
-            } => Code::UNIMPLEMENTED,
             _ => Code::UNKNOWN,
         }
+    }
+}
+
+/// The ttrpc code of an engine failure; containerd passes it on to its
+/// own clients (`ctr`, cowsnapd) as the gRPC code of the same name.
+fn kind_code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+        ErrorKind::Unsupported => Code::UNIMPLEMENTED,
+        ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Unavailable => Code::UNAVAILABLE,
+        ErrorKind::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
+        ErrorKind::Internal => Code::INTERNAL,
     }
 }
 
@@ -1267,6 +1277,7 @@ impl containerd_shim::Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine_error::EngineError;
 
     #[test]
     fn errors_map_to_ttrpc_codes() {
@@ -1279,10 +1290,37 @@ mod tests {
         assert_eq!(ns.code(), Code::UNIMPLEMENTED);
         let failed = TaskError::Checkpoint {
             id: "c".into(),
-            source: CrError::Failed("disk full".into()),
+            source: CrError::Failed("no freezer cgroup".into()),
         };
-        assert_eq!(failed.code(), Code::UNKNOWN);
-        assert_eq!(failed.to_string(), "task c: checkpoint: disk full");
+        assert_eq!(failed.code(), Code::INTERNAL);
+        assert_eq!(failed.to_string(), "task c: checkpoint: no freezer cgroup");
+        // The engine's typed errors keep their kind through the shim.
+        for (kind, code) in [
+            (ErrorKind::NotFound, Code::NOT_FOUND),
+            (ErrorKind::InvalidArgument, Code::INVALID_ARGUMENT),
+            (ErrorKind::Unsupported, Code::UNIMPLEMENTED),
+            (ErrorKind::FailedPrecondition, Code::FAILED_PRECONDITION),
+            (ErrorKind::Unavailable, Code::UNAVAILABLE),
+            (ErrorKind::ResourceExhausted, Code::RESOURCE_EXHAUSTED),
+            (ErrorKind::Internal, Code::INTERNAL),
+        ] {
+            let e = TaskError::Restore {
+                id: "c".into(),
+                source: CrError::Engine(EngineError::new(kind, "pid 7: x")),
+            };
+            assert_eq!(e.code(), code, "{kind:?}");
+        }
+        let full = TaskError::Checkpoint {
+            id: "c".into(),
+            source: CrError::Engine(EngineError::new(
+                ErrorKind::ResourceExhausted,
+                "/run/x/pages: No space left on device (os error 28)",
+            )),
+        };
+        assert_eq!(
+            full.to_string(),
+            "task c: checkpoint: /run/x/pages: No space left on device (os error 28)"
+        );
         let st: ttrpc::Error = TaskError::State(
             ProcessState::Stopped
                 .transition(ProcessKind::Init, "c", Op::Pause)

@@ -153,9 +153,9 @@ pub enum DumpError {
     Interrupted,
     #[error("dump supervisor: {0}")]
     Supervisor(#[source] std::io::Error),
-    /// The engine child's error, as it described it.
+    /// The engine child's error, as it described and classified it.
     #[error("{0}")]
-    Engine(String),
+    Engine(crate::engine_error::EngineError),
 }
 
 /// The freezer of a `--cgroup` dump and whether this dump froze it.

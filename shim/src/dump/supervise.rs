@@ -19,6 +19,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use crate::engine_error::{EngineError, ErrorKind};
 use crate::sys::clone::{self, Forked};
 use crate::sys::interrupt::{interrupted, InterruptGuard};
 use crate::sys::ptrace;
@@ -72,12 +73,15 @@ pub fn dump_supervised(options: &DumpOptions) -> Result<DumpSummary, DumpError> 
         .join()
         .map_err(|_| DumpError::Supervisor(std::io::Error::other("reader thread panicked")))?
         .map_err(DumpError::Supervisor)?;
-    match serde_json::from_str::<Result<DumpSummary, String>>(&text) {
+    match serde_json::from_str::<Result<DumpSummary, EngineError>>(&text) {
         Ok(Ok(summary)) => Ok(summary),
-        Ok(Err(message)) => Err(DumpError::Engine(message)),
-        Err(_) => Err(DumpError::Engine(format!(
-            "dump of pid {}: the dump engine (cowsnap's child, pid {engine}) ended without an answer: {status:?}",
-            options.pid
+        Ok(Err(error)) => Err(DumpError::Engine(error)),
+        Err(_) => Err(DumpError::Engine(EngineError::new(
+            ErrorKind::Internal,
+            format!(
+                "dump of pid {}: the dump engine (cowsnap's child, pid {engine}) ended without an answer: {status:?}",
+                options.pid
+            ),
         ))),
     }
 }
@@ -89,7 +93,7 @@ fn engine(options: &DumpOptions, parent: i32, mut answer: std::io::PipeWriter) -
         clone::exit_now(1); // the parent died before PDEATHSIG was armed
     }
     hold_supervisor(parent);
-    let result = dump(options).map_err(|e| e.to_string());
+    let result = dump(options).map_err(|e| EngineError::of(&e));
     let code = i32::from(result.is_err());
     if let Ok(text) = serde_json::to_string(&result) {
         let _ = answer.write_all(text.as_bytes());

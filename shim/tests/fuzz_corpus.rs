@@ -85,3 +85,19 @@ fn every_corpus_input_is_refused_or_accepted_without_panic() {
     }
     eprintln!("{total} corpus inputs replayed");
 }
+
+/// The runs target gives the (older) base image the 1.5 layout, and its
+/// seed, the base root's own runs, makes an image that checks out: the
+/// fuzzer starts from inputs the binary runs parser accepts.
+#[test]
+fn the_runs_seed_makes_a_valid_image() {
+    let base = base();
+    let seed = std::fs::read(fuzz_dir().join("corpus/runs/seed")).expect("runs seed");
+    let files = fuzz::image_files(Target::Runs, &base, &seed);
+    let runs = Target::Runs.file(&base).expect("the root's runs file");
+    assert_eq!(files.get(&runs), Some(&seed));
+    fuzz::check(&files).expect("the runs seed over the base image checks out");
+    let image = fuzz::open(&files).expect("opens");
+    assert!(image.processes[0].runs_file.is_some());
+    assert!(image.processes[0].vmas.iter().all(|v| !v.pages.is_empty()));
+}

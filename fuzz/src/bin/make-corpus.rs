@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cowsnap::image::fuzz::{archive, Target};
+use cowsnap::image::fuzz::{archive, with_runs_file, Target};
 
 fn main() -> std::io::Result<()> {
     let base = cowsnap_fuzz::base();
@@ -16,9 +16,14 @@ fn main() -> std::io::Result<()> {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        let seed = match target.file(&base) {
-            Some(name) => base.get(&name).cloned().unwrap_or_default(),
-            None => archive(&base),
+        // The runs target's file exists once the base has the 1.5 layout.
+        let files = match target {
+            Target::Runs => with_runs_file(&base),
+            _ => base.clone(),
+        };
+        let seed = match target.file(&files) {
+            Some(name) => files.get(&name).cloned().unwrap_or_default(),
+            None => archive(&files),
         };
         std::fs::write(dir.join("seed"), seed)?;
     }

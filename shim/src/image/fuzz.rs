@@ -48,13 +48,16 @@ pub enum Target {
     PageIndex,
     /// The `pages` file (zstd frames, decompressed and checksummed).
     Pages,
+    /// The root's binary page runs, `proc-<pid>.runs` (format 1.5). A base
+    /// image of an older format is first given that layout.
+    Runs,
     /// Every file, from an archive of `\n@@ NAME\n` sections (see
     /// [`archive`]): inputs that change several files at once.
     Image,
 }
 
 impl Target {
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::Manifest,
         Target::Tree,
         Target::Process,
@@ -62,6 +65,7 @@ impl Target {
         Target::Sockets,
         Target::PageIndex,
         Target::Pages,
+        Target::Runs,
         Target::Image,
     ];
 
@@ -75,6 +79,7 @@ impl Target {
             Target::Sockets => "sockets",
             Target::PageIndex => "page_index",
             Target::Pages => "pages",
+            Target::Runs => "runs",
             Target::Image => "image",
         }
     }
@@ -93,6 +98,10 @@ impl Target {
             Target::Sockets => SOCKETS_FILE,
             Target::PageIndex => PAGE_INDEX_FILE,
             Target::Pages => PAGES_FILE,
+            Target::Runs => {
+                let manifest = parse_manifest(base.get(MANIFEST_FILE)?).ok()?;
+                return Some(super::runs::runs_file_name(manifest.root_pid));
+            }
             Target::Image => return None,
         };
         Some(name.into())
@@ -123,11 +132,60 @@ pub fn run(target: Target, base: &ImageFiles, input: &[u8]) -> Result<(), ImageE
 pub fn image_files(target: Target, base: &ImageFiles, input: &[u8]) -> ImageFiles {
     let mut files = match target {
         Target::Image => unarchive(input),
+        Target::Runs => with_runs_file(base),
         _ => base.clone(),
     };
     if let Some(name) = target.file(base) {
         files.insert(name, input.to_vec());
     }
+    reseal(&mut files);
+    files
+}
+
+/// `base` with the root's page runs in `proc-<pid>.runs` (format 1.5),
+/// listed in the manifest (sized and checksummed by [`reseal`]); as it is
+/// if it has that file already or its root process does not parse.
+pub fn with_runs_file(base: &ImageFiles) -> ImageFiles {
+    let mut files = base.clone();
+    let Some(json_name) = root_process_file(base) else {
+        return files;
+    };
+    let Some(runs_name) = Target::Runs.file(base) else {
+        return files;
+    };
+    if files.contains_key(&runs_name) {
+        return files;
+    }
+    let Some(mut process) = files
+        .get(&json_name)
+        .and_then(|b| serde_json::from_slice::<super::types::ProcessImage>(b).ok())
+    else {
+        return files;
+    };
+    let Ok(runs) = super::runs::encode(&process.vmas) else {
+        return files;
+    };
+    for vma in &mut process.vmas {
+        vma.pages.clear();
+    }
+    process.runs_file = Some(runs_name.clone());
+    let (Ok(json), Some(manifest)) = (
+        serde_json::to_vec(&process),
+        files
+            .get(MANIFEST_FILE)
+            .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok()),
+    ) else {
+        return files;
+    };
+    let mut manifest = manifest;
+    if let Some(list) = manifest.get_mut("files").and_then(|f| f.as_array_mut()) {
+        list.push(serde_json::json!({"name": runs_name, "size": 0, "xxh3_128": "0".repeat(32)}));
+    }
+    if let Ok(bytes) = serde_json::to_vec_pretty(&manifest) {
+        files.insert(MANIFEST_FILE.into(), bytes);
+    }
+    files.insert(json_name, json);
+    files.insert(runs_name, runs);
     reseal(&mut files);
     files
 }

@@ -200,7 +200,13 @@ enum Files {
 
 /// Opens and checks an image and plans its restore: everything that can
 /// be refused is refused here, before anything is created.
+/// When the first [`trace`] line was printed (in the restore command; a
+/// forked process inherits it).
 static TRACE_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// With `COWSNAP_TRACE` set, one line on stderr per phase of each restore
+/// process (seconds since the restore began, pid, phase): where a restore's
+/// time goes (README "Against CRIU 4.2").
 fn trace(what: std::fmt::Arguments) {
     if std::env::var_os("COWSNAP_TRACE").is_some() {
         let t = TRACE_START

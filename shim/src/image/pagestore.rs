@@ -931,36 +931,32 @@ impl PageStoreReader {
                 actual: out.len() as u64,
             });
         }
-        let mut buf = Vec::new();
-        let compressed = self.compressed(frame, entry, &mut buf)?;
         // The checksum of the compressed bytes, where the index has one,
         // vouches for the contents as well (decompression is deterministic)
         // and costs half as much to compute.
-        let result = match self.compressed_checksum(frame) {
+        let want = self.compressed_checksum(frame);
+        self.with_compressed(frame, &mut Vec::new(), |entry, compressed| match want {
             Some(want) => check_compressed_bytes(frame, want, compressed)
                 .and_then(|()| decompress_frame(frame, entry, self.page_size, compressed, out)),
-            None => self.decode_into(frame, compressed, out),
-        };
-        self.release(entry);
-        result
+            None => self.decode(frame, entry, compressed, out),
+        })
     }
 
     /// [`read_frame_into`](Self::read_frame_into), always checking the
     /// decompressed contents' checksum (what `cowsnap verify` wants).
     fn read_frame_into_decompressed(&self, frame: usize, out: &mut [u8]) -> Result<(), ImageError> {
-        let entry = self.entry(frame)?;
-        let mut buf = Vec::new();
-        let compressed = self.compressed(frame, entry, &mut buf)?;
-        self.decode_into(frame, compressed, out)
+        self.with_compressed(frame, &mut Vec::new(), |entry, compressed| {
+            self.decode(frame, entry, compressed, out)
+        })
     }
 
-    fn decode_into(
+    fn decode(
         &self,
         frame: usize,
+        entry: &FrameEntry,
         compressed: &[u8],
         out: &mut [u8],
     ) -> Result<(), ImageError> {
-        let entry = self.entry(frame)?;
         decode_frame(
             frame,
             entry,
@@ -1094,17 +1090,27 @@ impl PageStoreReader {
         want: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
-        let entry = self.entry(frame)?;
-        let checked = check_compressed_bytes(frame, want, self.compressed(frame, entry, buf)?);
-        self.release(entry);
-        checked
+        self.with_compressed(frame, buf, |_, compressed| {
+            check_compressed_bytes(frame, want, compressed)
+        })
     }
 
-    /// Frame `entry`'s compressed bytes have been used: see [`FileMap::release`].
-    fn release(&self, entry: &FrameEntry) {
+    /// Runs `use_bytes` on frame `frame`'s index entry and compressed bytes
+    /// (in the mapping, or read into `buf`), then drops them from the
+    /// mapping ([`FileMap::release`]): every reader of frames goes through
+    /// here, so none leaves the image resident.
+    fn with_compressed<R>(
+        &self,
+        frame: usize,
+        buf: &mut Vec<u8>,
+        use_bytes: impl FnOnce(&FrameEntry, &[u8]) -> Result<R, ImageError>,
+    ) -> Result<R, ImageError> {
+        let entry = self.entry(frame)?;
+        let result = use_bytes(entry, self.compressed(frame, entry, buf)?);
         if let Some(map) = &self.map {
             map.release(entry.offset, entry.compressed_len);
         }
+        result
     }
 
     /// Contents of page `id` (decompresses its whole frame; restore should

@@ -137,24 +137,7 @@ pub fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::types::VmaKind;
-
-    fn vma(start: u64, end: u64, pages: Vec<PageRun>) -> Vma {
-        Vma {
-            start,
-            end,
-            prot: 3,
-            shared: false,
-            kind: VmaKind::PrivateAnon,
-            path: None,
-            deleted: false,
-            dev: 0,
-            inode: 0,
-            offset: 0,
-            vm_flags: vec![],
-            pages,
-        }
-    }
+    use crate::image::testutil::vma;
 
     fn sample() -> Vec<Vma> {
         vec![

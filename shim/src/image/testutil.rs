@@ -93,7 +93,7 @@ pub fn pipes() -> Vec<PipeImage> {
     }]
 }
 
-fn vma(start: u64, end: u64, pages: Vec<PageRun>) -> Vma {
+pub fn vma(start: u64, end: u64, pages: Vec<PageRun>) -> Vma {
     Vma {
         start,
         end,

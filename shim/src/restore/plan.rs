@@ -661,7 +661,7 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
                 segments.push(Segment {
                     holder,
                     before_fork: true,
-                    backing: backing_of(user_vma),
+                    backing: user_backing,
                     staging: 0,
                     len: user_vma.len(),
                     populate: Vec::new(),

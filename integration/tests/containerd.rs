@@ -2144,8 +2144,9 @@ fn cowsnap_restore_whose_controller_is_killed_leaves_nothing_running() {
 }
 
 /// 7. containerd SIGKILLed while the shim dumps, and started again: the
-///    shim outlives it and keeps the task; once containerd is back the
-///    task runs on as before and nothing of the checkpoint is kept.
+///    shim outlives it and keeps the task; once the dump ends the task
+///    runs on as before (not left paused by ctr's lost resume) and nothing
+///    of the checkpoint is kept.
 #[test]
 fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
     let mut ctrd = Containerd::start_cowsnap("ckpt-restart");
@@ -2174,16 +2175,23 @@ fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
         );
     });
     // The shim answered containerd at once (it would otherwise be taken
-    // for dead and the container deleted), and keeps the task as ctr left
-    // it: paused, since ctr pauses a running task for the checkpoint and
-    // its resume could not reach containerd.
-    let task = ctrd.wait_status(&id, "PAUSED");
+    // for dead and the container deleted) and kept the task.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let task = loop {
+        if let Some(task) = ctrd.task(&id) {
+            break task;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {id} not listed after containerd's restart"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         task.pid, before.init,
         "the task has another init after the restart"
     );
     // The dump goes on to its end; the shim then removes what nobody will store.
-    let deadline = std::time::Instant::now() + common::PATIENCE;
     while common::all_pids().contains(&dump) && !common::task_state(dump).starts_with('Z') {
         assert!(
             std::time::Instant::now() < deadline,
@@ -2205,8 +2213,10 @@ fn cowsnap_checkpoint_across_a_containerd_restart_leaves_container_running() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    ctrd.ctr_ok(&["task", "resume", &id]);
-    before.assert_left_running(&ctrd, "after containerd's restart and a resume");
+    // ctr paused the running task for the checkpoint and its resume could
+    // not reach containerd: the shim resumed it once the dump ended.
+    ctrd.wait_status(&id, "RUNNING");
+    before.assert_left_running(&ctrd, "after containerd's restart");
     ctrd.kill_and_delete(&id);
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
 use containerd_shim::{api, publisher::RemotePublisher, ExitSignal, TtrpcContext, TtrpcResult};
@@ -40,6 +40,11 @@ pub const INIT_PID_FILE: &str = "init.pid";
 pub const RUNC_CONFIG_FILE: &str = "cowsnap-runc.json";
 /// How long Delete waits for a process's output to drain into the fifos.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// A Checkpoint arriving this soon after the Pause that stopped the running
+/// task is taken to be that Pause's client's: containerd's client library
+/// pauses a task around every task checkpoint (and fails on one already
+/// paused), so such a pause is undone if containerd dies during the dump.
+const CLIENT_PAUSE_WINDOW: Duration = Duration::from_secs(5);
 /// Exit status reported for an exec whose `runc exec` failed (runc's own).
 const EXEC_START_FAILED: u32 = 255;
 /// Exit status reported for an init deleted before it ever exited: runc
@@ -235,6 +240,9 @@ struct Container {
     checkpoint: Option<PathBuf>,
     /// A Checkpoint runs its dump (see [`TaskError::Checkpointing`]).
     checkpointing: bool,
+    /// When a Pause last took the running task to paused; cleared by
+    /// Resume. See [`CLIENT_PAUSE_WINDOW`].
+    paused_at: Option<Instant>,
     init: Process,
     execs: HashMap<String, Process>,
 }
@@ -318,6 +326,38 @@ impl TaskService {
             Err(e) => log::error!("subscribing to process exits: {e}"),
         }
         TaskService { inner }
+    }
+
+    /// Thaws paused task `id` and tells containerd.
+    fn resume_task(&self, id: &str) -> Result<(), TaskError> {
+        self.with_container(id, |c| {
+            let next = c.init.transition(id, Op::Resume)?;
+            c.runc.resume(&c.id).map_err(c.runc_err())?;
+            c.init.state = next;
+            c.paused_at = None;
+            Ok(())
+        })?;
+        self.inner.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    /// A checkpoint whose containerd went away ended: the client that
+    /// paused the task for it cannot resume it through that containerd,
+    /// so the shim does, leaving the task as it was before the client's
+    /// checkpoint began.
+    fn resume_abandoned(&self, id: &str) {
+        match self.resume_task(id) {
+            Ok(()) => log::info!(
+                "task {id}: resumed: its checkpoint's client paused it and lost containerd"
+            ),
+            Err(e) => log::warn!("task {id}: resuming after the abandoned checkpoint: {e}"),
+        }
     }
 
     fn with_container<T>(
@@ -544,6 +584,7 @@ impl TaskService {
             rootfs_mounted,
             checkpoint: from_checkpoint.then(|| PathBuf::from(&req.checkpoint)),
             checkpointing: false,
+            paused_at: None,
             init: Process::new(
                 "",
                 ProcessKind::Init,
@@ -938,6 +979,7 @@ impl containerd_shim::Task for TaskService {
             let next = c.init.transition(&req.id, Op::Pause)?;
             c.runc.pause(&c.id).map_err(c.runc_err())?;
             c.init.state = next;
+            c.paused_at = Some(Instant::now());
             Ok(())
         })?;
         self.inner.publish(
@@ -951,20 +993,8 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.with_container(&req.id, |c| {
-            c.not_checkpointing(Op::Resume)?;
-            let next = c.init.transition(&req.id, Op::Resume)?;
-            c.runc.resume(&c.id).map_err(c.runc_err())?;
-            c.init.state = next;
-            Ok(())
-        })?;
-        self.inner.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        );
+        self.with_container(&req.id, |c| c.not_checkpointing(Op::Resume))?;
+        self.resume_task(&req.id)?;
         Ok(api::Empty::default())
     }
 
@@ -973,7 +1003,7 @@ impl containerd_shim::Task for TaskService {
         ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        let request = self.with_container(&req.id, |c| {
+        let (paused_by_client, request) = self.with_container(&req.id, |c| {
             let id = c.id.clone();
             c.not_checkpointing(Op::Checkpoint)?;
             c.init.transition(&id, Op::Checkpoint)?;
@@ -984,15 +1014,21 @@ impl containerd_shim::Task for TaskService {
                 }
             })?;
             c.checkpointing = true;
-            Ok(cr::CheckpointRequest {
-                id,
-                init_pid: c.init.pid,
-                bundle: c.bundle.clone(),
-                path: PathBuf::from(&req.path),
-                exit: opts.exit,
-                image_path: opts.image_path,
-                work_path: opts.work_path,
-            })
+            let paused_by_client = c.init.state == ProcessState::Paused
+                && c.paused_at
+                    .is_some_and(|at| at.elapsed() < CLIENT_PAUSE_WINDOW);
+            Ok((
+                paused_by_client,
+                cr::CheckpointRequest {
+                    id,
+                    init_pid: c.init.pid,
+                    bundle: c.bundle.clone(),
+                    path: PathBuf::from(&req.path),
+                    exit: opts.exit,
+                    image_path: opts.image_path,
+                    work_path: opts.work_path,
+                },
+            ))
         })?;
         // The dump runs without the lock. The engine kills the tree when
         // `exit` is set; the exit then reaches the dispatcher like any other.
@@ -1009,6 +1045,9 @@ impl containerd_shim::Task for TaskService {
                 if let Err(e) = std::fs::remove_dir_all(&request.path) {
                     log::warn!("removing {}: {e}", request.path.display());
                 }
+            }
+            if paused_by_client && !request.exit {
+                self.resume_abandoned(&req.id);
             }
             return Err(TaskError::Checkpoint {
                 id: request.id.clone(),

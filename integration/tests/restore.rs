@@ -837,6 +837,7 @@ fn restore_plain_in_current_namespace_after_dump_exit() {
 /// process's page runs back in its JSON (`vmas[i].pages`), no
 /// `proc-<pid>.runs` files, minor version 4, checksums fixed.
 fn as_format_1_4(images: &Path) {
+    without_plan(images);
     let manifest_path = images.join("manifest.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(&manifest_path).expect("manifest"))
@@ -886,6 +887,142 @@ fn as_format_1_4(images: &Path) {
     {
         rechecksum_in_manifest(images, name);
     }
+}
+
+/// The image as format 1.5 wrote it: no `plan.bin` (restore plans it).
+fn without_plan(images: &Path) {
+    let manifest_path = images.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).expect("manifest"))
+            .expect("manifest.json");
+    let files = manifest["files"].as_array_mut().expect("files");
+    let before = files.len();
+    files.retain(|f| f["name"] != "plan.bin");
+    assert_eq!(files.len() + 1, before, "a fresh image lists plan.bin");
+    fs::remove_file(images.join("plan.bin")).expect("remove plan.bin");
+    manifest["format_version"]["minor"] = 5.into();
+    fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .expect("write");
+}
+
+/// How the restore got its plan, from its summary line.
+fn plan_source(output: &Output) -> &'static str {
+    let text = String::from_utf8_lossy(&output.stdout);
+    if text.contains("(plan from the image)") {
+        "stored"
+    } else if text.contains("(planned at restore)") {
+        "planned"
+    } else {
+        "unknown"
+    }
+}
+
+/// A fresh image restores from the plan stored in it; the same image as
+/// format 1.5 wrote it (no plan) is planned at restore and comes back the
+/// same: maps, sharing, memory.
+#[test]
+fn an_image_restores_from_its_stored_plan_and_one_without_a_plan_is_planned() {
+    for stored in [true, false] {
+        let mut tree = RefTree::start(TreeSpec::small("moved-vma"));
+        let original = TreeView::take(&tree.pids());
+        let (dir, images) = image_dir("restore");
+        dump_ok(&tree, &images, &["--exit"]);
+        tree.wait_exited("after dump --exit");
+        let zero = zero_pages(&images);
+        if !stored {
+            without_plan(&images);
+        }
+        let verify = cowsnap(&["verify", path_str(&images)]);
+        let said = String::from_utf8_lossy(&verify.stdout).into_owned();
+        assert!(
+            verify.status.success()
+                && said.contains(if stored {
+                    "the stored plan matches"
+                } else {
+                    "no stored plan"
+                }),
+            "verify (plan stored: {stored}): {}",
+            describe(&verify)
+        );
+        let pidfile = dir.path().join("restored.pid");
+        let (restored, output) = restore_ok(&images, &pidfile, &[]);
+        let context = format!("moved-vma, plan stored: {stored}");
+        assert_eq!(
+            plan_source(&output),
+            if stored { "stored" } else { "planned" },
+            "{context}: {}",
+            describe(&output)
+        );
+        let view = TreeView::take(&restored.pids());
+        assert_eq!(view.outer_pids(), original.outer_pids(), "{context}: pids");
+        assert_same_maps(&original, &view, &context);
+        assert_pss_within("Pss_Anon", original.pss_anon, view.pss_anon, zero, &context);
+        restored.assert_verifies(&tree.report, &context);
+        assert_eq!(summary_copied(&output), Some(0), "{context}");
+    }
+}
+
+/// A stored plan that is not this image's is refused before any process
+/// exists: one left from before the image's process files were changed
+/// (its binding no longer matches), and one edited to name a process the
+/// tree does not have (binding kept). `verify` refuses both too.
+#[test]
+fn a_plan_that_does_not_match_its_image_is_refused() {
+    let tree = RefTree::start(TreeSpec::small("plain"));
+    for case in ["process file changed", "plan edited"] {
+        let (dir, images) = image_dir("restore");
+        dump_ok(&tree, &images, &[]);
+        let needle = match case {
+            "process file changed" => {
+                // The same process, written again: another checksum.
+                let name = format!("proc-{}.json", tree.root);
+                let value: serde_json::Value =
+                    serde_json::from_slice(&fs::read(images.join(&name)).expect("read"))
+                        .expect("process json");
+                fs::write(
+                    images.join(&name),
+                    serde_json::to_vec_pretty(&value).expect("json"),
+                )
+                .expect("write");
+                rechecksum_in_manifest(&images, &name);
+                "plan.bin was made for other files than this image's"
+            }
+            _ => {
+                // Magic, binding, staging and the figures take 80 bytes;
+                // then the segment count and segment 0's holder.
+                let bytes = fs::read(images.join("plan.bin")).expect("read plan.bin");
+                let mut raw = zstd::decode_all(&bytes[..]).expect("decompress plan.bin");
+                assert_eq!(&raw[..8], b"CSPLAN01", "plan.bin magic");
+                assert!(
+                    u64::from_le_bytes(raw[80..88].try_into().expect("8 bytes")) > 0,
+                    "the plan has segments"
+                );
+                raw[88..96].copy_from_slice(&1000u64.to_le_bytes());
+                fs::write(
+                    images.join("plan.bin"),
+                    zstd::encode_all(&raw[..], 3).expect("compress"),
+                )
+                .expect("write plan.bin");
+                rechecksum_in_manifest(&images, "plan.bin");
+                "plan.bin: segment holder 1000 is out of range"
+            }
+        };
+        let pidfile = dir.path().join("restored.pid");
+        let output = run_restore(&images, &pidfile, &["--pid-ns", "new"]);
+        assert_restore_failed(&output, &pidfile, needle, case);
+        assert_nothing_left(&[dir.path(), tree.dir.path()], &tree.pids(), case);
+        let verify = cowsnap(&["verify", path_str(&images)]);
+        assert!(
+            !verify.status.success() && String::from_utf8_lossy(&verify.stderr).contains(needle),
+            "{case}: verify should refuse the image too:
+{}",
+            describe(&verify)
+        );
+    }
+    tree.assert_running_untraced("after the refused restores");
 }
 
 /// An image written before format 1.5 (page runs in the process JSON)

@@ -333,6 +333,8 @@ impl Classify for RestoreError {
                 | P::ZombieParent { .. }
                 | P::ProcessOrder { .. } => ErrorKind::InvalidArgument,
             },
+            // Altered after it was written, or forged.
+            RestoreError::StoredPlan { .. } => ErrorKind::InvalidArgument,
             RestoreError::Check(e) => match e {
                 C::DeletedMapping { .. } | C::Deleted { .. } | C::UnsupportedFd { .. } => {
                     ErrorKind::Unsupported

@@ -273,7 +273,10 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
             resume_cgroup(h, &watchdog, false);
         }
     }
-    let commit = match writer.commit(options.pid) {
+    let (entries, images) = std::mem::take(&mut collected.plan_input);
+    let stored = store_plan(&mut writer, &entries, &images, options.progress);
+    drop(images);
+    let commit = match stored.and_then(|()| writer.commit(options.pid)) {
         Ok(commit) => commit,
         Err(e) => {
             // The writer has removed its files. Connections leave repair
@@ -325,6 +328,50 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
         dedup_hits: stats.dedup_hits,
         bytes_pages: commit.bytes_pages,
     })
+}
+
+/// Plans the restore of the image (`restore::plan`) and stores the plan in
+/// it, so a restore need not plan again. The planner runs while the page
+/// store writes and syncs its last frames (with `--exit` the tree is still
+/// stopped: planning after that would lengthen its downtime). A tree the
+/// planner refuses gets no plan: restore plans it again and refuses it
+/// with the same reason.
+fn store_plan(
+    writer: &mut ImageWriter,
+    entries: &[ProcessEntry],
+    images: &[ProcessImage],
+    progress: bool,
+) -> Result<(), crate::image::ImageError> {
+    let t = Instant::now();
+    let (planned, finished) = std::thread::scope(|s| {
+        let planner = s.spawn(|| crate::restore::plan::plan(entries, images));
+        let finished = writer.finish_pages();
+        (planner.join(), finished)
+    });
+    finished?;
+    let planned = planned.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    match planned {
+        Ok(plan) => {
+            writer.write_plan(|files, page_size| {
+                let binding = crate::restore::plan_store::binding(files, page_size);
+                crate::restore::plan_store::encode(&plan, binding)
+            })?;
+            if progress {
+                eprintln!(
+                    "cowsnap: planned the restore in {:.3} s: {} segments, {} moves",
+                    t.elapsed().as_secs_f64(),
+                    plan.stats.segments,
+                    plan.stats.moves
+                );
+            }
+        }
+        Err(e) => {
+            if progress {
+                eprintln!("cowsnap: no restore plan stored: {e}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Lets the cgroup go after the dump; a cgroup that was paused before the
@@ -382,6 +429,9 @@ struct Collected {
     zombies: usize,
     threads: usize,
     stats: memory::ScanStats,
+    /// What the restore plan is made from: the tree's entries and the
+    /// process images, in tree order.
+    plan_input: (Vec<ProcessEntry>, Vec<ProcessImage>),
 }
 
 /// Collects every seized process into the writer (tree, processes, pipes);
@@ -400,6 +450,7 @@ fn collect(
     }
     let mut pipes = PipeCollector::default();
     let mut entries: Vec<ProcessEntry> = Vec::new();
+    let mut images: Vec<ProcessImage> = Vec::new();
     let mut threads = 0;
     // SysV shm VMAs of every process: their segments are collected last.
     let mut sysv_vmas: Vec<(i32, crate::image::types::Vma)> = Vec::new();
@@ -512,21 +563,28 @@ fn collect(
                 .map(|v| (pid, v.clone())),
         );
         writer.write_process(&image)?;
+        images.push(image);
     }
     // Zombies: identity and exit status, read while their parents are
     // stopped (so not reaped meanwhile); an empty process file each.
     for z in seized.zombies() {
         entries.push(tree::zombie_entry(z.pid, z.ppid)?);
-        writer.write_process(&tree::zombie_image(z.pid))?;
+        let image = tree::zombie_image(z.pid);
+        writer.write_process(&image)?;
+        images.push(image);
     }
     let order = tree::preorder(
         options.pid,
         &entries.iter().map(|e| (e.pid, e.ppid)).collect::<Vec<_>>(),
     )?;
     let mut processes = Vec::with_capacity(entries.len());
+    let mut ordered_images = Vec::with_capacity(entries.len());
     for pid in order {
         if let Some(i) = entries.iter().position(|e| e.pid == pid) {
             processes.push(entries.swap_remove(i));
+        }
+        if let Some(i) = images.iter().position(|p| p.pid == pid) {
+            ordered_images.push(images.swap_remove(i));
         }
     }
     let count = processes.len();
@@ -546,6 +604,7 @@ fn collect(
         } => DumpError::Interrupted,
         other => other.into(),
     })?;
+    let plan_entries = processes.clone();
     writer.write_tree(&Tree {
         processes,
         sysv_shm,
@@ -564,6 +623,7 @@ fn collect(
         zombies: seized.zombies().len(),
         threads,
         stats: scanner.stats(),
+        plan_input: (plan_entries, ordered_images),
     })
 }
 

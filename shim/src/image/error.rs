@@ -14,6 +14,9 @@ pub enum ImageError {
     },
     #[error("not supported yet: {0}")]
     NotSupported(String),
+    /// `plan.bin` refused or found to differ (`restore::plan_store`).
+    #[error("{0}")]
+    StoredPlan(String),
 
     // --- creating an image ---
     #[error("{path}: image directory exists and is not empty")]

@@ -402,13 +402,25 @@ pub fn verify(dir: &Path) -> Result<String, ImageError> {
     let reader = image.page_reader()?;
     let frames = reader.frame_count();
     reader.verify_frames_decompressed()?;
+    // A stored plan must be the one this image plans to: checked in full
+    // here (restore only checks that it fits the image).
+    let plan = match &image.plan {
+        Some(bytes) => {
+            let stored = crate::restore::plan_store::decode(bytes, &image)
+                .map_err(|e| ImageError::StoredPlan(e.to_string()))?;
+            crate::restore::plan_store::compare(&stored, &image)
+                .map_err(|e| ImageError::StoredPlan(e.to_string()))?;
+            "the stored plan matches"
+        }
+        None => "no stored plan",
+    };
     let files = image.manifest.files.len() + 1;
     let manifest_size = std::fs::metadata(dir.join(super::types::MANIFEST_FILE))
         .map_err(|e| ImageError::io(dir.join(super::types::MANIFEST_FILE), e))?
         .len();
     let bytes: u64 = image.manifest.files.iter().map(|f| f.size).sum::<u64>() + manifest_size;
     Ok(format!(
-        "{}: ok: {} processes, {} unique pages in {} frames, {} files ({} bytes), every checksum matches",
+        "{}: ok: {} processes, {} unique pages in {} frames, {} files ({} bytes), every checksum matches, {plan}",
         dir.display(),
         image.processes.len(),
         image.index.page_count,

@@ -45,8 +45,8 @@ use super::types::FdKind;
 use super::types::{
     FileEntry, Manifest, MountNs, PageIndex, PageRun, PipeImage, ProcessEntry, ProcessImage, Tree,
     VmaKind, ZombieExit, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, MAX_PAGE_SIZE,
-    MIN_PAGE_SIZE, MOUNT_FLAGS, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, SIGEV_NONE, SIGEV_SIGNAL,
-    SIGEV_THREAD_ID, TREE_FILE,
+    MIN_PAGE_SIZE, MOUNT_FLAGS, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, PLAN_FILE, SIGEV_NONE,
+    SIGEV_SIGNAL, SIGEV_THREAD_ID, TREE_FILE,
 };
 use super::ImageError;
 
@@ -63,6 +63,9 @@ pub struct Image {
     /// `sockets.json` (empty for an image without one).
     pub sockets: SocketsImage,
     pub index: PageIndex,
+    /// `plan.bin` as stored (checksummed, not decoded: see
+    /// `restore::plan_store`); `None` for an image without one.
+    pub plan: Option<Vec<u8>>,
 }
 
 impl Image {
@@ -216,6 +219,11 @@ impl Image {
             SocketsImage::default()
         };
         check_sockets(&sockets, &processes, &pipes)?;
+        let plan = manifest
+            .files
+            .iter()
+            .any(|f| f.name == PLAN_FILE)
+            .then(|| take(PLAN_FILE));
 
         Ok(Image {
             dir: dir.into(),
@@ -225,6 +233,7 @@ impl Image {
             pipes,
             sockets,
             index,
+            plan,
         })
     }
 

@@ -14,6 +14,9 @@
 //!   pipes.json           PipeImage list: buffered data of pipes seen in the tree
 //!   sockets.json         SocketsImage: sockets and epoll instances (since 1.1;
 //!                        an image without it has none), see `image::sockets`
+//!   proc-<pid>.runs      the process's page runs, binary (since 1.5), see `image::runs`
+//!   plan.bin             the restore plan, binary (since 1.6, optional), see
+//!                        `restore::plan_store`
 //!   pages.index.json     PageIndex: frame offsets, sizes, checksums
 //!   pages                page store: concatenated independent zstd frames,
 //!                        each holding `pages_per_frame` whole pages (the last fewer)
@@ -39,13 +42,17 @@ pub const FORMAT_MAJOR: u32 = 1;
 /// 4: `Tree::mount_ns` (the tree's own mount namespace), optional for a reader.
 /// 5: page runs in a binary `proc-<pid>.runs` per process
 /// ([`ProcessImage::runs_file`]), no longer in its JSON.
-pub const FORMAT_MINOR: u32 = 5;
+/// 6: the restore plan, computed at dump, in `plan.bin`
+/// (`restore::plan_store`), optional for a reader.
+pub const FORMAT_MINOR: u32 = 6;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TREE_FILE: &str = "tree.json";
 pub const PIPES_FILE: &str = "pipes.json";
 pub const PAGE_INDEX_FILE: &str = "pages.index.json";
 pub const PAGES_FILE: &str = "pages";
+/// The stored restore plan (since 1.6; an image without one is planned at restore).
+pub const PLAN_FILE: &str = "plan.bin";
 
 /// Page sizes an image may have (powers of two): Linux's 4 KiB, the 16 and
 /// 64 KiB of arm64 and ppc64, with a margin. Every size derived from an

@@ -20,7 +20,7 @@ use super::pagestore::{PageStoreOptions, PageStoreWriter};
 use super::types::{
     process_file_name, FileEntry, FormatVersion, Manifest, PipeImage, ProcessImage, Tree,
     FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE,
-    PIPES_FILE, TREE_FILE,
+    PIPES_FILE, PLAN_FILE, TREE_FILE,
 };
 use super::ImageError;
 
@@ -43,6 +43,8 @@ pub struct ImageWriter {
     files: Vec<FileEntry>,
     names: HashSet<String>,
     tree: Option<Tree>,
+    /// Set by [`ImageWriter::finish_pages`].
+    store: Option<super::pagestore::PageStoreSummary>,
     committed: bool,
 }
 
@@ -141,6 +143,7 @@ impl ImageWriter {
             files: Vec::new(),
             names: HashSet::new(),
             tree: None,
+            store: None,
             committed: false,
         })
     }
@@ -178,6 +181,21 @@ impl ImageWriter {
         self.tree = Some(tree.clone());
         Ok(())
     }
+    /// Writes `plan.bin`, bound to the tree and process files written so
+    /// far: `encode` gets the binding (`restore::plan_store::binding`).
+    pub fn write_plan(
+        &mut self,
+        encode: impl FnOnce(&[FileEntry], u64) -> std::io::Result<Vec<u8>>,
+    ) -> Result<(), ImageError> {
+        if self.tree.is_none() {
+            return Err(ImageError::NotWritten {
+                name: TREE_FILE.into(),
+            });
+        }
+        let bytes = encode(&self.files, self.page_size)
+            .map_err(|e| ImageError::io(self.work_dir.join(PLAN_FILE), e))?;
+        self.write_file(PLAN_FILE, &bytes)
+    }
     pub fn write_pipes(&mut self, pipes: &[PipeImage]) -> Result<(), ImageError> {
         self.write_json(PIPES_FILE, &pipes, true)
     }
@@ -186,6 +204,22 @@ impl ImageWriter {
         sockets: &crate::image::sockets::SocketsImage,
     ) -> Result<(), ImageError> {
         self.write_json(crate::image::sockets::SOCKETS_FILE, sockets, true)
+    }
+
+    /// Finishes the page store (its last frames compressed, the file
+    /// synced) and writes its index; [`commit`](Self::commit) does it when
+    /// nobody did before.
+    pub fn finish_pages(&mut self) -> Result<(), ImageError> {
+        let store = self.pages.finish()?;
+        self.files.push(FileEntry {
+            name: PAGES_FILE.into(),
+            size: store.file_size,
+            xxh3_128: format!("{:032x}", store.xxh3_128),
+        });
+        self.names.insert(PAGES_FILE.into());
+        self.write_json(PAGE_INDEX_FILE, &store.index, true)?;
+        self.store = Some(store);
+        Ok(())
     }
 
     /// Finishes the page store, writes `manifest.json` last and makes the image visible.
@@ -206,14 +240,12 @@ impl ImageWriter {
         if !self.names.contains(crate::image::sockets::SOCKETS_FILE) {
             self.write_sockets(&Default::default())?;
         }
-        let store = self.pages.finish()?;
-        self.files.push(FileEntry {
-            name: PAGES_FILE.into(),
-            size: store.file_size,
-            xxh3_128: format!("{:032x}", store.xxh3_128),
-        });
-        self.names.insert(PAGES_FILE.into());
-        self.write_json(PAGE_INDEX_FILE, &store.index, true)?;
+        if self.store.is_none() {
+            self.finish_pages()?;
+        }
+        let Some(store) = self.store.take() else {
+            return Err(ImageError::PageStoreFinished);
+        };
 
         let manifest = Manifest {
             format: FORMAT_NAME.into(),

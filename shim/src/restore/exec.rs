@@ -103,6 +103,8 @@ pub struct RestoreSummary {
     pub processes: usize,
     pub threads: usize,
     pub plan: plan::PlanStats,
+    /// The plan came from the image (`plan.bin`), not planned at restore.
+    pub plan_stored: bool,
     pub seconds: f64,
 }
 
@@ -110,7 +112,7 @@ impl std::fmt::Display for RestoreSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "restored {} processes, {} threads, root pid {} ({} pid namespace): {} pages inherited, {} private, {} copied, {} moves in {:.3}s",
+            "restored {} processes, {} threads, root pid {} ({} pid namespace): {} pages inherited, {} private, {} copied, {} moves ({}) in {:.3}s",
             self.processes,
             self.threads,
             self.root_pid,
@@ -119,6 +121,11 @@ impl std::fmt::Display for RestoreSummary {
             self.plan.pages_private,
             self.plan.pages_copied,
             self.plan.moves,
+            if self.plan_stored {
+                "plan from the image"
+            } else {
+                "planned at restore"
+            },
             self.seconds
         )
     }
@@ -134,6 +141,12 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error("image {dir}: {source}")]
+    StoredPlan {
+        dir: PathBuf,
+        #[source]
+        source: super::plan_store::StoredPlanError,
+    },
     #[error(transparent)]
     Check(#[from] checks::CheckError),
     #[error(transparent)]
@@ -246,7 +259,24 @@ fn open_and_plan(
     }
     trace(format_args!("files checked"));
     progress(format_args!("image {} checked", images.display()));
-    let plan = plan::plan(&image.tree.processes, &image.processes)?;
+    let plan = match &image.plan {
+        // Checked against the image (bounds, binding), not planned again.
+        Some(bytes) => {
+            super::plan_store::decode(bytes, &image).map_err(|source| RestoreError::StoredPlan {
+                dir: images.to_path_buf(),
+                source,
+            })?
+        }
+        None => plan::plan(&image.tree.processes, &image.processes)?,
+    };
+    trace(format_args!(
+        "{}",
+        if image.plan.is_some() {
+            "plan loaded"
+        } else {
+            "planned"
+        }
+    ));
     progress(format_args!(
         "planned: {} segments, {} moves, {} pages inherited, {} private, {} copied",
         plan.stats.segments,
@@ -465,6 +495,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         processes,
         threads: ctx.total_threads as usize,
         plan: ctx.plan.stats,
+        plan_stored: ctx.image.plan.is_some(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -644,6 +675,7 @@ impl ContainerRestore {
             processes: self.image.processes.len(),
             threads: total_threads(&self.image) as usize,
             plan: self.plan.stats,
+            plan_stored: self.image.plan.is_some(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -12,6 +12,7 @@ pub mod fds;
 pub mod limits;
 pub mod mount_ns;
 pub mod plan;
+pub mod plan_store;
 pub mod posix_timers;
 pub mod saved_files;
 pub mod seccomp;

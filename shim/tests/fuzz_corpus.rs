@@ -101,3 +101,19 @@ fn the_runs_seed_makes_a_valid_image() {
     assert!(image.processes[0].runs_file.is_some());
     assert!(image.processes[0].vmas.iter().all(|v| !v.pages.is_empty()));
 }
+
+/// The plan target gives the base image its own plan, and its seed, that
+/// plan, makes an image whose stored plan decodes and matches.
+#[test]
+fn the_plan_seed_makes_a_valid_image() {
+    let base = base();
+    let seed = std::fs::read(fuzz_dir().join("corpus/plan/seed")).expect("plan seed");
+    let files = fuzz::image_files(Target::Plan, &base, &seed);
+    assert_eq!(files.get("plan.bin"), Some(&seed));
+    fuzz::check(&files).expect("the plan seed over the base image checks out");
+    let image = fuzz::open(&files).expect("opens");
+    let stored =
+        cowsnap::restore::plan_store::decode(image.plan.as_deref().expect("a plan"), &image)
+            .expect("the seed plan fits the base image");
+    cowsnap::restore::plan_store::compare(&stored, &image).expect("and is its plan");
+}

@@ -21,7 +21,7 @@ use super::inspect::inspect_report;
 use super::pagestore::{decode_frame, validate_index};
 use super::reader::{check_file_list, check_hash, check_size, parse_manifest};
 use super::sockets::SOCKETS_FILE;
-use super::types::{MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, TREE_FILE};
+use super::types::{MANIFEST_FILE, PAGES_FILE, PAGE_INDEX_FILE, PIPES_FILE, PLAN_FILE, TREE_FILE};
 use super::{Image, ImageError};
 
 /// Every file of an image directory, `manifest.json` included, by name.
@@ -51,13 +51,16 @@ pub enum Target {
     /// The root's binary page runs, `proc-<pid>.runs` (format 1.5). A base
     /// image of an older format is first given that layout.
     Runs,
+    /// The stored restore plan, `plan.bin` (format 1.6). A base image
+    /// without one is first given its own (after the 1.5 layout).
+    Plan,
     /// Every file, from an archive of `\n@@ NAME\n` sections (see
     /// [`archive`]): inputs that change several files at once.
     Image,
 }
 
 impl Target {
-    pub const ALL: [Target; 9] = [
+    pub const ALL: [Target; 10] = [
         Target::Manifest,
         Target::Tree,
         Target::Process,
@@ -66,6 +69,7 @@ impl Target {
         Target::PageIndex,
         Target::Pages,
         Target::Runs,
+        Target::Plan,
         Target::Image,
     ];
 
@@ -80,6 +84,7 @@ impl Target {
             Target::PageIndex => "page_index",
             Target::Pages => "pages",
             Target::Runs => "runs",
+            Target::Plan => "plan",
             Target::Image => "image",
         }
     }
@@ -98,6 +103,7 @@ impl Target {
             Target::Sockets => SOCKETS_FILE,
             Target::PageIndex => PAGE_INDEX_FILE,
             Target::Pages => PAGES_FILE,
+            Target::Plan => PLAN_FILE,
             Target::Runs => {
                 let manifest = parse_manifest(base.get(MANIFEST_FILE)?).ok()?;
                 return Some(super::runs::runs_file_name(manifest.root_pid));
@@ -133,6 +139,7 @@ pub fn image_files(target: Target, base: &ImageFiles, input: &[u8]) -> ImageFile
     let mut files = match target {
         Target::Image => unarchive(input),
         Target::Runs => with_runs_file(base),
+        Target::Plan => with_plan_file(&with_runs_file(base)),
         _ => base.clone(),
     };
     if let Some(name) = target.file(base) {
@@ -186,6 +193,40 @@ pub fn with_runs_file(base: &ImageFiles) -> ImageFiles {
     }
     files.insert(json_name, json);
     files.insert(runs_name, runs);
+    reseal(&mut files);
+    files
+}
+
+/// `base` with its own restore plan in `plan.bin` (format 1.6), listed in
+/// the manifest; as it is if it has one already or does not open and plan.
+pub fn with_plan_file(base: &ImageFiles) -> ImageFiles {
+    let mut files = base.clone();
+    if files.contains_key(PLAN_FILE) {
+        return files;
+    }
+    let Ok(image) = open(&files) else {
+        return files;
+    };
+    let Ok(plan) = crate::restore::plan::plan(&image.tree.processes, &image.processes) else {
+        return files;
+    };
+    let binding = crate::restore::plan_store::binding(&image.manifest.files, image.page_size());
+    let Ok(bytes) = crate::restore::plan_store::encode(&plan, binding) else {
+        return files;
+    };
+    let Some(mut manifest) = files
+        .get(MANIFEST_FILE)
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok())
+    else {
+        return files;
+    };
+    if let Some(list) = manifest.get_mut("files").and_then(|f| f.as_array_mut()) {
+        list.push(serde_json::json!({"name": PLAN_FILE, "size": 0, "xxh3_128": "0".repeat(32)}));
+    }
+    if let Ok(m) = serde_json::to_vec_pretty(&manifest) {
+        files.insert(MANIFEST_FILE.into(), m);
+    }
+    files.insert(PLAN_FILE.into(), bytes);
     reseal(&mut files);
     files
 }
@@ -259,6 +300,12 @@ pub fn check(files: &ImageFiles) -> Result<(), ImageError> {
     let _ = inspect_report(&image);
     // A plan error is a refusal like any other; only a panic matters here.
     let _ = crate::restore::plan::plan(&image.tree.processes, &image.processes);
+    // What restore (decode) and verify (compare) do with a stored plan.
+    if let Some(bytes) = &image.plan {
+        if let Ok(stored) = crate::restore::plan_store::decode(bytes, &image) {
+            let _ = crate::restore::plan_store::compare(&stored, &image);
+        }
+    }
     let pages = files.get(PAGES_FILE).map_or(&[][..], Vec::as_slice);
     let checksums = validate_index(&image.index, image.page_size(), pages.len() as u64)?;
     let mut out = Vec::new();

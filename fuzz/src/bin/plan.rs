@@ -1,0 +1,3 @@
+fn main() {
+    cowsnap_fuzz::main(cowsnap::image::fuzz::Target::Plan);
+}

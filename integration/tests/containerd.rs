@@ -1537,7 +1537,8 @@ fn edit_tar_member(blob: &mut [u8], name: &str, edit: impl FnOnce(&[u8]) -> Vec<
 
 /// Rewrites checkpoint `reference` in the content store as a forger
 /// would: `edit` changes every process entry of its `tree.json` (which
-/// must not grow), and the file's checksum in `manifest.json` is fixed to
+/// must not grow), `plan.bin` is dropped from `manifest.json`, and the
+/// file's checksum in `manifest.json` is fixed to
 /// match.
 fn forge_checkpoint(ctrd: &Containerd, reference: &str, edit: impl Fn(&mut serde_json::Value)) {
     let images = harness::parse_images(&ctrd.ctr_ok(&["images", "ls"]));
@@ -1571,11 +1572,16 @@ fn forge_checkpoint(ctrd: &Containerd, reference: &str, edit: impl Fn(&mut serde
     });
     edit_tar_member(&mut blob, "manifest.json", |bytes| {
         let mut manifest: serde_json::Value = serde_json::from_slice(bytes).expect("manifest");
-        for f in manifest["files"].as_array_mut().expect("files") {
+        let files = manifest["files"].as_array_mut().expect("files");
+        for f in files.iter_mut() {
             if f["name"] == "tree.json" {
                 f["xxh3_128"] = serde_json::json!(tree_hash);
             }
         }
+        // The stored plan is bound to the old tree.json and would give the
+        // edit away ("plan.bin was made for other files"): the forger
+        // unlists it, and restore plans the forged tree itself.
+        files.retain(|f| f["name"] != "plan.bin");
         serde_json::to_vec(&manifest).expect("json")
     });
     fs::write(&blob_path, &blob).expect("write the forged blob");

@@ -896,8 +896,9 @@ fn faking_filter(nr: u32) -> String {
     program.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Rewrites every process entry of the image's `tree.json` with `edit` and
-/// fixes its size and checksum in `manifest.json`, as a forger would.
+/// Rewrites every process entry of the image's `tree.json` with `edit`,
+/// fixes its size and checksum in `manifest.json` and drops `plan.bin`,
+/// as a forger would.
 fn forge_tree(images: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let path = images.join("tree.json");
     let mut tree: serde_json::Value =
@@ -911,14 +912,17 @@ fn forge_tree(images: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(&manifest_path).expect("read manifest.json"))
             .expect("manifest.json");
-    let entry = manifest["files"]
-        .as_array_mut()
-        .expect("files")
+    let files = manifest["files"].as_array_mut().expect("files");
+    let entry = files
         .iter_mut()
         .find(|f| f["name"] == "tree.json")
         .expect("tree.json in the manifest");
     entry["size"] = bytes.len().into();
     entry["xxh3_128"] = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes)).into();
+    // The stored plan, bound to the old tree.json, would give the edit
+    // away: the forger drops it and restore plans the tree itself.
+    files.retain(|f| f["name"] != "plan.bin");
+    let _ = fs::remove_file(images.join("plan.bin"));
     fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json"))
         .expect("write manifest.json");
 }

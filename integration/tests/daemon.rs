@@ -838,6 +838,51 @@ fn cowsnapd_streams_dump_progress_and_counts_metrics() {
     ctrd.kill_and_delete(&restored);
 }
 
+/// 3c. A failure inside the container restore helper (the engine as the
+///     new container's pid 1) keeps its kind on its way through the
+///     restore's control region, the controller's `--error-json`, the
+///     shim and containerd: a process that held a file of the writable
+///     layer open, restored without that layer, is FAILED_PRECONDITION
+///     naming the file (it was INTERNAL), and the failed restore leaves no
+///     container.
+#[test]
+fn cowsnapd_restore_helper_failure_keeps_its_code() {
+    let ctrd = Containerd::start_cowsnap("daemon-helper-error");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("holder");
+    let script = format!("echo held > /held-file; exec 3</held-file; {COUNTER_LOOP}");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    ctrd.wait_counter_above(&id, 2);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/helper-error:1";
+    let restored = ctrd.container_id("restored");
+    ctrd.track(&restored);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = CheckpointServiceClient::new(daemon.channel().await);
+        checkpoint(&mut client, &ns, &id, reference)
+            .await
+            .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n{}", ctrd.log_tail(40)));
+        let status = restore(&mut client, &ns, reference, &restored)
+            .await
+            .expect_err("the rootfs has no /held-file");
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{status:?}\n--- containerd\n{}",
+            ctrd.log_tail(40)
+        );
+        assert!(status.message().contains("/held-file"), "{status:?}");
+    });
+    assert!(
+        !ctrd.containers().iter().any(|c| c == &restored),
+        "the failed restore left {restored}: {:?}",
+        ctrd.containers()
+    );
+    ctrd.kill_and_delete(&id);
+}
+
 /// Every message of an ExportCheckpoint.
 async fn export(
     client: &mut CheckpointServiceClient<Channel>,

@@ -660,7 +660,7 @@ fn ctl_output(daemon: &Daemon, namespace: &str, args: &[&str]) -> (String, Strin
 ///     the dump's final figures; the progress log the shim and cowsnapd
 ///     share is gone afterwards, its directory root-only. `ctl checkpoint`
 ///     and `ctl restore` off a terminal print plain lines (stages, and the
-///     figures). The metrics endpoint counts exactly what happened: two
+///     figures), on a terminal a bar instead. The metrics endpoint counts exactly what happened: two
 ///     checkpoints (their duration, frozen time and image bytes), one
 ///     restore, and the refusals by gRPC code (an unknown container
 ///     NOT_FOUND, a malformed ref INVALID_ARGUMENT).
@@ -835,6 +835,44 @@ fn cowsnapd_streams_dump_progress_and_counts_metrics() {
         "other failures counted:\n{after}"
     );
     assert_eq!(value("cowsnapd_migrations_total"), 0.0);
+
+    // On a terminal (a pty of `script`'s): the bar, drawn with terminal
+    // codes and cleared, instead of the plain figure lines.
+    daemon.ctl(&ns, &["rm", second]);
+    let third = "cowsnap.test/progress:3";
+    let line: Vec<String> = [
+        daemon_bin_dir()
+            .join(CTL_BIN)
+            .to_string_lossy()
+            .into_owned(),
+        "--socket".into(),
+        daemon.socket.to_string_lossy().into_owned(),
+        "--namespace".into(),
+        ns.clone(),
+        "checkpoint".into(),
+        restored.clone(),
+        third.into(),
+    ]
+    .iter()
+    .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+    .collect();
+    let output = Command::new("script")
+        .args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let tty = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", common::describe(&output));
+    assert!(tty.contains(third) && tty.contains("dumping"), "{tty:?}");
+    assert!(
+        tty.contains('\x1b'),
+        "no terminal codes on a terminal: {tty:?}"
+    );
+    assert!(
+        !tty.split(['\r', '\n'])
+            .any(|l| l.starts_with("pages scanned ")),
+        "plain lines on a terminal: {tty:?}"
+    );
     ctrd.kill_and_delete(&restored);
 }
 

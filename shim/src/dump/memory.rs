@@ -617,23 +617,21 @@ impl MemoryScanner {
     }
 
     fn report_progress(&mut self, sink: &mut dyn PageSink) {
-        let Some(p) = self.progress.as_mut() else {
+        let Some(p) = self.progress.as_ref() else {
             return;
         };
         let now = Instant::now();
         if now.duration_since(p.last).as_millis() < 500 {
             return;
         }
-        p.last = now;
         if p.log.is_on() {
-            let counts = super::progress::PageCounts {
-                pages_scanned: self.stats.pages_scanned,
-                pages_stored: self.stats.pages_stored,
-                bytes_written: sink.bytes_written(),
-                frozen_ms: now.duration_since(p.stopped_at).as_millis() as u64,
-            };
+            let counts = self.counts(sink, p.stopped_at);
             p.log.emit(&super::progress::DumpEvent::Pages(counts));
         }
+        let Some(p) = self.progress.as_mut() else {
+            return;
+        };
+        p.last = now;
         if !p.stderr {
             return;
         }

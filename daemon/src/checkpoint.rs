@@ -9,6 +9,7 @@
 //! ptraces or execs the engine for a dump.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Instant;
 
 use containerd_client::services::v1::container::Runtime;
@@ -32,7 +33,8 @@ use tonic::Code;
 use crate::ctrd::{Containerd, Scope};
 use crate::error::ApiError;
 use crate::layout::{self, OciDescriptor, OciIndex, Platform};
-use crate::proto::{CheckpointBlob, CheckpointInfo};
+use crate::progress::{self, ProgressTail};
+use crate::proto::{CheckpointBlob, CheckpointInfo, DumpProgress};
 
 /// The runtime whose containers cowsnapd checkpoints.
 pub const RUNTIME_NAME: &str = "io.containerd.cowsnap.v1";
@@ -63,6 +65,9 @@ pub struct CheckpointSpec {
 /// A step of a checkpoint or restore, reported as it ends.
 pub enum Step {
     Dumping,
+    /// The engine's figures while it dumps (between `Dumping` and
+    /// `Dumped`).
+    Progress(DumpProgress),
     Dumped,
     RwLayerStored,
     TaskStopped,
@@ -216,13 +221,19 @@ async fn store_checkpoint(
         .encode_to_vec(),
     };
     step(Step::Dumping);
-    let dumped = ctrd
-        .tasks()
-        .checkpoint(scope.request(CheckpointTaskRequest {
-            container_id: id.clone(),
-            parent_checkpoint: String::new(),
-            options: Some(options.clone()),
-        }))
+    let tail = ProgressTail::create(
+        Path::new(cowsnap::dump::progress::CONTAINER_LOG_DIR),
+        &scope.namespace,
+        id,
+    )
+    .await;
+    let mut tasks = ctrd.tasks();
+    let call = tasks.checkpoint(scope.request(CheckpointTaskRequest {
+        container_id: id.clone(),
+        parent_checkpoint: String::new(),
+        options: Some(options.clone()),
+    }));
+    let dumped = progress::follow(call, tail, |p| step(Step::Progress(p)))
         .await
         .map_err(|s| ApiError::containerd(format!("checkpoint container {id:?}"), s))?
         .into_inner();

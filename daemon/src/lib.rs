@@ -8,6 +8,9 @@
 //! - [`server`]: the listening socket, health and reflection.
 //! - [`service`]: the RPCs.
 //! - [`checkpoint`]: checkpoint and restore as containerd operations.
+//! - [`progress`]: the engine's progress log, followed during a dump.
+//! - [`metrics`]: Prometheus counters and histograms, served on HTTP.
+//! - [`report`]: how `cowsnap ctl` shows progress (a bar, or plain lines).
 //! - [`migrate`]: live migration, the source's and the target's sides.
 //! - [`transfer`]: a checkpoint as checksummed chunks (export, import).
 //! - [`layout`]: a checkpoint's index and blobs, as `ctr` stores them.
@@ -23,8 +26,11 @@ pub mod ctrd;
 pub mod error;
 pub mod layout;
 pub mod logger;
+pub mod metrics;
 pub mod migrate;
+pub mod progress;
 pub mod reference;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod transfer;

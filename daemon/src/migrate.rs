@@ -103,7 +103,11 @@ pub async fn migrate(
             reference: reference.clone(),
             include_rw_layer: true,
         },
-        |_| {},
+        |step| {
+            if let checkpoint::Step::Progress(p) = step {
+                event(MigrateEventKind::DumpProgress(p));
+            }
+        },
     )
     .await?;
     let frozen_ms = frozen_at.elapsed().as_millis() as u64;

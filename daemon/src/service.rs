@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,6 +17,7 @@ use crate::client::ClientTlsFiles;
 use crate::ctrd::{Containerd, Scope};
 use crate::error::ApiError;
 use crate::layout;
+use crate::metrics::{Metrics, Operation};
 use crate::migrate::{self, MigrateSpec, Receiving};
 use crate::proto::checkpoint_event::Event as CheckpointEventKind;
 use crate::proto::checkpoint_service_server::CheckpointService;
@@ -36,6 +39,7 @@ pub struct Agent {
     ctrd: Containerd,
     peer_tls: Option<ClientTlsFiles>,
     receiving: Receiving,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
@@ -44,7 +48,20 @@ impl Agent {
             ctrd,
             peer_tls: None,
             receiving: Receiving::default(),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// What the RPCs count, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// `status`, counted as a failure of `operation`.
+    fn refuse(&self, operation: Operation, status: impl Into<Status>) -> Status {
+        let status = status.into();
+        self.metrics.failed(operation, status.code());
+        status
     }
 
     /// The certificate, key and CA this agent uses when it calls another
@@ -94,9 +111,11 @@ impl CheckpointService for Agent {
         &self,
         request: Request<CheckpointRequest>,
     ) -> Result<Response<Self::CheckpointStream>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
-        check_container_id("container_id", &r.container_id)?;
-        check_reference(&r.checkpoint_ref)?;
+        let refuse = |e: ApiError| self.refuse(Operation::Checkpoint, e);
+        check_container_id("container_id", &r.container_id).map_err(refuse)?;
+        check_reference(&r.checkpoint_ref).map_err(refuse)?;
         let spec = CheckpointSpec {
             include_rw_layer: r.options.as_ref().is_some_and(|o| o.include_rw_layer),
             scope: Scope::new(&r.namespace),
@@ -111,13 +130,19 @@ impl CheckpointService for Agent {
             spec.reference
         );
         let ctrd = self.ctrd.clone();
+        let metrics = self.metrics.clone();
         Ok(Response::new(stream_events(move |events| async move {
             let send = |event| {
                 let _ = events.send(CheckpointEvent { event: Some(event) });
             };
-            let info = checkpoint::checkpoint(&ctrd, &spec, |step| {
+            let mut frozen_ms = None;
+            let result = checkpoint::checkpoint(&ctrd, &spec, |step| {
                 let stage = match step {
                     Step::Dumping => CheckpointStage::Dumping,
+                    Step::Progress(p) => {
+                        frozen_ms = Some(p.frozen_ms);
+                        return send(CheckpointEventKind::Progress(p));
+                    }
                     Step::Dumped => CheckpointStage::Dumped,
                     Step::RwLayerStored => CheckpointStage::RwLayerStored,
                     Step::TaskStopped => CheckpointStage::TaskStopped,
@@ -125,7 +150,12 @@ impl CheckpointService for Agent {
                 };
                 send(CheckpointEventKind::Stage(stage as i32));
             })
-            .await?;
+            .await;
+            let info = result.inspect_err(|e| metrics.failed(Operation::Checkpoint, e.code()))?;
+            if let Some(ms) = frozen_ms {
+                metrics.dump_frozen(ms);
+            }
+            metrics.checkpointed(started.elapsed(), info.size);
             send(CheckpointEventKind::Done(info));
             Ok(())
         })))
@@ -135,9 +165,11 @@ impl CheckpointService for Agent {
         &self,
         request: Request<RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
-        check_existing_reference(&r.checkpoint_ref)?;
-        check_container_id("new_container_id", &r.new_container_id)?;
+        let refuse = |e: ApiError| self.refuse(Operation::Restore, e);
+        check_existing_reference(&r.checkpoint_ref).map_err(refuse)?;
+        check_container_id("new_container_id", &r.new_container_id).map_err(refuse)?;
         let spec = RestoreSpec {
             apply_rw_layer: r.options.as_ref().is_some_and(|o| o.apply_rw_layer),
             scope: Scope::new(&r.namespace),
@@ -151,6 +183,7 @@ impl CheckpointService for Agent {
             spec.scope.namespace
         );
         let ctrd = self.ctrd.clone();
+        let metrics = self.metrics.clone();
         Ok(Response::new(stream_events(move |events| async move {
             let send = |event| {
                 let _ = events.send(RestoreEvent { event: Some(event) });
@@ -159,13 +192,17 @@ impl CheckpointService for Agent {
                 let stage = match step {
                     Step::ContainerCreated => RestoreStage::ContainerCreated,
                     Step::TaskCreated => RestoreStage::TaskCreated,
-                    Step::Dumping | Step::Dumped | Step::RwLayerStored | Step::TaskStopped => {
-                        return
-                    }
+                    Step::Dumping
+                    | Step::Progress(_)
+                    | Step::Dumped
+                    | Step::RwLayerStored
+                    | Step::TaskStopped => return,
                 };
                 send(RestoreEventKind::Stage(stage as i32));
             })
-            .await?;
+            .await
+            .inspect_err(|e| metrics.failed(Operation::Restore, e.code()))?;
+            metrics.restored(started.elapsed());
             send(RestoreEventKind::Done(RestoredTask {
                 container_id: spec.new_container_id.clone(),
                 pid: restored.pid,
@@ -289,21 +326,23 @@ impl MigrationService for Agent {
         &self,
         request: Request<MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
-        check_container_id("container_id", &r.container_id)?;
+        let refuse = |e: ApiError| self.refuse(Operation::Migrate, e);
+        check_container_id("container_id", &r.container_id).map_err(refuse)?;
         if r.target.is_empty() {
-            return Err(ApiError::InvalidArgument {
+            return Err(refuse(ApiError::InvalidArgument {
                 field: "target",
                 value: String::new(),
                 reason: "the target agent's address is required (https://host:port)".into(),
-            }
-            .into());
+            }));
         }
         let options = r.options.unwrap_or_default();
         let target_container_id = if options.target_container_id.is_empty() {
             r.container_id.clone()
         } else {
-            check_container_id("options.target_container_id", &options.target_container_id)?;
+            check_container_id("options.target_container_id", &options.target_container_id)
+                .map_err(refuse)?;
             options.target_container_id
         };
         let scope = Scope::new(&r.namespace);
@@ -313,15 +352,14 @@ impl MigrationService for Agent {
             options.target_namespace
         };
         if self.peer_tls.is_none() && !r.target.starts_with("http://") {
-            return Err(ApiError::InvalidArgument {
+            return Err(refuse(ApiError::InvalidArgument {
                 field: "target",
                 value: r.target,
                 reason: "this cowsnapd has no certificate for mutual TLS with another agent \
                          (start it with --tls-cert, --tls-key and --tls-client-ca), and the \
                          target is not a plain http:// one"
                     .into(),
-            }
-            .into());
+            }));
         }
         let spec = MigrateSpec {
             scope,
@@ -333,7 +371,9 @@ impl MigrationService for Agent {
         };
         // Checked here, before the stream: the container must be this
         // runtime's and run.
-        checkpoint::check_checkpointable(&self.ctrd, &spec.scope, &spec.container_id).await?;
+        checkpoint::check_checkpointable(&self.ctrd, &spec.scope, &spec.container_id)
+            .await
+            .map_err(refuse)?;
         log::info!(
             "migrate container {:?} of namespace {:?} to {} as {:?} of namespace {:?}",
             spec.container_id,
@@ -343,11 +383,22 @@ impl MigrationService for Agent {
             spec.target_namespace
         );
         let ctrd = self.ctrd.clone();
+        let metrics = self.metrics.clone();
         Ok(Response::new(stream_events(move |events| async move {
+            let mut frozen_ms = None;
             let result = migrate::migrate(&ctrd, &spec, |event| {
+                if let migrate_event::Event::DumpProgress(p) = &event {
+                    frozen_ms = Some(p.frozen_ms);
+                }
                 let _ = events.send(migrate::migrate_event(event));
             })
-            .await?;
+            .await;
+            // The dump's frozen time counts whether or not the rest worked.
+            if let Some(ms) = frozen_ms {
+                metrics.dump_frozen(ms);
+            }
+            let result = result.inspect_err(|e| metrics.failed(Operation::Migrate, e.code()))?;
+            metrics.migrated(started.elapsed(), result.downtime_ms, result.bytes_sent);
             let _ = events.send(migrate::migrate_event(
                 crate::proto::migrate_event::Event::Done(result),
             ));

@@ -582,6 +582,345 @@ fn cowsnapd_refused_checkpoint_is_unimplemented() {
     ctrd.kill_and_delete(&id);
 }
 
+/// `GET /metrics` of the cowsnapd metrics endpoint at `addr`: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .expect("send the scrape");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read the scrape");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The value of sample `name` (with its labels, as exposed) in `text`;
+/// None when it is not exposed.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().expect("a sample value"))
+        .next()
+}
+
+/// The figures of every plain progress line `pages scanned N stored M, B
+/// bytes written, frozen F ms` of `cowsnap ctl`'s stderr.
+fn dump_lines(stderr: &str) -> Vec<DumpProgress> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("pages scanned "))
+        .map(|l| {
+            let n: Vec<u64> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert_eq!(n.len(), 4, "{l}");
+            DumpProgress {
+                pages_scanned: n[0],
+                pages_stored: n[1],
+                bytes_written: n[2],
+                frozen_ms: n[3],
+            }
+        })
+        .collect()
+}
+
+/// `cowsnap-ctl` against `daemon`, which must succeed; stdout and stderr.
+fn ctl_output(daemon: &Daemon, namespace: &str, args: &[&str]) -> (String, String) {
+    let output = Command::new(daemon_bin_dir().join(CTL_BIN))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--namespace", namespace])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cowsnap-ctl");
+    assert!(
+        output.status.success(),
+        "cowsnap-ctl {args:?} failed:\n{}",
+        common::describe(&output)
+    );
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// 3b. The engine's progress reaches the Checkpoint stream as typed
+///     `DumpProgress` events, between DUMPING and DUMPED, the last with
+///     the dump's final figures; the progress log the shim and cowsnapd
+///     share is gone afterwards, its directory root-only. `ctl checkpoint`
+///     and `ctl restore` off a terminal print plain lines (stages, and the
+///     figures), on a terminal a bar instead. The metrics endpoint counts exactly what happened: two
+///     checkpoints (their duration, frozen time and image bytes), one
+///     restore, and the refusals by gRPC code (an unknown container
+///     NOT_FOUND, a malformed ref INVALID_ARGUMENT).
+#[test]
+fn cowsnapd_streams_dump_progress_and_counts_metrics() {
+    let ctrd = Containerd::start_cowsnap("daemon-progress");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("counter");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", COUNTER_LOOP]);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start_with(
+        &ctrd,
+        "cowsnapd-metrics",
+        &["--metrics-addr".as_ref(), metrics_addr.as_ref()],
+    );
+    let ns = ctrd.namespace.clone();
+    let rt = runtime();
+    let mut client = rt.block_on(async { CheckpointServiceClient::new(daemon.channel().await) });
+
+    let before = scrape(&metrics_addr);
+    assert_eq!(
+        sample(&before, "cowsnapd_checkpoints_total"),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "cowsnapd_restores_total"),
+        Some(0.0),
+        "{before}"
+    );
+    assert!(!before.contains("cowsnapd_failures_total{"), "{before}");
+
+    rt.block_on(async {
+        assert_status(
+            checkpoint(&mut client, &ns, "no-such-container", "cowsnap.test/p:0").await,
+            Code::NotFound,
+            "no-such-container",
+        );
+        assert_status(
+            checkpoint(&mut client, &ns, &id, "Not A/Ref:").await,
+            Code::InvalidArgument,
+            "Not A/Ref:",
+        );
+    });
+    ctrd.wait_counter_above(&id, 5);
+    let first = "cowsnap.test/progress:1";
+    let events = rt
+        .block_on(checkpoint(&mut client, &ns, &id, first))
+        .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n--- containerd\n{}", ctrd.log_tail(40)));
+    let position = |wanted: CheckpointStage| {
+        events
+            .iter()
+            .position(|e| matches!(e, CheckpointEventKind::Stage(s) if *s == wanted as i32))
+            .unwrap_or_else(|| panic!("no {wanted:?} in {events:?}"))
+    };
+    let (dumping, dumped) = (
+        position(CheckpointStage::Dumping),
+        position(CheckpointStage::Dumped),
+    );
+    let progress: Vec<(usize, DumpProgress)> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            CheckpointEventKind::Progress(p) => Some((i, *p)),
+            _ => None,
+        })
+        .collect();
+    assert!(!progress.is_empty(), "no progress in {events:?}");
+    assert!(
+        progress.iter().all(|(i, _)| (dumping..dumped).contains(i)),
+        "progress outside the dump: {events:?}"
+    );
+    let last = progress.last().expect("one").1;
+    assert!(
+        last.pages_scanned > 0 && last.pages_stored > 0 && last.bytes_written > 0,
+        "{last:?}"
+    );
+    for pair in progress.windows(2) {
+        assert!(
+            pair[0].1.pages_scanned <= pair[1].1.pages_scanned
+                && pair[0].1.frozen_ms <= pair[1].1.frozen_ms,
+            "progress goes back: {progress:?}"
+        );
+    }
+    let Some(CheckpointEventKind::Done(info)) = events.last() else {
+        panic!("no done: {events:?}");
+    };
+    let first_size = info.size;
+    let log_dir = Path::new(cowsnap::dump::progress::CONTAINER_LOG_DIR).join(&ns);
+    assert!(
+        !log_dir.join(format!("{id}.jsonl")).exists(),
+        "the progress log is left"
+    );
+    let mode = std::fs::metadata(&log_dir)
+        .expect("the progress log directory")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "{}", log_dir.display());
+
+    // The CLI off a terminal: plain lines on stderr, the result on stdout.
+    // (The first checkpoint goes first: containerd 1.6 refuses to store
+    // the container's spec blob again while it is in the content store.)
+    daemon.ctl(&ns, &["rm", first]);
+    let second = "cowsnap.test/progress:2";
+    let (stdout, stderr) = ctl_output(&daemon, &ns, &["checkpoint", &id, second]);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.first(), Some(&"dumping"), "{stderr}");
+    assert_eq!(lines.last(), Some(&"dumped"), "{stderr}");
+    let figures = dump_lines(&stderr);
+    let final_figures = figures
+        .last()
+        .unwrap_or_else(|| panic!("no progress line:\n{stderr}"));
+    assert!(
+        final_figures.pages_scanned > 0 && final_figures.bytes_written > 0,
+        "{stderr}"
+    );
+    assert!(stdout.starts_with(second), "{stdout}");
+    let second_size: u64 = stdout
+        .split_once(" (")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {stdout}"));
+    assert!(
+        !stderr.contains('\x1b'),
+        "terminal codes off a terminal: {stderr:?}"
+    );
+
+    ctrd.kill_and_delete(&id);
+    let restored = ctrd.container_id("restored");
+    ctrd.track(&restored);
+    let (stdout, stderr) = ctl_output(&daemon, &ns, &["restore", second, &restored]);
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        ["restoring", "container created", "task created"],
+        "{stderr}"
+    );
+    assert!(
+        stdout.starts_with(&format!("{restored} running, pid ")),
+        "{stdout}"
+    );
+    ctrd.wait_status(&restored, "RUNNING");
+
+    let after = scrape(&metrics_addr);
+    let value =
+        |name: &str| sample(&after, name).unwrap_or_else(|| panic!("no {name} in\n{after}"));
+    assert_eq!(value("cowsnapd_checkpoints_total"), 2.0);
+    assert_eq!(value("cowsnapd_checkpoint_duration_seconds_count"), 2.0);
+    assert!(value("cowsnapd_checkpoint_duration_seconds_sum") > 0.0);
+    assert_eq!(value("cowsnapd_checkpoint_image_bytes_count"), 2.0);
+    assert_eq!(
+        value("cowsnapd_checkpoint_image_bytes_sum"),
+        (first_size + second_size) as f64
+    );
+    assert_eq!(value("cowsnapd_dump_frozen_seconds_count"), 2.0);
+    let frozen = (last.frozen_ms + final_figures.frozen_ms) as f64 / 1000.0;
+    assert!(
+        (value("cowsnapd_dump_frozen_seconds_sum") - frozen).abs() < 1e-6,
+        "frozen {frozen} s:\n{after}"
+    );
+    assert_eq!(value("cowsnapd_restores_total"), 1.0);
+    assert_eq!(value("cowsnapd_restore_duration_seconds_count"), 1.0);
+    assert_eq!(
+        value(r#"cowsnapd_failures_total{operation="checkpoint",code="NOT_FOUND"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"cowsnapd_failures_total{operation="checkpoint",code="INVALID_ARGUMENT"}"#),
+        1.0
+    );
+    assert_eq!(
+        after.matches("cowsnapd_failures_total{").count(),
+        2,
+        "other failures counted:\n{after}"
+    );
+    assert_eq!(value("cowsnapd_migrations_total"), 0.0);
+
+    // On a terminal (a pty of `script`'s): the bar, drawn with terminal
+    // codes and cleared, instead of the plain figure lines.
+    daemon.ctl(&ns, &["rm", second]);
+    let third = "cowsnap.test/progress:3";
+    let line: Vec<String> = [
+        daemon_bin_dir()
+            .join(CTL_BIN)
+            .to_string_lossy()
+            .into_owned(),
+        "--socket".into(),
+        daemon.socket.to_string_lossy().into_owned(),
+        "--namespace".into(),
+        ns.clone(),
+        "checkpoint".into(),
+        restored.clone(),
+        third.into(),
+    ]
+    .iter()
+    .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+    .collect();
+    let output = Command::new("script")
+        .args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let tty = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", common::describe(&output));
+    assert!(tty.contains(third) && tty.contains("dumping"), "{tty:?}");
+    assert!(
+        tty.contains('\x1b'),
+        "no terminal codes on a terminal: {tty:?}"
+    );
+    assert!(
+        !tty.split(['\r', '\n'])
+            .any(|l| l.starts_with("pages scanned ")),
+        "plain lines on a terminal: {tty:?}"
+    );
+    ctrd.kill_and_delete(&restored);
+}
+
+/// 3c. A failure inside the container restore helper (the engine as the
+///     new container's pid 1) keeps its kind on its way through the
+///     restore's control region, the controller's `--error-json`, the
+///     shim and containerd: a process that held a file of the writable
+///     layer open, restored without that layer, is FAILED_PRECONDITION
+///     naming the file (it was INTERNAL), and the failed restore leaves no
+///     container.
+#[test]
+fn cowsnapd_restore_helper_failure_keeps_its_code() {
+    let ctrd = Containerd::start_cowsnap("daemon-helper-error");
+    let image = ctrd.import_reference_image();
+    let id = ctrd.container_id("holder");
+    let script = format!("echo held > /held-file; exec 3</held-file; {COUNTER_LOOP}");
+    ctrd.run(COWSNAP_RUNTIME, image, &id, &["sh", "-c", &script]);
+    ctrd.wait_counter_above(&id, 2);
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let reference = "cowsnap.test/helper-error:1";
+    let restored = ctrd.container_id("restored");
+    ctrd.track(&restored);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = CheckpointServiceClient::new(daemon.channel().await);
+        checkpoint(&mut client, &ns, &id, reference)
+            .await
+            .unwrap_or_else(|e| panic!("checkpoint: {e:?}\n{}", ctrd.log_tail(40)));
+        let status = restore(&mut client, &ns, reference, &restored)
+            .await
+            .expect_err("the rootfs has no /held-file");
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{status:?}\n--- containerd\n{}",
+            ctrd.log_tail(40)
+        );
+        assert!(status.message().contains("/held-file"), "{status:?}");
+    });
+    assert!(
+        !ctrd.containers().iter().any(|c| c == &restored),
+        "the failed restore left {restored}: {:?}",
+        ctrd.containers()
+    );
+    ctrd.kill_and_delete(&id);
+}
+
 /// Every message of an ExportCheckpoint.
 async fn export(
     client: &mut CheckpointServiceClient<Channel>,
@@ -1304,6 +1643,36 @@ fn cowsnapd_migrates_a_counter_between_nodes() {
         line.contains("bytes sent") && line.contains("downtime"),
         "{line}"
     );
+    // Off a terminal, the source's dump figures come as plain lines
+    // between "dumping" and "checkpointed".
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let (dump, rest) = stderr
+        .split_once(
+            "checkpointed
+",
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no checkpointed line:
+{stderr}"
+            )
+        });
+    assert!(
+        dump.starts_with(
+            "dumping
+"
+        ),
+        "{stderr}"
+    );
+    let figures = dump_lines(dump);
+    assert!(
+        figures
+            .last()
+            .is_some_and(|f| f.pages_scanned > 0 && f.bytes_written > 0),
+        "no dump figures before checkpointed:
+{stderr}"
+    );
+    assert!(dump_lines(rest).is_empty(), "{stderr}");
     let running = b.ctrd.wait_status(&id, "RUNNING");
     assert!(running.pid > 0);
     b.ctrd.wait_counter_above(&id, before);

@@ -58,6 +58,32 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// Every kind, in the order of their [`ErrorKind::wire`] numbers.
+    const ALL: [ErrorKind; 7] = [
+        ErrorKind::NotFound,
+        ErrorKind::InvalidArgument,
+        ErrorKind::Unsupported,
+        ErrorKind::FailedPrecondition,
+        ErrorKind::Unavailable,
+        ErrorKind::ResourceExhausted,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind as a number from 1, for where no JSON fits (a restored
+    /// process's slot in the restore's shared control region); 0 is "not
+    /// told".
+    pub fn wire(self) -> u32 {
+        ErrorKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .map_or(0, |i| i as u32 + 1)
+    }
+
+    /// The kind numbered `n` by [`ErrorKind::wire`].
+    pub fn from_wire(n: u32) -> Option<ErrorKind> {
+        ErrorKind::ALL.get((n as usize).checked_sub(1)?).copied()
+    }
 }
 
 /// An engine failure as it crosses a process boundary: its kind and its
@@ -361,6 +387,7 @@ impl Classify for RestoreError {
             // `restore --seccomp-profile FILE` that cannot be read or used.
             RestoreError::SeccompProfile { .. } => ErrorKind::InvalidArgument,
             RestoreError::Pidfile { source, .. } => io_kind(source),
+            RestoreError::Reported { kind, .. } => *kind,
             RestoreError::Process { .. }
             | RestoreError::Blob { .. }
             | RestoreError::Died { .. } => ErrorKind::Internal,
@@ -431,5 +458,24 @@ mod tests {
             ErrorKind::Unavailable
         );
         assert_eq!(io_kind(&io::Error::other("?")), ErrorKind::Internal);
+        assert_eq!(
+            RestoreError::Reported {
+                pid: 7,
+                kind: ErrorKind::FailedPrecondition,
+                message: "/tmp/x is missing".into()
+            }
+            .kind(),
+            ErrorKind::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn wire_numbers_round_trip_and_zero_is_none() {
+        for kind in ErrorKind::ALL {
+            assert_ne!(kind.wire(), 0);
+            assert_eq!(ErrorKind::from_wire(kind.wire()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_wire(0), None);
+        assert_eq!(ErrorKind::from_wire(8), None);
     }
 }

@@ -1,6 +1,7 @@
 //! `cowsnap-ctl` (also `cowsnap ctl`): a person's client of cowsnapd.
-//! Prints one plain line per progress event; the result goes to stdout,
-//! progress and errors to stderr.
+//! Shows progress on stderr (a bar on a terminal, else one plain line per
+//! event: `cowsnapd::report`); the result goes to stdout, errors to
+//! stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use clap::{Parser, Subcommand};
 use cowsnapd::proto::checkpoint_event::Event as CheckpointEventKind;
 use cowsnapd::proto::restore_event::Event as RestoreEventKind;
 use cowsnapd::proto::*;
+use cowsnapd::report::Reporter;
 use cowsnapd::server::DEFAULT_SOCKET;
 use tokio_stream::StreamExt;
 
@@ -146,20 +148,23 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_line)?
                 .into_inner();
+            let mut report = Reporter::for_stderr("written", None);
+            let mut done = None;
             while let Some(event) = events.next().await {
                 match event.map_err(status_line)?.event {
                     Some(CheckpointEventKind::Stage(stage)) => {
                         let name =
                             CheckpointStage::try_from(stage).map_or("unknown", |s| s.as_str_name());
-                        eprintln!("{}", stage_word(name, "CHECKPOINT_STAGE_"));
+                        report.stage(&stage_word(name, "CHECKPOINT_STAGE_"));
                     }
-                    Some(CheckpointEventKind::Progress(p)) => eprintln!(
-                        "pages scanned {} stored {}, {} bytes written, frozen {} ms",
-                        p.pages_scanned, p.pages_stored, p.bytes_written, p.frozen_ms
-                    ),
-                    Some(CheckpointEventKind::Done(info)) => println!("{}", info_line(&info)),
+                    Some(CheckpointEventKind::Progress(p)) => report.dump(&p),
+                    Some(CheckpointEventKind::Done(info)) => done = Some(info),
                     None => {}
                 }
+            }
+            report.finish();
+            if let Some(info) = done {
+                println!("{}", info_line(&info));
             }
         }
         Command::Restore { reference, new_id } => {
@@ -173,19 +178,26 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_line)?
                 .into_inner();
+            let mut report = Reporter::for_stderr("restored", None);
+            report.stage("restoring");
+            let mut done = None;
             while let Some(event) = events.next().await {
                 match event.map_err(status_line)?.event {
                     Some(RestoreEventKind::Stage(stage)) => {
                         let name =
                             RestoreStage::try_from(stage).map_or("unknown", |s| s.as_str_name());
-                        eprintln!("{}", stage_word(name, "RESTORE_STAGE_"));
+                        report.stage(&stage_word(name, "RESTORE_STAGE_"));
                     }
-                    Some(RestoreEventKind::Done(task)) => println!(
-                        "{} running, pid {}, restored in {} ms",
-                        task.container_id, task.pid, task.restore_ms
-                    ),
+                    Some(RestoreEventKind::Done(task)) => done = Some(task),
                     None => {}
                 }
+            }
+            report.finish();
+            if let Some(task) = done {
+                println!(
+                    "{} running, pid {}, restored in {} ms",
+                    task.container_id, task.pid, task.restore_ms
+                );
             }
         }
         Command::Ls => {
@@ -281,26 +293,28 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            let mut last_report = std::time::Instant::now();
+            let mut report = Reporter::for_stderr("sent", None);
+            report.stage("dumping");
+            let mut done = None;
             while let Some(event) = events.next().await {
                 match event.map_err(status_line)?.event {
                     Some(migrate_event::Event::Stage(stage)) => {
                         let name =
                             MigrateStage::try_from(stage).map_or("unknown", |s| s.as_str_name());
-                        eprintln!("{}", stage_word(name, "MIGRATE_STAGE_"));
+                        report.stage(&stage_word(name, "MIGRATE_STAGE_"));
                     }
-                    Some(migrate_event::Event::BytesSent(bytes))
-                        if last_report.elapsed() > std::time::Duration::from_secs(1) =>
-                    {
-                        eprintln!("{bytes} bytes sent");
-                        last_report = std::time::Instant::now();
-                    }
-                    Some(migrate_event::Event::Done(r)) => println!(
-                        "{id} migrated to {target}: {} bytes sent ({} bytes checkpoint, resumed {} times), frozen {} ms, downtime {} ms, total {} ms",
-                        r.bytes_sent, r.checkpoint_size, r.resumed, r.frozen_ms, r.downtime_ms, r.total_ms
-                    ),
-                    _ => {}
+                    Some(migrate_event::Event::DumpProgress(p)) => report.dump(&p),
+                    Some(migrate_event::Event::BytesSent(bytes)) => report.bytes(bytes),
+                    Some(migrate_event::Event::Done(r)) => done = Some(r),
+                    None => {}
                 }
+            }
+            report.finish();
+            if let Some(r) = done {
+                println!(
+                    "{id} migrated to {target}: {} bytes sent ({} bytes checkpoint, resumed {} times), frozen {} ms, downtime {} ms, total {} ms",
+                    r.bytes_sent, r.checkpoint_size, r.resumed, r.frozen_ms, r.downtime_ms, r.total_ms
+                );
             }
         }
         Command::Export { reference, file } => {
@@ -316,11 +330,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut out = export_file::Writer::create(&file)?;
             let mut bytes = 0u64;
             let mut done = None;
+            let mut report = Reporter::for_stderr("exported", None);
             while let Some(message) = stream.next().await {
                 let message = message.map_err(status_line)?;
                 match &message.item {
                     Some(export_checkpoint_response::Item::Chunk(c)) => {
-                        bytes += c.data.len() as u64
+                        bytes += c.data.len() as u64;
+                        report.bytes(bytes);
                     }
                     Some(export_checkpoint_response::Item::Manifest(m)) => done = Some(m.clone()),
                     None => {}
@@ -328,6 +344,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 out.write(&message)?;
             }
             out.finish()?;
+            report.finish();
             let manifest = done
                 .ok_or_else(|| format!("the export of {reference} ended without its manifest"))?;
             eprintln!(
@@ -346,15 +363,28 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             let _ = tx.send(target).await;
             let reader = export_file::Reader::open(&file)?;
+            // The file's size (not stdin's): about the chunks' bytes.
+            let total = std::fs::metadata(&file)
+                .ok()
+                .filter(|m| m.is_file() && file != std::path::Path::new("-"))
+                .map(|m| m.len());
+            let mut report = Reporter::for_stderr("sent", total);
             let read = std::thread::spawn(move || -> Result<(), String> {
+                let mut bytes = 0u64;
                 for message in reader {
-                    let Some(request) = cowsnapd::transfer::to_import(message?) else {
+                    let message = message?;
+                    if let Some(export_checkpoint_response::Item::Chunk(c)) = &message.item {
+                        bytes += c.data.len() as u64;
+                        report.bytes(bytes);
+                    }
+                    let Some(request) = cowsnapd::transfer::to_import(message) else {
                         continue;
                     };
                     if tx.blocking_send(request).is_err() {
                         break;
                     }
                 }
+                report.finish();
                 Ok(())
             });
             let answer = client

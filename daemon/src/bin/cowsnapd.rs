@@ -41,6 +41,10 @@ struct Args {
     /// network only.
     #[arg(long)]
     insecure: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`host:port`,
+    /// plain HTTP: give a loopback or otherwise private address).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Log each request (info); warnings and errors are always logged.
     #[arg(long, short)]
     verbose: bool,
@@ -80,6 +84,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some((addr, security)) => Some((bind_tcp(&addr).await?, security)),
         None => None,
     };
+    let metrics_listener = match &args.metrics_addr {
+        Some(addr) => Some(cowsnapd::metrics::bind(addr).await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -113,6 +121,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let agent = Agent::new(ctrd).with_peer_tls(peer_tls);
+    if let Some(listener) = metrics_listener {
+        if let Some(addr) = cowsnapd::metrics::local_addr(&listener) {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(cowsnapd::metrics::serve(
+            agent.metrics(),
+            listener,
+            stopped(stop_rx.clone()),
+        ));
+    }
     let unix = serve_unix(
         agent.clone(),
         listener,

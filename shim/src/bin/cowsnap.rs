@@ -59,6 +59,11 @@ enum Command {
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
+        /// Also write the dump's progress as typed events, one JSON object
+        /// a line (`{"stage":"pages","pages_scanned":…}`; stages seized,
+        /// pages, scanned, done), to this file (created 0600, truncated).
+        #[arg(long, value_name = "PATH")]
+        progress_json: Option<PathBuf>,
     },
     /// Restore an image: the tree comes back with its pids, memory (and its
     /// copy-on-write sharing), fds and signal state, and keeps running after
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
             saved_file_limit,
             cgroup,
             quiet,
+            progress_json,
         } => {
             let options = cowsnap::dump::DumpOptions {
                 pid,
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
                 exit,
                 cgroup,
                 progress: !quiet,
+                progress_json,
                 sockets: cowsnap::dump::sockets::SocketPolicy {
                     tcp_established,
                     skip_in_flight,

@@ -58,6 +58,10 @@ pub struct CheckpointRequest {
     pub exit: bool,
     pub image_path: Option<PathBuf>,
     pub work_path: Option<PathBuf>,
+    /// Where the engine writes its progress events (`--progress-json`):
+    /// a `dump::progress::container_log_path`, which cowsnapd reads while
+    /// it waits for the checkpoint; removed once the dump ends.
+    pub progress_log: Option<PathBuf>,
 }
 
 /// Where the helper and the image appear inside the container.
@@ -125,7 +129,25 @@ pub fn checkpoint(req: &CheckpointRequest) -> Result<(), CrError> {
     if req.exit {
         cmd.arg("--exit");
     }
-    let output = run_engine(cmd, &bin)?;
+    // Best effort, as the engine's own writes to it: no progress log never
+    // fails a checkpoint.
+    let progress_log = req.progress_log.as_deref().filter(|path| {
+        match crate::dump::progress::create_log_dir(path) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("task {}: progress log {}: {e}", req.id, path.display());
+                false
+            }
+        }
+    });
+    if let Some(log) = progress_log {
+        cmd.arg("--progress-json").arg(log);
+    }
+    let output = run_engine(cmd, &bin);
+    if let Some(log) = progress_log {
+        let _ = std::fs::remove_file(log);
+    }
+    let output = output?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if let Some(work) = &req.work_path {
         // The dump's progress and summary, where runc would leave criu's log.

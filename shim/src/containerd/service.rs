@@ -1027,6 +1027,11 @@ impl containerd_shim::Task for TaskService {
                     exit: opts.exit,
                     image_path: opts.image_path,
                     work_path: opts.work_path,
+                    progress_log: crate::dump::progress::container_log_path(
+                        Path::new(crate::dump::progress::CONTAINER_LOG_DIR),
+                        &self.inner.namespace,
+                        &req.id,
+                    ),
                 },
             ))
         })?;

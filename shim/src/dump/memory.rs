@@ -53,6 +53,10 @@ pub trait PageSink {
     fn commit_reserved(&mut self, pages: u64) -> Result<PageId, ImageError>;
     /// The id the next page will get.
     fn next_id(&self) -> PageId;
+    /// Compressed bytes written so far (for progress reports).
+    fn bytes_written(&self) -> u64 {
+        0
+    }
 }
 
 impl PageSink for PageStoreWriter {
@@ -64,6 +68,9 @@ impl PageSink for PageStoreWriter {
     }
     fn next_id(&self) -> PageId {
         self.pages_written()
+    }
+    fn bytes_written(&self) -> u64 {
+        self.bytes_compressed()
     }
 }
 
@@ -254,6 +261,12 @@ pub struct MemoryScanner {
 struct Progress {
     started: Instant,
     last: Instant,
+    /// Lines on stderr, for people.
+    stderr: bool,
+    /// Typed events (`--progress-json`).
+    log: super::progress::ProgressLog,
+    /// When the tree was stopped: the frozen time so far.
+    stopped_at: Instant,
 }
 
 impl MemoryScanner {
@@ -276,13 +289,33 @@ impl MemoryScanner {
         self.interrupted = f;
     }
 
-    /// Prints a progress line on stderr at most twice a second.
-    pub fn enable_progress(&mut self) {
+    /// Reports progress at most twice a second: a line on stderr when
+    /// `stderr`, a `pages` event to `log` (the tree stopped at
+    /// `stopped_at`).
+    pub fn enable_progress(
+        &mut self,
+        stderr: bool,
+        log: super::progress::ProgressLog,
+        stopped_at: Instant,
+    ) {
         let now = Instant::now();
         self.progress = Some(Progress {
             started: now,
             last: now,
+            stderr,
+            log,
+            stopped_at,
         });
+    }
+
+    /// The page figures so far, `sink` being the page store.
+    pub fn counts(&self, sink: &dyn PageSink, stopped_at: Instant) -> super::progress::PageCounts {
+        super::progress::PageCounts {
+            pages_scanned: self.stats.pages_scanned,
+            pages_stored: self.stats.pages_stored,
+            bytes_written: sink.bytes_written(),
+            frozen_ms: stopped_at.elapsed().as_millis() as u64,
+        }
     }
 
     pub fn stats(&self) -> ScanStats {
@@ -584,14 +617,24 @@ impl MemoryScanner {
     }
 
     fn report_progress(&mut self, sink: &mut dyn PageSink) {
-        let Some(p) = self.progress.as_mut() else {
+        let Some(p) = self.progress.as_ref() else {
             return;
         };
         let now = Instant::now();
         if now.duration_since(p.last).as_millis() < 500 {
             return;
         }
+        if p.log.is_on() {
+            let counts = self.counts(sink, p.stopped_at);
+            p.log.emit(&super::progress::DumpEvent::Pages(counts));
+        }
+        let Some(p) = self.progress.as_mut() else {
+            return;
+        };
         p.last = now;
+        if !p.stderr {
+            return;
+        }
         let secs = now.duration_since(p.started).as_secs_f64().max(1e-9);
         let mib = self.stats.bytes_read as f64 / (1 << 20) as f64;
         eprintln!(

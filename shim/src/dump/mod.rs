@@ -9,6 +9,7 @@ pub mod files;
 pub mod memory;
 pub mod mount_ns;
 pub mod posix_timers;
+pub mod progress;
 pub mod saved_files;
 pub mod seize;
 pub mod sockets;
@@ -46,6 +47,9 @@ pub struct DumpOptions {
     pub cgroup: Option<PathBuf>,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Also write typed progress events, one JSON line each, to this file
+    /// (see [`progress`]).
+    pub progress_json: Option<PathBuf>,
     /// What to do with established TCP connections and in-flight connections.
     pub sockets: sockets::SocketPolicy,
     /// Largest file whose contents are saved (deleted files, files on tmpfs).
@@ -195,6 +199,14 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     let mut writer = ImageWriter::create(&options.images, ps)?;
     let watchdog = watchdog::start(freezer.as_ref(), writer.work_dir(), &options.images)
         .map_err(DumpError::Watchdog)?;
+    // Best effort: a progress log that cannot be created never fails a dump.
+    let log = match &options.progress_json {
+        Some(path) => progress::ProgressLog::create(path).unwrap_or_else(|e| {
+            eprintln!("cowsnap: progress log {}: {e}", path.display());
+            progress::ProgressLog::none()
+        }),
+        None => progress::ProgressLog::none(),
+    };
 
     // Freeze and seize. From here on every exit path resumes the tasks.
     let t_stop = Instant::now();
@@ -226,16 +238,21 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
             return Err(e);
         }
     };
+    let threads: usize = tree.processes().iter().map(|p| p.tids.len()).sum();
     if options.progress {
-        let threads: usize = tree.processes().iter().map(|p| p.tids.len()).sum();
         eprintln!(
             "cowsnap: seized {} processes ({threads} threads) in {:.3} s",
             tree.processes().len(),
             t_stop.elapsed().as_secs_f64()
         );
     }
+    log.emit(&progress::DumpEvent::Seized {
+        processes: tree.processes().len() as u64,
+        threads: threads as u64,
+        frozen_ms: t_stop.elapsed().as_millis() as u64,
+    });
 
-    let mut collected = match collect(options, &tree, &mut writer, zero_pfn) {
+    let mut collected = match collect(options, &tree, &mut writer, zero_pfn, &log, t_stop) {
         Ok(c) => c,
         Err(e) => {
             drop(writer); // removes what it wrote
@@ -313,6 +330,17 @@ pub fn dump(options: &DumpOptions) -> Result<DumpSummary, DumpError> {
     watchdog.finish();
     resumed?;
     let stats = collected.stats;
+    log.emit(&progress::DumpEvent::Done {
+        counts: progress::PageCounts {
+            pages_scanned: stats.pages_scanned,
+            pages_stored: commit.pages_stored,
+            bytes_written: commit.bytes_total,
+            frozen_ms: (seconds_frozen * 1000.0) as u64,
+        },
+        processes: collected.processes as u64,
+        threads: collected.threads as u64,
+        total_ms: t0.elapsed().as_millis() as u64,
+    });
     Ok(DumpSummary {
         processes: collected.processes,
         zombies: collected.zombies,
@@ -441,12 +469,14 @@ fn collect(
     seized: &SeizedTree,
     writer: &mut ImageWriter,
     zero_pfn: Option<u64>,
+    log: &progress::ProgressLog,
+    stopped_at: Instant,
 ) -> Result<Collected, DumpError> {
     let ps = writer.page_size();
     let mut scanner = MemoryScanner::new(ps, zero_pfn);
     scanner.set_interrupt_check(interrupted);
-    if options.progress {
-        scanner.enable_progress();
+    if options.progress || log.is_on() {
+        scanner.enable_progress(options.progress, log.clone(), stopped_at);
     }
     let mut pipes = PipeCollector::default();
     let mut entries: Vec<ProcessEntry> = Vec::new();
@@ -604,6 +634,9 @@ fn collect(
         } => DumpError::Interrupted,
         other => other.into(),
     })?;
+    log.emit(&progress::DumpEvent::Scanned(
+        scanner.counts(writer.pages(), stopped_at),
+    ));
     let plan_entries = processes.clone();
     writer.write_tree(&Tree {
         processes,
@@ -772,6 +805,7 @@ mod tests {
             exit: false,
             cgroup: None,
             progress: false,
+            progress_json: None,
             sockets: sockets::SocketPolicy::default(),
             saved_file_limit: saved_files::DEFAULT_LIMIT,
         }
@@ -783,9 +817,48 @@ mod tests {
         let mut fx = Fixture::new();
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path().join("img");
-        let summary = dump(&options(fx.parent.pid, &dir)).expect("dump");
+        let log = tmp.path().join("progress.jsonl");
+        let summary = dump(&DumpOptions {
+            progress_json: Some(log.clone()),
+            ..options(fx.parent.pid, &dir)
+        })
+        .expect("dump");
         assert_eq!(summary.processes, 2);
         assert!(summary.pages_stored >= PAGES as u64 + 10);
+        // The progress log: seized, pages (maybe), scanned, then done with
+        // the summary's own figures.
+        let text = std::fs::read(&log).expect("progress log");
+        let events: Vec<progress::DumpEvent> = progress::ProgressReader::new()
+            .push(&text)
+            .into_iter()
+            .map(|e| e.expect("a typed line"))
+            .collect();
+        assert!(
+            matches!(
+                events.first(),
+                Some(progress::DumpEvent::Seized { processes: 2, .. })
+            ),
+            "{events:?}"
+        );
+        let Some(progress::DumpEvent::Done {
+            counts, processes, ..
+        }) = events.last()
+        else {
+            panic!("the log does not end with done: {events:?}");
+        };
+        assert_eq!(*processes, 2);
+        assert_eq!(counts.pages_scanned, summary.pages_scanned);
+        assert_eq!(counts.pages_stored, summary.pages_stored);
+        assert_eq!(counts.bytes_written, summary.bytes_written);
+        let scanned = events
+            .iter()
+            .find_map(|e| match e {
+                progress::DumpEvent::Scanned(c) => Some(*c),
+                _ => None,
+            })
+            .expect("a scanned event");
+        assert_eq!(scanned.pages_scanned, summary.pages_scanned);
+        assert!(scanned.bytes_written <= summary.bytes_written);
         let image = Image::open(&dir).expect("image opens");
         let pids: Vec<(i32, i32)> = image
             .tree

@@ -159,6 +159,14 @@ pub enum RestoreError {
     SeccompProfile { path: PathBuf, message: String },
     #[error("pid {pid}: {message}")]
     Process { pid: i32, message: String },
+    /// A restored process (or the container restore helper) failed and
+    /// recorded its typed error in its slot.
+    #[error("pid {pid}: {message}")]
+    Reported {
+        pid: i32,
+        kind: crate::engine_error::ErrorKind,
+        message: String,
+    },
     #[error("pid {pid}: {failure}")]
     Blob { pid: i32, failure: BlobFailure },
     #[error("pid {pid} died during restore ({how})")]
@@ -177,6 +185,8 @@ const CONTROL_INIT_DISARMED: u64 = 8;
 const SLOT_BASE: u64 = 4096;
 const SLOT_SIZE: u64 = 512;
 const SLOT_MSG_MAX: usize = 360;
+/// The failure's kind (`ErrorKind::wire`, 0: not told), after the message.
+const SLOT_KIND: u64 = 376;
 const SLOT_STATUS: u64 = 384;
 /// Start and length (u64 each) of the process's restorer region.
 const SLOT_BLOB: u64 = 448;
@@ -730,7 +740,8 @@ pub fn restore_as_init(
             run_process(&ctx, 0, None, Staging::default())
         }
         Err(e) => {
-            record_failure(&report, 0, &e.to_string());
+            let error = crate::engine_error::EngineError::of(&e);
+            record_failure(&report, 0, &error.message, Some(error.kind));
             e
         }
     }
@@ -841,15 +852,24 @@ fn slot_jumped(ctx: &Ctx, i: usize) -> bool {
 
 /// Records a runtime failure of process `i` and exits.
 fn fail_slot(ctx: &Ctx, i: usize, message: &str) -> ! {
-    record_failure(&ctx.control, i, message);
+    record_failure(&ctx.control, i, message, None);
     clone::exit_now(1)
 }
 
-/// Writes a runtime failure of process `i` into its slot.
-fn record_failure(control: &SharedRegion, i: usize, message: &str) {
+/// Writes a runtime failure of process `i` into its slot, with its kind
+/// when it is known (a typed error, not a message).
+fn record_failure(
+    control: &SharedRegion,
+    i: usize,
+    message: &str,
+    kind: Option<crate::engine_error::ErrorKind>,
+) {
     let bytes = message.as_bytes();
     let len = bytes.len().min(SLOT_MSG_MAX);
     control.write_bytes(slot(i) + 12, &bytes[..len]);
+    control
+        .word(slot(i) + SLOT_KIND)
+        .store(kind.map_or(0, |k| k.wire()), Ordering::Release);
     control
         .word(slot(i) + 8)
         .store(len as u32, Ordering::Release);
@@ -1697,9 +1717,20 @@ impl<'a> Watch<'a> {
             .strip_prefix(&prefix)
             .unwrap_or(&message)
             .to_string();
-        Some(RestoreError::Process {
-            pid: self.dumped[i],
-            message,
+        let kind = self
+            .control
+            .word(slot(i) + SLOT_KIND)
+            .load(Ordering::Acquire);
+        Some(match crate::engine_error::ErrorKind::from_wire(kind) {
+            Some(kind) => RestoreError::Reported {
+                pid: self.dumped[i],
+                kind,
+                message,
+            },
+            None => RestoreError::Process {
+                pid: self.dumped[i],
+                message,
+            },
         })
     }
 

@@ -1077,20 +1077,24 @@ fn build_process(
         .map_err(|e| format!("populating shared pages: {e}"))?;
     trace(format_args!("staging populated"));
     drop(reader);
-    for &child in &me.children {
-        match clone::clone3(&[ctx.target_pid[child]], false) {
-            Ok(Forked::Child) => run_process(ctx, child, Some(pipes), staging.clone()),
-            // Before the next sibling, which may join a process group the
-            // zombie leads.
-            Ok(Forked::Parent(pid)) if ctx.image.tree.processes[child].zombie.is_some() => {
-                await_zombie(ctx, child, pid)?
-            }
-            Ok(Forked::Parent(_)) => {}
-            Err(e) => {
-                return Err(format!(
-                    "forking child pid {}: {e}",
-                    ctx.image.tree.processes[child].pid
-                ))
+    if forks_fan_out(ctx, i) {
+        fork_fanned(ctx, &me.children, pipes, &staging, false)?;
+    } else {
+        for &child in &me.children {
+            match clone::clone3(&[ctx.target_pid[child]], false) {
+                Ok(Forked::Child) => run_process(ctx, child, Some(pipes), staging.clone()),
+                // Before the next sibling, which may join a process group the
+                // zombie leads.
+                Ok(Forked::Parent(pid)) if ctx.image.tree.processes[child].zombie.is_some() => {
+                    await_zombie(ctx, child, pid)?
+                }
+                Ok(Forked::Parent(_)) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "forking child pid {}: {e}",
+                        ctx.image.tree.processes[child].pid
+                    ))
+                }
             }
         }
     }
@@ -1203,6 +1207,69 @@ fn block_all_signals() {
 
 /// setsid / setpgid as the image says, for ids inside the tree; ids that
 /// name processes outside the tree are left as inherited.
+/// Whether process `i`'s children may be forked in any order, so several
+/// at once ([`fork_fanned`]): none is a zombie (each is awaited before the
+/// next sibling), and none joins a process group or session another child
+/// makes (each stays in its parent's or leads its own).
+fn forks_fan_out(ctx: &Ctx, i: usize) -> bool {
+    let tree = &ctx.image.tree.processes;
+    let parent = &tree[i];
+    let children = &ctx.plan.processes[i].children;
+    children.len() > 2
+        && children.iter().all(|&c| {
+            let e = &tree[c];
+            e.zombie.is_none()
+                && (e.pgid == parent.pgid || e.pgid == e.pid)
+                && (e.sid == parent.sid || e.sid == e.pid)
+                && e.pid != parent.pgid
+                && e.pid != parent.sid
+        })
+}
+
+/// Forks `children` (siblings, in any order) so that forks run side by
+/// side: each fork copies the forker's page tables, which for a holder of
+/// the tree's shared memory is most of the time its children take to
+/// exist. Every new child first forks, as its own siblings
+/// (`CLONE_PARENT`, from its still untouched copy of the memory), half of
+/// the children left to it, then becomes itself: 8 children exist after 4
+/// rounds of forks instead of 8. `as_sibling`: the caller is itself one
+/// of them.
+fn fork_fanned(
+    ctx: &Ctx,
+    children: &[usize],
+    pipes: &fds::PipeSet,
+    staging: &Staging,
+    as_sibling: bool,
+) -> Result<(), String> {
+    let mut rest = children;
+    while let Some((&child, tail)) = rest.split_first() {
+        let (mine, delegated) = tail.split_at(tail.len() - tail.len() / 2);
+        let pid = [ctx.target_pid[child]];
+        let forked = if as_sibling {
+            clone::clone3_sibling(&pid)
+        } else {
+            clone::clone3(&pid, false)
+        };
+        match forked {
+            Ok(Forked::Child) => {
+                if let Err(message) = fork_fanned(ctx, delegated, pipes, staging, true) {
+                    fail_slot(ctx, child, &message);
+                }
+                run_process(ctx, child, Some(pipes), staging.clone())
+            }
+            Ok(Forked::Parent(_)) => {}
+            Err(e) => {
+                return Err(format!(
+                    "forking child pid {}: {e}",
+                    ctx.image.tree.processes[child].pid
+                ))
+            }
+        }
+        rest = mine;
+    }
+    Ok(())
+}
+
 fn session(ctx: &Ctx, i: usize) -> Result<(), String> {
     let entry = &ctx.image.tree.processes[i];
     let to_target = |pid: i32| -> Option<i32> {

@@ -46,13 +46,34 @@ pub enum CloneError {
 /// SIGCHLD as exit signal; with `new_pid_ns` the child is the init of a new
 /// pid namespace (then `set_tid[0]` must be 1).
 pub fn clone3(set_tid: &[i32], new_pid_ns: bool) -> Result<Forked, CloneError> {
-    let mut args = CloneArgs {
-        flags: if new_pid_ns {
+    clone3_flags(
+        set_tid,
+        if new_pid_ns {
             libc::CLONE_NEWPID as u64
         } else {
             0
         },
-        exit_signal: libc::SIGCHLD as u64,
+    )
+}
+
+/// [`clone3`] with `CLONE_PARENT`: the child is a sibling of the caller
+/// (its parent is the caller's parent), with a copy of the caller's
+/// address space. The caller must not be a pid namespace's init.
+pub fn clone3_sibling(set_tid: &[i32]) -> Result<Forked, CloneError> {
+    clone3_flags(set_tid, libc::CLONE_PARENT as u64)
+}
+
+fn clone3_flags(set_tid: &[i32], flags: u64) -> Result<Forked, CloneError> {
+    let new_pid_ns = flags & libc::CLONE_NEWPID as u64 != 0;
+    let mut args = CloneArgs {
+        flags,
+        // With CLONE_PARENT the kernel takes the caller's exit signal
+        // (SIGCHLD, as every process here has) and refuses another.
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         ..CloneArgs::default()
     };
     if !set_tid.is_empty() {

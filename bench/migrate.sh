@@ -9,10 +9,12 @@
 #
 # Each of REPS runs (default 1) is the ignored test bench_migrate_reference_tree,
 # built in release, on nodes of its own. Prints, per run and as medians:
-# bytes sent, the checkpoint's size, time frozen (the dump), downtime (dump
-# start to running on B), Migrate's total time, and the container's PSS on
-# A before and on B after. It never asserts a figure (the test checks only
-# that the tree runs on B and verifies its memory there).
+# bytes sent, the checkpoint's size, time frozen (the checkpoint: the dump
+# and containerd storing it), downtime (checkpoint start to running on B),
+# Migrate's total time, the container's PSS on A before and on B after,
+# and the downtime's phases as the stages reach the client (checkpoint on
+# A, transfer, import and restore on B). It never asserts a figure (the
+# test checks only that the tree runs on B and verifies its memory there).
 #
 # Usage (as root): bench/migrate.sh [--reps N] [--mode MODE] [--mib N] [--children K]
 #                  [--dirty-pct P] [--keep]
@@ -29,11 +31,11 @@ args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --reps) reps=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
-bench=bench/migrate.sh help_lines='2,24p' why_root="the nodes are network namespaces with containerds; cowsnap dump reads PFNs"
+bench=bench/migrate.sh help_lines='2,25p' why_root="the nodes are network namespaces with containerds; cowsnap dump reads PFNs"
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
 bench_setup "${args[@]+"${args[@]}"}"
@@ -73,13 +75,20 @@ for run in $(seq "$reps"); do
     frozen=$(field frozen_ms <<<"$line") down=$(field downtime_ms <<<"$line")
     total=$(field total_ms <<<"$line") resumed=$(field resumed <<<"$line")
     pss_a=$(field pss_a <<<"$line") pss_b=$(field pss_b <<<"$line")
+    # The phases, from when each stage reached the client.
+    at_ckpt=$(field checkpointed_at_ms <<<"$line") at_sent=$(field transferred_at_ms <<<"$line")
+    at_run=$(field running_at_ms <<<"$line")
+    transfer=$((at_sent - at_ckpt)) restore=$((at_run - at_sent))
     printf 'run %d: sent %s MiB (%s B; checkpoint %s B, resumed %s)  frozen %s ms  downtime %s ms  total %s ms  PSS %s MiB on A, %s MiB on B (x%s)\n' \
         "$run" "$(mib_of "$sent")" "$sent" "$size" "$resumed" "$frozen" "$down" "$total" \
         "$(mib_of "$pss_a")" "$(mib_of "$pss_b")" \
         "$(awk -v a="$pss_b" -v b="$pss_a" 'BEGIN { printf "%.4f", a / b }')"
-    echo "$sent $frozen $down $total $pss_a $pss_b" >>"$work/figures"
+    printf '       phases: checkpoint on A %s ms, transfer %s ms, import and restore on B %s ms\n' \
+        "$at_ckpt" "$transfer" "$restore"
+    echo "$sent $frozen $down $total $pss_a $pss_b $transfer $restore" >>"$work/figures"
 done
 
 f() { awk -v c="$1" '{ print $c }' "$work/figures" | median; }
 printf 'median of %d: sent %s MiB  frozen %s ms  downtime %s ms  total %s ms  PSS %s MiB on A, %s MiB on B\n' \
     "$reps" "$(mib_of "$(f 1)")" "$(f 2)" "$(f 3)" "$(f 4)" "$(mib_of "$(f 5)")" "$(mib_of "$(f 6)")"
+printf '       phases: transfer %s ms, import and restore on B %s ms\n' "$(f 7)" "$(f 8)"

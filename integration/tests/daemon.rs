@@ -1286,6 +1286,16 @@ fn two_nodes_with_image(
 /// under the same id) with Migrate on A's socket, over mutual TLS; the
 /// result it ends with. Panics with both agents' logs if it fails.
 fn migrate_a_to_b(a: &Node, b: &Node, id: &str) -> MigrateResult {
+    migrate_a_to_b_seen(a, b, id, |_| {})
+}
+
+/// [`migrate_a_to_b`], calling `seen` on every event as it comes.
+fn migrate_a_to_b_seen(
+    a: &Node,
+    b: &Node,
+    id: &str,
+    seen: impl FnMut(&migrate_event::Event),
+) -> MigrateResult {
     let rt = runtime();
     let events = rt.block_on(async {
         let mut client =
@@ -1299,7 +1309,7 @@ fn migrate_a_to_b(a: &Node, b: &Node, id: &str) -> MigrateResult {
                 target_namespace: b.ctrd.namespace.clone(),
             }),
         };
-        migrate(&mut client, request, |_| {}).await
+        migrate(&mut client, request, seen).await
     });
     let events = events.unwrap_or_else(|s| {
         panic!(
@@ -1965,8 +1975,9 @@ impl std::str::FromStr for WorkloadMode {
 /// each dirtying 10%; COWSNAP_BENCH_MODE, _MIB, _CHILDREN, _DIRTY_PCT
 /// change it) beside a shell counter migrates from A to B over mutual TLS.
 /// Prints one `migrate-bench:` line: bytes sent, the checkpoint's size,
-/// frozen time, downtime, total time, and the container's PSS on A
-/// (before) and on B (after). It asserts no figure, only that the
+/// frozen time, downtime, total time, the container's PSS on A (before)
+/// and on B (after), and when the stages checkpointed, transferred and
+/// running on target reached the client. It asserts no figure, only that the
 /// migration happened: the tree runs on B and verifies its memory there.
 #[test]
 #[ignore = "benchmark: run by bench/migrate.sh, in release"]
@@ -1999,7 +2010,16 @@ fn bench_migrate_reference_tree() {
     let before = a.ctrd.wait_counter_above(&id, 10);
     let pss_a = a.ctrd.paused_pss(&id);
     b.ctrd.track(&id);
-    let result = migrate_a_to_b(&a, &b, &id);
+    // When each stage reached this client, from the call: the phases of
+    // the downtime (checkpoint, transfer, import and restore on B).
+    let called = Instant::now();
+    let mut stage_ms = std::collections::BTreeMap::new();
+    let result = migrate_a_to_b_seen(&a, &b, &id, |event| {
+        if let migrate_event::Event::Stage(stage) = event {
+            stage_ms.insert(*stage, called.elapsed().as_millis());
+        }
+    });
+    let at = |stage: MigrateStage| stage_ms.get(&(stage as i32)).copied().unwrap_or(0);
     b.ctrd.wait_status(&id, "RUNNING");
     b.ctrd.wait_counter_above(&id, before);
     let pss_b = b.ctrd.paused_pss(&id);
@@ -2017,13 +2037,17 @@ fn bench_migrate_reference_tree() {
     assert!(!a.ctrd.containers().iter().any(|c| c == &id));
     eprintln!(
         "migrate-bench: {tree}: bytes_sent {} checkpoint_size {} frozen_ms {} downtime_ms {} \
-         total_ms {} resumed {} pss_a {pss_a} pss_b {pss_b}",
+         total_ms {} resumed {} pss_a {pss_a} pss_b {pss_b} checkpointed_at_ms {} \
+         transferred_at_ms {} running_at_ms {}",
         result.bytes_sent,
         result.checkpoint_size,
         result.frozen_ms,
         result.downtime_ms,
         result.total_ms,
-        result.resumed
+        result.resumed,
+        at(MigrateStage::Checkpointed),
+        at(MigrateStage::Transferred),
+        at(MigrateStage::RunningOnTarget)
     );
     b.ctrd.kill_and_delete(&id);
 }

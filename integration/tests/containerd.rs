@@ -11,6 +11,8 @@
 mod common;
 #[path = "common/containerd.rs"]
 mod harness;
+#[path = "common/nginx.rs"]
+mod nginx;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,10 +21,10 @@ use std::time::Duration;
 
 use common::{assert_processes_verify, ns_pid};
 use harness::{
-    Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_NGINX_CONF,
-    IMAGE_NGINX_PAGE, IMAGE_NGINX_PORT, IMAGE_WORKLOAD, NGINX_BIN, PG_BIN_DIR, PG_UID, PG_USER,
-    RUNC_RUNTIME,
+    Containerd, APP_EXTRA_GID, APP_UID, APP_USER, COUNTER_LOOP, COWSNAP_RUNTIME, IMAGE_NGINX_PAGE,
+    IMAGE_WORKLOAD, PG_BIN_DIR, PG_UID, PG_USER, RUNC_RUNTIME,
 };
+use nginx::{assert_every_worker_accepts, container_get, in_netns_of, run_nginx};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -569,84 +571,6 @@ fn cowsnap_checkpoint_refuses_an_unsupported_fd() {
     ctrd.kill_and_delete(&id);
 }
 
-/// Runs `f` on a thread that entered the network namespace of `pid`
-/// (sockets it creates live there: the container's own loopback).
-fn in_netns_of<T: Send + 'static>(pid: i32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    thread::spawn(move || {
-        let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
-            .unwrap_or_else(|e| panic!("open the netns of {pid}: {e}"));
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("setns into the netns of {pid}: {e}"));
-        // A fresh container netns has its loopback down.
-        let _ = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status();
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
-/// `GET path` from nginx inside the container of `pid`, through the
-/// container's loopback; the body of the answer.
-fn container_get(pid: i32, path: &'static str) -> Result<String, String> {
-    in_netns_of(pid, move || {
-        use std::io::{Read, Write};
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], IMAGE_NGINX_PORT));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
-        match answer.split_once("\r\n\r\n") {
-            Some((head, body)) if head.contains(" 200 ") => Ok(body.to_string()),
-            _ => Err(format!("not a 200 answer: {answer:?}")),
-        }
-    })
-}
-
-/// The nginx workers (host pids) of container `id`, and every worker's
-/// answer to /pid (its pid inside the container) once each answering
-/// worker is stopped in turn: only a worker that accepts can answer.
-fn nginx_workers_answering(ctrd: &Containerd, id: &str, init: i32) -> (Vec<i32>, Vec<i32>) {
-    let workers: Vec<i32> = ctrd
-        .pids_named(id, "nginx")
-        .into_iter()
-        .filter(|&p| p != init && common::ppid(p) == init)
-        .collect();
-    let mut answered = Vec::new();
-    let mut stopped = Vec::new();
-    for _ in 0..workers.len() * 3 {
-        if answered.len() == workers.len() {
-            break;
-        }
-        let Ok(body) = container_get(init, "/pid") else {
-            break;
-        };
-        let Ok(ns) = body.trim().parse::<i32>() else {
-            break;
-        };
-        if let Some(&host) = workers.iter().find(|&&w| ns_pid(w) == ns) {
-            answered.push(ns);
-            let _ = kill(Pid::from_raw(host), Signal::SIGSTOP);
-            // Until it is stopped it may still take the next connection.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while !common::task_state(host).starts_with('T') && std::time::Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(2));
-            }
-            stopped.push(host);
-        }
-    }
-    for host in stopped {
-        let _ = kill(Pid::from_raw(host), Signal::SIGCONT);
-    }
-    answered.sort_unstable();
-    (workers, answered)
-}
-
 /// Per process of `id` (pid inside the container): Pss of each mapping
 /// with more than 16 KiB, for a failure message.
 fn smaps_breakdown(ctrd: &Containerd, id: &str) -> String {
@@ -690,40 +614,8 @@ fn cowsnap_nginx_container_checkpoint_restore() {
     let ctrd = Containerd::start_cowsnap("nginx");
     let image = ctrd.import_reference_image();
     let id = ctrd.container_id("nginx");
-    let task = ctrd.run(
-        COWSNAP_RUNTIME,
-        image,
-        &id,
-        &[
-            NGINX_BIN,
-            "-e",
-            "/tmp/nginx-error.log",
-            "-c",
-            IMAGE_NGINX_CONF,
-        ],
-    );
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    while ctrd.pids_named(&id, "nginx").len() < 5 || container_get(task.pid, "/").is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nginx in {id} did not come up: {:?}; error log: {:?}",
-            container_get(task.pid, "/"),
-            fs::read_to_string(ctrd.host_path(&id, "/tmp/nginx-error.log"))
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        container_get(task.pid, "/").as_deref(),
-        Ok(IMAGE_NGINX_PAGE)
-    );
-    let (workers, answered) = nginx_workers_answering(&ctrd, &id, task.pid);
-    assert_eq!(workers.len(), 4, "nginx workers in {id}");
-    let mut ns_workers: Vec<i32> = workers.iter().map(|&w| ns_pid(w)).collect();
-    ns_workers.sort_unstable();
-    assert_eq!(
-        answered, ns_workers,
-        "every worker accepts before the checkpoint"
-    );
+    let task = run_nginx(&ctrd, image, &id);
+    let ns_workers = assert_every_worker_accepts(&ctrd, &id, task.pid, "before the checkpoint");
     let pss_original = ctrd.paused_pss(&id);
     let breakdown_original = smaps_breakdown(&ctrd, &id);
 
@@ -749,9 +641,9 @@ fn cowsnap_nginx_container_checkpoint_restore() {
             "the restored nginx serves the page"
         );
     }
-    let (workers_after, answered_after) = nginx_workers_answering(&ctrd, &restored, task.pid);
-    assert_eq!(workers_after.len(), 4, "nginx workers after the restore");
-    assert_eq!(answered_after, ns_workers, "every restored worker accepts");
+    let ns_workers_after =
+        assert_every_worker_accepts(&ctrd, &restored, task.pid, "after the restore");
+    assert_eq!(ns_workers_after, ns_workers, "the restored workers' pids");
     let pss_restored = ctrd.paused_pss(&restored);
     let diff = pss_restored.abs_diff(pss_original);
     eprintln!("nginx container PSS: {pss_original} B before, {pss_restored} B after");

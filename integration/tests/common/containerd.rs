@@ -43,11 +43,12 @@ pub const SHIM_BIN_NAME: &str = "containerd-shim-cowsnap-v1";
 /// The name [`Containerd::import_reference_image`] gives the test image.
 pub const IMAGE_REF: &str = "cowsnap.test/ref:1";
 /// nginx in the reference image: Debian's binary at the same path, a
-/// configuration with a master and 4 workers on port IMAGE_NGINX_PORT of
-/// every address, and the page it serves at /.
+/// configuration with a master and IMAGE_NGINX_WORKERS workers on port
+/// IMAGE_NGINX_PORT of every address, and the page it serves at /.
 pub const NGINX_BIN: &str = "/usr/sbin/nginx";
 pub const IMAGE_NGINX_CONF: &str = "/etc/nginx/cowsnap.conf";
 pub const IMAGE_NGINX_PORT: u16 = 8080;
+pub const IMAGE_NGINX_WORKERS: usize = 4;
 pub const IMAGE_NGINX_PAGE: &str = "hello from nginx in a container\n";
 /// The name [`Containerd::import_postgres_image`] gives the PostgreSQL image.
 pub const POSTGRES_IMAGE_REF: &str = "cowsnap.test/postgres:15";
@@ -1411,7 +1412,8 @@ pub fn reference_layer() -> Vec<u8> {
         IMAGE_NGINX_CONF.trim_start_matches('/'),
         0o644,
         format!(
-            "daemon off;\nmaster_process on;\nworker_processes 4;\npid /tmp/nginx.pid;\n\
+            "daemon off;\nmaster_process on;\nworker_processes {IMAGE_NGINX_WORKERS};\n\
+             pid /tmp/nginx.pid;\n\
              error_log /tmp/nginx-error.log;\nevents {{ worker_connections 64; }}\n\
              http {{\n  access_log /tmp/nginx-access.log;\n  client_body_temp_path /tmp;\n\
              proxy_temp_path /tmp;\n  fastcgi_temp_path /tmp;\n  uwsgi_temp_path /tmp;\n\

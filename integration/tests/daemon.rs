@@ -585,6 +585,143 @@ fn cowsnapd_refused_checkpoint_is_unimplemented() {
     ctrd.kill_and_delete(&id);
 }
 
+/// When a Checkpoint's DUMPING stage came and when its stream ended.
+async fn checkpoint_span(
+    channel: Channel,
+    namespace: &str,
+    id: &str,
+    reference: &str,
+) -> (
+    Instant,
+    Instant,
+    Result<Vec<CheckpointEventKind>, tonic::Status>,
+) {
+    let mut client = CheckpointServiceClient::new(channel);
+    let mut stream = match client
+        .checkpoint(CheckpointRequest {
+            namespace: namespace.to_string(),
+            container_id: id.to_string(),
+            leave_running: true,
+            checkpoint_ref: reference.to_string(),
+            options: None,
+        })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (Instant::now(), Instant::now(), Err(status)),
+    };
+    let mut dumping = None;
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                if event.event == Some(CheckpointEventKind::Stage(CheckpointStage::Dumping as i32))
+                {
+                    dumping = Some(Instant::now());
+                }
+                events.extend(event.event);
+            }
+            Err(status) => return (Instant::now(), Instant::now(), Err(status)),
+        }
+    }
+    let end = Instant::now();
+    (dumping.unwrap_or(end), end, Ok(events))
+}
+
+/// 3b. Checkpoints of two containers run at once: both dumps are under way
+///     together (each one's DUMPING comes before the other's end), both
+///     succeed, and a task being checkpointed answers State meanwhile.
+#[test]
+fn cowsnapd_checkpoints_two_containers_at_once() {
+    let ctrd = Containerd::start_cowsnap("daemon-at-once");
+    let image = ctrd.import_reference_image();
+    let script = format!(
+        "{} --mode plain --mib 128 --children 1 --dirty-pct 10 --ready /tmp/ready & {COUNTER_LOOP}",
+        harness::IMAGE_WORKLOAD
+    );
+    let ids = [ctrd.container_id("one"), ctrd.container_id("two")];
+    for id in &ids {
+        ctrd.run(COWSNAP_RUNTIME, image, id, &["sh", "-c", &script]);
+    }
+    for id in &ids {
+        let deadline = Instant::now() + common::PATIENCE;
+        while !ctrd.host_path(id, "/tmp/ready").exists() {
+            assert!(Instant::now() < deadline, "the tree in {id} is not ready");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let daemon = Daemon::start(&ctrd);
+    let ns = ctrd.namespace.clone();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (spans, answered) = thread::scope(|s| {
+        let checkpoints = s.spawn(|| {
+            let rt = runtime();
+            let spans = rt.block_on(async {
+                let (a, b) = (daemon.channel().await, daemon.channel().await);
+                tokio::join!(
+                    checkpoint_span(a, &ns, &ids[0], "cowsnap.test/at-once-one:1"),
+                    checkpoint_span(b, &ns, &ids[1], "cowsnap.test/at-once-two:1"),
+                )
+            });
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            spans
+        });
+        // State of a task while it is being checkpointed (ctr task ls).
+        let log = cowsnap::dump::progress::container_log_path(
+            Path::new(cowsnap::dump::progress::CONTAINER_LOG_DIR),
+            &ns,
+            &ids[0],
+        )
+        .expect("progress log path");
+        let mut answered = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            // The log exists from just before containerd is asked until the dump ends.
+            let checkpointing = log.exists();
+            if let Some(task) = ctrd.task(&ids[0]) {
+                if checkpointing {
+                    answered.push(task.status);
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        (checkpoints.join().expect("checkpoints"), answered)
+    });
+    let ((start_a, end_a, a), (start_b, end_b, b)) = spans;
+    let a = a.unwrap_or_else(|e| panic!("checkpoint of {}: {e:?}", ids[0]));
+    let b = b.unwrap_or_else(|e| panic!("checkpoint of {}: {e:?}", ids[1]));
+    for (id, events) in [(&ids[0], &a), (&ids[1], &b)] {
+        assert!(
+            matches!(events.last(), Some(CheckpointEventKind::Done(_))),
+            "{id}: the checkpoint did not end with done: {events:?}"
+        );
+    }
+    let t0 = start_a.min(start_b);
+    eprintln!(
+        "checkpoint one {:?}..{:?}, two {:?}..{:?}; State answered {} times meanwhile",
+        start_a - t0,
+        end_a - t0,
+        start_b - t0,
+        end_b - t0,
+        answered.len()
+    );
+    assert!(
+        start_a < end_b && start_b < end_a,
+        "the two checkpoints ran one after the other: one dumped {:?}..{:?}, two {:?}..{:?} (from the first start)",
+        start_a.saturating_duration_since(start_a.min(start_b)),
+        end_a.saturating_duration_since(start_a.min(start_b)),
+        start_b.saturating_duration_since(start_a.min(start_b)),
+        end_b.saturating_duration_since(start_a.min(start_b)),
+    );
+    assert!(
+        !answered.is_empty(),
+        "State (ctr task ls) never answered while a checkpoint ran"
+    );
+    for id in &ids {
+        ctrd.wait_counter_above(id, ctrd.counter(id).unwrap_or(0));
+        assert_eq!(ctrd.task(id).map(|t| t.status).as_deref(), Some("RUNNING"));
+    }
+}
+
 /// `GET /metrics` of the cowsnapd metrics endpoint at `addr`: the body.
 fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};

@@ -171,10 +171,9 @@ pub struct ProcessPlan {
     pub zero_writes: Vec<Zap>,
     /// After forking children: ranges zapped back to their backing.
     pub zaps: Vec<Zap>,
-    /// In the blob, in this order.
+    /// In the blob, in this order. (The target VMAs themselves, for
+    /// protections, flags and mappings not staged, are the image's.)
     pub moves: Vec<Move>,
-    /// Target VMAs (every kind), for protections, flags and non-staged mappings.
-    pub vmas: Vec<Vma>,
 }
 
 /// Figures a reader (or `inspect`) wants about a plan.
@@ -709,7 +708,6 @@ pub fn plan(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Restore
             zero_writes: Vec::new(),
             zaps: Vec::new(),
             moves: Vec::new(),
-            vmas: processes[p].vmas.clone(),
         })
         .collect();
     for p in 0..plans.len() {

@@ -352,7 +352,6 @@ pub fn decode(bytes: &[u8], image: &Image) -> Result<RestorePlan, StoredPlanErro
                     })
                     .collect::<Result<_, StoredPlanError>>()?
             },
-            vmas: image.processes[k].vmas.clone(),
         });
     }
     if r.at != raw.len() {
@@ -570,7 +569,7 @@ fn check(plan: &RestorePlan, image: &Image) -> Result<(), StoredPlanError> {
             let seg = &plan.segments[m.segment];
             if visible.binary_search(&m.segment).is_err()
                 || !inside(m.offset, m.len, 0, seg.len, page)
-                || !covered(&p.vmas, m.target, m.len, page)
+                || !covered(&image.processes[k].vmas, m.target, m.len, page)
             {
                 return Err(bad(format!(
                     "{}: a move of {:#x} bytes to {:#x} outside segment {} it sees, or its VMAs",

@@ -412,9 +412,14 @@ mod tests {
         let base = read_dir(&build(tmp.path())).unwrap();
         check(&base).expect("the fixture image checks");
         for target in Target::ALL {
-            let input = match target.file(&base) {
-                Some(name) => base[&name].clone(),
-                None => archive(&base),
+            // The plan target's file exists once the base has its plan.
+            let files = match target {
+                Target::Plan => with_plan_file(&base),
+                _ => base.clone(),
+            };
+            let input = match target.file(&files) {
+                Some(name) => files[&name].clone(),
+                None => archive(&files),
             };
             run(target, &base, &input).unwrap_or_else(|e| panic!("{}: {e}", target.name()));
             assert_eq!(Target::from_name(target.name()), Some(target));

@@ -394,6 +394,18 @@ pub(crate) mod tests {
     #[test]
     fn next_id_chooses_the_id() {
         let _lock = NEXT_ID_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // In an IPC namespace of its own (this thread's only, gone with it):
+        // any other process making a segment of the host's namespace between
+        // the knob and the shmget would take the chosen id.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC).expect("unshare IPC");
+            next_id_chooses_the_id_here();
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    }
+
+    fn next_id_chooses_the_id_here() {
         let first = Seg(create(0, PAGE, 0o600).expect("shmget"));
         let want = first.0 + 3; // same sequence number, a later index
                                 // Used only where /proc/sys is read-only.

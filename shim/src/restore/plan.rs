@@ -946,6 +946,16 @@ fn check_vma_sizes(processes: &[ProcessImage]) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// Each process's parent in the restore tree (its index), after the checks
+/// the planner makes of the tree: a stored plan must describe a tree the
+/// planner would have accepted (`restore::plan_store`).
+pub(super) fn tree_parents(
+    tree: &[ProcessEntry],
+    processes: &[ProcessImage],
+) -> Result<Vec<Option<ProcIdx>>, PlanError> {
+    Ok(build_forest(tree, processes)?.parent)
+}
+
 fn build_forest(tree: &[ProcessEntry], processes: &[ProcessImage]) -> Result<Forest, PlanError> {
     let mut index: HashMap<i32, ProcIdx> = HashMap::new();
     let mut parent = Vec::with_capacity(tree.len());

@@ -61,6 +61,9 @@ pub enum StoredPlanError {
     Bad(String),
     #[error("plan.bin differs from the plan of this image: {0}")]
     Differs(String),
+    /// The tree the plan is for is one the planner refuses.
+    #[error(transparent)]
+    Tree(#[from] super::plan::PlanError),
 }
 
 fn bad(why: impl Into<String>) -> StoredPlanError {
@@ -434,16 +437,10 @@ fn check(plan: &RestorePlan, image: &Image) -> Result<(), StoredPlanError> {
         return Err(bad(format!("staging area {lo:#x}-{hi:#x}")));
     }
     let tree = &image.tree.processes;
-    let index_of: std::collections::HashMap<i32, usize> =
-        tree.iter().enumerate().map(|(i, e)| (e.pid, i)).collect();
-    let parent_of = |k: usize| {
-        (k > 0)
-            .then(|| index_of.get(&tree[k].ppid).copied())
-            .flatten()
-    };
+    let parents = super::plan::tree_parents(tree, &image.processes)?;
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); tree.len()];
-    for k in 0..tree.len() {
-        if let Some(parent) = parent_of(k) {
+    for (k, parent) in parents.iter().enumerate() {
+        if let Some(parent) = *parent {
             children[parent].push(k);
         }
     }
@@ -508,7 +505,7 @@ fn check(plan: &RestorePlan, image: &Image) -> Result<(), StoredPlanError> {
     let mut passed_on: Vec<Vec<usize>> = vec![Vec::new(); plan.processes.len()];
     for (k, p) in plan.processes.iter().enumerate() {
         let who = || format!("pid {}", tree[k].pid);
-        let parent = parent_of(k);
+        let parent = parents[k];
         if p.pid != tree[k].pid || p.parent != parent || p.children != children[k] {
             return Err(bad(format!(
                 "{}: its process entry is not the tree's (pid {}, parent {:?}, children {:?})",
@@ -791,6 +788,27 @@ mod tests {
             }
         });
         assert!(e.contains("is named by no VMA of the image"), "{e}");
+    }
+
+    #[test]
+    fn a_plan_for_a_tree_the_planner_refuses_is_refused() {
+        // A child whose parent is not in the image, and a plan that agrees.
+        let (_tmp, mut image, mut plan) = fixture();
+        plan.processes[1].parent = None;
+        plan.processes[0].children.clear();
+        let bytes = encode(&plan, bound(&image)).unwrap();
+        image.tree.processes[1].ppid = 999;
+        let e = decode(&bytes, &image).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoredPlanError::Tree(super::super::plan::PlanError::MissingParent {
+                    pid: 101,
+                    ppid: 999
+                })
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The body every fuzz target shares: loads the base image once, then feeds
+//! The body every fuzz target shares: loads the base image once (prepared
+//! for the target, `fuzz::base_for`), then feeds
 //! each AFL++ input to [`cowsnap::image::fuzz::run`]. A refusal is the
 //! expected outcome; only a panic, an abort or a hang is a finding.
 
@@ -26,7 +27,9 @@ pub fn base() -> ImageFiles {
 /// Runs `target` under AFL++'s persistent mode (or once on stdin when not
 /// started by afl-fuzz).
 pub fn main(target: Target) {
-    let base = base();
+    // Once, not per input: giving the base its runs file or plan opens and
+    // plans the whole image.
+    let base = fuzz::base_for(target, &base());
     afl::fuzz!(|input: &[u8]| {
         let _ = fuzz::run(target, &base, input);
     });

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use cowsnap::image::fuzz::{archive, with_plan_file, with_runs_file, Target};
+use cowsnap::image::fuzz::{archive, base_for, Target};
 
 fn main() -> std::io::Result<()> {
     let base = cowsnap_fuzz::base();
@@ -21,13 +21,7 @@ fn main() -> std::io::Result<()> {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        // The runs target's file exists once the base has the 1.5 layout,
-        // the plan target's once it has a plan.
-        let files = match target {
-            Target::Runs => with_runs_file(&base),
-            Target::Plan => with_plan_file(&with_runs_file(&base)),
-            _ => base.clone(),
-        };
+        let files = base_for(target, &base);
         let seed = match target.file(&files) {
             Some(name) => files.get(&name).cloned().unwrap_or_default(),
             None => archive(&files),

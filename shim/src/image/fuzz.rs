@@ -134,13 +134,23 @@ pub fn run(target: Target, base: &ImageFiles, input: &[u8]) -> Result<(), ImageE
     check(&image_files(target, base, input))
 }
 
+/// `base` as `target` needs it: with the file the target replaces
+/// (the runs target's once the base has the 1.5 layout, the plan target's
+/// once it has a plan). Fuzzing prepares it once; a base prepared already
+/// is returned as it is.
+pub fn base_for(target: Target, base: &ImageFiles) -> ImageFiles {
+    match target {
+        Target::Runs => with_runs_file(base),
+        Target::Plan => with_plan_file(&with_runs_file(base)),
+        _ => base.clone(),
+    }
+}
+
 /// The image `target` makes of `input` over `base`, resealed.
 pub fn image_files(target: Target, base: &ImageFiles, input: &[u8]) -> ImageFiles {
     let mut files = match target {
         Target::Image => unarchive(input),
-        Target::Runs => with_runs_file(base),
-        Target::Plan => with_plan_file(&with_runs_file(base)),
-        _ => base.clone(),
+        _ => base_for(target, base),
     };
     if let Some(name) = target.file(base) {
         files.insert(name, input.to_vec());
@@ -412,11 +422,7 @@ mod tests {
         let base = read_dir(&build(tmp.path())).unwrap();
         check(&base).expect("the fixture image checks");
         for target in Target::ALL {
-            // The plan target's file exists once the base has its plan.
-            let files = match target {
-                Target::Plan => with_plan_file(&base),
-                _ => base.clone(),
-            };
+            let files = base_for(target, &base);
             let input = match target.file(&files) {
                 Some(name) => files[&name].clone(),
                 None => archive(&files),

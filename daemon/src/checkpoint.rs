@@ -539,17 +539,7 @@ pub async fn restore(
                 })?;
         }
         ctrd.tasks()
-            .create(leased.request(CreateTaskRequest {
-                container_id: id.clone(),
-                rootfs: mounts,
-                checkpoint: Some(Descriptor {
-                    media_type: criu.media_type.clone(),
-                    digest: criu.digest.clone(),
-                    size: criu.size,
-                    annotations: HashMap::new(),
-                }),
-                ..Default::default()
-            }))
+            .create(leased.request(task_from_checkpoint(id, mounts, &criu)))
             .await
             .map_err(|s| {
                 ApiError::containerd(
@@ -592,6 +582,25 @@ pub async fn restore(
 /// Restores the task of the existing container `id` (whose task a
 /// checkpoint ended) from checkpoint `reference`, on the container's own
 /// rootfs snapshot: how a failed migration puts the source back.
+/// A task of container `id` on `rootfs`, created from task checkpoint `criu`.
+fn task_from_checkpoint(
+    id: &str,
+    rootfs: Vec<containerd_client::types::Mount>,
+    criu: &OciDescriptor,
+) -> CreateTaskRequest {
+    CreateTaskRequest {
+        container_id: id.to_string(),
+        rootfs,
+        checkpoint: Some(Descriptor {
+            media_type: criu.media_type.clone(),
+            digest: criu.digest.clone(),
+            size: criu.size,
+            annotations: HashMap::new(),
+        }),
+        ..Default::default()
+    }
+}
+
 pub async fn restore_in_place(
     ctrd: &Containerd,
     scope: &Scope,
@@ -621,17 +630,7 @@ pub async fn restore_in_place(
         .into_inner()
         .mounts;
     ctrd.tasks()
-        .create(scope.request(CreateTaskRequest {
-            container_id: id.to_string(),
-            rootfs: mounts,
-            checkpoint: Some(Descriptor {
-                media_type: criu.media_type.clone(),
-                digest: criu.digest.clone(),
-                size: criu.size,
-                annotations: HashMap::new(),
-            }),
-            ..Default::default()
-        }))
+        .create(scope.request(task_from_checkpoint(id, mounts, &criu)))
         .await
         .map_err(|s| {
             ApiError::containerd(
@@ -935,9 +934,9 @@ pub async fn delete(ctrd: &Containerd, scope: &Scope, reference: &str) -> Result
     Ok(())
 }
 
-pub fn checkpoint_info(image: &Image, index: &OciIndex) -> CheckpointInfo {
-    let annotation = |key: &str| index.annotations.get(key).cloned().unwrap_or_default();
-    let blobs: Vec<CheckpointBlob> = index
+/// The blobs checkpoint index `index` references, as the API lists them.
+pub fn index_blobs(index: &OciIndex) -> Vec<CheckpointBlob> {
+    index
         .manifests
         .iter()
         .map(|m| CheckpointBlob {
@@ -945,7 +944,12 @@ pub fn checkpoint_info(image: &Image, index: &OciIndex) -> CheckpointInfo {
             digest: m.digest.clone(),
             size: m.size.max(0) as u64,
         })
-        .collect();
+        .collect()
+}
+
+pub fn checkpoint_info(image: &Image, index: &OciIndex) -> CheckpointInfo {
+    let annotation = |key: &str| index.annotations.get(key).cloned().unwrap_or_default();
+    let blobs = index_blobs(index);
     CheckpointInfo {
         checkpoint_ref: image.name.clone(),
         digest: image

@@ -50,15 +50,7 @@ pub fn manifest_of(image: &Image, index: &OciIndex) -> CheckpointManifest {
         digest: target.digest,
         size: target.size.max(0) as u64,
     };
-    let mut blobs: Vec<CheckpointBlob> = index
-        .manifests
-        .iter()
-        .map(|m| CheckpointBlob {
-            media_type: m.media_type.clone(),
-            digest: m.digest.clone(),
-            size: m.size.max(0) as u64,
-        })
-        .collect();
+    let mut blobs = crate::checkpoint::index_blobs(index);
     blobs.push(index_blob.clone());
     CheckpointManifest {
         checkpoint_ref: image.name.clone(),

@@ -412,6 +412,26 @@ mod tests {
 
     /// A reader that comes after the first one went away (`ctr task
     /// attach` after `ctr run -d`) gets the output written from then on.
+    /// Waits until exactly `n` fds of this process have `fifo` open.
+    fn wait_for_fifo_fds(fifo: &Path, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let open = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| target == fifo)
+                .count();
+            if open == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{open} fds on {fifo:?}, waited for {n}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn output_reaches_a_reader_that_comes_later() {
         let dir = tempfile::tempdir().unwrap();
@@ -420,10 +440,13 @@ mod tests {
         let (r, mut w) = std::io::pipe().unwrap();
         let copier = spawn_output_copy(File::from(OwnedFd::from(r)), sout.clone());
         let first = File::open(&sout).unwrap();
+        // The copier's own open of the fifo returns with ours; wait for it.
+        wait_for_fifo_fds(&sout, 2);
         drop(first);
-        // Written while nobody reads: the copier finds no reader and drops it.
+        // Written while nobody reads: the copier finds no reader and drops
+        // its end (then no fd of this process has the fifo open).
         w.write_all(b"lost\n").unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        wait_for_fifo_fds(&sout, 0);
         let later = std::thread::spawn({
             let sout = sout.clone();
             move || {

@@ -47,6 +47,12 @@ impl TestChild {
         std::fs::File::from(rd)
             .read_exact(&mut buf)
             .expect("child reports ready");
+        // The child closes its end of the pipe after writing: wait for that,
+        // so a test that lists the child's fds never sees one vanish.
+        let write_end = format!("/proc/{pid}/fd/{}", fds[1]);
+        while std::path::Path::new(&write_end).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         TestChild {
             pid,
             value: i64::from_ne_bytes(buf),

@@ -856,6 +856,11 @@ pub struct PageStoreReader {
     page_count: u64,
     frames: Vec<FrameEntry>,
     checksums: Vec<u64>,
+    /// Every frame was checked through this reader ([`into_verified`]):
+    /// reads only decompress (the bytes are those of the same open file).
+    ///
+    /// [`into_verified`]: PageStoreReader::into_verified
+    verified: bool,
 }
 
 impl PageStoreReader {
@@ -875,6 +880,7 @@ impl PageStoreReader {
             page_count: index.page_count,
             frames: index.frames.clone(),
             checksums,
+            verified: false,
         })
     }
 
@@ -935,11 +941,26 @@ impl PageStoreReader {
         // vouches for the contents as well (decompression is deterministic)
         // and costs half as much to compute.
         let want = self.compressed_checksum(frame);
-        self.with_compressed(frame, &mut Vec::new(), |entry, compressed| match want {
-            Some(want) => check_compressed_bytes(frame, want, compressed)
-                .and_then(|()| decompress_frame(frame, entry, self.page_size, compressed, out)),
-            None => self.decode(frame, entry, compressed, out),
+        self.with_compressed(frame, &mut Vec::new(), |entry, compressed| {
+            match (self.verified, want) {
+                (true, _) => decompress_frame(frame, entry, self.page_size, compressed, out),
+                (false, Some(want)) => check_compressed_bytes(frame, want, compressed)
+                    .and_then(|()| decompress_frame(frame, entry, self.page_size, compressed, out)),
+                (false, None) => self.decode(frame, entry, compressed, out),
+            }
         })
+    }
+
+    /// Checks every frame ([`verify_frames`](Self::verify_frames)) and
+    /// returns the reader marked so: its reads then decompress without
+    /// checking each frame a second time (a restore checks the whole image
+    /// before any process exists, then reads every frame once more through
+    /// this same open file and mapping). A file replaced under its path
+    /// later is not read: the reader keeps the file it opened.
+    pub fn into_verified(mut self) -> Result<Self, ImageError> {
+        self.verify_frames()?;
+        self.verified = true;
+        Ok(self)
     }
 
     /// [`read_frame_into`](Self::read_frame_into), always checking the
@@ -1591,5 +1612,41 @@ mod tests {
             matches!(err, ImageError::FrameChecksum { frame: 4, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_verified_reader_reads_the_file_it_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PageStoreWriter::create(dir.path(), PS, options(1, 2)).unwrap();
+        let pages: Vec<Vec<u8>> = (0..6).map(page).collect();
+        w.append(&pages.concat()).unwrap();
+        let index = w.finish().unwrap().index;
+        // A bad frame is refused, naming it.
+        let mut bad_index = index.clone();
+        bad_index.frames[1].compressed_xxh3_64 = Some(format!("{:016x}", 12345u64));
+        let err = PageStoreReader::open(dir.path(), &bad_index)
+            .unwrap()
+            .into_verified()
+            .map(|_| ())
+            .expect_err("a bad frame");
+        assert!(
+            matches!(err, ImageError::FrameChecksum { frame: 1, .. }),
+            "{err}"
+        );
+        let reader = PageStoreReader::open(dir.path(), &index)
+            .unwrap()
+            .into_verified()
+            .expect("an intact store verifies");
+        // Another store of the same shape replaces `pages` under its name:
+        // the verified reader still reads the file it opened and checked.
+        let other = tempfile::tempdir().unwrap();
+        let mut w = PageStoreWriter::create(other.path(), PS, options(1, 2)).unwrap();
+        w.append(&(10..16).map(page).collect::<Vec<_>>().concat())
+            .unwrap();
+        w.finish().unwrap();
+        std::fs::rename(other.path().join(PAGES_FILE), dir.path().join(PAGES_FILE)).unwrap();
+        for (id, want) in pages.iter().enumerate() {
+            assert_eq!(&reader.read_page(id as PageId).unwrap(), want, "page {id}");
+        }
     }
 }

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::image::pagestore::PageStoreReader;
 use crate::image::types::{
     PageId, ProcessEntry, ProcessImage, ThreadImage, UserRegs, VmaKind, ZombieExit,
 };
@@ -200,6 +201,8 @@ const PAGE: u64 = 4096;
 /// Everything a restored process needs, copied into it by fork.
 struct Ctx {
     image: Image,
+    /// The image's pages, every frame checked (by [`open_and_plan`]).
+    pages: PageStoreReader,
     plan: RestorePlan,
     control: SharedRegion,
     mode: PidNs,
@@ -244,7 +247,7 @@ fn open_and_plan(
     images: &Path,
     files: Files,
     progress: &dyn Fn(std::fmt::Arguments),
-) -> Result<(Image, RestorePlan), RestoreError> {
+) -> Result<Opened, RestoreError> {
     trace(format_args!("open"));
     let image = Image::open(images).map_err(|source| RestoreError::Image {
         dir: images.to_path_buf(),
@@ -259,9 +262,9 @@ fn open_and_plan(
         dir: images.to_path_buf(),
         source,
     };
-    image
+    let pages = image
         .page_reader()
-        .and_then(|reader| reader.verify_frames())
+        .and_then(|reader| reader.into_verified())
         .map_err(image_error)?;
     trace(format_args!("frames verified"));
     if let Files::Check(growth) = files {
@@ -295,7 +298,15 @@ fn open_and_plan(
         plan.stats.pages_private,
         plan.stats.pages_copied
     ));
-    Ok((image, plan))
+    Ok(Opened { image, plan, pages })
+}
+
+/// An image opened, checked and planned ([`open_and_plan`]).
+struct Opened {
+    image: Image,
+    plan: RestorePlan,
+    /// Its pages, every frame checked.
+    pages: PageStoreReader,
 }
 
 /// Every thread of the tree, counted once per live process at least:
@@ -318,8 +329,7 @@ fn control_len(processes: usize) -> u64 {
 
 /// What every restored process needs: pids checked free, stdio taken.
 fn context(
-    image: Image,
-    plan: RestorePlan,
+    Opened { image, plan, pages }: Opened,
     mode: PidNs,
     control: SharedRegion,
 ) -> Result<Ctx, RestoreError> {
@@ -355,6 +365,7 @@ fn context(
     })?;
     Ok(Ctx {
         image,
+        pages,
         plan,
         control,
         mode,
@@ -380,11 +391,12 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         .as_deref()
         .map(seccomp::compile_file)
         .transpose()?;
-    let (image, plan) = open_and_plan(
+    let opened = open_and_plan(
         &options.images,
         Files::Check(checks::Growth::AppendOnlyMayGrow),
         &progress,
     )?;
+    let image = &opened.image;
     // The tmpfs files the root will create: removed again on failure.
     let created_files = saved_files::CreatedFiles::before(&image.tree.saved_files);
     // The packets of the tree's established connections were dropped since
@@ -416,7 +428,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
         None => None,
     };
     let control = SharedRegion::new(control_len(processes))?;
-    let mut ctx = context(image, plan, mode, control)?;
+    let mut ctx = context(opened, mode, control)?;
     ctx.spec_seccomp = spec_seccomp;
     progress(format_args!(
         "restoring {} processes ({} threads) into the {} pid namespace",
@@ -624,7 +636,7 @@ impl ContainerRestore {
         images: &Path,
         limits: &super::limits::Limits,
     ) -> Result<std::os::fd::OwnedFd, RestoreError> {
-        let (image, _plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        let image = open_and_plan(images, Files::ElsewhereLater, &|_| {})?.image;
         limits.check(&image)?;
         if image.tree.processes[0].nspid.last() != Some(&1) {
             return Err(RestoreError::NotSupported(format!(
@@ -647,7 +659,7 @@ impl ContainerRestore {
         images: &Path,
         fd: std::os::fd::OwnedFd,
     ) -> Result<ContainerRestore, RestoreError> {
-        let (image, plan) = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        let Opened { image, plan, .. } = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
         let len = control_len(image.processes.len());
         let control = SharedRegion::from_fd(std::os::fd::AsFd::as_fd(&fd), len)?;
         Ok(ContainerRestore {
@@ -721,16 +733,16 @@ pub fn restore_as_init(
             ));
         }
         // The container's rootfs stays as strict as the image: see `Growth::Exact`.
-        let (image, plan) = open_and_plan(images, Files::Check(checks::Growth::Exact), &|_| {})?;
-        limits.check(&image)?;
-        if control_len(image.processes.len()) > control.len() {
+        let opened = open_and_plan(images, Files::Check(checks::Growth::Exact), &|_| {})?;
+        limits.check(&opened.image)?;
+        if control_len(opened.image.processes.len()) > control.len() {
             return Err(RestoreError::NotSupported(format!(
                 "control region of {} bytes is too small for {} processes",
                 control.len(),
-                image.processes.len()
+                opened.image.processes.len()
             )));
         }
-        let mut ctx = context(image, plan, PidNs::Container, control)?;
+        let mut ctx = context(opened, PidNs::Container, control)?;
         ctx.spec_seccomp = limits.seccomp.clone();
         Ok(ctx)
     })();
@@ -1036,9 +1048,8 @@ fn build_process(
     let pipes = match inherited {
         Some(p) => p,
         None => {
-            let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
             let saved =
-                saved_files::SavedSet::create(&ctx.image.tree.saved_files, &reader, ctx.fd_base)
+                saved_files::SavedSet::create(&ctx.image.tree.saved_files, &ctx.pages, ctx.fd_base)
                     .map_err(|e| e.to_string())?;
             created = fds::PipeSet::create(
                 &ctx.image.pipes,
@@ -1053,7 +1064,6 @@ fn build_process(
     };
 
     // Staging held for descendants, then the children themselves.
-    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
     let mut fills: Vec<PageFill> = Vec::new();
     for &s in &me.creates {
         let segment = &ctx.plan.segments[s];
@@ -1073,10 +1083,9 @@ fn build_process(
     // Pages this process holds for its subtree in segments it inherited.
     fills.extend(me.pre_fork_writes.iter().copied());
     trace(format_args!("staging mapped, {} fills", fills.len()));
-    populate(&reader, &staging, &fills, cores())
+    populate(&ctx.pages, &staging, &fills, cores())
         .map_err(|e| format!("populating shared pages: {e}"))?;
     trace(format_args!("staging populated"));
-    drop(reader);
     if forks_fan_out(ctx, i) {
         fork_fanned(ctx, &me.children, pipes, &staging, false)?;
     } else {
@@ -1112,7 +1121,6 @@ fn build_process(
             )?;
         }
     }
-    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
     trace(format_args!("own mapped, {} writes", me.writes.len()));
     // Siblings write their own pages at the same time, each in its own
     // process: share the cores among them. (Threads of one process breaking
@@ -1120,10 +1128,14 @@ fn build_process(
     let siblings = me
         .parent
         .map_or(1, |parent| ctx.plan.processes[parent].children.len());
-    populate(&reader, &staging, &me.writes, (cores() / siblings).max(1))
-        .map_err(|e| format!("writing private pages: {e}"))?;
+    populate(
+        &ctx.pages,
+        &staging,
+        &me.writes,
+        (cores() / siblings).max(1),
+    )
+    .map_err(|e| format!("writing private pages: {e}"))?;
     trace(format_args!("own written"));
-    drop(reader);
     for z in &me.zero_writes {
         staging.zero(z.staging, z.len).map_err(|e| e.to_string())?;
     }
@@ -1367,7 +1379,7 @@ const PREFAULT_PAGES: u64 = 16;
 /// Writes `fills` (pages at absolute staging addresses) from the page
 /// store, decompressing each needed frame once, on up to `threads` threads.
 fn populate(
-    reader: &crate::image::pagestore::PageStoreReader,
+    reader: &PageStoreReader,
     staging: &Staging,
     fills: &[PageFill],
     threads: usize,
@@ -2076,7 +2088,6 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
         }
     })
     .map_err(|e| e.to_string())?;
-    let reader = ctx.image.page_reader().map_err(|e| e.to_string())?;
     let page = ctx.image.page_size();
     for s in segments {
         let vmas = ctx.image.processes.iter().flat_map(|p| &p.vmas);
@@ -2098,7 +2109,7 @@ fn restore_sysv_segments(ctx: &Ctx) -> Result<(), String> {
                     ..*f
                 })
                 .collect();
-            populate(&reader, &staging, &fills, cores()).map_err(context)?;
+            populate(&ctx.pages, &staging, &fills, cores()).map_err(context)?;
         }
         let attached = ctx.image.processes.iter().any(|p| {
             p.vmas

@@ -1128,6 +1128,20 @@ fn build_process(
     let siblings = me
         .parent
         .map_or(1, |parent| ctx.plan.processes[parent].children.len());
+    // Every page written here is written whole: drop what the process
+    // inherited there first, so each write fills a new zeroed page instead
+    // of breaking copy-on-write (which copies the old page, only for it to
+    // be overwritten, and flushes the TLB a page at a time). The ranges go
+    // to the kernel 1024 at a time; on the reference tree this is 10% of
+    // the whole restore (README "Against CRIU 4.2").
+    let ranges: Vec<(u64, u64)> = me
+        .writes
+        .iter()
+        .map(|w| (w.offset, w.pages * PAGE))
+        .collect();
+    staging
+        .advise_ranges(&ranges, libc::MADV_DONTNEED)
+        .map_err(|e| format!("dropping inherited pages before writing its own: {e}"))?;
     populate(
         &ctx.pages,
         &staging,

@@ -215,28 +215,13 @@ impl Staging {
             self.check(addr, len)?;
         }
         let one_by_one = |ranges: &[(u64, u64)]| -> Result<(), MemError> {
-            for &(addr, len) in ranges {
-                // SAFETY: a staging range (checked above); the advice drops
-                // or populates pages no Rust object refers to.
-                let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
-                if r != 0 {
-                    return Err(MemError::Advise {
-                        addr,
-                        len,
-                        source: io::Error::last_os_error(),
-                    });
-                }
-            }
-            Ok(())
+            ranges
+                .iter()
+                .try_for_each(|&(addr, len)| advise(addr, len, advice))
         };
-        // SAFETY: pidfd_open of our own pid; the fd is owned below.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-        if pidfd < 0 {
+        let Ok(pidfd) = super::socket::pidfd_open(std::process::id() as i32) else {
             return one_by_one(ranges);
-        }
-        // SAFETY: a fresh fd from pidfd_open, owned here only.
-        let pidfd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+        };
         for batch in ranges.chunks(1024) {
             let iov: Vec<libc::iovec> = batch
                 .iter()
@@ -270,19 +255,23 @@ impl Staging {
     /// Drops pages back to their backing (MADV_DONTNEED).
     pub fn zap(&self, addr: u64, len: u64) -> Result<(), MemError> {
         self.check(addr, len)?;
-        // SAFETY: the range is a staging mapping; dropping its pages affects
-        // no Rust object.
-        let r =
-            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
-        if r != 0 {
-            return Err(MemError::Advise {
-                addr,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        advise(addr, len, libc::MADV_DONTNEED)
     }
+}
+
+/// `madvise(addr, len, advice)` on a staging range the caller checked.
+fn advise(addr: u64, len: u64, advice: i32) -> Result<(), MemError> {
+    // SAFETY: the range is a staging mapping (checked by the caller);
+    // dropping or populating its pages affects no Rust object.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
+    if r != 0 {
+        return Err(MemError::Advise {
+            addr,
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// A MAP_SHARED anonymous region created before forking, so every restored

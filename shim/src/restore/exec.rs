@@ -248,6 +248,37 @@ fn open_and_plan(
     files: Files,
     progress: &dyn Fn(std::fmt::Arguments),
 ) -> Result<Opened, RestoreError> {
+    let image = open_image(images)?;
+    // Every frame's contents, before any process exists (README: the image
+    // is checked completely first); the manifest's checksum of `pages` alone
+    // would miss an image whose manifest was rewritten to match.
+    let pages = image
+        .page_reader()
+        .and_then(|reader| reader.into_verified())
+        .map_err(|source| RestoreError::Image {
+            dir: images.to_path_buf(),
+            source,
+        })?;
+    trace(format_args!("frames verified"));
+    if let Files::Check(growth) = files {
+        checks::check_files(&image, growth)?;
+    }
+    trace(format_args!("files checked"));
+    progress(format_args!("image {} checked", images.display()));
+    let plan = load_plan(images, &image)?;
+    progress(format_args!(
+        "planned: {} segments, {} moves, {} pages inherited, {} private, {} copied",
+        plan.stats.segments,
+        plan.stats.moves,
+        plan.stats.pages_inherited,
+        plan.stats.pages_private,
+        plan.stats.pages_copied
+    ));
+    Ok(Opened { image, plan, pages })
+}
+
+/// Opens the image in `images` and refuses what restore does not support.
+fn open_image(images: &Path) -> Result<Image, RestoreError> {
     trace(format_args!("open"));
     let image = Image::open(images).map_err(|source| RestoreError::Image {
         dir: images.to_path_buf(),
@@ -255,27 +286,16 @@ fn open_and_plan(
     })?;
     trace(format_args!("opened"));
     refuse_unsupported(&image)?;
-    // Every frame's contents, before any process exists (README: the image
-    // is checked completely first); the manifest's checksum of `pages` alone
-    // would miss an image whose manifest was rewritten to match.
-    let image_error = |source| RestoreError::Image {
-        dir: images.to_path_buf(),
-        source,
-    };
-    let pages = image
-        .page_reader()
-        .and_then(|reader| reader.into_verified())
-        .map_err(image_error)?;
-    trace(format_args!("frames verified"));
-    if let Files::Check(growth) = files {
-        checks::check_files(&image, growth)?;
-    }
-    trace(format_args!("files checked"));
-    progress(format_args!("image {} checked", images.display()));
+    Ok(image)
+}
+
+/// The image's stored plan, checked against it, or (an image without
+/// one) a plan made now.
+fn load_plan(images: &Path, image: &Image) -> Result<RestorePlan, RestoreError> {
     let plan = match &image.plan {
         // Checked against the image (bounds, binding), not planned again.
         Some(bytes) => {
-            super::plan_store::decode(bytes, &image).map_err(|source| RestoreError::StoredPlan {
+            super::plan_store::decode(bytes, image).map_err(|source| RestoreError::StoredPlan {
                 dir: images.to_path_buf(),
                 source,
             })?
@@ -290,15 +310,7 @@ fn open_and_plan(
             "planned"
         }
     ));
-    progress(format_args!(
-        "planned: {} segments, {} moves, {} pages inherited, {} private, {} copied",
-        plan.stats.segments,
-        plan.stats.moves,
-        plan.stats.pages_inherited,
-        plan.stats.pages_private,
-        plan.stats.pages_copied
-    ));
-    Ok(Opened { image, plan, pages })
+    Ok(plan)
 }
 
 /// An image opened, checked and planned ([`open_and_plan`]).
@@ -659,7 +671,11 @@ impl ContainerRestore {
         images: &Path,
         fd: std::os::fd::OwnedFd,
     ) -> Result<ContainerRestore, RestoreError> {
-        let Opened { image, plan, .. } = open_and_plan(images, Files::ElsewhereLater, &|_| {})?;
+        // The helper, which reads the pages, checks them (and the shim's
+        // prepare did); checking every frame here too would take cores
+        // from the helper, which runs meanwhile.
+        let image = open_image(images)?;
+        let plan = load_plan(images, &image)?;
         let len = control_len(image.processes.len());
         let control = SharedRegion::from_fd(std::os::fd::AsFd::as_fd(&fd), len)?;
         Ok(ContainerRestore {

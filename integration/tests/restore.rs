@@ -171,6 +171,19 @@ impl Restored {
         assert_processes_verify(report, &targets, context);
     }
 
+    /// cowsnap-init, which lives as long as the namespace, has no file of
+    /// the image `images` mapped (the image stays deletable).
+    fn assert_init_maps_nothing_of(&self, images: &Path) {
+        let init = self.init.expect("the namespace has cowsnap-init");
+        let maps = std::fs::read_to_string(format!("/proc/{init}/maps")).expect("init maps");
+        let dir = images.to_string_lossy();
+        let held: Vec<&str> = maps.lines().filter(|l| l.contains(&*dir)).collect();
+        assert!(
+            held.is_empty(),
+            "{INIT_COMM} {init} maps the image: {held:?}"
+        );
+    }
+
     /// The root is pid `ns_root` of a new namespace whose pid 1 is cowsnap-init.
     fn assert_in_new_namespace(&self, ns_root: i32) {
         let init = self.init.unwrap_or_else(|| {
@@ -481,6 +494,7 @@ fn restore_mode(mode: &'static str) {
     let (restored, output) = restore_ok(&images, &pidfile, &["--pid-ns", "new"]);
     eprintln!("{mode}: {}", String::from_utf8_lossy(&output.stdout).trim());
     restored.assert_in_new_namespace(original.root);
+    restored.assert_init_maps_nothing_of(&images);
     let view = TreeView::take(&restored.pids());
     let context = format!("{mode}, restored into a new pid namespace");
     let mut checks = Checks::default();

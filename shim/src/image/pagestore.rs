@@ -951,6 +951,13 @@ impl PageStoreReader {
         })
     }
 
+    /// Unmaps the file (reads go through `pread` from here on): for a
+    /// process that inherited this reader and reads no more, so that it
+    /// does not keep the image's file mapped.
+    pub fn unmap(&mut self) {
+        self.map = None;
+    }
+
     /// Checks every frame ([`verify_frames`](Self::verify_frames)) and
     /// returns the reader marked so: its reads then decompress without
     /// checking each frame a second time (a restore checks the whole image

@@ -457,7 +457,7 @@ pub fn restore(options: &RestoreOptions) -> Result<RestoreSummary, RestoreError>
     let needs_init = mode == PidNs::New && ctx.target_pid[0] != 1;
     let first = if needs_init { 1 } else { ctx.target_pid[0] };
     let child = match clone::clone3(&[first], mode == PidNs::New)? {
-        Forked::Child if needs_init => init_helper(&ctx),
+        Forked::Child if needs_init => init_helper(ctx),
         Forked::Child => run_process(&ctx, 0, None, Staging::default()),
         Forked::Parent(pid) => pid,
     };
@@ -810,18 +810,21 @@ fn refuse_unsupported(image: &Image) -> Result<(), RestoreError> {
 
 /// Pid 1 of a new namespace whose dumped root was not an init: forks the
 /// root with its own pid, then reaps orphans for as long as the namespace lives.
-fn init_helper(ctx: &Ctx) -> ! {
+fn init_helper(mut ctx: Ctx) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let _ = std::fs::write("/proc/self/comm", "cowsnap-init");
     match clone::clone3(&[ctx.target_pid[0]], false) {
-        Ok(Forked::Child) => run_process(ctx, 0, None, Staging::default()),
+        Ok(Forked::Child) => run_process(&ctx, 0, None, Staging::default()),
         Ok(Forked::Parent(root)) => {
             // The root has its stdio; init keeps none of the caller's fds
-            // open (a caller reading our output through a pipe must see EOF).
+            // open (a caller reading our output through a pipe must see EOF),
+            // nor the image's pages mapped (which would keep the file for
+            // as long as the namespace lives, deleted or not).
+            ctx.pages.unmap();
             release_fds();
-            reap_forever(ctx, root)
+            reap_forever(&ctx, root)
         }
-        Err(e) => fail_slot(ctx, 0, &e.to_string()),
+        Err(e) => fail_slot(&ctx, 0, &e.to_string()),
     }
 }
 

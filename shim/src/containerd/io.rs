@@ -410,8 +410,6 @@ mod tests {
         assert_eq!(reader.join().unwrap(), "through the shim\n");
     }
 
-    /// A reader that comes after the first one went away (`ctr task
-    /// attach` after `ctr run -d`) gets the output written from then on.
     /// Waits until exactly `n` fds of this process have `fifo` open.
     fn wait_for_fifo_fds(fifo: &Path, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -432,6 +430,8 @@ mod tests {
         }
     }
 
+    /// A reader that comes after the first one went away (`ctr task
+    /// attach` after `ctr run -d`) gets the output written from then on.
     #[test]
     fn output_reaches_a_reader_that_comes_later() {
         let dir = tempfile::tempdir().unwrap();

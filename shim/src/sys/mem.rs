@@ -409,23 +409,9 @@ mod tests {
     fn advise_ranges_drops_exactly_the_ranges_given() {
         let pages = 3000u64;
         let len = pages * PAGE;
-        // SAFETY: reserves an address range, unmapped again at once, for
-        // Mapping::create (which never replaces a mapping).
-        let addr = unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            libc::munmap(p, len as usize);
-            p as u64
-        };
+        let addr = crate::sys::testing::map_anon(len as usize, false) as u64;
         let mut staging = Staging::default();
-        staging.add(Mapping::create(addr, len, Backing::Anon).expect("map"));
+        staging.add(Mapping { addr, len });
         staging
             .write(addr, &vec![0xab; len as usize])
             .expect("fill");
@@ -449,7 +435,5 @@ mod tests {
             matches!(outside, Err(MemError::OutOfBounds { .. })),
             "{outside:?}"
         );
-        // SAFETY: unmaps the test's own mapping.
-        unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) };
     }
 }
